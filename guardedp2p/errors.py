@@ -1,0 +1,59 @@
+"""Exception hierarchy.
+
+Every error a user can meet is a subclass of :class:`GuardedP2PError` and carries a message that says
+what happened and what to do, so the CLI can print it and exit with a clean code instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class GuardedP2PError(Exception):
+    """Base class of every error guardedp2p raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(GuardedP2PError):
+    """A configuration value or a file the user gave is unusable."""
+
+    exit_code = 2
+
+
+class WireError(GuardedP2PError):
+    """A received message violates the wire format; the peer gets an ERROR reply, the process keeps running."""
+
+    code: str = "wire"
+    exit_code = 3
+
+
+class TransportError(GuardedP2PError):
+    """The channel to the peer failed (refused, wrong key, timeout, closed)."""
+
+    exit_code = 4
+
+
+class ProtocolError(GuardedP2PError):
+    """A well-formed message arrived in a state where the protocol does not allow it."""
+
+    code: str = "protocol"
+    exit_code = 5
+
+
+class HandshakeRejected(ProtocolError):
+    """The peer refused the session (version, protocol, model fingerprint, codec or privacy mismatch)."""
+
+    code = "rejected"
+    exit_code = 6
+
+
+class RemoteError(ProtocolError):
+    """The peer replied with an ERROR message; its text is in the message."""
+
+    code = "remote"
+    exit_code = 7
+
+
+class ArtifactError(GuardedP2PError):
+    """A signed artifact failed verification (bad signature, digest mismatch, missing file)."""
+
+    exit_code = 8
