@@ -1,0 +1,46 @@
+"""The fixed set of message types and which protocol may use which.
+
+The sets below are the single source of truth for the handler tables: a protocol registers handlers only
+for the types listed here, so, for example, a Gradfree session cannot even route a gradient message.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+WIRE_VERSION = 1
+
+
+class MsgType(str, Enum):
+    """Every message type that may appear on the wire (anything else is rejected by the decoder)."""
+
+    HELLO = "HELLO"  # C->P: open a session (negotiation)
+    ACCEPT = "ACCEPT"  # P->C: session accepted, carries the session id
+    REJECT = "REJECT"  # P->C: session refused, carries the reason
+    ERROR = "ERROR"  # either way: the last message was refused; carries code + text
+    PING = "PING"  # C->P: liveness / keep-alive
+    PONG = "PONG"  # P->C
+    BYE = "BYE"  # C->P: close the session, provider frees everything it holds for it
+    BYE_ACK = "BYE_ACK"  # P->C
+    ACT_UP = "ACT_UP"  # C->P: bottom activations h1 (+ attention mask)
+    ACT_DOWN = "ACT_DOWN"  # P->C: trunk output h2
+    GRAD_UP = "GRAD_UP"  # C->P: dL/dh2 (Online only)
+    GRAD_DOWN = "GRAD_DOWN"  # P->C: dL/dh1 (Online only)
+    MANIFEST_REQ = "MANIFEST_REQ"  # C->P: ask for the signed emulator manifest (Offline)
+    MANIFEST = "MANIFEST"  # P->C
+    CHUNK_REQ = "CHUNK_REQ"  # C->P: ask for bytes [offset, offset+length) of one manifest file
+    CHUNK = "CHUNK"  # P->C: the bytes + their SHA-256
+    UPLOAD = "UPLOAD"  # C->P: one chunk of the signed adapter bundle (Offline)
+    UPLOAD_ACK = "UPLOAD_ACK"  # P->C
+
+
+PROTOCOLS = ("online", "gradfree", "offline")
+
+#: Types a client may send inside an established session, per protocol.
+SESSION_TYPES: dict[str, frozenset[MsgType]] = {
+    "online": frozenset({MsgType.PING, MsgType.BYE, MsgType.ACT_UP, MsgType.GRAD_UP}),
+    "gradfree": frozenset({MsgType.PING, MsgType.BYE, MsgType.ACT_UP}),
+    "offline": frozenset({MsgType.PING, MsgType.BYE, MsgType.MANIFEST_REQ, MsgType.CHUNK_REQ, MsgType.UPLOAD}),
+}
+
+GRADIENT_TYPES = frozenset({MsgType.GRAD_UP, MsgType.GRAD_DOWN})

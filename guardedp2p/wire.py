@@ -1,0 +1,326 @@
+"""Wire format: one msgpack header frame followed by raw tensor frames.
+
+Why this shape: the header is small, typed and parsed with hard limits before any tensor byte is touched;
+tensor bytes travel as separate frames so they can be sent and received without copies (ZeroMQ frames map
+straight onto ``torch.frombuffer``). Nothing here executes or instantiates anything named by the peer:
+message types, codecs and dtypes are looked up in fixed tables. The full specification is ``docs/wire.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+import torch
+
+from guardedp2p.errors import WireError
+from guardedp2p.messages import WIRE_VERSION, MsgType
+
+Frame = bytes | bytearray | memoryview
+
+
+# --------------------------------------------------------------------------------------------- errors
+class MalformedHeader(WireError):
+    code = "malformed-header"
+
+
+class VersionMismatch(WireError):
+    code = "version"
+
+
+class UnknownMessageType(WireError):
+    code = "unknown-type"
+
+
+class BadTensorSpec(WireError):
+    code = "bad-tensor"
+
+
+class FrameLengthMismatch(WireError):
+    code = "frame-length"
+
+
+class MessageTooLarge(WireError):
+    code = "too-large"
+
+
+# --------------------------------------------------------------------------------------------- dtypes
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def dtype_from_name(name: Any) -> torch.dtype:
+    """Map a received dtype name to a torch dtype through the allow-list (never getattr on the string)."""
+    if not isinstance(name, str) or name not in _DTYPES:
+        raise BadTensorSpec(f"dtype {name!r} is not allowed on the wire (allowed: {', '.join(_DTYPES)})")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _DTYPE_NAMES:
+        raise BadTensorSpec(f"dtype {dtype} cannot be sent (allowed: {', '.join(_DTYPES)})")
+    return _DTYPE_NAMES[dtype]
+
+
+# --------------------------------------------------------------------------------------------- limits
+@dataclass(frozen=True)
+class WireLimits:
+    """Hard limits applied while decoding untrusted input. Defaults suit a 7B model at batch 8 x 2048."""
+
+    max_header_bytes: int = 64 * 1024
+    max_tensors: int = 16
+    max_parts_per_tensor: int = 4
+    max_ndim: int = 6
+    max_tensor_bytes: int = 1 << 30
+    max_message_bytes: int = 1 << 31
+    max_str_len: int = 16 * 1024
+    max_bin_len: int = 4 * 1024
+    max_array_len: int = 1024
+    max_map_len: int = 128
+    max_session_len: int = 64
+    max_step: int = 1 << 53
+
+
+DEFAULT_LIMITS = WireLimits()
+
+
+# --------------------------------------------------------------------------------------------- message
+@dataclass
+class Message:
+    """One typed message. ``codecs`` maps a tensor name to its wire codec ("raw" when absent)."""
+
+    type: MsgType
+    session: str = ""
+    step: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    codecs: dict[str, str] = field(default_factory=dict)
+    #: local only, never sent: tensors whose lossy codec rounds stochastically (unbiased, for gradients)
+    stochastic: tuple[str, ...] = ()
+
+    def codec_of(self, name: str) -> str:
+        return self.codecs.get(name, "raw")
+
+
+def _raw_view(t: torch.Tensor) -> memoryview:
+    """Zero-copy byte view of a CPU tensor (bf16 through int16, which numpy lacks)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.numpy()).cast("B")
+
+
+def _encode_tensor(t: torch.Tensor, codec_name: str, stochastic: bool) -> tuple[dict[str, Any], list[memoryview]]:
+    if codec_name == "raw":
+        spec = {"codec": "raw", "dtype": dtype_name(t.dtype), "shape": list(t.shape), "params": {}}
+        spec["parts"] = [[spec["dtype"], list(t.shape)]]
+        return spec, [_raw_view(t)]
+    from guardedp2p.codecs import get_codec
+
+    codec = get_codec(codec_name)
+    enc = codec.encode(t.detach(), stochastic=stochastic)
+    parts = [[dtype_name(p.dtype), list(p.shape)] for p in enc.parts]
+    spec = {"codec": codec_name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "params": dict(enc.params), "parts": parts}
+    return spec, [_raw_view(p) for p in enc.parts]
+
+
+def encode(msg: Message) -> list[Frame]:
+    """Serialise a message into frames: ``[header, part, part, ...]``."""
+    specs: list[dict[str, Any]] = []
+    frames: list[Frame] = []
+    for name, t in msg.tensors.items():
+        spec, parts = _encode_tensor(t, msg.codec_of(name), name in msg.stochastic)
+        spec["name"] = name
+        specs.append(spec)
+        frames.extend(parts)
+    header = {
+        "v": WIRE_VERSION,
+        "t": msg.type.value,
+        "sid": msg.session,
+        "step": int(msg.step),
+        "meta": msg.meta,
+        "tensors": specs,
+    }
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise MalformedHeader("msgpack extension types are not allowed in headers")
+
+
+def _unpack_header(buf: Frame, limits: WireLimits) -> dict[str, Any]:
+    if len(buf) > limits.max_header_bytes:
+        raise MessageTooLarge(f"header of {len(buf)} bytes exceeds the limit of {limits.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(
+            buf,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_reject_ext,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except WireError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        raise MalformedHeader(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise MalformedHeader("header must be a msgpack map")
+    return header
+
+
+def _field(header: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in header:
+        raise MalformedHeader(f"header field {key!r} is missing")
+    value = header[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise MalformedHeader(f"header field {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _check_shape(shape: Any, limits: WireLimits, what: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+        raise BadTensorSpec(f"{what}: shape must be a list of at most {limits.max_ndim} dimensions")
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0 or d > (1 << 40):
+            raise BadTensorSpec(f"{what}: bad dimension {d!r} in shape {shape!r}")
+    return tuple(shape)
+
+
+def _frame_to_tensor(frame: Frame, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(shape)
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    mv = memoryview(frame)
+    buf: Any = mv if not mv.readonly else bytearray(mv)
+    raw_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
+    t = torch.frombuffer(buf, dtype=raw_dtype).view(shape)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Message:
+    """Parse and validate frames from an untrusted peer. Raises a :class:`WireError` subclass on any violation."""
+    if not frames:
+        raise MalformedHeader("empty message (no header frame)")
+    total = sum(len(f) for f in frames)
+    if total > limits.max_message_bytes:
+        raise MessageTooLarge(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
+    header = _unpack_header(frames[0], limits)
+    version = _field(header, "v", int)
+    if version != WIRE_VERSION:
+        raise VersionMismatch(f"wire version {version} is not supported (this peer speaks version {WIRE_VERSION})")
+    type_name = _field(header, "t", str)
+    try:
+        mtype = MsgType(type_name)
+    except ValueError:
+        raise UnknownMessageType(f"unknown message type {type_name[:40]!r}") from None
+    session = _field(header, "sid", str)
+    if len(session) > limits.max_session_len:
+        raise MalformedHeader("session id too long")
+    step = _field(header, "step", int)
+    if not 0 <= step <= limits.max_step:
+        raise MalformedHeader(f"step id {step} out of range")
+    meta = _field(header, "meta", dict)
+    specs = _field(header, "tensors", list)
+    if len(specs) > limits.max_tensors:
+        raise MessageTooLarge(f"{len(specs)} tensors exceed the limit of {limits.max_tensors}")
+
+    tensors: dict[str, torch.Tensor] = {}
+    codecs: dict[str, str] = {}
+    cursor = 1
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise BadTensorSpec(f"tensor spec #{i} must be a map")
+        name = _field(spec, "name", str)
+        if not name or len(name) > 64 or name in tensors:
+            raise BadTensorSpec(f"tensor #{i}: bad or duplicate name {name[:64]!r}")
+        codec_name = _field(spec, "codec", str)
+        dtype = dtype_from_name(_field(spec, "dtype", str))
+        shape = _check_shape(_field(spec, "shape", list), limits, name)
+        if math.prod(shape) * 4 > limits.max_tensor_bytes:
+            raise MessageTooLarge(f"tensor {name!r} with shape {list(shape)} exceeds the per-tensor limit")
+        params = _field(spec, "params", dict)
+        for k, v in params.items():
+            if not isinstance(v, (int, float, str)) or isinstance(v, bool):
+                raise BadTensorSpec(f"tensor {name!r}: codec parameter {k!r} must be a number or string")
+        declared = _field(spec, "parts", list)
+        if not 1 <= len(declared) <= limits.max_parts_per_tensor:
+            raise BadTensorSpec(f"tensor {name!r}: {len(declared)} parts (1..{limits.max_parts_per_tensor} allowed)")
+        if codec_name == "raw":
+            expected = [(dtype_name(dtype), shape)]
+            codec = None
+        else:
+            from guardedp2p.codecs import get_codec
+
+            codec = get_codec(codec_name)  # raises UnknownCodec (a WireError) for names outside the table
+            try:
+                expected = [(d, tuple(s)) for d, s in codec.expected_parts(shape, params)]
+            except WireError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure here is the peer's malformed params
+                raise BadTensorSpec(f"tensor {name!r}: bad parameters for codec {codec_name!r}: {exc}") from None
+        got = []
+        for p in declared:
+            if not isinstance(p, list) or len(p) != 2 or not isinstance(p[0], str):
+                raise BadTensorSpec(f"tensor {name!r}: a part must be [dtype, shape]")
+            got.append((p[0], _check_shape(p[1], limits, name)))
+        if got != expected:
+            raise BadTensorSpec(f"tensor {name!r}: parts {got} do not match codec {codec_name!r} for shape {list(shape)}")
+        parts: list[torch.Tensor] = []
+        for pdtype_name, pshape in got:
+            if cursor >= len(frames):
+                raise FrameLengthMismatch(f"tensor {name!r}: missing data frame (message truncated)")
+            pdtype = dtype_from_name(pdtype_name)
+            want = math.prod(pshape) * torch.empty((), dtype=pdtype).element_size()
+            have = len(frames[cursor])
+            if have != want:
+                raise FrameLengthMismatch(f"tensor {name!r}: frame has {have} bytes, dtype x shape needs {want}")
+            parts.append(_frame_to_tensor(frames[cursor], pdtype, pshape))
+            cursor += 1
+        if codec is None:
+            tensor = parts[0]
+        else:
+            from guardedp2p.codecs import Encoded
+
+            try:
+                tensor = codec.decode(Encoded(parts=parts, params=params), shape, dtype, torch.device("cpu"))
+            except WireError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise BadTensorSpec(f"tensor {name!r}: codec {codec_name!r} could not decode it: {exc}") from None
+        tensors[name] = tensor
+        codecs[name] = codec_name
+    if cursor != len(frames):
+        raise FrameLengthMismatch(f"{len(frames) - cursor} unexpected extra frame(s) after the declared tensors")
+    return Message(type=mtype, session=session, step=step, meta=meta, tensors=tensors, codecs=codecs)
+
+
+def frames_nbytes(frames: Sequence[Frame]) -> int:
+    return sum(len(f) for f in frames)
+
+
+def error_message(exc: Exception, session: str = "", step: int = 0) -> Message:
+    """The ERROR reply sent to a peer whose message was refused (never includes local tracebacks)."""
+    code = getattr(type(exc), "code", "error")  # attribute of our own exception class, not of received data
+    return Message(MsgType.ERROR, session=session, step=step, meta={"code": str(code), "message": str(exc)[:2000]})
