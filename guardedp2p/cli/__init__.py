@@ -1,0 +1,1 @@
+"""Typer command-line interface: ``guardedp2p keys|provider|client|demo|evaluate``."""

@@ -1,0 +1,1 @@
+"""Assembly of the parties from configuration: load the model, split it, build the app, run it on a channel."""

@@ -1,0 +1,44 @@
+"""Training hyper-parameters (a plain dataclass so it round-trips through JSON checkpoints and ``--json``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60  # optimizer steps
+    batch_size: int = 4
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    max_length: int = 128
+    eval_every: int = 0  # 0: only before and after training
+    checkpoint_every: int = 10
+    dcor_alpha: float = 0.0  # weight of the distance-correlation penalty (Online only)
+    dcor_mode: str = "token"  # token | batch
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from guardedp2p.errors import ConfigError
+
+        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("steps must be >= 0, batch size and grad accumulation >= 1")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}: use cosine, linear or constant")
+        if self.dcor_mode not in ("token", "batch"):
+            raise ConfigError(f"unknown dcor mode {self.dcor_mode!r}: use token or batch")
+        if self.lr <= 0:
+            raise ConfigError("learning rate must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
