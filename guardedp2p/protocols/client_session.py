@@ -56,11 +56,11 @@ class WireStats:
 class ClientSession:
     """Request/reply over a channel, bound to one provider session after :meth:`open`."""
 
-    def __init__(self, channel: Any, *, timeout: float = 30.0, limits: WireLimits = DEFAULT_LIMITS) -> None:
+    def __init__(self, channel: Any, *, timeout: float = 30.0, limits: WireLimits = DEFAULT_LIMITS, stats: WireStats | None = None) -> None:
         self.channel = channel
         self.timeout = timeout
         self.limits = limits
-        self.stats = WireStats()
+        self.stats = stats if stats is not None else WireStats()  # shared across reconnects of one run
         self.sid = ""
         self.terms: dict[str, Any] = {}
 

@@ -1,0 +1,138 @@
+"""``guardedp2p demo``: provider and client as two processes on 127.0.0.1 with CURVE, on the embedded model.
+
+Everything is throwaway (keys in a temporary folder) and needs nothing external, so a new user sees the whole
+system run — real keys, real encryption, a real model being tuned — with one command.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from guardedp2p.cli.common import friendly_errors, print_json, setup_logging
+from guardedp2p.errors import TransportError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ProviderProcess:
+    """A provider subprocess for the demo, tests and examples; stops cleanly on exit."""
+
+    def __init__(self, args: list[str], workdir: Path, *, ready_timeout: float = 300.0) -> None:
+        self.ready = workdir / f"provider-ready-{os.getpid()}-{time.monotonic_ns()}"
+        self.log_path = workdir / "provider.log"
+        self.args = [sys.executable, "-m", "guardedp2p.cli.main", "provider", "serve", *args, "--ready-file", str(self.ready)]
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> "ProviderProcess":
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.ready_timeout
+        while not self.ready.exists():
+            if self.proc.poll() is not None:
+                raise TransportError(f"the provider process exited with code {self.proc.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise TransportError(f"the provider did not start within {self.ready_timeout:.0f} s:\n{self.tail()}")
+            time.sleep(0.1)
+        return self
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        self.log.close()
+
+
+def demo(
+    protocol: str = typer.Option("online", help="online, gradfree or offline."),
+    steps: int = typer.Option(60, help="Optimizer steps."),
+    model: str = typer.Option("default", help="Model folder or 'default' (embedded SmolLM2-135M-Instruct)."),
+    batch_size: int = typer.Option(4),
+    lr: float = typer.Option(2e-3),
+    codec_up: str = typer.Option("fp32", help="Codec for activations sent up."),
+    codec_down: str = typer.Option("fp32", help="Codec for trunk outputs sent down."),
+    codec_grad: str = typer.Option("fp32", help="Codec for gradients (online)."),
+    dcor: float = typer.Option(0.0, help="Distance-correlation penalty weight (online)."),
+    noise: Optional[str] = typer.Option(None, help="gaussian:SCALE or laplace:SCALE on what is sent."),
+    out: Optional[Path] = typer.Option(None, help="Keep the run's outputs here (default: a temporary folder)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on the last line."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True),
+) -> None:
+    """Run a provider and a client on this machine over CURVE-encrypted ZeroMQ and tune on synthetic private records."""
+    run_demo(protocol=protocol, steps=steps, model=model, batch_size=batch_size, lr=lr,
+             codecs={"up": codec_up, "down": codec_down, "grad_up": codec_grad, "grad_down": codec_grad},
+             dcor=dcor, noise=noise, out=out, json_out=json_out, verbose=verbose)
+
+
+@friendly_errors
+def run_demo(*, protocol: str, steps: int, model: str, batch_size: int, lr: float, codecs: dict[str, str], dcor: float,
+             noise: Optional[str], out: Optional[Path], json_out: bool, verbose: int) -> dict[str, Any]:
+    setup_logging(verbose, quiet=verbose == 0)
+    from guardedp2p.cli.client import client_channel_factory, parse_noise
+    from guardedp2p.cli.report import print_summary
+    from guardedp2p.keys import generate_keypair
+    from guardedp2p.service.client import TuneOptions, tune
+    from guardedp2p.train.config import TrainConfig
+
+    console = Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="guardedp2p-demo-") as tmp_s:
+        tmp = Path(tmp_s)
+        run_dir = out or tmp / "run"
+        keys = tmp / "keys"
+        generate_keypair(keys, "provider")
+        generate_keypair(keys, "client")
+        port = free_port()
+        endpoint = f"tcp://127.0.0.1:{port}"
+        provider_args = ["--model", model, "--bind", endpoint, "--keys", str(keys), "--name", "provider", "--allow", str(keys / "client.key")]
+        if protocol == "offline":
+            from guardedp2p.service.offline_provider import build_demo_emulator
+
+            emu_dir = build_demo_emulator(model, tmp / "emulator", keys, console=console)
+            provider_args += ["--emulator", str(emu_dir)]
+        console.print(f"[bold]guardedp2p demo[/]: {protocol} design, provider on {endpoint} (CURVE), model {model}")
+        console.print("starting the provider process (loading the model)…")
+        t0 = time.perf_counter()
+        with ProviderProcess(provider_args, tmp) as provider:
+            console.print(f"provider ready in {time.perf_counter() - t0:.1f} s; the client loads its parts and trains")
+            train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, dcor_alpha=dcor, checkpoint_every=max(10, steps))
+            opts = TuneOptions(protocol=protocol, model=model, out=str(run_dir), train=train, codecs=codecs, noise=parse_noise(noise))
+            connect = client_channel_factory(endpoint, keys / "provider.key", keys, "client", False)
+            if protocol == "offline":
+                from guardedp2p.service.offline_client import tune_offline
+
+                summary = tune_offline(opts, connect, console=console)
+            else:
+                summary = tune(opts, connect, console=console)
+        summary["wall_s"] = round(time.perf_counter() - t0, 3)
+        print_summary(summary, Console(stderr=json_out))
+        if json_out:
+            print_json({k: v for k, v in summary.items() if k != "history"})
+        return summary

@@ -1,0 +1,103 @@
+"""``guardedp2p provider …``: serve the trunk (Online, Gradfree) and the emulator (Offline) to allowed clients."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from guardedp2p.cli.common import friendly_errors, print_json, setup_logging
+from guardedp2p.errors import ConfigError
+
+provider_app = typer.Typer(help="Provider side: holds the proprietary model, serves its frozen middle (trunk) or an emulator.", no_args_is_help=True)
+log = logging.getLogger("guardedp2p.provider")
+
+
+def _split_csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@provider_app.command("serve")
+@friendly_errors
+def serve(
+    model: str = typer.Option("default", help="Hugging Face model folder, or 'default' for the embedded SmolLM2-135M-Instruct."),
+    bind: str = typer.Option("tcp://127.0.0.1:5555", help="ZeroMQ endpoint to listen on, e.g. tcp://0.0.0.0:5555."),
+    keys: Optional[Path] = typer.Option(None, help="Folder holding this provider's key pair (from `guardedp2p keys generate`)."),
+    name: str = typer.Option("provider", help="Key name inside --keys (NAME.key / NAME.key_secret)."),
+    allow: list[Path] = typer.Option([], help="A client's public key file to accept (repeatable)."),
+    allow_dir: list[Path] = typer.Option([], help="Accept every client public key (*.key) in this folder (repeatable)."),
+    protocols: str = typer.Option("online,gradfree,offline", help="Comma-separated designs to offer."),
+    bottom_layers: int = typer.Option(2, help="Blocks the client runs before the trunk (must match the client)."),
+    top_layers: int = typer.Option(2, help="Blocks the client runs after the trunk (must match the client)."),
+    emulator: Optional[Path] = typer.Option(None, help="Emulator folder (from `provider emulator build`) to serve for the offline design."),
+    record: Optional[Path] = typer.Option(None, help="Record what the provider observes per step into this folder (for the attack harness). Announced to clients in the handshake."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    idle_timeout: float = typer.Option(600.0, help="Seconds of silence after which a session and its state are dropped."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated ZeroMQ. For debugging only: anyone can connect and read the traffic."),
+    ready_file: Optional[Path] = typer.Option(None, hidden=True, help="Write this file once listening (used by the demo)."),
+    max_messages: Optional[int] = typer.Option(None, hidden=True, help="Stop after this many messages (tests)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
+) -> None:
+    """Serve the model to allowed clients until Ctrl-C. Logs sessions, never data."""
+    setup_logging(verbose)
+    from guardedp2p.protocols.provider import ProviderConfig
+    from guardedp2p.service.provider import ProviderOptions, build_provider_app
+    from guardedp2p.service.serve import serve_forever
+    from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
+
+    if not insecure and keys is None:
+        raise ConfigError("--keys DIR is required (make keys with `guardedp2p keys generate --out DIR --name provider`), or pass --insecure for a plaintext debug run")
+    if not insecure and not allow and not allow_dir:
+        raise ConfigError("no client is allowed: pass --allow CLIENT.key or --allow-dir DIR with the clients' public keys")
+    opts = ProviderOptions(
+        model=model, bottom_layers=bottom_layers, top_layers=top_layers, protocols=_split_csv(protocols), device=device,
+        record_dir=str(record) if record else None, emulator_dir=str(emulator) if emulator else None,
+        config=ProviderConfig(session_idle_timeout=idle_timeout),
+    )
+    app = build_provider_app(opts)
+    cfg = ServerConfig(
+        bind=bind, secret_key_file=str(keys) if keys else None, key_name=name, allow=[str(a) for a in allow],
+        allow_dirs=[str(d) for d in allow_dir], insecure=insecure,
+    )
+    channel = ZmqServerChannel(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("stopping (signal %d): finishing the current message", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    log.info("listening on %s (%s)", bind, "INSECURE plaintext" if insecure else "CURVE")
+    if ready_file:
+        ready_file.write_text(bind)
+    try:
+        handled = serve_forever(app, channel, stop, max_messages=max_messages)
+    finally:
+        channel.close()
+    log.info("served %d messages, %d sessions", handled, app.stats["sessions_opened"])
+
+
+@provider_app.command("fingerprint")
+@friendly_errors
+def fingerprint_cmd(
+    model: str = typer.Option("default", help="Model folder or 'default'."),
+    bottom_layers: int = typer.Option(2),
+    top_layers: int = typer.Option(2),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Print the model fingerprint a client must match (SHA-256 over config, split and shared weights)."""
+    from guardedp2p.engine.fingerprint import model_fingerprint
+    from guardedp2p.engine.loading import load_causal_lm
+    from guardedp2p.engine.split import SplitConfig
+
+    m, _ = load_causal_lm(model)
+    fp = model_fingerprint(m, SplitConfig(bottom_layers, top_layers))
+    if json_out:
+        print_json({"model": model, "bottom_layers": bottom_layers, "top_layers": top_layers, "fingerprint": fp})
+    else:
+        typer.echo(fp)
