@@ -1,0 +1,313 @@
+"""LoRA on the client's blocks only, stored as a stock PEFT adapter.
+
+Because the split parts keep HF naming and global layer indices, the state dict of a LoRA-patched part has the
+same keys as a PEFT model built on the unsplit model (minus the ``base_model.model.`` prefix). ``save_adapter``
+writes exactly what ``PeftModel.from_pretrained(full_model, out_dir)`` expects, and ``load_adapter_into_parts``
+refuses an adapter that would leave any of the client's LoRA weights at their init values (the silent failure
+documented in ecosystem.md section 7).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from guardedp2p.engine.split import ClientBottom, ClientTop, _SplitPart
+from guardedp2p.errors import ConfigError
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+class AdapterError(ConfigError):
+    """An adapter folder is unusable for these parts (missing files, wrong keys, wrong shapes)."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters. ``target_modules=None`` means the per-architecture default (attention projections)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Sequence[str] | None = None
+    bias: str = "none"
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in _BIAS_CHOICES:
+            raise ConfigError(f"LoRA bias must be one of {_BIAS_CHOICES}, got {self.bias!r}")
+
+    def resolved_targets(self, part: _SplitPart) -> list[str]:
+        return list(self.target_modules) if self.target_modules else list(part.arch.lora_targets)
+
+
+@dataclass
+class AdapterLoadReport:
+    """What ``load_adapter_into_parts`` did: tensors loaded per part and adapter keys no client part owns."""
+
+    loaded: dict[str, int] = field(default_factory=dict)
+    ignored_keys: list[str] = field(default_factory=list)
+
+
+def _peft_config(part: _SplitPart, settings: LoraSettings, layers: Sequence[int], base: str | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.resolved_targets(part),
+        layers_to_transform=sorted(layers),
+        layers_pattern=part.arch.layers_pattern,
+        bias=settings.bias,
+        fan_in_fan_out=part.arch.fan_in_fan_out,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base,
+    )
+
+
+def _client_parts(bottom: ClientBottom, top: ClientTop) -> list[_SplitPart]:
+    if not isinstance(bottom, ClientBottom) or not isinstance(top, ClientTop):
+        raise TypeError("attach/save/load LoRA expects (ClientBottom, ClientTop) from guardedp2p.engine.split")
+    return [bottom, top]
+
+
+def _has_adapter(part: nn.Module, adapter_name: str) -> bool:
+    return adapter_name in getattr(part, "peft_config", {})
+
+
+def _inject(part: _SplitPart, peft_cfg: Any, layers: Iterable[int], adapter_name: str) -> bool:
+    """Inject LoRA into the part's own layers among ``layers``; return False if it owns none of them."""
+    from peft import inject_adapter_in_model
+
+    own = sorted(set(layers) & set(part.layer_range))
+    if not own:
+        return False
+    cfg = copy.deepcopy(peft_cfg)
+    cfg.layers_to_transform = own
+    inject_adapter_in_model(cfg, part, adapter_name=adapter_name)
+    return True
+
+
+def _set_trainable(part: nn.Module, bias: str, trainable: bool) -> None:
+    """Freeze the pre-trained weights; LoRA weights (and biases if ``bias`` says so) train."""
+    lora_modules = {name for name, m in part.named_modules() if hasattr(m, "lora_A")}
+    for name, p in part.named_parameters():
+        is_lora = "lora_" in name
+        is_bias = name.endswith(".bias") or name == "bias"
+        if is_lora:
+            p.requires_grad_(trainable)
+        elif is_bias and bias == "all":
+            p.requires_grad_(trainable)
+        elif is_bias and bias == "lora_only":
+            owner = name.rsplit(".", 1)[0].removesuffix(".base_layer")
+            p.requires_grad_(trainable and owner in lora_modules)
+        else:
+            p.requires_grad_(False)
+
+
+def attach_lora(
+    bottom_part: ClientBottom,
+    top_part: ClientTop,
+    /,
+    settings: LoraSettings | None = None,
+    layers: Iterable[int] | None = None,
+    *,
+    bottom: bool = True,
+    top: bool = True,
+    adapter_name: str = "default",
+) -> list[nn.Parameter]:
+    """Add LoRA to the client's blocks and freeze every pre-trained weight; return the trainable parameters.
+
+    ``layers`` are global block indices (default: every client block); ``bottom=False`` / ``top=False`` leave
+    that part without LoRA (e.g. the gradfree design, whose bottom is frozen). The parts share modules with the
+    model they were built from, so that model's layers are patched too (build the parts from a dedicated copy
+    if you need a pristine model).
+    """
+    settings = settings or LoraSettings()
+    settings.validate()
+    parts = _client_parts(bottom_part, top_part)
+    enabled = {id(bottom_part): bottom, id(top_part): top}
+    client = set(bottom_part.layer_range) | set(top_part.layer_range)
+    chosen = sorted(client if layers is None else set(int(i) for i in layers))
+    outside = [i for i in chosen if i not in client]
+    if outside:
+        raise ConfigError(
+            f"LoRA layers {outside} are not client layers (client owns {sorted(client)}); the trunk stays frozen"
+        )
+    chosen = [i for i in chosen if any(enabled[id(p)] and i in p.layer_range for p in parts)]
+    if not chosen:
+        raise ConfigError("no client layer selected for LoRA (check layers= and the bottom=/top= flags)")
+    peft_cfg = _peft_config(bottom_part, settings, chosen)
+    for part in parts:
+        if _has_adapter(part, adapter_name):
+            raise ConfigError(f"the {part.role} already has a LoRA adapter named {adapter_name!r}")
+        injected = enabled[id(part)] and _inject(part, peft_cfg, chosen, adapter_name)
+        _set_trainable(part, settings.bias, bool(injected))
+    return trainable_parameters(bottom_part, top_part)
+
+
+def lora_state_dict(bottom: ClientBottom, top: ClientTop, *, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """LoRA tensors of both parts under the PEFT file keys (``base_model.model.<HF path>.lora_A.weight``)."""
+    from peft import get_peft_model_state_dict
+
+    out: dict[str, torch.Tensor] = {}
+    for part in _client_parts(bottom, top):
+        if not _has_adapter(part, adapter_name):
+            continue
+        for k, v in get_peft_model_state_dict(part, adapter_name=adapter_name).items():
+            key = PEFT_PREFIX + k
+            if key in out and out[key] is not v:
+                raise AdapterError(f"adapter key {key} appears in both client parts")
+            out[key] = v
+    if not out:
+        raise AdapterError(f"no LoRA adapter {adapter_name!r} on the client parts; call attach_lora first")
+    return out
+
+
+def _adapter_config_for_save(bottom: ClientBottom, top: ClientTop, adapter_name: str, base: str | None):
+    cfgs = [p.peft_config[adapter_name] for p in (bottom, top) if _has_adapter(p, adapter_name)]
+    cfg = copy.deepcopy(cfgs[0])
+    layers: set[int] = set()
+    for c in cfgs:
+        layers.update(c.layers_to_transform or [])
+    cfg.layers_to_transform = sorted(layers)
+    cfg.base_model_name_or_path = base
+    cfg.inference_mode = True
+    return cfg
+
+
+def save_adapter(
+    bottom: ClientBottom,
+    top: ClientTop,
+    out_dir: str | Path,
+    base_model_name_or_path: str | None = None,
+    *,
+    adapter_name: str = "default",
+) -> Path:
+    """Write a standard PEFT folder (adapter_config.json + adapter_model.safetensors) loadable on the full model."""
+    from safetensors.torch import save_file
+
+    state = lora_state_dict(bottom, top, adapter_name=adapter_name)
+    cfg = _adapter_config_for_save(bottom, top, adapter_name, base_model_name_or_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(str(out))
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return out
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Return (LoraConfig, tensors with the ``base_model.model.`` prefix stripped). Safetensors only, never pickle."""
+    from peft import LoraConfig, PeftType
+    from safetensors.torch import load_file
+
+    d = Path(adapter_dir)
+    if not (d / ADAPTER_CONFIG).is_file():
+        raise AdapterError(f"{d} has no {ADAPTER_CONFIG}; pass a folder written by save_adapter or PEFT save_pretrained")
+    if not (d / ADAPTER_WEIGHTS).is_file():
+        raise AdapterError(
+            f"{d} has no {ADAPTER_WEIGHTS} (pickled adapter_model.bin files are refused); re-save with safetensors"
+        )
+    try:
+        cfg = LoraConfig.from_pretrained(str(d))
+    except (ValueError, TypeError, OSError) as exc:
+        raise AdapterError(f"{d / ADAPTER_CONFIG} is not a LoRA adapter config: {exc}") from exc
+    if cfg.peft_type != PeftType.LORA:
+        raise AdapterError(f"adapter in {d} is {cfg.peft_type}, only LORA is supported")
+    raw = load_file(str(d / ADAPTER_WEIGHTS))
+    bad = [k for k in raw if not k.startswith(PEFT_PREFIX)]
+    if bad:
+        raise AdapterError(f"adapter keys must start with {PEFT_PREFIX!r}; got e.g. {bad[0]!r}")
+    return cfg, {k[len(PEFT_PREFIX) :]: v for k, v in raw.items()}
+
+
+def load_adapter_into_parts(
+    bottom: ClientBottom,
+    top: ClientTop,
+    adapter_dir: str | Path,
+    *,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+) -> AdapterLoadReport:
+    """Load a PEFT LoRA adapter (saved from the parts or from the full model) into the client parts.
+
+    Injects LoRA first if the parts have none. Raises ``AdapterError`` if any LoRA tensor of the parts is not
+    in the file (it would silently stay at its init value). Keys for layers the client does not own (a
+    full-model adapter that also touched the trunk) are reported in ``ignored_keys``.
+    """
+    from peft import set_peft_model_state_dict, get_peft_model_state_dict
+
+    cfg, tensors = read_adapter(adapter_dir)
+    parts = _client_parts(bottom, top)
+    n = bottom.n_layers
+    wanted = set(range(n)) if cfg.layers_to_transform is None else set(
+        [cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else cfg.layers_to_transform
+    )
+    report = AdapterLoadReport()
+    claimed: set[str] = set()
+    for part in parts:
+        if not _has_adapter(part, adapter_name):
+            if not _inject(part, cfg, wanted, adapter_name):
+                _set_trainable(part, cfg.bias, False)
+                continue
+        expected = set(get_peft_model_state_dict(part, adapter_name=adapter_name))
+        missing = sorted(expected - set(tensors))
+        if missing:
+            raise AdapterError(
+                f"adapter {adapter_dir} lacks {len(missing)} LoRA tensors of the {part.role}, e.g. {missing[0]!r}; "
+                "it was made for a different model, split or target_modules"
+            )
+        sub = {k: tensors[k] for k in expected}
+        try:
+            result = set_peft_model_state_dict(part, sub, adapter_name=adapter_name)
+        except RuntimeError as exc:
+            raise AdapterError(f"adapter {adapter_dir} does not fit the {part.role}: {exc}") from exc
+        if result.unexpected_keys:
+            raise AdapterError(f"adapter tensors not used by the {part.role}: {result.unexpected_keys[:3]}")
+        claimed.update(sub)
+        report.loaded[part.role] = len(sub)
+        _set_trainable(part, cfg.bias, is_trainable)
+    report.ignored_keys = sorted(set(tensors) - claimed)
+    return report
+
+
+def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:
+    """Parameters with ``requires_grad`` across the given modules, each once (tied weights are shared)."""
+    seen: set[int] = set()
+    out: list[nn.Parameter] = []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def count_parameters(*modules: nn.Module) -> tuple[int, int]:
+    """(trainable, total) element counts across the modules, tied weights counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for m in modules:
+        for p in m.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+    return trainable, total
