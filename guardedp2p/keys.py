@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
+from zmq.utils import z85
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -127,7 +128,7 @@ def fingerprint(public_key: str | bytes) -> str:
     """Short, human-comparable fingerprint of a public CURVE key: ``sha256:`` + 16 hex digits."""
     if isinstance(public_key, str):
         public_key = public_key.encode("ascii")
-    raw = zmq.utils.z85.decode(public_key)
+    raw = z85.decode(public_key)
     return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
