@@ -379,3 +379,32 @@ def test_secrets_never_appear_in_repr_logs_or_errors(keydir, caplog):
 def test_protocol_layer_can_import_transport_without_zmq():
     code = "import sys, guardedp2p.transport as t; t.Incoming; t.PeerTimeout; assert 'zmq' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_provider_replaced_by_one_with_another_key_is_detected_mid_session(keydir):
+    """A reconnect to a server holding a different key surfaces as ProviderKeyMismatch from recv, not a timeout."""
+
+    def make(key_name, bind):
+        return ZmqServerChannel(
+            ServerConfig(bind=bind, secret_key_file=keydir / f"{key_name}.key_secret", allow=[keydir / "alice.key"])
+        )
+
+    first = make("provider", "tcp://127.0.0.1:*")
+    endpoint = first.endpoint
+    c = ZmqClientChannel.open(client_cfg(keydir, endpoint))
+    try:
+        round_trip(first, c, [b"one"])
+        first.close()
+        impostor = make("other_provider", endpoint)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(ProviderKeyMismatch):
+                c.recv(timeout=5.0)
+            assert time.monotonic() - t0 < FAST
+            with pytest.raises(ChannelClosed, match="fatal error"):
+                c.send([b"two"])
+            assert impostor.recv(0.2) is None
+        finally:
+            impostor.close()
+    finally:
+        c.close()
