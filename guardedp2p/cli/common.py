@@ -11,6 +11,7 @@ from typing import Any, Callable, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from guardedp2p.errors import GuardedP2PError
 
@@ -34,7 +35,8 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except GuardedP2PError as exc:
-            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+            # the message is plain text (it may contain z85 keys with brackets): never parse it as markup
+            err_console.print(f"[bold red]error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")

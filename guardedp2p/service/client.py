@@ -105,9 +105,9 @@ def prepare_data(opts: TuneOptions, tokenizer: Any) -> PreparedData:
     from guardedp2p.data.loaders import load_data
     from guardedp2p.data.tokenize import DataConfig, encode_records
 
-    paths = demo_paths()
-    train_path = opts.data or str(paths["train"])
-    eval_path = opts.eval_data or (str(paths["eval_mc"]) if opts.data is None else None)
+    paths = demo_paths() if opts.data is None else None
+    train_path = opts.data or paths.train
+    eval_path = opts.eval_data or (paths.eval_mc if paths is not None else None)
     loaded = load_data(train_path)
     examples = encode_records(loaded.records, tokenizer, DataConfig(max_length=opts.train.max_length), kind=loaded.kind)
     if not examples:
@@ -300,6 +300,7 @@ def tune(
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
         )
     t_train0 = time.perf_counter()
+    wait0, codec0, prov0 = wire_stats.wait_s, wire_stats.codec_s, wire_stats.provider_s
     train_bytes_up = train_bytes_down = 0
     with progress_ctx as progress:
         if progress is not None:
@@ -325,6 +326,7 @@ def tune(
                 m = with_retries(lambda: _evaluate(trainer, data, tok, opts, client.device), "evaluation", iterator.state_dict())
                 history[-1]["eval"] = m
     train_s = time.perf_counter() - t_train0
+    train_wait, train_codec, train_prov = wire_stats.wait_s - wait0, wire_stats.codec_s - codec0, wire_stats.provider_s - prov0
     checkpoint(iterator.state_dict())
     eval_after = {} if opts.skip_eval else with_retries(lambda: _evaluate(trainer, data, tok, opts, client.device), "evaluation", iterator.state_dict())
     adapter_dir = out / "adapter"
@@ -333,7 +335,7 @@ def tune(
     state["session"].close()
     stats = wire_stats.as_dict()
     steps_run = max(1, trainer.step - resumed_from)
-    client_s = max(0.0, train_s - wire_stats.wait_s - wire_stats.codec_s)
+    client_s = max(0.0, train_s - train_wait - train_codec)
     summary = {
         "protocol": opts.protocol,
         "model": opts.model,
@@ -356,10 +358,10 @@ def tune(
         "codecs": dict(opts.codecs) if opts.protocol == "online" else {k: opts.codecs[k] for k in ("up", "down")},
         "privacy": _hello(opts, client, 0).privacy,
         "train_s": round(train_s, 3),
-        "time_split": {
-            "provider_compute_s": round(wire_stats.provider_s, 3),
-            "serialisation_s": round(wire_stats.codec_s, 3),
-            "wire_s": round(max(0.0, wire_stats.wait_s - wire_stats.provider_s), 3),
+        "time_split": {  # training steps only: client compute, provider compute, (de)serialisation, wire + queueing
+            "provider_compute_s": round(train_prov, 3),
+            "serialisation_s": round(train_codec, 3),
+            "wire_s": round(max(0.0, train_wait - train_prov), 3),
             "client_compute_s": round(client_s, 3),
         },
         "fingerprint": client.fingerprint,
