@@ -1,0 +1,148 @@
+"""Fuzz a live provider over real CURVE with mutated frames while a good client keeps training.
+
+Prints JSON lines: frames sent, crashes (the serve thread died or the good client failed) and hangs (a request
+with no reply within the timeout). Both must be 0.
+
+    python -m benchmarks.bench_fuzz [--frames 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--frames", type=int, default=100_000, help="mutated messages to send")
+    ap.add_argument("--timeout", type=float, default=5.0, help="seconds before a request counts as a hang")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from guardedp2p.engine.split import loss_fn
+    from guardedp2p.errors import TransportError
+    from guardedp2p.handshake import Hello
+    from guardedp2p.keys import generate_keypair
+    from guardedp2p.messages import MsgType
+    from guardedp2p.protocols.client_session import ClientSession
+    from guardedp2p.protocols.online import RemoteTrunk
+    from guardedp2p.service.serve import serve_forever
+    from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
+    from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
+    from guardedp2p.wire import Message, encode
+    from tests.protocol_helpers import batch, client_parts, provider_app
+    from tests.tiny_models import tiny_model
+
+    import logging
+
+    logging.getLogger("guardedp2p").setLevel(logging.CRITICAL)  # one warning per refused frame otherwise
+    torch.set_num_threads(1)
+    rng = random.Random(args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="gp2p-fuzz-"))
+    for name in ("provider", "good", "fuzzer"):
+        generate_keypair(tmp, name)
+    model = tiny_model("llama")
+    app = provider_app(model)
+    server = ZmqServerChannel(ServerConfig(bind="tcp://127.0.0.1:*", secret_key_file=tmp / "provider.key_secret", allow=[tmp / "good.key", tmp / "fuzzer.key"]))
+    stop = threading.Event()
+    died: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve_forever(app, server, stop, poll_s=0.05)
+        except BaseException as exc:  # noqa: BLE001 - this is what we count
+            died.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def channel(who: str) -> ZmqClientChannel:
+        return ZmqClientChannel.open(ClientConfig(connect=server.endpoint, provider_public_key=tmp / "provider.key", secret_key_file=tmp / f"{who}.key_secret"))
+
+    parts, fp = client_parts(model)
+    fp32 = {d: "fp32" for d in ("up", "down", "grad_up", "grad_down")}
+    good = ClientSession(channel("good"), timeout=args.timeout)
+    good.open(Hello("online", fp, (2, 2), fp32))
+    remote = RemoteTrunk(good, fp32, gradients=True)
+    b = batch(model.config.vocab_size)
+
+    # seeds: valid messages of every type, including one for the good client's session (must not be hijackable)
+    seeds = [
+        encode(Message(MsgType.HELLO, meta=Hello("online", fp, (2, 2), fp32).to_meta())),
+        encode(Message(MsgType.ACT_UP, session=good.sid, step=10**9, meta={"train": True}, tensors={"h": torch.randn(2, 5, model.config.hidden_size), "mask": torch.ones(2, 5, dtype=torch.int8)}, codecs={"h": "fp32"})),
+        encode(Message(MsgType.GRAD_UP, session=good.sid, step=3, tensors={"g": torch.randn(2, 5, model.config.hidden_size)}, codecs={"g": "int8"})),
+        encode(Message(MsgType.PING, session="x" * 32, step=1)),
+        encode(Message(MsgType.CHUNK_REQ, session="", step=2, meta={"file": "../../etc/passwd", "offset": 0, "length": 4})),
+    ]
+    seeds = [[bytes(f) for f in s] for s in seeds]
+
+    def mutate(frames: list[bytes]) -> list[bytes]:
+        out = [bytearray(f) for f in frames]
+        for _ in range(rng.randint(1, 6)):
+            i = rng.randrange(len(out))
+            op = rng.random()
+            f = out[i]
+            if op < 0.45 and f:
+                f[rng.randrange(len(f))] = rng.randrange(256)
+            elif op < 0.6:
+                out[i] = f[: rng.randint(0, len(f))]
+            elif op < 0.7:
+                out[i] = f + bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))
+            elif op < 0.8 and len(out) > 1:
+                out.pop(i)
+            elif op < 0.9:
+                out.insert(i, bytearray(f))
+            else:
+                out[i] = bytearray(rng.randrange(256) for _ in range(rng.randint(0, 64)))
+        return [bytes(f) for f in out]
+
+    fuzzer = channel("fuzzer")
+    hangs = crashes = errors_replied = other_replies = 0
+    good_steps = 0
+    t0 = time.perf_counter()
+    for i in range(args.frames):
+        fuzzer.send(mutate(rng.choice(seeds)))
+        try:
+            reply = fuzzer.recv(timeout=args.timeout)
+            if b"ERROR" in bytes(reply[0])[:64] or b"REJECT" in bytes(reply[0])[:64]:
+                errors_replied += 1
+            else:
+                other_replies += 1
+        except TransportError:
+            hangs += 1
+            fuzzer.close()
+            fuzzer = channel("fuzzer")
+        if i % 5000 == 0:
+            try:
+                h1 = parts.bottom(b["input_ids"], b["attention_mask"])
+                loss_fn(parts.top(remote(h1, b["attention_mask"], train=True), b["attention_mask"]), b["labels"]).backward()
+                good_steps += 1
+            except Exception as exc:  # noqa: BLE001
+                crashes += 1
+                print(json.dumps({"bench": "fuzz", "good_client_error": str(exc)[:200]}), flush=True)
+        if died:
+            crashes += 1
+            break
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    thread.join(timeout=5)
+    server.close()
+    print(json.dumps({
+        "bench": "fuzz", "frames": i + 1, "crashes": crashes + len(died), "hangs": hangs, "error_replies": errors_replied,
+        "other_replies": other_replies, "good_client_steps": good_steps, "provider_errors_counted": app.stats["errors"],
+        "seconds": round(elapsed, 1), "msgs_per_s": round((i + 1) / elapsed, 1),
+    }), flush=True)
+    return 0 if not (crashes or died or hangs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
