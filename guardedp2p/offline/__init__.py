@@ -1,0 +1,49 @@
+"""Offline GuardedTuning (seed.md section 4.3): an enhanced offsite-tuning.
+
+The provider ships a signed *emulator* once (its model with the middle compressed by layer drop, optional
+distillation and weight quantization); the client fine-tunes its adapters on it locally, with no per-step
+traffic, and sends back only a signed adapter bundle, which the provider plugs into the full model.
+
+Modules: :mod:`~guardedp2p.offline.emulator` (layer selection, build, distil, save/load),
+:mod:`~guardedp2p.offline.quantize` (int8/int4/nf4 weight codes), :mod:`~guardedp2p.offline.manifest`
+(signed manifests and their verification), :mod:`~guardedp2p.offline.transfer` (client-side chunked,
+resumable download and bundle upload) and :mod:`~guardedp2p.offline.plugin` (provider-side plug-in).
+"""
+
+from guardedp2p.offline.emulator import (
+    DistillConfig,
+    Emulator,
+    EmulatorConfig,
+    LayerMap,
+    build_emulator,
+    distill_emulator,
+    layer_map,
+    load_emulator,
+    save_emulator,
+    uniform_drop_indices,
+)
+from guardedp2p.offline.manifest import (
+    BadSignatureError,
+    DigestMismatchError,
+    ManifestFormatError,
+    MissingFileError,
+    verify_artifact,
+)
+
+__all__ = [
+    "BadSignatureError",
+    "DigestMismatchError",
+    "DistillConfig",
+    "Emulator",
+    "EmulatorConfig",
+    "LayerMap",
+    "ManifestFormatError",
+    "MissingFileError",
+    "build_emulator",
+    "distill_emulator",
+    "layer_map",
+    "load_emulator",
+    "save_emulator",
+    "uniform_drop_indices",
+    "verify_artifact",
+]

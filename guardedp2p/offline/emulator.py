@@ -1,0 +1,657 @@
+"""The Offline design's emulator: the provider's model with its middle compressed (algorithms.md section 3).
+
+The client receives the *adapters* (embedding step, the first ``l`` and last ``r`` blocks, final norm, LM head)
+exactly, and in place of the ``M = N - l - r`` middle blocks only ``k`` of them, chosen by uniform layer drop
+(optionally distilled to imitate the full middle, optionally weight-quantized). It fine-tunes its adapters
+locally on this emulator and sends back only the adapter weights; the provider plugs them into the real model.
+
+In memory an emulator is an ordinary Hugging Face model whose dropped blocks are :class:`SkippedBlock`
+placeholders, so every kept block sits at its *global* index (``model.layers.17`` is block 17 of the full
+model). That is what makes a LoRA adapter trained on the emulator's client parts a stock PEFT adapter of the
+full model (same keys, ``layers_to_transform`` = the client's global indices), with no renumbering step that
+could silently load nothing. On disk (``save_emulator``) it is a signed folder::
+
+    config.json               the full model's HF config (architecture only; local paths removed)
+    adapters.safetensors      embedding, client blocks, final norm, head; full precision
+    emulator.safetensors      the k kept middle blocks; float, or int8/int4/nf4 codes + scales
+    tokenizer/...             the tokenizer (so a client needs nothing else)
+    manifest.json + .sig      fingerprint, layer map, compression settings, SHA-256 of every file (Ed25519)
+
+``load_emulator`` verifies the signature and every digest before it reads a single tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from guardedp2p.engine.arch import get_arch, get_path, num_layers
+from guardedp2p.engine.split import ClientBottom, ClientTop, ProviderTrunk, SplitConfig, loss_fn
+from guardedp2p.errors import ArtifactError, ConfigError
+from guardedp2p.offline.manifest import Manifest, resolve_in, sign_folder, verify_artifact
+from guardedp2p.offline.quantize import check_scheme, dequantize_state, quantize_state, stored_nbytes
+
+log = logging.getLogger("guardedp2p.offline")
+
+EMULATOR_KIND = "emulator"
+CONFIG_FILE = "config.json"
+ADAPTERS_FILE = "adapters.safetensors"
+MIDDLE_FILE = "emulator.safetensors"
+TOKENIZER_DIR = "tokenizer"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class EmulatorError(ArtifactError):
+    """A verified emulator folder does not fit together (layer map, config, tensors or fingerprint)."""
+
+
+# ============================================================================================ layer selection
+def uniform_drop_indices(n_middle: int, k: int) -> list[int]:
+    """Middle-relative indices of the ``k`` kept blocks out of ``n_middle``: ``round(i (M-1)/(k-1))``.
+
+    Exact rational arithmetic with Python's half-to-even rounding (the reference uses float ``round``; no
+    tie arises in the published settings, and exact fractions keep it platform independent). ``k = 1`` keeps
+    block 0 (the formula's ``i = 0`` term; the reference code would divide by zero).
+    """
+    if not isinstance(n_middle, int) or not isinstance(k, int) or isinstance(k, bool):
+        raise ConfigError("n_middle and k must be integers")
+    if n_middle < 1:
+        raise ConfigError(f"the model has no middle block to emulate (M = {n_middle})")
+    if not 1 <= k <= n_middle:
+        raise ConfigError(f"emulator layers k must be in [1, {n_middle}] (the number of middle blocks), got {k}")
+    if k == 1:
+        return [0]
+    return [round(Fraction(i * (n_middle - 1), k - 1)) for i in range(k)]
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Which global blocks the emulator keeps: client adapters (bottom, top) and kept middle blocks."""
+
+    n_layers: int
+    bottom: tuple[int, ...]
+    top: tuple[int, ...]
+    middle_kept: tuple[int, ...]
+
+    @property
+    def middle(self) -> range:
+        return range(len(self.bottom), self.n_layers - len(self.top))
+
+    @property
+    def kept(self) -> list[int]:
+        return sorted(set(self.bottom) | set(self.middle_kept) | set(self.top))
+
+    @property
+    def depth(self) -> int:
+        return len(self.kept)
+
+    @property
+    def split(self) -> SplitConfig:
+        return SplitConfig(bottom_layers=len(self.bottom), top_layers=len(self.top))
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.middle
+        return {
+            "n_layers": self.n_layers,
+            "adapter_bottom": list(self.bottom),
+            "adapter_top": list(self.top),
+            "middle_kept": list(self.middle_kept),
+            "middle_relative": [i - m.start for i in self.middle_kept],
+            "emulator_depth": self.depth,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LayerMap":
+        try:
+            n = int(d["n_layers"])
+            lm = cls(n, tuple(int(i) for i in d["adapter_bottom"]), tuple(int(i) for i in d["adapter_top"]), tuple(int(i) for i in d["middle_kept"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EmulatorError(f"the manifest's layer map is incomplete: {exc}") from None
+        lm.validate()
+        return lm
+
+    def validate(self) -> None:
+        n, l, r = self.n_layers, len(self.bottom), len(self.top)
+        if self.bottom != tuple(range(l)) or self.top != tuple(range(n - r, n)) or l < 1:
+            raise EmulatorError(f"adapters must be blocks [0, l) and [N - r, N) with l >= 1, got {self.bottom} / {self.top}")
+        mk = self.middle_kept
+        if not mk or list(mk) != sorted(set(mk)) or mk[0] < l or mk[-1] >= n - r:
+            raise EmulatorError(f"kept middle blocks {mk} are not increasing indices inside [{l}, {n - r})")
+
+
+def layer_map(n_layers: int, bottom_layers: int = 2, top_layers: int = 2, emulator_layers: int | None = None) -> LayerMap:
+    """Uniform layer drop: adapters ``[0, l)`` and ``[N - r, N)``, ``k`` middle blocks (default ``ceil(M / 2)``)."""
+    split = SplitConfig(bottom_layers=bottom_layers, top_layers=top_layers)
+    a, b = split.bounds(n_layers)
+    m = b - a
+    k = math.ceil(m / 2) if emulator_layers is None else emulator_layers
+    rel = uniform_drop_indices(m, k)
+    return LayerMap(n_layers, tuple(range(a)), tuple(range(b, n_layers)), tuple(a + i for i in rel))
+
+
+# ============================================================================================ the model
+class SkippedBlock(nn.Module):
+    """Placeholder of a dropped block: passes the hidden states through, whatever else it is given."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+    def extra_repr(self) -> str:
+        return "dropped by the emulator"
+
+
+def _set_block_list(model: nn.Module, path: str, blocks: nn.ModuleList) -> None:
+    *parents, leaf = path.split(".")
+    parent = get_path(model, ".".join(parents)) if parents else model
+    setattr(parent, leaf, blocks)
+
+
+def emulator_skeleton(config: Any, lmap: LayerMap, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A randomly initialised HF model holding only the kept blocks, each at its global index.
+
+    It is built from a copy of ``config`` with ``num_hidden_layers = depth`` (so memory is that of the
+    emulator, not of the full model); the blocks are then moved to their global slots, per-layer settings
+    (``layer_types``, ``layer_idx``) follow the global index, and the full config is put back.
+    """
+    from transformers import AutoModelForCausalLM
+
+    arch = get_arch(config)
+    n = num_layers(config)
+    if n != lmap.n_layers:
+        raise EmulatorError(f"the config has {n} blocks, the layer map {lmap.n_layers}")
+    kept = lmap.kept
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = len(kept)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == n:
+        small.layer_types = [layer_types[g] for g in kept]
+    model = AutoModelForCausalLM.from_config(small, dtype=dtype)
+    blocks = get_path(model, arch.blocks_path)
+    slots = nn.ModuleList([SkippedBlock() for _ in range(n)])
+    for j, g in enumerate(kept):
+        block = blocks[j]
+        for m in block.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = g
+        slots[g] = block
+    _set_block_list(model, arch.blocks_path, slots)
+    full = copy.deepcopy(config)
+    # from_config resolved the attention implementation on ``small``; a config read from JSON has none.
+    full._attn_implementation = model.config._attn_implementation
+    for m in model.modules():
+        if getattr(m, "config", None) is small:
+            m.config = full
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _load_exact(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Load every tensor the model holds, refusing extra or missing ones (tied aliases count as loaded)."""
+    own = model.state_dict()
+    extra = sorted(set(tensors) - set(own))
+    if extra:
+        raise EmulatorError(f"{where}: {len(extra)} tensors the emulator does not have, e.g. {extra[0]!r}")
+    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for k, v in own.items():
+        groups.setdefault((v.data_ptr(), tuple(v.shape)), []).append(k)
+    for names in groups.values():
+        if not any(n in tensors for n in names):
+            raise EmulatorError(f"{where}: tensor {names[0]!r} is missing")
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise EmulatorError(f"{where}: {k} has shape {list(v.shape)}, the model expects {list(own[k].shape)}")
+    model.load_state_dict(dict(tensors), strict=False)
+
+
+def _unique_numel(tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> int:
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    total = 0
+    vals = tensors.values() if isinstance(tensors, Mapping) else tensors
+    for t in vals:
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel()
+    return total
+
+
+@dataclass
+class Emulator:
+    """An emulator in memory, with its client parts and its middle as a trunk (all sharing ``model``)."""
+
+    model: nn.Module
+    layer_map: LayerMap
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.split = self.layer_map.split
+        self.bottom = ClientBottom(self.model, self.split)
+        self.trunk = ProviderTrunk(self.model, self.split)
+        self.top = ClientTop(self.model, self.split)
+
+    @property
+    def arch(self) -> Any:
+        return get_arch(self.model)
+
+    def _is_middle(self, name: str) -> bool:
+        prefix = self.arch.blocks_path + "."
+        if not name.startswith(prefix):
+            return False
+        idx = int(name[len(prefix) :].split(".", 1)[0])
+        return idx in set(self.layer_map.middle_kept)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Embedding, client blocks, norm and head, each shared tensor once (tied head = embedding)."""
+        out: dict[str, torch.Tensor] = {}
+        seen: set[tuple[int, tuple[int, ...]]] = set()
+        for k, v in self.model.state_dict().items():
+            if self._is_middle(k):
+                continue
+            key = (v.data_ptr(), tuple(v.shape))
+            if key in seen:
+                continue
+            seen.add(key)
+            out[k] = v.detach().cpu().contiguous()
+        return out
+
+    def middle_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items() if self._is_middle(k)}
+
+    def middle_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if self._is_middle(n)]
+
+    def trunk_fn(self) -> Callable[..., torch.Tensor]:
+        """The ``trunk(h1, mask, *, train, input_ids)`` callable :class:`~guardedp2p.train.trainer.SplitTrainer` takes."""
+        trunk = self.trunk
+
+        def fn(h1: torch.Tensor, mask: torch.Tensor, *, train: bool = False, input_ids: Any = None) -> torch.Tensor:
+            return trunk(h1, mask)
+
+        return fn
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.bottom(input_ids, attention_mask)
+        return self.top(self.trunk(h, attention_mask), attention_mask)
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    lora = [k for k in sd if "lora_" in k or ".base_layer." in k]
+    if lora:
+        raise ConfigError(f"build the emulator from the pre-trained model, not one with adapters (found {lora[0]!r})")
+    return sd
+
+
+def count_model_parameters(model: nn.Module) -> int:
+    return _unique_numel(list(model.parameters()))
+
+
+@dataclass
+class EmulatorConfig:
+    """How to compress the middle. ``emulator_layers`` = k kept middle blocks (None: half of them, rounded up)."""
+
+    bottom_layers: int = 2
+    top_layers: int = 2
+    emulator_layers: int | None = None
+    quantize: str = "none"  # none | int8 | int4 | nf4 (middle blocks only; adapters always ship exact)
+    middle_dtype: str = "float32"  # float storage of unquantized middle tensors: float32 | float16 | bfloat16
+
+    def validate(self) -> None:
+        check_scheme(self.quantize)
+        if self.middle_dtype not in _DTYPES:
+            raise ConfigError(f"middle_dtype must be one of {', '.join(_DTYPES)}, got {self.middle_dtype!r}")
+
+
+def build_emulator(full_model: nn.Module, cfg: EmulatorConfig | None = None) -> Emulator:
+    """Uniform layer drop: copy the adapters and the kept middle blocks out of ``full_model`` (left untouched)."""
+    cfg = cfg or EmulatorConfig()
+    cfg.validate()
+    base = full_model.get_base_model() if callable(getattr(full_model, "get_base_model", None)) else full_model
+    n = num_layers(base)
+    lmap = layer_map(n, cfg.bottom_layers, cfg.top_layers, cfg.emulator_layers)
+    first = next(base.parameters())
+    skel = emulator_skeleton(base.config, lmap, dtype=first.dtype)
+    full_sd = _plain_state(base)
+    wanted = skel.state_dict()
+    missing = [k for k in wanted if k not in full_sd]
+    if missing:
+        raise EmulatorError(f"the model lacks {missing[0]!r}, which the emulator skeleton needs")
+    _load_exact(skel, {k: full_sd[k] for k in wanted}, "building the emulator")
+    skel.to(first.device)
+    full_params = count_model_parameters(base)
+    emu = Emulator(skel, lmap)
+    middle_all = sum(p.numel() for name, p in base.named_parameters() if _is_block(name, get_arch(base).blocks_path, lmap.middle))
+    emu.info = {
+        "full_parameters": full_params,
+        "middle_parameters_full": middle_all,
+        "compression": {"method": "uniform-layer-drop", "k": len(lmap.middle_kept), "quantize": cfg.quantize, "middle_dtype": cfg.middle_dtype},
+    }
+    return emu
+
+
+def _is_block(name: str, blocks_path: str, indices: range | Sequence[int]) -> bool:
+    prefix = blocks_path + "."
+    if not name.startswith(prefix):
+        return False
+    return int(name[len(prefix) :].split(".", 1)[0]) in set(indices)
+
+
+# ============================================================================================ distillation
+@dataclass
+class DistillConfig:
+    """NeuralEmu distillation (algorithms.md 3.2): student = kept blocks, teacher = the full middle."""
+
+    steps: int = 0
+    lr: float = 1e-4
+    batch_size: int = 4
+    max_length: int = 128
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    w_lm: float = 1.0
+    w_kd: float = 30.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only at the end (when a checkpoint folder is given)
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.max_length < 2 or self.lr <= 0:
+            raise ConfigError("distillation needs steps >= 0, batch size >= 1, max length >= 2 and a positive lr")
+
+
+def kd_loss(h_teacher: torch.Tensor, h_student: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean(((h_T - h_S) / rms(h_T))^2)``, rms over the whole teacher tensor; padded positions are left out."""
+    ht = h_teacher.float()
+    diff = (ht - h_student.float()) ** 2
+    if mask is None:
+        return diff.mean() / ht.pow(2).mean().clamp_min(1e-12)
+    w = mask.to(diff.dtype).unsqueeze(-1)
+    denom = w.sum().clamp_min(1.0) * ht.shape[-1]
+    ms_t = (ht.pow(2) * w).sum() / denom
+    return ((diff * w).sum() / denom) / ms_t.clamp_min(1e-12)
+
+
+def distill_emulator(
+    emu: Emulator,
+    teacher_model: nn.Module,
+    examples: Sequence[dict[str, list[int]]],
+    cfg: DistillConfig,
+    *,
+    pad_id: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    console: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the kept middle blocks so that ``bottom -> student -> head`` imitates the full model.
+
+    Both stacks receive the frozen bottom adapter's output; only the student trains (AdamW, warm-up + cosine,
+    clipping). With ``checkpoint_dir`` the run saves the student and optimizer and resumes from there.
+    """
+    from guardedp2p.data.collate import BatchIterator
+    from guardedp2p.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+    from guardedp2p.train.config import TrainConfig
+    from guardedp2p.train.trainer import lr_lambda
+
+    cfg.validate()
+    if cfg.steps == 0:
+        return {"steps": 0}
+    if not examples:
+        raise ConfigError("distillation needs at least one text example")
+    teacher = ProviderTrunk(teacher_model, emu.split)
+    for p in teacher_model.parameters():
+        p.requires_grad_(False)
+    teacher.eval()
+    for p in emu.model.parameters():
+        p.requires_grad_(False)
+    student = {n: p for n, p in emu.model.named_parameters() if emu._is_middle(n)}
+    for p in student.values():
+        p.requires_grad_(True)
+    decay = [p for p in student.values() if p.ndim >= 2]
+    no_decay = [p for p in student.values() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(TrainConfig(steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule="cosine", lr=cfg.lr)))
+    torch.manual_seed(cfg.seed)
+    it = BatchIterator(list(examples), cfg.batch_size, seed=cfg.seed, pad_id=pad_id)
+    step, history = 0, []
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt is not None and has_checkpoint(ckpt):
+        tensors, state, meta = load_checkpoint(ckpt)
+        if meta.get("kind") != "distill" or meta.get("layers") != emu.layer_map.to_dict():
+            raise ConfigError(f"{ckpt} holds a checkpoint of another emulator; use another folder")
+        with torch.no_grad():
+            for n, p in student.items():
+                p.copy_(tensors[n].to(p.device, p.dtype))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        it.load_state_dict(meta["data"])
+        step, history = int(state["step"]), list(meta.get("history", []))
+        log.info("distillation resumed at step %d", step)
+
+    def save() -> None:
+        if ckpt is None:
+            return
+        save_checkpoint(ckpt, {n: p.detach().cpu() for n, p in student.items()},
+                        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+                        {"kind": "distill", "layers": emu.layer_map.to_dict(), "data": it.state_dict(), "history": history, "config": asdict(cfg)})
+
+    device = next(emu.model.parameters()).device
+    ctx: Any = nullcontext()
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        ctx = Progress(TextColumn("[bold]distilling the emulator"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("lm {task.fields[lm]} kd {task.fields[kd]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    t0 = time.perf_counter()
+    emu.model.eval()
+    with ctx as bar:
+        task = bar.add_task("distill", total=cfg.steps, completed=step, lm="-", kd="-") if bar is not None else None
+        while step < cfg.steps:
+            b = {k: v.to(device) for k, v in next(it).items()}
+            ids, mask = b["input_ids"], b["attention_mask"]
+            with torch.no_grad():
+                h1 = emu.bottom(ids, mask)
+                h_t = teacher(h1, mask)
+            h_s = emu.trunk(h1, mask)
+            lm = loss_fn(emu.top(h_s, mask), b["labels"])
+            kd = kd_loss(h_t, h_s, mask)
+            loss = cfg.w_lm * lm + cfg.w_kd * kd
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(student.values()), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            history.append({"step": step, "lm": round(float(lm), 5), "kd": round(float(kd), 6), "loss": round(float(loss), 5)})
+            if bar is not None:
+                bar.update(task, completed=step, lm=f"{float(lm):.3f}", kd=f"{float(kd):.4f}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save()
+    save()
+    for p in student.values():
+        p.requires_grad_(False)
+        p.grad = None
+    summary = {
+        "steps": step, "lr": cfg.lr, "w_lm": cfg.w_lm, "w_kd": cfg.w_kd, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+        "lm_first": history[0]["lm"] if history else None, "lm_last": history[-1]["lm"] if history else None,
+        "kd_first": history[0]["kd"] if history else None, "kd_last": history[-1]["kd"] if history else None,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    emu.info["distillation"] = summary
+    return summary
+
+
+def load_text_examples(path: str | Path, tokenizer: Any, max_length: int = 128) -> list[dict[str, list[int]]]:
+    """Token ids of a provider corpus: ``.txt`` (one passage per non-empty line) or any format the data loaders read."""
+    from guardedp2p.data.tokenize import DataConfig, encode_records
+
+    p = Path(path)
+    if not p.is_file() and not p.is_dir():
+        raise ConfigError(f"distillation data {p} does not exist")
+    if p.suffix.lower() == ".txt":
+        records = [{"text": line.strip()} for line in p.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        kind = "text"
+    else:
+        from guardedp2p.data.loaders import load_data
+
+        loaded = load_data(str(p))
+        records, kind = loaded.records, loaded.kind
+    examples = encode_records(records, tokenizer, DataConfig(max_length=max_length), kind=kind)
+    if not examples:
+        raise ConfigError(f"{p} gave no text to distil on")
+    return examples
+
+
+# ============================================================================================ files
+def _config_json(config: Any) -> bytes:
+    d = json.loads(config.to_json_string(use_diff=False))
+    for k in ("_name_or_path", "name_or_path", "_commit_hash"):
+        d.pop(k, None)
+    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
+
+
+def save_emulator(
+    emu: Emulator,
+    folder: str | Path,
+    signing_key: Any,
+    *,
+    tokenizer: Any = None,
+    quantize: str | None = None,
+    middle_dtype: str | None = None,
+    model_name: str = "",
+    extra: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """Write the emulator folder and sign it; returns the manifest (see the module docstring for the layout)."""
+    from safetensors.torch import save_file
+
+    from guardedp2p.engine.fingerprint import model_fingerprint
+
+    comp = dict(emu.info.get("compression", {}))
+    quantize = check_scheme(quantize or comp.get("quantize", "none"))
+    middle_dtype = middle_dtype or comp.get("middle_dtype", "float32")
+    if middle_dtype not in _DTYPES:
+        raise ConfigError(f"middle_dtype must be one of {', '.join(_DTYPES)}")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("manifest.json", "manifest.sig"):
+        (out / stale).unlink(missing_ok=True)
+    files = [CONFIG_FILE, ADAPTERS_FILE, MIDDLE_FILE]
+    (out / CONFIG_FILE).write_bytes(_config_json(emu.model.config))
+    adapters = emu.adapter_state()
+    save_file(adapters, str(out / ADAPTERS_FILE), metadata={"format": "pt"})
+    middle = emu.middle_state()
+    stored = quantize_state(middle, quantize, _DTYPES[middle_dtype])
+    save_file(stored, str(out / MIDDLE_FILE), metadata={"format": "pt", "quantize": quantize})
+    if tokenizer is not None:
+        tdir = out / TOKENIZER_DIR
+        tokenizer.save_pretrained(str(tdir))
+        files += sorted(f"{TOKENIZER_DIR}/{p.relative_to(tdir).as_posix()}" for p in tdir.rglob("*") if p.is_file())
+    cfg = emu.model.config
+    fp = model_fingerprint(emu.model, emu.split)
+    full = int(emu.info.get("full_parameters") or 0)
+    n_adapt = _unique_numel(adapters)
+    n_mid = sum(t.numel() for t in middle.values())
+    body: dict[str, Any] = {
+        "kind": EMULATOR_KIND,
+        "model": {"name": model_name, "model_type": cfg.model_type, "num_hidden_layers": num_layers(cfg),
+                  "hidden_size": int(cfg.hidden_size), "vocab_size": int(cfg.vocab_size)},
+        "fingerprint": fp,
+        "split": {"bottom_layers": emu.split.bottom_layers, "top_layers": emu.split.top_layers},
+        "layers": emu.layer_map.to_dict(),
+        "compression": {"method": "uniform-layer-drop", "k": len(emu.layer_map.middle_kept), "quantize": quantize,
+                        "middle_dtype": middle_dtype, "distillation": emu.info.get("distillation") or None},
+        "params": {
+            "full_model": full, "adapters": n_adapt, "middle_kept": n_mid,
+            "middle_full": int(emu.info.get("middle_parameters_full") or 0),
+            "shipped": n_adapt + n_mid,
+            "fraction_of_full": round((n_adapt + n_mid) / full, 6) if full else None,
+            "middle_bytes_stored": stored_nbytes(stored),
+        },
+        "files_role": {"config": CONFIG_FILE, "adapters": ADAPTERS_FILE, "middle": MIDDLE_FILE,
+                       "tokenizer": TOKENIZER_DIR if tokenizer is not None else None},
+    }
+    if extra:
+        body["extra"] = dict(extra)
+    return sign_folder(out, body, files, signing_key)
+
+
+# Every tensor / config read of a received emulator goes through these two functions, so tests can check
+# that nothing is read before verification.
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _read_config(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+
+
+@dataclass
+class LoadedEmulator:
+    emulator: Emulator
+    manifest: Manifest
+    tokenizer: Any
+
+
+def load_emulator(
+    folder: str | Path,
+    verify_key: Any,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    load_tokenizer: bool = True,
+) -> LoadedEmulator:
+    """Verify the signed folder (signature, then every SHA-256), then build the emulator from it.
+
+    Also recomputes the model fingerprint over the received adapters and compares it with the signed one,
+    so a manifest that was signed over the wrong tensors is refused too.
+    """
+    from guardedp2p.engine.fingerprint import model_fingerprint
+
+    folder = Path(folder)
+    manifest = verify_artifact(folder, verify_key, kind=EMULATOR_KIND)  # nothing is read before this passes
+    lmap = LayerMap.from_dict(manifest["layers"])
+    names = set(manifest.files)
+    for required in (CONFIG_FILE, ADAPTERS_FILE, MIDDLE_FILE):
+        if required not in names:
+            raise EmulatorError(f"the signed manifest does not list {required}")
+    scheme = check_scheme(str(manifest["compression"].get("quantize", "none")))
+    config = _read_config(folder)
+    if num_layers(config) != lmap.n_layers:
+        raise EmulatorError(f"config.json has {num_layers(config)} blocks, the layer map {lmap.n_layers}")
+    model = emulator_skeleton(config, lmap, dtype=dtype)
+    tensors = dict(_read_tensors(resolve_in(folder, ADAPTERS_FILE)))
+    middle = dequantize_state(_read_tensors(resolve_in(folder, MIDDLE_FILE)), scheme, dtype)
+    overlap = set(tensors) & set(middle)
+    if overlap:
+        raise EmulatorError(f"{sorted(overlap)[0]} is in both tensor files")
+    tensors.update(middle)
+    _load_exact(model, {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}, str(folder))
+    model.to(device)
+    emu = Emulator(model, lmap, info={"compression": dict(manifest["compression"]), "params": dict(manifest.get("params") or {})})
+    fp = model_fingerprint(model, emu.split)
+    if fp != manifest["fingerprint"]:
+        raise EmulatorError("the received adapters do not match the fingerprint in the signed manifest")
+    tokenizer = None
+    if load_tokenizer and any(n.startswith(TOKENIZER_DIR + "/") for n in names):
+        from transformers import AutoTokenizer
+
+        from guardedp2p.engine.loading import prepare_tokenizer
+
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR), local_files_only=True))
+    return LoadedEmulator(emu, manifest, tokenizer)
