@@ -474,9 +474,10 @@ def distill_emulator(
             opt.step()
             sched.step()
             step += 1
-            history.append({"step": step, "lm": round(float(lm), 5), "kd": round(float(kd), 6), "loss": round(float(loss), 5)})
+            lm_v, kd_v, loss_v = float(lm.detach()), float(kd.detach()), float(loss.detach())
+            history.append({"step": step, "lm": round(lm_v, 5), "kd": round(kd_v, 6), "loss": round(loss_v, 5)})
             if bar is not None:
-                bar.update(task, completed=step, lm=f"{float(lm):.3f}", kd=f"{float(kd):.4f}")
+                bar.update(task, completed=step, lm=f"{lm_v:.3f}", kd=f"{kd_v:.4f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save()
     save()

@@ -1,0 +1,92 @@
+"""Provider-side assembly of the Offline design: build, optionally distil and quantize, and sign an emulator.
+
+Used by ``guardedp2p provider emulator build`` (full control) and by ``guardedp2p demo --protocol offline``
+(:func:`build_demo_emulator`: layer drop only, so it takes seconds beyond loading the model).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guardedp2p.errors import ConfigError
+from guardedp2p.offline.emulator import DistillConfig, EmulatorConfig, build_emulator, distill_emulator, load_text_examples, save_emulator
+from guardedp2p.offline.manifest import Manifest, key_fingerprint
+
+log = logging.getLogger("guardedp2p.provider")
+
+
+@dataclass
+class EmulatorBuildOptions:
+    model: str = "default"
+    out: str = "emulator"
+    keys: str | None = None  # folder holding NAME.sign.key
+    key_name: str = "provider"
+    emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    distill_data: str | None = None
+    device: str = "auto"
+    progress: bool = True
+    include_tokenizer: bool = True
+
+
+def build_emulator_folder(opts: EmulatorBuildOptions, *, model: Any = None, tokenizer: Any = None, signing_key: Any = None, console: Any = None) -> Manifest:
+    """Load the model (unless given), build the emulator, distil it if asked, write and sign the folder."""
+    from guardedp2p.engine.device import pick_device
+    from guardedp2p.engine.loading import load_causal_lm
+    from guardedp2p.keys import load_signing_key
+
+    t0 = time.perf_counter()
+    opts.emulator.validate()
+    opts.distill.validate()
+    if signing_key is None:
+        if not opts.keys:
+            raise ConfigError("the emulator must be signed: pass --keys DIR holding NAME.sign.key (from `guardedp2p keys generate`)")
+        signing_key = load_signing_key(opts.keys, opts.key_name)
+    if opts.distill.steps > 0 and not opts.distill_data:
+        raise ConfigError("--distill-steps needs --distill-data FILE (the provider's own text: .txt, .jsonl, .csv)")
+    if model is None:
+        model, tokenizer = load_causal_lm(opts.model, device=pick_device(opts.device))
+    emu = build_emulator(model, opts.emulator)
+    if opts.distill.steps > 0:
+        if tokenizer is None:
+            raise ConfigError("distillation needs the model's tokenizer")
+        examples = load_text_examples(str(opts.distill_data), tokenizer, opts.distill.max_length)
+        distill_emulator(emu, model, examples, opts.distill, pad_id=int(tokenizer.pad_token_id or 0),
+                         checkpoint_dir=Path(opts.out).with_name(Path(opts.out).name + ".distill-ckpt"), console=console, progress=opts.progress)
+    manifest = save_emulator(emu, opts.out, signing_key, tokenizer=tokenizer if opts.include_tokenizer else None, model_name=opts.model,
+                             extra={"built_s": round(time.perf_counter() - t0, 2)})
+    log.info("emulator written to %s: %d of %d middle blocks, %s, %.1f%% of the parameters, signed by %s",
+             opts.out, len(emu.layer_map.middle_kept), len(emu.layer_map.middle), opts.emulator.quantize,
+             100 * (manifest["params"]["fraction_of_full"] or 0), key_fingerprint(signing_key.public_key()))
+    return manifest
+
+
+def build_demo_emulator(model: str, out_dir: Path, keys_dir: Path, *, console: Any = None, distill_steps: int = 0) -> Path:
+    """The demo's emulator: default layer drop (half the middle kept), signed with ``keys_dir/provider.sign.key``.
+
+    ``distill_steps > 0`` adds a short distillation on the shipped public demo text (``aux`` population).
+    """
+    distill = DistillConfig(steps=distill_steps, batch_size=4, max_length=96, lr=1e-4)
+    data = None
+    if distill_steps:
+        from guardedp2p.data.demo import demo_paths
+
+        data = str(_demo_path(demo_paths(), "aux"))
+    opts = EmulatorBuildOptions(model=model, out=str(out_dir), keys=str(keys_dir), key_name="provider", distill=distill, distill_data=data,
+                                progress=console is not None)
+    if console is not None:
+        console.print("building the signed emulator (layer drop) for the offline design…")
+    build_emulator_folder(opts, console=console)
+    return Path(out_dir)
+
+
+def _demo_path(paths: Any, key: str) -> str:
+    return str(paths[key]) if isinstance(paths, dict) else str(getattr(paths, key))
+
+
+def options_summary(opts: EmulatorBuildOptions) -> dict[str, Any]:
+    return {"model": opts.model, "out": opts.out, "emulator": asdict(opts.emulator), "distill": asdict(opts.distill), "distill_data": opts.distill_data}
