@@ -503,7 +503,7 @@ def load_text_examples(path: str | Path, tokenizer: Any, max_length: int = 128) 
         raise ConfigError(f"distillation data {p} does not exist")
     if p.suffix.lower() == ".txt":
         records = [{"text": line.strip()} for line in p.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-        kind = "text"
+        kind = "lm"
     else:
         from guardedp2p.data.loaders import load_data
 

@@ -182,7 +182,9 @@ class OfflineSession:
         name = msg.meta.get("file")
         if not isinstance(name, str) or name not in BUNDLE_FILES:
             raise UploadRefused(f"an adapter bundle holds only {', '.join(BUNDLE_FILES)}; got {str(name)[:80]!r}")
-        total = _int(msg.meta, "total", 0, self.max_upload)
+        total = _int(msg.meta, "total", 0, 1 << 50)
+        if total > self.max_upload:
+            raise UploadRefused(f"{name} of {total} bytes exceeds this provider's upload limit of {self.max_upload} bytes")
         offset = _int(msg.meta, "offset", 0, total)
         digest = msg.meta.get("sha256")
         if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX64:
