@@ -7,12 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import tiny_models  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spin-waiting made a 6-layer
+# forward take ~1 s instead of ~30 ms. Override with GUARDEDP2P_TEST_THREADS.
+torch.set_num_threads(int(os.environ.get("GUARDEDP2P_TEST_THREADS", "1")))
 
 
 @pytest.fixture
