@@ -203,3 +203,24 @@ def test_one_training_step_moves_loss_and_adapter_reloads(tmp_path):
     _, cp2, trunk2 = _client("qwen2")
     load_adapter_into_parts(cp2.bottom, cp2.top, tmp_path / "a")
     torch.testing.assert_close(_eval_loss(cp2, trunk2, batch), after, rtol=1e-6, atol=0)
+
+
+def test_top_only_adapter_gradfree_style(tmp_path):
+    """Gradfree freezes the bottom: the adapter then holds only top layers and still loads on the full model."""
+    from peft import PeftModel
+
+    batch = tiny_batch()
+    _, cp, trunk = _client("mistral")
+    attach_lora(cp.bottom, cp.top, LoraSettings(r=2), bottom=False)
+    _randomize_b(cp.top)
+    want = _eval_loss(cp, trunk, batch)
+    out = save_adapter(cp.bottom, cp.top, tmp_path / "top")
+    assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [4, 5]
+    full = PeftModel.from_pretrained(tiny_model("mistral"), str(out))
+    ids, mask, labels = batch
+    with torch.no_grad():
+        torch.testing.assert_close(full(input_ids=ids, attention_mask=mask, labels=labels).loss, want, rtol=1e-6, atol=0)
+    _, cp2, trunk2 = _client("mistral")
+    report = load_adapter_into_parts(cp2.bottom, cp2.top, out)
+    assert report.loaded == {"client top": len(lora_state_dict(cp.bottom, cp.top))}
+    torch.testing.assert_close(_eval_loss(cp2, trunk2, batch), want, rtol=1e-6, atol=0)
