@@ -468,6 +468,39 @@ class Int8RowCodec(Codec):
 # ----------------------------------------------------------------------------------------------------- codebooks
 
 
+def _cell_tables(bounds: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """Exact lookup tables that replace ``order[bucketize(y, bounds)]`` (a binary search, slow on CPU).
+
+    Key = the top 16 bits of y's float32 pattern (a bfloat16-sized cell of consecutive floats). When no cell
+    holds more than one bound -- true for these codebooks, whose bounds are >= 1 % apart relative to their
+    magnitude while a cell is 0.4 % wide -- the count of bounds below y is ``base[key] + (y > thr[key])``
+    exactly, with ``thr`` the bound inside the cell (+inf if none). Returns (code_lo, code_hi, thr) per key,
+    or None when the property fails (then bucketize is used).
+    """
+    keys = torch.arange(1 << 16, dtype=torch.int64)
+
+    def as_f32(bits: torch.Tensor) -> torch.Tensor:  # uint32 pattern held in int64 -> float32
+        return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+
+    start = as_f32(keys << 16)
+    end = as_f32((keys << 16) | 0xFFFF)
+    neg = keys >= 1 << 15
+    cmin = torch.where(neg, end, start)
+    cmax = torch.where(neg, start, end)
+    finite = torch.isfinite(cmin) & torch.isfinite(cmax)
+    cmin = torch.where(finite, cmin, torch.zeros_like(cmin))
+    cmax = torch.where(finite, cmax, torch.zeros_like(cmax))
+    below = torch.searchsorted(bounds, cmin, side="left")  # bounds < cmin
+    upto = torch.searchsorted(bounds, cmax, side="right")  # bounds <= cmax
+    if int((upto - below).max()) > 1:
+        return None
+    has = upto > below
+    thr = torch.where(has, bounds[below.clamp(max=bounds.numel() - 1)], torch.full_like(cmin, math.inf))
+    lo = order[below]
+    hi = order[(below + has.long()).clamp(max=order.numel() - 1)]
+    return lo.to(torch.uint8), hi.to(torch.uint8), thr.contiguous()
+
+
 class _CodebookCodec(Codec):
     """Blockwise absmax scaling + nearest entry of a fixed codebook (bitsandbytes-style)."""
 
@@ -485,6 +518,7 @@ class _CodebookCodec(Codec):
         self._sorted = self.code[order].contiguous()
         self._order = order.contiguous()
         self._bounds = ((self._sorted[:-1] + self._sorted[1:]) / 2).contiguous()
+        self._lut = _cell_tables(self._bounds, self._order)
 
     def _validate_blocksize(self, bs: Any) -> int:
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < self.min_blocksize or bs > 4096 or bs & (bs - 1):
@@ -512,7 +546,7 @@ class _CodebookCodec(Codec):
             blk = flat[:full].view(-1, bs)
             a = blk.abs().amax(dim=1)
             parts_a.append(a)
-            parts_y.append(torch.clamp(blk * (1.0 / a.clamp(min=1e-38))[:, None], -1, 1).reshape(-1))
+            parts_y.append((blk * (1.0 / a.clamp(min=1e-38))[:, None]).clamp_(-1, 1).reshape(-1))
         if n > full:
             tail = flat[full:]
             a = tail.abs().amax().clamp(min=1e-38)  # the clamped value is what goes on the wire (as in bnb)
@@ -534,11 +568,18 @@ class _CodebookCodec(Codec):
             gap = c_hi - c_lo
             p = torch.where(gap > 0, (y - c_lo) / torch.where(gap > 0, gap, torch.ones_like(gap)), torch.zeros_like(y))
             pos = lo + (_uniform_like(y, generator) < p.clamp(0, 1)).to(lo.dtype)
-        else:
+            if self.sort_order is not None:
+                pos = _on(self.code_name + ":order", self._order, dev)[pos]
+            return pos.to(torch.uint8)
+        if self._lut is None:  # pragma: no cover - every registered codebook has a cell table
             pos = torch.bucketize(y, _on(self.code_name + ":bounds", self._bounds, dev))
-        if self.sort_order is not None:
-            pos = _on(self.code_name + ":order", self._order, dev)[pos]
-        return pos.to(torch.uint8)
+            if self.sort_order is not None:
+                pos = _on(self.code_name + ":order", self._order, dev)[pos]
+            return pos.to(torch.uint8)
+        lo, hi, thr = (_on(f"{self.code_name}:lut{i}", t, dev) for i, t in enumerate(self._lut))
+        key = (y.view(torch.int32) >> 16) & 0xFFFF
+        pick = torch.index_select(thr, 0, key) < y
+        return torch.where(pick, torch.index_select(hi, 0, key), torch.index_select(lo, 0, key))
 
     def _encode(self, t, stochastic, generator):
         flat = t.reshape(-1).float()
@@ -562,8 +603,8 @@ class _CodebookCodec(Codec):
             raise MalformedEncoding(f"codec {self.name!r}: absmax values must be finite and >= 0")
         bs = params["blocksize"]
         n = _numel(shape)
-        codes = self._unpack(packed, n).long()
-        vals = _on(self.code_name, self.code, packed.device)[codes]
+        codes = self._unpack(packed, n).to(torch.int32)
+        vals = torch.index_select(_on(self.code_name, self.code, packed.device), 0, codes)
         full = (n // bs) * bs
         out = torch.empty(n, dtype=torch.float32, device=packed.device)
         if full:

@@ -577,3 +577,29 @@ def test_bnb_cuda_bytes_report(bnbF, kind):
     differ = int((q.reshape(-1).cpu() != enc.parts[0]).sum())
     print(f"bnb CUDA {kind}: {differ} of {enc.parts[0].numel()} bytes differ from the wire encoder")
     assert torch.equal(stt.absmax.cpu(), enc.parts[1])
+
+
+# ------------------------------------------------------------------------------------------- fast path
+
+
+@pytest.mark.parametrize("name", ["int8-block", "nf4", "fp4"])
+def test_lookup_table_quantizer_equals_bucketize(name):
+    """The cell-table quantizer is exact: same codes as a binary search over the midpoints, ties included."""
+    c = get_codec(name)
+    assert c._lut is not None
+    b = c._bounds
+    up = torch.nextafter(b, torch.full_like(b, 2.0))
+    down = torch.nextafter(b, torch.full_like(b, -2.0))
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat(
+        [
+            b, up, down, c._sorted,
+            torch.rand(200_000, generator=g) * 2 - 1,
+            (torch.rand(200_000, generator=g) * 2 - 1) * torch.logspace(-40, 0, 200_000),
+            torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-38, -1e-38, 1e-45, -1e-45]),
+        ]
+    ).clamp(-1, 1).contiguous()
+    ref = torch.bucketize(y, b)
+    if c.sort_order is not None:
+        ref = c._order[ref]
+    assert torch.equal(c._quantize(y, False, None), ref.to(torch.uint8))
