@@ -14,6 +14,15 @@ from guardedp2p.cli.common import friendly_errors, print_json, setup_logging
 from guardedp2p.errors import ConfigError
 
 provider_app = typer.Typer(help="Provider side: holds the proprietary model, serves its frozen middle (trunk) or an emulator.", no_args_is_help=True)
+
+
+def _mount_emulator() -> None:
+    from guardedp2p.cli.emulator import emulator_app
+
+    provider_app.add_typer(emulator_app, name="emulator")
+
+
+_mount_emulator()
 log = logging.getLogger("guardedp2p.provider")
 
 

@@ -100,6 +100,49 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def _gguf_cache_dir(folder: Path, gguf: str, dtype: torch.dtype) -> Path | None:
+    """Where the de-quantized copy of a GGUF model is kept (None: caching disabled).
+
+    Why: de-quantizing and converting the GGUF tokenizer costs tens of seconds on a small CPU at every start of
+    every party; a local safetensors copy loads in about a second. The key covers the file's path, size and
+    modification time and the dtype, so a changed file is never served from a stale copy.
+    """
+    if os.environ.get("GUARDEDP2P_NO_MODEL_CACHE"):
+        return None
+    src = folder / gguf
+    st = src.stat()
+    import hashlib
+
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("GUARDEDP2P_CACHE", Path.home() / ".cache" / "guardedp2p"))
+    return root / "gguf" / f"{Path(gguf).stem}-{key}"
+
+
+def _save_gguf_copy(model: Any, tokenizer: Any, target: Path) -> None:
+    """Write the converted model atomically; failures only cost speed next time, never correctness."""
+    import shutil
+    import tempfile
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        # save_pretrained refuses GGUF-loaded models (they carry a GGUF "quantization" marker although the
+        # weights are already plain floats): write the config without it and the weights with safetensors.
+        import copy
+
+        from safetensors.torch import save_model
+
+        cfg = copy.deepcopy(model.config)
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        cfg.save_pretrained(str(tmp))
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, target)
+    except (OSError, ValueError, RuntimeError):
+        shutil.rmtree(locals().get("tmp", target.parent / ".none"), ignore_errors=True)
+
+
 def load_causal_lm(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -116,6 +159,9 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra: dict[str, Any] = {"local_files_only": True}
+    cache = _gguf_cache_dir(folder, gguf, dtype) if gguf is not None else None
+    if cache is not None and (cache / "config.json").is_file():
+        folder, gguf = cache, None
     if gguf is not None:
         extra["gguf_file"] = gguf
     try:
@@ -123,6 +169,8 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **extra)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model from {str(folder)!r}: {exc}") from exc
+    if cache is not None and gguf is not None:
+        _save_gguf_copy(model, tokenizer, cache)
     model.to(pick_device(device))
     model.eval()
     return model, prepare_tokenizer(tokenizer)
