@@ -169,17 +169,21 @@ def _hello(opts: TuneOptions, client: ClientModel, start_step: int) -> Hello:
     codecs = dict(opts.codecs) if opts.protocol == "online" else {k: opts.codecs[k] for k in ("up", "down")}
     privacy: dict[str, Any] = {"dcor_alpha": opts.train.dcor_alpha, "dcor_mode": opts.train.dcor_mode}
     if opts.noise:
-        privacy["noise"] = dict(opts.noise)
+        from guardedp2p.privacy.noise import NoiseConfig
+
+        privacy["noise"] = NoiseConfig(**opts.noise).describe()  # never the seed: it would let anyone remove the noise
     return Hello(opts.protocol, client.fingerprint, (opts.bottom_layers, opts.top_layers), codecs, privacy, resume_from_step=start_step)
 
 
 def _noise_transform(opts: TuneOptions) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    from guardedp2p.engine.device import pick_device
+
     if not opts.noise or opts.noise.get("kind", "none") == "none":
         return None
     from guardedp2p.privacy.noise import NoiseConfig, add_activation_noise
 
     cfg = NoiseConfig(**opts.noise)
-    gen = torch.Generator().manual_seed(int(opts.noise.get("seed", 0) or 0) + 1)
+    gen = cfg.make_generator(pick_device(opts.device))  # OS entropy unless the user fixed a seed
     return lambda h: add_activation_noise(h, cfg, gen)
 
 
