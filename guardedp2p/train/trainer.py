@@ -122,7 +122,7 @@ class SplitTrainer:
             loss = task
             dcor_val = torch.zeros(())
             if self.cfg.dcor_alpha > 0 and self.dcor_fn is not None and self.train_bottom:
-                embeds = self.bottom.embed(batch["input_ids"]).detach()
+                embeds = self.bottom.embed(batch["input_ids"], batch["attention_mask"]).detach()
                 dcor_val = self.dcor_fn(embeds, h1, batch["attention_mask"], mode=self.cfg.dcor_mode)
                 loss = loss + self.cfg.dcor_alpha * dcor_val
             (loss / len(micro)).backward()
