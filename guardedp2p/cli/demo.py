@@ -71,6 +71,10 @@ class ProviderProcess:
         self.log.close()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def demo(
     protocol: str = typer.Option("online", help="online, gradfree or offline."),
     steps: int = typer.Option(60, help="Optimizer steps."),
@@ -96,6 +100,8 @@ def demo(
 def run_demo(*, protocol: str, steps: int, model: str, batch_size: int, lr: float, codecs: dict[str, str], dcor: float,
              noise: Optional[str], out: Optional[Path], json_out: bool, verbose: int) -> dict[str, Any]:
     setup_logging(verbose, quiet=verbose == 0)
+    # a SIGTERM must unwind like Ctrl-C so the provider subprocess is stopped, not orphaned
+    signal.signal(signal.SIGTERM, _interrupt)
     from guardedp2p.cli.client import client_channel_factory, parse_noise
     from guardedp2p.cli.report import print_summary
     from guardedp2p.keys import generate_keypair

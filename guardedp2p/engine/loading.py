@@ -157,6 +157,9 @@ def load_causal_lm(
     _offline_env()
     folder, gguf = _resolve(str(name_or_path))
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own rich bars report progress; tqdm bars would interleave with them
 
     extra: dict[str, Any] = {"local_files_only": True}
     cache = _gguf_cache_dir(folder, gguf, dtype) if gguf is not None else None
