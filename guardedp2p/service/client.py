@@ -88,7 +88,12 @@ def prepare_client(opts: TuneOptions, *, model: Any = None, tokenizer: Any = Non
     train_bottom = opts.protocol != "gradfree"
     torch.manual_seed(cfg.seed)
     attach_lora(parts.bottom, parts.top, settings, bottom=train_bottom, top=True)
-    return ClientModel(model, tokenizer, parts.bottom, parts.top, fingerprint, split, device)
+    # keep no reference to the full model: the trunk's weights are then freed (the parts hold placeholders)
+    del model
+    import gc
+
+    gc.collect()
+    return ClientModel(None, tokenizer, parts.bottom, parts.top, fingerprint, split, device)
 
 
 @dataclass
