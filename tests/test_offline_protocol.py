@@ -265,3 +265,34 @@ def test_resent_chunk_overwrites_instead_of_duplicating(world):
     _upload(s, 2, "adapter_config.json", data[:6], total=10)  # the reply was lost: same chunk again
     ack = _upload(s, 3, "adapter_config.json", data[6:], offset=6, total=10)
     assert ack.meta["received"] == 10
+
+
+def test_runner_reconnects_and_resumes_a_cut_download(world):
+    _, app, tmp = world
+    data = write_text_records(tmp / "train.jsonl")
+    train = TrainConfig(steps=1, batch_size=4, max_length=16, lora_r=2, lora_alpha=4, checkpoint_every=0)
+    opts = TuneOptions(protocol="offline", model="tiny", data=str(data), out=str(tmp / "run"), train=train, progress=False,
+                       timeout=0.2, retries=2, skip_eval=True)
+    channels = []
+
+    def connect():
+        ch = InProcClientChannel(app)
+        if not channels:
+            ch.fail_after = 1 + 1 + 5  # HELLO, MANIFEST_REQ, 5 chunks, then silence
+        channels.append(ch)
+        return ch
+
+    off = OfflineOptions(provider_verify_key=tmp / "keys" / "provider.sign.pub", chunk_size=16 * 1024, baselines=False)
+    s = tune_offline(opts, connect, offline=off)
+    assert len(channels) == 2
+    assert s["download"]["bytes_resumed"] == 5 * 16 * 1024
+    assert s["download"]["bytes_fetched"] == s["emulator_bytes"], "over both connections, no byte was fetched twice"
+    assert s["upload_ack"]["verified"] and s["client_signer_persistent"] is False
+
+
+def test_runner_needs_the_pinned_provider_key(world):
+    _, app, tmp = world
+    from guardedp2p.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="provider's public signing key"):
+        tune_offline(TuneOptions(protocol="offline", out=str(tmp / "r"), progress=False), lambda: InProcClientChannel(app))

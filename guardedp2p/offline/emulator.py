@@ -520,6 +520,9 @@ def _config_json(config: Any) -> bytes:
     d = json.loads(config.to_json_string(use_diff=False))
     for k in ("_name_or_path", "name_or_path", "_commit_hash"):
         d.pop(k, None)
+    q = d.get("quantization_config")
+    if isinstance(q, dict) and q.get("quant_method") == "gguf":
+        d.pop("quantization_config")  # GGUF weights are de-quantized to float on load; the emulator ships floats
     return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
 

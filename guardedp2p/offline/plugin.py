@@ -157,10 +157,29 @@ def export_merged(pristine_model: Any, bundle_dir: str | Path, out_dir: str | Pa
     bundle = verify_adapter_bundle(bundle_dir, trusted_keys)
     merged = PeftModel.from_pretrained(pristine_model, str(bundle.folder)).merge_and_unload()
     out = Path(out_dir)
-    merged.save_pretrained(str(out), safe_serialization=True)
+    _save_float_model(merged, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+def _save_float_model(model: Any, out: Path) -> None:
+    """``save_pretrained`` that also works for a model loaded from GGUF (its weights are already float)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)) != "gguf":
+        model.save_pretrained(str(out), safe_serialization=True)
+        return
+    qcfg = getattr(model.config, "quantization_config", None)
+    model.hf_quantizer = None
+    if qcfg is not None:
+        del model.config.quantization_config
+    try:
+        model.save_pretrained(str(out), safe_serialization=True)
+    finally:
+        model.hf_quantizer = quantizer
+        if qcfg is not None:
+            model.config.quantization_config = qcfg
 
 
 def logits_fn_of(model: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -26,8 +26,9 @@ from typing import Any, Callable
 
 import torch
 
-from guardedp2p.errors import ArtifactError, ConfigError, HandshakeRejected, RemoteError, TransportError
+from guardedp2p.errors import ConfigError, RemoteError, TransportError
 from guardedp2p.handshake import Hello
+from guardedp2p.offline.manifest import DigestMismatchError
 from guardedp2p.protocols.client_session import ClientSession, WireStats
 from guardedp2p.service.client import TrainingInterrupted, TuneOptions, _evaluate, _primary, prepare_data
 
@@ -154,11 +155,11 @@ def tune_offline(
         for attempt in range(opts.retries + 1):
             try:
                 return fn(session())
-            except (HandshakeRejected, ConfigError, ArtifactError) as exc:
-                if isinstance(exc, ArtifactError) and "fetched again" in str(exc) and attempt < opts.retries:
-                    log.warning("%s: %s; retrying", what, exc)
-                    continue
-                raise
+            except DigestMismatchError as exc:
+                # a downloaded file did not hash to the signed digest; its partial copy is gone, so retrying refetches it
+                if attempt == opts.retries:
+                    raise
+                log.warning("%s: %s", what, exc)
             except (TransportError, RemoteError) as exc:
                 log.warning("%s failed (%s); attempt %d of %d", what, exc, attempt + 1, opts.retries + 1)
                 state["session"] = None
