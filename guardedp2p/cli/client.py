@@ -76,6 +76,7 @@ def tune_cmd(
     timeout: float = typer.Option(30.0, help="Seconds to wait for each reply before the provider counts as silent."),
     retries: int = typer.Option(3, help="Reconnect attempts (with back-off) before giving up with a checkpoint."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Gradfree: do not cache trunk outputs."),
+    provider_sign_key: Optional[Path] = typer.Option(None, help="Offline: the provider's public signing key (NAME.sign.pub); the emulator is refused unless its manifest verifies against it."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated ZeroMQ (debug only)."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as one JSON line at the end."),
@@ -99,9 +100,12 @@ def tune_cmd(
     connect_fn = client_channel_factory(connect, provider_key, keys, name, insecure)
     console = Console(stderr=True)
     if protocol == "offline":
-        from guardedp2p.service.offline_client import tune_offline
+        from guardedp2p.service.offline_client import OfflineOptions, tune_offline
 
-        summary = tune_offline(opts, connect_fn, console=console)
+        if provider_sign_key is None:
+            raise ConfigError("--protocol offline needs --provider-sign-key PROVIDER.sign.pub to verify the emulator's signature")
+        off = OfflineOptions(provider_verify_key=str(provider_sign_key), client_keys=str(keys) if keys else None, client_key_name=name)
+        summary = tune_offline(opts, connect_fn, console=console, offline=off)
     else:
         summary = tune(opts, connect_fn, console=console)
     if json_out:

@@ -132,9 +132,10 @@ def run_demo(*, protocol: str, steps: int, model: str, batch_size: int, lr: floa
             opts = TuneOptions(protocol=protocol, model=model, out=str(run_dir), train=train, codecs=codecs, noise=parse_noise(noise))
             connect = client_channel_factory(endpoint, keys / "provider.key", keys, "client", False)
             if protocol == "offline":
-                from guardedp2p.service.offline_client import tune_offline
+                from guardedp2p.service.offline_client import OfflineOptions, tune_offline
 
-                summary = tune_offline(opts, connect, console=console)
+                off = OfflineOptions(provider_verify_key=str(keys / "provider.sign.pub"), client_keys=str(keys), client_key_name="client")
+                summary = tune_offline(opts, connect, console=console, offline=off)
             else:
                 summary = tune(opts, connect, console=console)
         summary["wall_s"] = round(time.perf_counter() - t0, 3)
