@@ -330,7 +330,8 @@ def test_curve_client_against_insecure_server_fails_fast(keydir):
         srv = ZmqServerChannel(ServerConfig(bind="tcp://127.0.0.1:*", insecure=True))
     with srv:
         t0 = time.monotonic()
-        with pytest.raises(MechanismMismatch, match="WITHOUT encryption"):
+        # libzmq reports MECHANISM_MISMATCH, or under load sometimes only NO_DETAIL: both must be fast and say so
+        with pytest.raises((MechanismMismatch, ProviderKeyMismatch), match="WITHOUT encryption|--insecure"):
             ZmqClientChannel.open(client_cfg(keydir, srv.endpoint))
         assert time.monotonic() - t0 < FAST
 

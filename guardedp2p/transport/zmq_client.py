@@ -276,7 +276,7 @@ class ZmqClientChannel(ClientChannel):
             # server with ZAP enabled, just HANDSHAKE_FAILED_NO_DETAIL (EPIPE).
             return MechanismMismatch(
                 f"The provider at {addr} rejected this client's plaintext handshake ({_event_name(event)}): it "
-                "requires CURVE encryption, but this client runs with --insecure. Drop --insecure and pass --key and "
+                "requires CURVE encryption, but this client runs with --insecure. Drop --insecure and pass --keys and "
                 "--provider-key (or, on a trusted test network only, start the provider with --insecure too)."
             )
         if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
@@ -287,7 +287,8 @@ class ZmqClientChannel(ClientChannel):
         return ProviderKeyMismatch(
             f"The provider at {addr} failed the CURVE handshake ({_event_name(event)}): its key does not match the "
             f"pinned --provider-key {self.provider_public_key}. You may be talking to the wrong server, or have an old "
-            "key; get the provider's current public key file (NAME.key) from its operator."
+            "key; get the provider's current public key file (NAME.key) from its operator. (A provider started with "
+            "--insecure can also fail this way under load.)"
         )
 
     def _drain_monitor(self) -> None:
