@@ -39,3 +39,16 @@ def test_build_then_verify_a_distilled_int8_emulator(tmp_path):
 def test_build_refuses_to_run_unsigned(tmp_path):
     res = CliRunner().invoke(emulator_app, ["build", "--model", "default", "--out", str(tmp_path / "e"), "--keys", str(tmp_path / "nokeys")])
     assert res.exit_code != 0
+
+
+def test_demo_emulator_is_signed_by_the_demo_provider_key(tmp_path):
+    from guardedp2p.offline.manifest import verify_artifact
+    from guardedp2p.service.offline_provider import build_demo_emulator
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(str(model_dir))
+    tiny_tokenizer().save_pretrained(str(model_dir))
+    generate_keypair(tmp_path / "keys", "provider")
+    out = build_demo_emulator(str(model_dir), tmp_path / "emu", tmp_path / "keys")
+    m = verify_artifact(out, tmp_path / "keys" / "provider.sign.pub", kind="emulator")
+    assert m["compression"]["quantize"] == "int8" and m["layers"]["middle_kept"] == [2]

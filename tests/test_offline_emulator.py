@@ -50,6 +50,11 @@ def test_uniform_drop_guards_k_equal_one_and_bad_k():
             uniform_drop_indices(20, bad)
     with pytest.raises(ConfigError):
         layer_map(6, 3, 3, 1)  # no middle left
+    assert len(layer_map(30, 2, 2).middle_kept) == 13  # default: half of M = 26, rounded up
+    assert len(layer_map(30, 2, 2, keep_fraction=0.7).middle_kept) == 18
+    assert len(layer_map(30, 2, 2, keep_fraction=0.01).middle_kept) == 1
+    with pytest.raises(ConfigError):
+        layer_map(30, 2, 2, keep_fraction=1.5)
 
 
 def _manual_emulated_logits(model, lmap, ids, mask):

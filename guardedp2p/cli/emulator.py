@@ -22,6 +22,8 @@ def build(
     bottom_layers: int = typer.Option(2, help="Blocks at the start the client adapts (shipped exactly)."),
     top_layers: int = typer.Option(2, help="Blocks at the end the client adapts (shipped exactly)."),
     emulator_layers: Optional[int] = typer.Option(None, help="Middle blocks kept by uniform layer drop (default: half of them)."),
+    keep_fraction: Optional[float] = typer.Option(None, help="Instead of --emulator-layers: keep this fraction of the middle blocks (e.g. 0.7)."),
+    distill_kd_only: bool = typer.Option(False, "--distill-kd-only", help="Distil on hidden states only (no LM loss), e.g. on text close to a client's task."),
     distill_data: Optional[Path] = typer.Option(None, help="Provider text for distillation: .txt (a passage per line), .jsonl or .csv with 'text'."),
     distill_steps: int = typer.Option(0, help="Distillation steps (0: layer drop only). Loss: LM + 30 x normalised hidden MSE."),
     distill_lr: float = typer.Option(1e-4, help="Distillation learning rate (AdamW, cosine)."),
@@ -42,8 +44,10 @@ def build(
 
     opts = EmulatorBuildOptions(
         model=model, out=str(out), keys=str(keys), key_name=name,
-        emulator=EmulatorConfig(bottom_layers=bottom_layers, top_layers=top_layers, emulator_layers=emulator_layers, quantize=quantize, middle_dtype=middle_dtype),
-        distill=DistillConfig(steps=distill_steps, lr=distill_lr, batch_size=distill_batch_size, max_length=distill_max_length),
+        emulator=EmulatorConfig(bottom_layers=bottom_layers, top_layers=top_layers, emulator_layers=emulator_layers, keep_fraction=keep_fraction,
+                                quantize=quantize, middle_dtype=middle_dtype),
+        distill=DistillConfig(steps=distill_steps, lr=distill_lr, batch_size=distill_batch_size, max_length=distill_max_length,
+                              w_lm=0.0 if distill_kd_only else 1.0),
         distill_data=str(distill_data) if distill_data else None, device=device, progress=not json_out,
     )
     m = build_emulator_folder(opts, console=Console(stderr=True))

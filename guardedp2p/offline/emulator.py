@@ -130,12 +130,24 @@ class LayerMap:
             raise EmulatorError(f"kept middle blocks {mk} are not increasing indices inside [{l}, {n - r})")
 
 
-def layer_map(n_layers: int, bottom_layers: int = 2, top_layers: int = 2, emulator_layers: int | None = None) -> LayerMap:
-    """Uniform layer drop: adapters ``[0, l)`` and ``[N - r, N)``, ``k`` middle blocks (default ``ceil(M / 2)``)."""
+def layer_map(
+    n_layers: int, bottom_layers: int = 2, top_layers: int = 2, emulator_layers: int | None = None, keep_fraction: float | None = None,
+) -> LayerMap:
+    """Uniform layer drop: adapters ``[0, l)`` and ``[N - r, N)`` and ``k`` middle blocks.
+
+    ``k = emulator_layers`` if given, else ``round(keep_fraction * M)`` (at least 1), else ``ceil(M / 2)``.
+    """
     split = SplitConfig(bottom_layers=bottom_layers, top_layers=top_layers)
     a, b = split.bounds(n_layers)
     m = b - a
-    k = math.ceil(m / 2) if emulator_layers is None else emulator_layers
+    if emulator_layers is not None:
+        k = emulator_layers
+    elif keep_fraction is not None:
+        if not 0 < keep_fraction <= 1:
+            raise ConfigError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+        k = max(1, round(keep_fraction * m))
+    else:
+        k = math.ceil(m / 2)
     rel = uniform_drop_indices(m, k)
     return LayerMap(n_layers, tuple(range(a)), tuple(range(b, n_layers)), tuple(a + i for i in rel))
 
@@ -301,11 +313,13 @@ def count_model_parameters(model: nn.Module) -> int:
 
 @dataclass
 class EmulatorConfig:
-    """How to compress the middle. ``emulator_layers`` = k kept middle blocks (None: half of them, rounded up)."""
+    """How to compress the middle: ``emulator_layers`` = k kept middle blocks, or ``keep_fraction`` of them
+    (neither: half, rounded up)."""
 
     bottom_layers: int = 2
     top_layers: int = 2
     emulator_layers: int | None = None
+    keep_fraction: float | None = None
     quantize: str = "none"  # none | int8 | int4 | nf4 (middle blocks only; adapters always ship exact)
     middle_dtype: str = "float32"  # float storage of unquantized middle tensors: float32 | float16 | bfloat16
 
@@ -321,7 +335,7 @@ def build_emulator(full_model: nn.Module, cfg: EmulatorConfig | None = None) -> 
     cfg.validate()
     base = full_model.get_base_model() if callable(getattr(full_model, "get_base_model", None)) else full_model
     n = num_layers(base)
-    lmap = layer_map(n, cfg.bottom_layers, cfg.top_layers, cfg.emulator_layers)
+    lmap = layer_map(n, cfg.bottom_layers, cfg.top_layers, cfg.emulator_layers, cfg.keep_fraction)
     first = next(base.parameters())
     skel = emulator_skeleton(base.config, lmap, dtype=first.dtype)
     full_sd = _plain_state(base)

@@ -133,8 +133,8 @@ def tune_offline(
             "the offline design needs the provider's public signing key to verify the emulator: pass "
             "OfflineOptions(provider_verify_key=PATH/provider.sign.pub) (CLI: --provider-sign-key)"
         )
-    if opts.protocol not in ("offline", "online", "gradfree"):
-        raise ConfigError(f"unknown protocol {opts.protocol!r}")
+    if opts.protocol != "offline":
+        raise ConfigError(f"tune_offline() runs the offline design; use tune() for {opts.protocol!r}")
     opts.train.validate()
     wall0 = time.perf_counter()
     out = Path(opts.out)
