@@ -179,13 +179,14 @@ def _examples(n=24, length=12, seed=0):
     return [{"input_ids": torch.randint(3, 160, (length,), generator=g).tolist()} for _ in range(n)]
 
 
-def test_distillation_trains_only_the_middle_and_lowers_the_kd_loss(tmp_path):
+@pytest.mark.parametrize("w_lm", [1.0, 0.0])
+def test_distillation_trains_only_the_middle_and_lowers_the_kd_loss(tmp_path, w_lm):
     model = tiny_model("llama")
     emu = build_emulator(model, EmulatorConfig(emulator_layers=1))
     adapters_before = {k: v.clone() for k, v in emu.adapter_state().items()}
     middle_before = {k: v.clone() for k, v in emu.middle_state().items()}
     teacher_before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = DistillConfig(steps=12, lr=3e-3, batch_size=8, seed=0)
+    cfg = DistillConfig(steps=12, lr=3e-3, batch_size=8, seed=0, w_lm=w_lm)
     s = distill_emulator(emu, model, _examples(), cfg, progress=False)
     assert s["steps"] == 12 and s["kd_last"] < s["kd_first"]
     for k, v in emu.adapter_state().items():

@@ -478,7 +478,8 @@ def distill_emulator(
                 h1 = emu.bottom(ids, mask)
                 h_t = teacher(h1, mask)
             h_s = emu.trunk(h1, mask)
-            lm = loss_fn(emu.top(h_s, mask), b["labels"])
+            # with w_lm = 0 (pure hidden-state distillation) the head is not run at all
+            lm = loss_fn(emu.top(h_s, mask), b["labels"]) if cfg.w_lm > 0 else h_s.new_zeros(())
             kd = kd_loss(h_t, h_s, mask)
             loss = cfg.w_lm * lm + cfg.w_kd * kd
             opt.zero_grad(set_to_none=True)
