@@ -7,6 +7,7 @@ import typer
 from guardedp2p import __version__
 from guardedp2p.cli.client import client_app
 from guardedp2p.cli.demo import demo
+from guardedp2p.cli.evaluate import evaluate
 from guardedp2p.cli.keys import keys_app
 from guardedp2p.cli.provider import provider_app
 
@@ -23,6 +24,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(provider_app, name="provider")
 app.add_typer(client_app, name="client")
 app.command("demo")(demo)
+app.command("evaluate")(evaluate)
 
 
 @app.command("version")
