@@ -2,7 +2,7 @@
 
 1. A provider that *records* every tensor it receives (`provider serve --record DIR`; here
    ProviderOptions(record_dir=...)) serves a short Online run. Recording is announced to the client in the
-   handshake (ACCEPT carries record: true), so a client can refuse such a provider.
+   handshake (ACCEPT carries record: true).
 2. The attack harness (guardedp2p.attacks.runner.run_attacks) reads the transcript back and runs the data
    reconstruction attacks with only what the attacker really has: the observations, the *pre-trained* model,
    the public split and tokenizer, and public auxiliary text. SIP learns an inverter h1 -> tokens on the
