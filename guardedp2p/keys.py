@@ -243,7 +243,7 @@ def _resolve_secret_file(dir_or_secret_file: str | os.PathLike, name: str | None
                 f"No *{suffix} file in {p}. Create one with: guardedp2p keys generate --out {p} --name NAME"
             )
         names = ", ".join(c.name for c in candidates)
-        raise KeyFileError(f"{p} holds several secret keys ({names}); say which one to use (--key-name NAME).")
+        raise KeyFileError(f"{p} holds several secret keys ({names}); say which one to use (--name NAME).")
     if name is not None and not p.exists():
         return p.parent / f"{name}{suffix}"
     return p

@@ -65,10 +65,10 @@ class AttackSuiteConfig:
 
     @classmethod
     def fast(cls) -> "AttackSuiteConfig":
-        """Scaled-down budgets for demos and CI: fewer SIP epochs, 200 BiSR(f) steps, 2,000 EIA steps."""
+        """Scaled-down budgets for demos and CPU runs: 5 SIP epochs, 100 BiSR(f) steps, 2,000 EIA steps."""
         return cls(
-            sip=SIPConfig(epochs=8, batch_size=8),
-            bisr_f=ForwardMatchConfig(steps=200, lr=0.01),
+            sip=SIPConfig(epochs=5),
+            bisr_f=ForwardMatchConfig(steps=100),
             lamp=LAMPConfig(candidates=20),
             eia=EIAConfig(steps=2000),
         )
@@ -417,12 +417,18 @@ def run_attacks(
             return rec
 
         loop("bisr_b", run_b)
-        loop("bisr_f", lambda i, o: bisr_f(attacker, o.h1, o.mask, results["sip"].reconstructions[i], cfg.bisr_f))
+        loop(
+            "bisr_f",
+            lambda i, o: bisr_f(attacker, o.h1, o.mask, results["sip"].reconstructions[i], cfg.bisr_f, init_logits=sip_logits[i]),
+        )
         if "bisr_bf" in results and not results["bisr_bf"].skipped and (results["bisr_b"].skipped or results["sip"].skipped):
             results["bisr_bf"].skipped = "needs BiSR(b)"
         if "bisr_bf" in results and any(o.h1 is None for o in obs):
             results["bisr_bf"].skipped = "needs h1 (missing from the transcript)"
-        loop("bisr_bf", lambda i, o: bisr_f(attacker, o.h1, o.mask, bisr_b_recs[i].ids, cfg.bisr_f))
+        loop(
+            "bisr_bf",
+            lambda i, o: bisr_f(attacker, o.h1, o.mask, bisr_b_recs[i].ids, cfg.bisr_f, init_logits=bisr_b_recs[i].logits),
+        )
         loop("tag", lambda i, o: tag(attacker, o.h2, o.g2, o.mask, cfg.tag, first_token=first))
         loop("lamp", lambda i, o: lamp(attacker, o.h2, o.g2, o.mask, cfg.lamp, first_token=first))
         loop("eia", lambda i, o: eia(attacker, o.h1, o.mask, cfg.eia))

@@ -133,7 +133,7 @@ def _read_index(root: Path) -> list[dict[str, Any]]:
     path = root / INDEX_FILE
     if not path.is_file():
         raise TranscriptError(
-            f"{str(root)!r} holds no {INDEX_FILE}; point to the folder given to `provider serve --record-dir`"
+            f"{str(root)!r} holds no {INDEX_FILE}; point to the folder given to `provider serve --record`"
         )
     entries = []
     with open(path, encoding="utf-8") as fh:

@@ -74,13 +74,15 @@ def tune_cmd(
     eval_every: int = typer.Option(0, help="Evaluate every N steps (0: before and after only)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from --out/checkpoint after an interruption."),
     timeout: float = typer.Option(30.0, help="Seconds to wait for each reply before the provider counts as silent."),
+    connect_timeout: float = typer.Option(2.0, help="Seconds to wait for the encrypted handshake when connecting (raise it for slow links)."),
+    refuse_recording: bool = typer.Option(False, "--refuse-recording", help="End the session if the provider announces that it records transcripts."),
     retries: int = typer.Option(3, help="Reconnect attempts (with back-off) before giving up with a checkpoint."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Gradfree: do not cache trunk outputs."),
     provider_sign_key: Optional[Path] = typer.Option(None, help="Offline: the provider's public signing key (NAME.sign.pub); the emulator is refused unless its manifest verifies against it."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", help="Where the client's parts run: auto (CUDA when present), cpu, cuda or cuda:N."),
     insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated ZeroMQ (debug only)."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as one JSON line at the end."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging (-vv for debug)."),
 ) -> None:
     """Fine-tune your adapters with the provider over an authenticated, encrypted channel."""
     setup_logging(verbose, quiet=json_out and verbose == 0)
@@ -96,8 +98,9 @@ def tune_cmd(
         out=str(out), train=train, bottom_layers=bottom_layers, top_layers=top_layers,
         codecs={"up": codec_up, "down": codec_down, "grad_up": codec_grad, "grad_down": codec_grad},
         noise=parse_noise(noise), resume=resume, timeout=timeout, retries=retries, cache=not no_cache, device=device,
+        refuse_recording=refuse_recording,
     )
-    connect_fn = client_channel_factory(connect, provider_key, keys, name, insecure)
+    connect_fn = client_channel_factory(connect, provider_key, keys, name, insecure, handshake_timeout=connect_timeout)
     console = Console(stderr=True)
     if protocol == "offline":
         from guardedp2p.service.offline_client import OfflineOptions, tune_offline

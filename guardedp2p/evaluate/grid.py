@@ -231,7 +231,7 @@ def client_param_fraction(model: torch.nn.Module, bottom_layers: int, top_layers
             "what": f"embeddings + {bottom_layers} bottom blocks + {top_layers} top blocks + final norm + head"}
 
 
-def _metrics(logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], data: Any, tok: Any, eval_batch_size: int, max_length: int) -> float:
+def primary_metric(logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], data: Any, tok: Any, eval_batch_size: int, max_length: int) -> float:
     """The primary metric (accuracy for a multiple-choice task, else held-out loss) of any ``logits_fn``."""
     from guardedp2p.data.collate import collate
     from guardedp2p.data.mc_eval import evaluate_loss, evaluate_mc
@@ -425,9 +425,9 @@ def _run_offline_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, A
     del app
     # the provider's side of the deliverable: the uploaded adapters in its full model
     data = prepare_data(opts, ctx.tok)
-    zero_shot = _metrics(logits_fn_of(ctx.base), data, ctx.tok, opts.eval_batch_size, cfg.max_length)
+    zero_shot = primary_metric(logits_fn_of(ctx.base), data, ctx.tok, opts.eval_batch_size, cfg.max_length)
     plugged = plug_in(copy.deepcopy(ctx.base), summary["bundle_dir"], keys / "client.sign.pub")
-    after = _metrics(logits_fn_of(plugged.model), data, ctx.tok, opts.eval_batch_size, cfg.max_length)
+    after = primary_metric(logits_fn_of(plugged.model), data, ctx.tok, opts.eval_batch_size, cfg.max_length)
     del plugged
     params = summary.get("params") or {}
     total = int(params.get("full_model") or ctx.ip_split.get("total_params") or 0)
@@ -562,5 +562,5 @@ def summary_table(results: dict[str, Any]) -> Any:
     return t
 
 
-__all__ = ["ROWS", "DEFAULT_ROWS", "GridConfig", "RowSpec", "ClientTruth", "TappedChannel", "EvaluationError", "run_grid",
+__all__ = ["ROWS", "DEFAULT_ROWS", "GridConfig", "RowSpec", "ClientTruth", "TappedChannel", "EvaluationError", "run_grid", "primary_metric",
            "sanity_line", "summary_table", "client_param_fraction"]

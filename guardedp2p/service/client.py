@@ -21,6 +21,7 @@ from guardedp2p.errors import ConfigError, GuardedP2PError, HandshakeRejected, R
 from guardedp2p.handshake import CODEC_DIRECTIONS, Hello
 from guardedp2p.protocols.client_session import ClientSession, WireStats
 from guardedp2p.train.config import TrainConfig
+from guardedp2p.transport.base import MechanismMismatch, PeerRejected, ProviderKeyMismatch
 
 log = logging.getLogger("guardedp2p.client")
 
@@ -52,6 +53,7 @@ class TuneOptions:
     eval_max_items: int | None = None
     skip_eval: bool = False
     progress: bool = True
+    refuse_recording: bool = False  # end the session if the provider announces transcript recording
 
 
 @dataclass
@@ -151,6 +153,15 @@ def _evaluate(trainer: Any, data: PreparedData, tokenizer: Any, opts: TuneOption
     return out
 
 
+def _check_codecs(opts: TuneOptions) -> None:
+    """Refuse unknown codec names before loading anything (the provider would refuse them only later)."""
+    from guardedp2p.handshake import FLOAT_CODECS
+
+    for direction, codec in opts.codecs.items():
+        if codec not in FLOAT_CODECS:
+            raise ConfigError(f"unknown codec {codec!r} for {direction}: use one of {', '.join(FLOAT_CODECS)}")
+
+
 def _primary(metrics: dict[str, float]) -> float:
     return metrics.get("acc", metrics.get("loss", math.nan))
 
@@ -209,10 +220,13 @@ def tune(
     if opts.protocol not in ("online", "gradfree"):
         raise ConfigError(f"tune() runs online or gradfree; use the offline runner for {opts.protocol!r}")
     opts.train.validate()
+    _check_codecs(opts)
     wall0 = time.perf_counter()
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoint"
+    # connect (CURVE handshake: wrong address or keys fail here) before spending time on loading the model
+    early_channel: list[Any] = [connect()]
     client = client or prepare_client(opts)
     data = prepare_data(opts, client.tokenizer)
     tok = client.tokenizer
@@ -230,8 +244,14 @@ def tune(
     wire_stats = WireStats()
 
     def open_session() -> ClientSession:
-        session = ClientSession(connect(), timeout=opts.timeout, stats=wire_stats)
-        session.open(_hello(opts, client, trainer_step()))
+        channel = early_channel.pop() if early_channel else connect()
+        session = ClientSession(channel, timeout=opts.timeout, stats=wire_stats)
+        terms = session.open(_hello(opts, client, trainer_step()))
+        if terms.get("record"):
+            if opts.refuse_recording:
+                session.close()
+                raise HandshakeRejected("the provider announced that it records what it observes (transcripts), and --refuse-recording is set")
+            log.warning("the provider RECORDS what it observes in this session (activations, gradients) for analysis")
         state["session"] = session
         state["trunk"] = build_trunk_fn(opts, session, client)
         return session
@@ -279,14 +299,21 @@ def tune(
                 return fn()
             except (HandshakeRejected, ConfigError):
                 raise
+            except (PeerRejected, ProviderKeyMismatch, MechanismMismatch):
+                # a key or mechanism problem does not go away by retrying: say it at once
+                if trainer.step > 0:
+                    checkpoint(data_state)
+                raise
             except (TransportError, RemoteError) as exc:
                 log.warning("%s failed (%s); attempt %d of %d", what, exc, attempt + 1, opts.retries + 1)
                 state["session"] = None
                 if attempt == opts.retries:
+                    if trainer.step == 0 and resumed_from == 0:
+                        raise
                     checkpoint(data_state)
                     raise TrainingInterrupted(
-                        f"{what} failed after {opts.retries + 1} attempts: {exc}. Checkpoint saved at step {trainer.step} "
-                        f"in {ckpt_dir}; run the same command with --resume to continue."
+                        f"{what} failed after {opts.retries + 1} attempts: {str(exc).rstrip('.')}. Checkpoint saved at step "
+                        f"{trainer.step} in {ckpt_dir}; run the same command with --resume to continue."
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)

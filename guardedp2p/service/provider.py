@@ -64,6 +64,7 @@ def build_provider_app(opts: ProviderOptions, *, model: Any = None) -> ProviderA
         if opts.emulator_dir:
             resources["emulator_dir"] = opts.emulator_dir
         else:
+            log.warning("the offline design is not served: no --emulator folder was given (build one with `provider emulator build`)")
             protocols = tuple(p for p in protocols if p != "offline")
     if opts.record_dir:
         from guardedp2p.attacks.transcript import TranscriptRecorder

@@ -138,7 +138,7 @@ class ZmqClientChannel(ClientChannel):
             return pub, sec
         if config.secret_key_file is None:
             raise ConfigError(
-                "The client needs its own keypair: pass --key FILE (NAME.key_secret from 'guardedp2p keys generate'), "
+                "The client needs its own keypair: pass --keys DIR --name NAME (the folder holding NAME.key_secret from 'guardedp2p keys generate'), "
                 "and send the matching NAME.key to the provider operator."
             )
         return load_keypair(config.secret_key_file, config.key_name)
@@ -243,7 +243,7 @@ class ZmqClientChannel(ClientChannel):
                     what = "the connection was refused or unanswered"
                 raise PeerTimeout(
                     f"No provider answered at {self.config.connect} within {self.config.handshake_timeout:g} s: {what}. "
-                    "Check the address and port, that the provider is running ('guardedp2p serve ...'), and that no "
+                    "Check the address and port, that the provider is running ('guardedp2p provider serve ...'), and that no "
                     "firewall blocks the port."
                 )
             if not self._mon.poll(min(_POLL_SLICE_MS, max(1, int(remaining * 1000)))):

@@ -202,7 +202,7 @@ class ZmqServerChannel(ServerChannel):
             return pub, sec
         if config.secret_key_file is None:
             raise ConfigError(
-                "The provider needs its secret key: pass --key FILE (NAME.key_secret, from 'guardedp2p keys generate'), "
+                "The provider needs its secret key: pass --keys DIR --name NAME (the folder holding NAME.key_secret, from 'guardedp2p keys generate'), "
                 "or --insecure for a plaintext test run."
             )
         return load_keypair(config.secret_key_file, config.key_name)
