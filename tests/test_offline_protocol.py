@@ -284,7 +284,7 @@ def test_runner_reconnects_and_resumes_a_cut_download(world):
 
     off = OfflineOptions(provider_verify_key=tmp / "keys" / "provider.sign.pub", chunk_size=16 * 1024, baselines=False)
     s = tune_offline(opts, connect, offline=off)
-    assert len(channels) == 2
+    assert len(channels) == 3  # cut download, resumed download, upload
     assert s["download"]["bytes_resumed"] == 5 * 16 * 1024
     assert s["download"]["bytes_fetched"] == s["emulator_bytes"], "over both connections, no byte was fetched twice"
     assert s["upload_ack"]["verified"] and s["client_signer_persistent"] is False

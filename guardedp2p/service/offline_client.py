@@ -179,6 +179,9 @@ def tune_offline(
         "downloading the emulator",
     )
     download_wire = stats.total_down
+    if state["session"] is not None:  # local training may outlast the provider's idle timeout: reconnect to upload
+        state["session"].close()
+        state["session"] = None
     from guardedp2p.engine.device import pick_device
 
     device = pick_device(opts.device)
