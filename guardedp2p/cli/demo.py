@@ -129,7 +129,8 @@ def run_demo(*, protocol: str, steps: int, model: str, batch_size: int, lr: floa
         with ProviderProcess(provider_args, tmp) as provider:
             console.print(f"provider ready in {time.perf_counter() - t0:.1f} s; the client loads its parts and trains")
             train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, dcor_alpha=dcor, checkpoint_every=max(10, steps))
-            opts = TuneOptions(protocol=protocol, model=model, out=str(run_dir), train=train, codecs=codecs, noise=parse_noise(noise))
+            # both parties share this machine's cores: a generous reply timeout avoids retrying a merely busy provider
+            opts = TuneOptions(protocol=protocol, model=model, out=str(run_dir), train=train, codecs=codecs, noise=parse_noise(noise), timeout=600.0)
             connect = client_channel_factory(endpoint, keys / "provider.key", keys, "client", False)
             if protocol == "offline":
                 from guardedp2p.service.offline_client import OfflineOptions, tune_offline
