@@ -50,8 +50,21 @@ def _cfg(tmp_path, rows=tuple(ROWS)):
                       attack_budget="tiny", eval_items=6, aux_records=60, out=str(tmp_path / "out"), **_files(tmp_path))
 
 
-def test_grid_runs_every_row_with_four_axes_and_writes_results_and_plot(tmp_path):
-    res = run_grid(_cfg(tmp_path), model=tiny_model("llama"), tokenizer=tiny_tokenizer())
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """One run of every row, shared by the tests that inspect it (the run dominates the cost)."""
+    tmp_path = tmp_path_factory.mktemp("grid")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run_grid(_cfg(tmp_path), model=tiny_model("llama"), tokenizer=tiny_tokenizer())
+    finally:
+        torch.set_num_threads(n)
+    return tmp_path, res
+
+
+def test_grid_runs_every_row_with_four_axes_and_writes_results_and_plot(grid):
+    tmp_path, res = grid
     out = tmp_path / "out"
     on_disk = json.loads((out / "results.json").read_text())
     assert [r["row"] for r in on_disk["rows"]] == list(ROWS)
@@ -87,21 +100,24 @@ def test_grid_runs_every_row_with_four_axes_and_writes_results_and_plot(tmp_path
     assert res["sanity"]["no_defence_best_rougeL"] == rows["online"]["privacy"]["best_rougeL"]
 
 
-def test_ground_truth_is_the_clients_batch_in_the_order_sent(tmp_path):
-    """Online: the client-side truth of every attacked step equals the batch the client trained on at that step."""
+def test_ground_truth_is_the_clients_batch_in_the_order_sent(grid):
+    """Online: the client-side truth of the attacked step equals the first batch the client trained on."""
     from guardedp2p.data.collate import BatchIterator
     from guardedp2p.data.loaders import load_data
     from guardedp2p.data.tokenize import DataConfig, encode_records
 
-    res = run_grid(_cfg(tmp_path, rows=("online",)), model=tiny_model("llama"), tokenizer=tiny_tokenizer())
-    assert res["rows"][0]["privacy"]["train_observations"] == 3
+    tmp_path, res = grid
+    online = next(r for r in res["rows"] if r["row"] == "online")
+    assert online["privacy"]["train_observations"] == 3
+    # the transcript also holds the evaluation forwards, which are never attacked
+    assert online["privacy"]["observations_recorded"] > 3
     # the attacked reconstruction's reference is the first training batch, replayed independently here
     tok = tiny_tokenizer()
     loaded = load_data(str(tmp_path / "train.jsonl"))
     ex = encode_records(loaded.records, tok, DataConfig(max_length=16), kind=loaded.kind)
     first = next(BatchIterator(ex, 2, seed=0, pad_id=tok.pad_token_id))
     ref = tok.decode([int(t) for t, m in zip(first["input_ids"][0], first["attention_mask"][0]) if m], skip_special_tokens=True)
-    sip = res["rows"][0]["privacy"]["attacks"]["sip"]
+    sip = online["privacy"]["attacks"]["sip"]
     assert sip["example"]["ref"].split() == ref.split()
 
 
@@ -146,13 +162,14 @@ def test_cli_command_json_last_line(tmp_path):
     app.command("noop")(lambda: None)  # two commands: `evaluate` stays a sub-command, as in the main app
     out = tmp_path / "cli-out"
     result = CliRunner().invoke(app, [
-        "evaluate", "--fast", "--rows", "online,gradfree", "--steps", "2", "--batch-size", "2", "--records", "2", "--eval-items", "4",
+        "evaluate", "--fast", "--rows", "gradfree", "--attacks", "sip", "--steps", "2", "--batch-size", "2", "--records", "2", "--eval-items", "4",
         "--model", str(model_dir), "--data", f["data"], "--eval-data", f["eval_data"], "--aux", f["aux"], "--out", str(out),
         "--threads", "1", "--json",
     ])
     assert result.exit_code == 0, result.output
     last = json.loads(result.stdout.strip().splitlines()[-1])
-    assert [r["row"] for r in last["rows"]] == ["online", "gradfree"]
+    assert [r["row"] for r in last["rows"]] == ["gradfree"]
+    assert last["sanity"]["ok"] is None  # no 'online' row: the sanity check says it did not run
     assert (out / "results.json").is_file() and (out / "privacy_utility.png").is_file()
 
 
@@ -167,3 +184,44 @@ def test_cli_unknown_row_exits_cleanly(tmp_path):
     app.command("noop")(lambda: None)
     result = CliRunner().invoke(app, ["evaluate", "--rows", "online,bogus", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "unknown row" in result.output
+
+
+def _tiny_model_dir(tmp_path):
+    model_dir = tmp_path / "tiny-model"
+    tiny_model("llama").save_pretrained(str(model_dir))
+    tiny_tokenizer().save_pretrained(str(model_dir))
+    return str(model_dir)
+
+
+def test_bench_defences_tiny(tmp_path, capsys):
+    from benchmarks import bench_defences
+
+    f = _files(tmp_path)
+    out = tmp_path / "bench"
+    rc = bench_defences.main(["--model", _tiny_model_dir(tmp_path), "--codecs", "fp32,int8", "--dcor", "0,0.5", "--steps", "2",
+                              "--batch-size", "2", "--max-length", "16", "--lora-r", "4", "--eval-items", "4", "--data", f["data"],
+                              "--eval-data", f["eval_data"], "--out", str(out), "--threads", "1"])
+    assert rc == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
+    runs = [ln for ln in lines if ln["bench"] == "defence"]
+    assert {(r["codec"], r["dcor"]) for r in runs} == {("fp32", 0.0), ("int8", 0.0), ("fp32", 0.5), ("int8", 0.5)}
+    vs = [ln for ln in lines if ln["bench"] == "vs_fp32"]
+    assert len(vs) == 2 and all(20 < v["bytes_pct_of_fp32"] < 60 for v in vs)
+    assert (out / "defences.md").is_file() and (out / "accuracy_vs_bytes.png").is_file()
+
+
+def test_bench_gradfree_tiny_inproc(tmp_path, capsys):
+    from benchmarks import bench_gradfree
+
+    f = _files(tmp_path)
+    rc = bench_gradfree.main(["--model", _tiny_model_dir(tmp_path), "--steps", "2", "--batch-size", "2", "--max-length", "16", "--lora-r", "4",
+                              "--eval-items", "4", "--data", f["data"], "--eval-data", f["eval_data"], "--transport", "inproc",
+                              "--out", str(tmp_path / "gf"), "--threads", "1"])
+    assert rc == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
+    designs = {(ln["design"], ln["codec"]): ln for ln in lines if ln["bench"] == "design"}
+    assert set(designs) == {("gradfree", "fp32"), ("gradfree", "nf4"), ("online", "fp32"), ("local_lora", "-")}
+    assert designs[("gradfree", "fp32")]["gradient_bytes"] == 0 and designs[("online", "fp32")]["gradient_bytes"] > 0
+    cmp = lines[-1]
+    assert cmp["bench"] == "gradfree_vs"
+    assert 0 < cmp["gradfree_nf4_bytes_pct_of_online_fp32"] < cmp["gradfree_fp32_bytes_pct_of_online_fp32"] < 100

@@ -85,3 +85,7 @@ def run_evaluate(*, rows: Optional[str], steps: Optional[int], records: Optional
 
 
 __all__ = ["evaluate", "run_evaluate"]
+
+
+if __name__ == "__main__":  # python -m guardedp2p.cli.evaluate (before the command is mounted in the main app)
+    typer.run(evaluate)
