@@ -36,20 +36,28 @@ def plot_privacy_utility(rows: Sequence[dict[str, Any]], path: str | Path, *, me
     fig, ax = _canvas()
     bps = [(_num(r["cost"].get("bytes_per_step")) or 0.0) for r in rows]
     top = max(bps) if bps and max(bps) > 0 else 1.0
-    for i, r in enumerate(rows):
+    placed: list[tuple[float, float]] = []
+    # big markers first so that smaller ones drawn later stay visible on top of them
+    for i in sorted(range(len(rows)), key=lambda k: -bps[k]):
+        r = rows[i]
         x = _num(r["utility"].get("after"))
         y = _num(r["privacy"].get("best_rougeL"))
         if x is None:
             continue
         size = 40 + 600 * (bps[i] / top)
         colour = f"C{i % 10}"
-        if y is None:
-            ax.scatter([x], [0.0], s=size, facecolors="none", edgecolors=colour, marker="s", linewidths=1.5)
-            label = f"{r['label']} (privacy n/a)"
-            ax.annotate(label, (x, 0.0), textcoords="offset points", xytext=(6, 6), fontsize=7)
+        na = y is None
+        y = 0.0 if na else y
+        if na:
+            ax.scatter([x], [y], s=size, facecolors="none", edgecolors=colour, marker="s", linewidths=1.5)
         else:
             ax.scatter([x], [y], s=size, color=colour, alpha=0.75, edgecolors="black", linewidths=0.5)
-            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=7)
+        # rows landing on the same spot get their labels stacked instead of printed over each other
+        same = sum(1 for (px, py) in placed if abs(px - x) < 0.01 and abs(py - y) < 0.03)
+        placed.append((x, y))
+        label = f"{r['label']} (privacy n/a)" if na else r["label"]
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(8, 6 - 10 * same), fontsize=7, color=colour if not na else "black")
+    ax.margins(x=0.25)
     ax.axhline(0.8, color="grey", linestyle=":", linewidth=0.8)
     ax.set_xlabel(f"utility: eval {metric} after tuning" + (" (higher is better)" if metric == "acc" else " (lower is better)"))
     ax.set_ylabel("privacy: best attack ROUGE-L F1 (lower is better)")
