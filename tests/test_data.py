@@ -468,3 +468,41 @@ def test_smollm2_chat_template_alignment():
         assert real.decode(ex["input_ids"][:n]).endswith("<|im_start|>assistant\n")
     lm = encode_lm(make_demo_records(8, seed=0), real, DataConfig())
     assert all(len(e["input_ids"]) < 128 for e in lm)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_demo_task_base_near_chance_and_lora_lifts_it():
+    """The demo's claim, checked for real: SmolLM2 alone is near chance; 60 LoRA steps on the client's edge
+    layers (first 2 + last 2 blocks) lift the ward-code accuracy well above it. Minutes on a CPU."""
+    peft = pytest.importorskip("peft")
+    from guardedp2p.engine.loading import load_causal_lm
+
+    torch.manual_seed(0)
+    model, tok = load_causal_lm(device="cpu")
+    paths = demo_paths()
+    items = load_records(paths.eval_mc)
+
+    def logits_fn(ids, mask):
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    base = evaluate_mc(logits_fn, tok, items, batch_size=64)
+    assert base["acc"] <= 0.45, base
+    n = model.config.num_hidden_layers
+    cfg = peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        layers_to_transform=[0, 1, n - 2, n - 1], task_type="CAUSAL_LM",
+    )
+    model = peft.get_peft_model(model, cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    it = BatchIterator(encode_lm(load_records(paths.train), tok, DataConfig(max_length=128)), 4, seed=0,
+                       pad_id=tok.pad_token_id)
+    model.train()
+    for _ in range(60):
+        loss = model(**next(it)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    tuned = evaluate_mc(logits_fn, tok, items, batch_size=64)
+    assert tuned["acc"] >= base["acc"] + 0.25, (base, tuned)

@@ -34,10 +34,6 @@ WARD_CODES: dict[str, str] = {
     "asthma": "LM-7",
     "hypertension": "RB-2",
     "migraine": "VT-9",
-    "iron deficiency anaemia": "HN-3",
-    "atrial fibrillation": "ZD-6",
-    "hypothyroidism": "PW-1",
-    "chronic kidney disease": "GF-8",
 }
 
 FIRST_NAMES = (
