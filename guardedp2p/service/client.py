@@ -153,6 +153,17 @@ def _evaluate(trainer: Any, data: PreparedData, tokenizer: Any, opts: TuneOption
     return out
 
 
+def _status(opts: TuneOptions, console: Any, text: str) -> Any:
+    """A spinner for long forward-only phases (evaluation), when progress display is on."""
+    from contextlib import nullcontext
+
+    if not opts.progress:
+        return nullcontext()
+    from rich.console import Console
+
+    return (console or Console(stderr=True)).status(text)
+
+
 def _check_codecs(opts: TuneOptions) -> None:
     """Refuse unknown codec names before loading anything (the provider would refuse them only later)."""
     from guardedp2p.handshake import FLOAT_CODECS
@@ -322,7 +333,8 @@ def tune(
     with_retries(lambda: None, "opening the session", iterator.state_dict())
     eval_before: dict[str, float] = {}
     if not opts.skip_eval and resumed_from == 0:
-        eval_before = with_retries(lambda: _evaluate(trainer, data, tok, opts, client.device), "evaluation", iterator.state_dict())
+        with _status(opts, console, "evaluating the untuned model (forward passes through the provider)…"):
+            eval_before = with_retries(lambda: _evaluate(trainer, data, tok, opts, client.device), "evaluation", iterator.state_dict())
 
     from contextlib import nullcontext
 
@@ -364,7 +376,8 @@ def tune(
     train_s = time.perf_counter() - t_train0
     train_wait, train_codec, train_prov = wire_stats.wait_s - wait0, wire_stats.codec_s - codec0, wire_stats.provider_s - prov0
     checkpoint(iterator.state_dict())
-    eval_after = {} if opts.skip_eval else with_retries(lambda: _evaluate(trainer, data, tok, opts, client.device), "evaluation", iterator.state_dict())
+    with _status(opts, console, "evaluating the tuned model…"):
+        eval_after = {} if opts.skip_eval else with_retries(lambda: _evaluate(trainer, data, tok, opts, client.device), "evaluation", iterator.state_dict())
     adapter_dir = out / "adapter"
     save_adapter(client.bottom, client.top, adapter_dir, base_model_name_or_path=opts.model)
     cache_obj = getattr(state["trunk"], "cache", None)
