@@ -233,7 +233,8 @@ def test_bisr_f_recovers_tokens_from_h1_from_a_random_start(arch):
     g = torch.Generator().manual_seed(4)
     ids = torch.tensor([_sentence(g, 8)])
     mask = torch.ones_like(ids)
-    rec = forward_match(att, att.h1(ids, mask), mask, None, ForwardMatchConfig(steps=150, lr=0.05))
+    # the continuous phase alone (no discrete refinement) must already land on the right tokens here
+    rec = forward_match(att, att.h1(ids, mask), mask, None, ForwardMatchConfig(steps=150, lr=0.05, refine=False))
     assert torch.equal(rec.ids, ids), (rec.ids, ids)
 
 
@@ -368,3 +369,28 @@ def test_runner_gradfree_skips_gradient_attacks_and_checks_inputs():
         resolve_attacks(["sip", "nope"])
     with pytest.raises(AttackConfigError, match="shape"):
         run_attacks([o], model, SPLIT, None, aux, ["bisr_f"], cfg, ground_truth=[ids[:, :3]], progress=False, inverter=rep.inverter)
+
+
+# ----------------------------------------------------------------------------------------------------- real model
+@pytest.mark.slow
+def test_smollm2_sip_and_bisr_f_reconstruct_demo_records(smollm2):
+    """The literature expects ROUGE-L >= 0.8 with no defence after 2 blocks; weaker means the attack is broken."""
+    from guardedp2p.attacks.bench import simulate_observations
+    from guardedp2p.data.collate import collate
+    from guardedp2p.data.demo import demo_paths
+    from guardedp2p.data.loaders import load_records
+    from guardedp2p.data.tokenize import encode_lm
+
+    model, tok = smollm2
+    paths = demo_paths()
+    ex = encode_lm(load_records(paths.train)[:4], tok)
+    batches = [collate(ex[i : i + 2], tok.pad_token_id) for i in range(0, 4, 2)]
+    aux = [r["text"] for r in load_records(paths.aux)[:200]]
+    obs = simulate_observations(model, SPLIT, batches, codec_transform("int8"), gradients=False)
+    cfg = AttackSuiteConfig.fast()
+    cfg.sip = SIPConfig(epochs=3)
+    cfg.bisr_f = ForwardMatchConfig(steps=30)
+    rep = run_attacks(obs, model, SPLIT, tok, aux, ["sip", "bisr_f"], cfg, ground_truth=[b["input_ids"] for b in batches],
+                      transform=codec_transform("int8"), progress=False)
+    assert rep.results["sip"].scores.rougeL >= 0.8, rep.results["sip"].scores
+    assert rep.results["bisr_f"].scores.rougeL >= 0.8, rep.results["bisr_f"].scores
