@@ -47,17 +47,8 @@ class MessageTooLarge(WireError):
 
 
 # --------------------------------------------------------------------------------------------- dtypes
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
+from guardedp2p.codecs import DTYPES as _DTYPES  # noqa: E402 - the one allow-list of wire dtypes
+
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
