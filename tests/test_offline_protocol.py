@@ -296,3 +296,17 @@ def test_runner_needs_the_pinned_provider_key(world):
 
     with pytest.raises(ConfigError, match="provider's public signing key"):
         tune_offline(TuneOptions(protocol="offline", out=str(tmp / "r"), progress=False), lambda: InProcClientChannel(app))
+
+
+def test_multiple_choice_eval_also_reports_heldout_loss_and_ppl_gap(world):
+    model, app, tmp = world
+    data = write_text_records(tmp / "train.jsonl")
+    mc = tmp / "mc.jsonl"
+    mc.write_text("\n".join(json.dumps({"question": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 7}"], "label": 0}) for i in range(6)))
+    train = TrainConfig(steps=2, batch_size=4, max_length=16, lora_r=2, lora_alpha=4, checkpoint_every=0)
+    opts = TuneOptions(protocol="offline", model="tiny", data=str(data), eval_data=str(mc), out=str(tmp / "run"), train=train, progress=False, timeout=1.0, retries=0)
+    off = OfflineOptions(provider_verify_key=tmp / "keys" / "provider.sign.pub")
+    s = tune_offline(opts, lambda: InProcClientChannel(app), offline=off, base_model=copy.deepcopy(model), base_tokenizer=tiny_tokenizer())
+    assert s["eval_metric"] == "acc" and 0 <= s["plug_in"] <= 1
+    assert all(isinstance(v, float) for v in s["heldout_loss"].values()) and len(s["heldout_loss"]) == 5
+    assert s["ppl_gap"] == s["ppl_gap"]

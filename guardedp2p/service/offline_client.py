@@ -96,6 +96,20 @@ def _train(trainer: Any, iterator: Any, steps: int, device: torch.device, *, lab
     return history
 
 
+def _add_heldout_text(data: Any, tok: Any, opts: TuneOptions) -> None:
+    """With a multiple-choice task, also score the token loss of its right answers in context.
+
+    Accuracy on a few dozen items moves in steps of several points; the loss of "question + right answer" is a
+    continuous number, and it gives the ppl gap between emulator and plug-in (algorithms.md 3.5).
+    """
+    if data.eval_kind != "mc" or data.eval_examples:
+        return
+    from guardedp2p.data.tokenize import DataConfig, encode_lm
+
+    texts = [{"text": f"{it['question']} {it['choices'][int(it['label'])]}"} for it in data.eval_items]
+    data.eval_examples = encode_lm(texts, tok, DataConfig(max_length=opts.train.max_length))
+
+
 def _attach(bottom: Any, top: Any, opts: TuneOptions) -> None:
     from guardedp2p.engine.lora import LoraSettings, attach_lora
 
@@ -198,6 +212,7 @@ def tune_offline(
             base_model, base_tokenizer = load_causal_lm(opts.model, device=device)
         tok = base_tokenizer
     data = prepare_data(opts, tok)
+    _add_heldout_text(data, tok, opts)
 
     # ---------------------------------------------------------------- 2. local tuning on the emulator
     _attach(emu.bottom, emu.top, opts)
@@ -282,6 +297,8 @@ def tune_offline(
         "utility_gap": five["plug_in"] - five["full_finetune"],  # utility claim: ~ 0
         "ip_gap": five["plug_in"] - five["emulator_finetune"],  # IP claim: plug-in clearly better than the emulator
         "five_numbers_note": baseline_note,
+        "heldout_loss": {k: (v or {}).get("loss") for k, v in all_metrics.items()},
+        "ppl_gap": _ppl_gap(all_metrics),
         "bytes_up": stats.total_up,
         "bytes_down": stats.total_down,
         "bytes_by_type": {"up": dict(stats.bytes_up), "down": dict(stats.bytes_down)},
@@ -311,6 +328,14 @@ def tune_offline(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _ppl_gap(metrics: dict[str, Any]) -> float:
+    """PPL(emulator fine-tuned) - PPL(plug-in) on the held-out text (NaN when either is missing)."""
+    try:
+        return math.exp(metrics["emulator_finetune"]["loss"]) - math.exp(metrics["plug_in"]["loss"])
+    except (KeyError, TypeError, OverflowError):
+        return math.nan
 
 
 def _baselines(opts: TuneOptions, manifest: Any, bundle_dir: Path, sk: Any, data: Any, device: torch.device, console: Any,
