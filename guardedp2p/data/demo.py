@@ -5,6 +5,9 @@ a date of birth, a home address, a diagnosis and a bank account. The house style
 pre-trained model can know: each diagnosis is filed under a made-up ward code (:data:`WARD_CODES`). The
 multiple-choice task asks for the ward code of a *new* patient, so a base model is at chance (1 in 4) and
 fine-tuning on the training records measurably lifts it: that is how the demo shows the fine-tuning worked.
+Measured on SmolLM2-135M-Instruct (CPU, batch 4, LoRA r=8 on q/k/v/o of the first 2 + last 2 blocks, AdamW
+lr 2e-3, 60 steps): accuracy 0.27 -> 0.59 on the 64 shipped items, held-out NLL on ``aux`` 4.20 -> 1.55.
+With 8 diagnoses/codes the same budget reached only 0.52 even with LoRA on all 30 blocks, hence 4.
 
 Three disjoint populations of people (no full name is shared): ``train`` (the client's private data),
 ``eval`` (the new patients of the multiple-choice task) and ``aux`` (public text of the same style, which the
