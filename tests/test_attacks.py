@@ -394,3 +394,14 @@ def test_smollm2_sip_and_bisr_f_reconstruct_demo_records(smollm2):
                       transform=codec_transform("int8"), progress=False)
     assert rep.results["sip"].scores.rougeL >= 0.8, rep.results["sip"].scores
     assert rep.results["bisr_f"].scores.rougeL >= 0.8, rep.results["bisr_f"].scores
+
+
+def test_sip_transformer_variant():
+    model = tiny_model("llama")
+    att = AttackerModel(model, SPLIT)
+    g = torch.Generator().manual_seed(13)
+    aux = [_sentence(g, 8) for _ in range(120)]
+    inv = train_sip_for(att, aux, SIPConfig(arch="transformer", epochs=3, batch_size=8, hidden=64, lr=3e-3))
+    victim = torch.tensor([_sentence(g, 8)])
+    mask = torch.ones_like(victim)
+    assert score_many(inv.predict(att.h1(victim, mask), mask).tolist(), victim.tolist()).rougeL >= 0.8

@@ -112,7 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rep = run_attacks(
             obs, model, split, tok, aux, attacks, cfg, ground_truth=gt, transform=transform, progress=not args.quiet
         )
-        per_token = {}
         detok = {k: r.scores for k, r in rep.results.items() if r.scores is not None}
         score_report(rep, obs, gt, tok, "per_token")
         per_token = {k: r.scores for k, r in rep.results.items() if r.scores is not None}

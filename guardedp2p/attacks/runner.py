@@ -362,6 +362,11 @@ def run_attacks(
             if n in results:
                 results[n].skipped = "needs h1 (missing from the transcript)"
 
+    if "sip" in results and results["sip"].skipped:
+        for n in ("bisr_b", "bisr_f", "bisr_bf"):
+            if n in results and not results[n].skipped:
+                results[n].skipped = "needs SIP (its initialisation), which was skipped"
+
     with _Progress(progress).run() as prog:
         # ---------------------------------------------------------------- SIP
         if "sip" in results and not results["sip"].skipped:
@@ -406,6 +411,8 @@ def run_attacks(
                 vals = [float(x[key]) for x in infos if key in x]
                 if vals:
                     res.info[f"mean_final_{key}"] = sum(vals) / len(vals)
+            if any("refined_positions" in x for x in infos):
+                res.info["refined_positions"] = int(sum(x.get("refined_positions", 0) for x in infos))
 
         bisr_b_recs: list[Any] = []
 

@@ -76,6 +76,7 @@ class Inverter(nn.Module):
             self.proj_in: nn.Module = nn.Identity()
         elif cfg.arch == "transformer":
             self.proj_in = nn.Linear(d_in, cfg.hidden)
+            self.pos = nn.Embedding(cfg.max_length, cfg.hidden)  # rotary models carry no absolute position in h
             layer = nn.TransformerEncoderLayer(
                 cfg.hidden, nhead=max(1, cfg.hidden // 64), dim_feedforward=2 * cfg.hidden, dropout=cfg.dropout, batch_first=True
             )
@@ -89,6 +90,10 @@ class Inverter(nn.Module):
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.proj_in(self.norm(h.float()))
         if self.cfg.arch == "transformer":
+            L = x.shape[1]
+            if L > self.pos.num_embeddings:
+                raise AttackConfigError(f"sequence of {L} tokens exceeds SIPConfig.max_length={self.pos.num_embeddings}")
+            x = x + self.pos(torch.arange(L, device=x.device))
             pad = None if mask is None else mask == 0
             x = self.encoder(x, src_key_padding_mask=pad)
         else:

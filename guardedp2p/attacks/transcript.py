@@ -59,8 +59,8 @@ def _jsonable(meta: dict[str, Any] | None) -> dict[str, Any]:
 class TranscriptRecorder:
     """Write every observation of the provider to ``record_dir`` (thread-safe, append-only).
 
-    Recording is a side channel of the provider: a failure to write is logged and swallowed by the caller's
-    choice; this class raises ``TranscriptError`` only for an unusable directory at construction time.
+    An unusable directory fails at construction time; a failed write (disk full, permissions) raises
+    ``TranscriptError`` naming the directory, so an experiment never silently records a partial transcript.
     """
 
     def __init__(self, record_dir: str | os.PathLike[str]) -> None:
@@ -91,10 +91,13 @@ class TranscriptRecorder:
             "meta": _jsonable(meta),
         }
         with self._lock:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file(clean, str(folder / name))
-            with open(self.root / INDEX_FILE, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                save_file(clean, str(folder / name))
+                with open(self.root / INDEX_FILE, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            except OSError as exc:
+                raise TranscriptError(f"cannot write the transcript to {str(self.root)!r}: {exc}") from exc
         return folder / name
 
 
