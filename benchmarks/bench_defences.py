@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in summary:
         print(json.dumps(s), flush=True)
     header = (f"Online, {args.model}, {args.steps} steps, batch {args.batch_size}, eval items {args.eval_items or 'all'}, "
-              f"torch threads {torch.get_num_threads()} (python -m benchmarks.bench_defences {' '.join(argv or [])})")
+              f"torch threads {torch.get_num_threads()} (python -m benchmarks.bench_defences {' '.join(sys.argv[1:] if argv is None else argv)})")
     (out / "defences.md").write_text(_table(rows, summary, header))
     (out / "defences.json").write_text(json.dumps({"args": vars(args), "rows": rows, "vs_fp32": summary}, indent=2))
     metric = rows[0]["eval_metric"] if rows else "acc"

@@ -33,7 +33,7 @@ def evaluate(
     attack_budget: Optional[str] = typer.Option(None, help="fast (default), full (reference budgets, slow) or tiny (plumbing only; default with --fast)."),
     fast: bool = typer.Option(False, "--fast", help="Tiny budgets everywhere: a smoke run in minutes, numbers not meaningful."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, help="Torch intra-op threads (default: torch's choice)."),
+    threads: Optional[int] = typer.Option(None, help="Torch intra-op threads (default: torch's choice; 1 is often fastest on a busy machine)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object on the last stdout line."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True),
 ) -> None:
