@@ -327,10 +327,10 @@ def test_runner_online_pipeline_scores_and_picks_best():
     model = tiny_model("llama")
     g = torch.Generator().manual_seed(11)
     word_ids = list(range(23, 63))  # "w20".."w59" in the tiny tokenizer
-    aux = [" ".join(TWORDS[i - 3] for i in WORDS_from(g, word_ids, 9)) for _ in range(120)]
+    aux = [" ".join(TWORDS[i - 3] for i in _words_from(g, word_ids, 9)) for _ in range(120)]
     obs, truth = [], {}
     for step in range(2):
-        ids = torch.tensor([WORDS_from(g, word_ids, 8), WORDS_from(g, word_ids, 8)])
+        ids = torch.tensor([_words_from(g, word_ids, 8), _words_from(g, word_ids, 8)])
         mask = torch.ones_like(ids)
         mask[1, 6:] = 0
         ids = ids.masked_fill(mask == 0, tok.pad_token_id)
@@ -346,7 +346,7 @@ def test_runner_online_pipeline_scores_and_picks_best():
     assert d["attacks"]["sip"]["scores"]["mode"] == "detok" and "samples" not in d["attacks"]["sip"]["scores"]
 
 
-def WORDS_from(g: torch.Generator, pool: list[int], n: int) -> list[int]:
+def _words_from(g: torch.Generator, pool: list[int], n: int) -> list[int]:
     return [pool[int(i)] for i in torch.randint(0, len(pool), (n,), generator=g)]
 
 
