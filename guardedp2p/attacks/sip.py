@@ -116,7 +116,7 @@ class SIPInverter:
 
     @torch.no_grad()
     def local_logits(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        self.net.eval()
+        self.net.train(False)
         dev = next(self.net.parameters()).device
         return self.net(h.to(dev), mask.to(dev)).cpu()
 

@@ -175,5 +175,5 @@ def load_causal_lm(
     if cache is not None and gguf is not None:
         _save_gguf_copy(model, tokenizer, cache)
     model.to(pick_device(device))
-    model.eval()
+    model.train(False)  # inference mode for dropout etc. (nn.Module.eval)
     return model, prepare_tokenizer(tokenizer)

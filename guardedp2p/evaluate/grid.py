@@ -490,7 +490,7 @@ def run_grid(cfg: GridConfig, *, model: Any = None, tokenizer: Any = None, conso
         raise ConfigError("run_grid(model=...) needs the model's tokenizer too")
     for p in model.parameters():
         p.requires_grad_(False)
-    model.eval()
+    model.train(False)  # inference mode for dropout etc. (nn.Module.eval)
     ctx = _Context(cfg, model, tokenizer, _aux_texts(cfg), out, console)
     ctx.ip_split = client_param_fraction(model, cfg.bottom_layers, cfg.top_layers)
     rows: list[dict[str, Any]] = []

@@ -206,7 +206,7 @@ def emulator_skeleton(config: Any, lmap: LayerMap, dtype: torch.dtype = torch.fl
             m.config = full
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.eval()
+    return model.train(False)
 
 
 def _load_exact(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> None:
@@ -426,7 +426,7 @@ def distill_emulator(
     teacher = ProviderTrunk(teacher_model, emu.split)
     for p in teacher_model.parameters():
         p.requires_grad_(False)
-    teacher.eval()
+    teacher.train(False)
     for p in emu.model.parameters():
         p.requires_grad_(False)
     student = {n: p for n, p in emu.model.named_parameters() if emu._is_middle(n)}
@@ -468,7 +468,7 @@ def distill_emulator(
         ctx = Progress(TextColumn("[bold]distilling the emulator"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("lm {task.fields[lm]} kd {task.fields[kd]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
     t0 = time.perf_counter()
-    emu.model.eval()
+    emu.model.train(False)
     with ctx as bar:
         task = bar.add_task("distill", total=cfg.steps, completed=step, lm="-", kd="-") if bar is not None else None
         while step < cfg.steps:

@@ -136,7 +136,7 @@ def plug_in(full_model: Any, bundle_dir: str | Path, trusted_keys: Any = None, *
     report = load_adapter_into_parts(parts.bottom, parts.top, bundle.folder)
     if report.ignored_keys:
         raise BundleMismatchError(f"the adapter carries {len(report.ignored_keys)} tensors outside the client blocks, e.g. {report.ignored_keys[0]!r}")
-    full_model.eval()
+    full_model.train(False)
     return PluggedModel(full_model, bundle, dict(report.loaded))
 
 
@@ -188,7 +188,7 @@ def logits_fn_of(model: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Ten
 
     @torch.no_grad()
     def fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        model.eval()
+        model.train(False)
         return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
 
     return fn

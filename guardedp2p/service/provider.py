@@ -57,7 +57,7 @@ def build_provider_app(opts: ProviderOptions, *, model: Any = None) -> ProviderA
     trunk = build_trunk(model, split)
     for p in trunk.parameters():
         p.requires_grad_(False)
-    trunk.eval()
+    trunk.train(False)
     resources: dict[str, Any] = {"trunk": trunk, "hidden_size": int(model.config.hidden_size), "model_config": model.config}
     protocols = tuple(opts.protocols)
     if "offline" in protocols:

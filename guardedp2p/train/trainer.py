@@ -145,8 +145,8 @@ class SplitTrainer:
     @torch.no_grad()
     def logits_fn(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Forward-only pass of the whole split model (used by loss and multiple-choice evaluation)."""
-        self.bottom.eval()
-        self.top.eval()
+        self.bottom.train(False)
+        self.top.train(False)
         logits, _ = self._forward({"input_ids": input_ids, "attention_mask": attention_mask}, train=False)
         return logits
 
