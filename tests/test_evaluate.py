@@ -47,7 +47,7 @@ def _files(tmp_path):
 
 def _cfg(tmp_path, rows=tuple(ROWS)):
     return GridConfig(model="tiny", rows=rows, steps=3, batch_size=2, lr=1e-2, max_length=16, records=2, lora_r=4, lora_alpha=8,
-                      attack_budget="tiny", eval_items=6, aux_records=60, out=str(tmp_path / "out"), **_files(tmp_path))
+                      attack_budget="tiny", attacks=("sip", "bisr_b", "bisr_f", "bisr_bf", "tag"), eval_items=6, aux_records=60, out=str(tmp_path / "out"), **_files(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_grid_runs_every_row_with_four_axes_and_writes_results_and_plot(grid):
 
 
 def test_ground_truth_is_the_clients_batch_in_the_order_sent(grid):
-    """Online: the client-side truth of the attacked step equals the first batch the client trained on."""
+    """Online: the client-side truth of the attacked step (the last one) equals the batch the client trained on then."""
     from guardedp2p.data.collate import BatchIterator
     from guardedp2p.data.loaders import load_data
     from guardedp2p.data.tokenize import DataConfig, encode_records
@@ -111,12 +111,14 @@ def test_ground_truth_is_the_clients_batch_in_the_order_sent(grid):
     assert online["privacy"]["train_observations"] == 3
     # the transcript also holds the evaluation forwards, which are never attacked
     assert online["privacy"]["observations_recorded"] > 3
-    # the attacked reconstruction's reference is the first training batch, replayed independently here
+    assert online["privacy"]["attacked_steps"] == [max(online["privacy"]["attacked_steps"])]
+    # the attacked reconstruction's reference is the last (third) training batch, replayed independently here
     tok = tiny_tokenizer()
     loaded = load_data(str(tmp_path / "train.jsonl"))
     ex = encode_records(loaded.records, tok, DataConfig(max_length=16), kind=loaded.kind)
-    first = next(BatchIterator(ex, 2, seed=0, pad_id=tok.pad_token_id))
-    ref = tok.decode([int(t) for t, m in zip(first["input_ids"][0], first["attention_mask"][0]) if m], skip_special_tokens=True)
+    it = BatchIterator(ex, 2, seed=0, pad_id=tok.pad_token_id)
+    last = [next(it) for _ in range(3)][-1]
+    ref = tok.decode([int(t) for t, m in zip(last["input_ids"][0], last["attention_mask"][0]) if m], skip_special_tokens=True)
     sip = online["privacy"]["attacks"]["sip"]
     assert sip["example"]["ref"].split() == ref.split()
 

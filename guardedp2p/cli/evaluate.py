@@ -18,7 +18,7 @@ def evaluate(
         None, help="Comma-separated subset of rows: online, dcor_weak, dcor_strong, int8, nf4, gradfree, gradfree_nf4, offline. "
         "Default: all but gradfree_nf4."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps per row (default 30; 6 with --fast)."),
-    records: Optional[int] = typer.Option(None, help="Training sequences attacked per row, rounded up to whole batches (default 8; 4 with --fast)."),
+    records: Optional[int] = typer.Option(None, help="Training sequences attacked per row, from the last training steps, rounded up to whole batches (default 8; 4 with --fast)."),
     out: Path = typer.Option(Path("runs/evaluate"), help="Output folder: results.json, privacy_utility.png, one sub-folder per row."),
     model: str = typer.Option("default", help="Model folder or 'default' (embedded SmolLM2-135M-Instruct)."),
     data: Optional[Path] = typer.Option(None, help="Training records (.jsonl with 'text'). Default: the shipped synthetic demo records."),
@@ -29,7 +29,7 @@ def evaluate(
     batch_size: int = typer.Option(4, help="Sequences per training step."),
     lr: float = typer.Option(2e-3, help="Peak learning rate."),
     eval_items: Optional[int] = typer.Option(None, help="Evaluate on the first N multiple-choice items only (default: all; 16 with --fast)."),
-    attacks: str = typer.Option("sip,bisr_b,bisr_f,bisr_bf,tag", help="Attacks to run where they apply: sip, bisr_b, bisr_f, bisr_bf, tag, lamp, eia."),
+    attacks: str = typer.Option("sip,bisr_b,bisr_f,bisr_bf", help="Attacks to run where they apply: sip, bisr_b, bisr_f, bisr_bf, tag, lamp, eia (tag, lamp, eia: slow baselines, add them explicitly)."),
     attack_budget: Optional[str] = typer.Option(None, help="fast (default), full (reference budgets, slow) or tiny (plumbing only; default with --fast)."),
     fast: bool = typer.Option(False, "--fast", help="Tiny budgets everywhere: a smoke run in minutes, numbers not meaningful."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),

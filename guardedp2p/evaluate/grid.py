@@ -76,7 +76,7 @@ class GridConfig:
     """Everything the grid needs; the defaults are affordable on a 2-core CPU with the embedded model.
 
     attack_budget: "fast" (``AttackSuiteConfig.fast()``), "full" (the reference budgets) or "tiny" (plumbing only).
-    records: sequences attacked per row (rounded up to whole training batches).
+    records: sequences attacked per row (rounded up to whole training batches), from the *last* training steps.
     """
 
     model: str = "default"
@@ -88,7 +88,7 @@ class GridConfig:
     records: int = 8
     dcor_weak: float = 0.5
     dcor_strong: float = 4.0
-    attacks: tuple[str, ...] = ("sip", "bisr_b", "bisr_f", "bisr_bf", "tag")
+    attacks: tuple[str, ...] = ("sip", "bisr_b", "bisr_f", "bisr_bf")  # TAG*: add it explicitly (slow, a weak baseline here)
     attack_budget: str = "fast"
     eval_items: int | None = None
     aux_records: int = 300
@@ -336,7 +336,10 @@ def _run_split_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, Any
     observed = {o.key: o for o in load_transcript(record_dir)}
     train_obs = [observed[k] for k in truth.train_keys if k in observed]
     acfg = cfg.attack_config()
-    chosen = train_obs[: acfg.max_observations]
+    # the LAST training steps: by then the client's adapters (and a dCor penalty) have changed what it sends;
+    # at step 1 the LoRA is at its init and h1 equals the pre-trained bottom's output whatever the defence
+    chosen = train_obs[-acfg.max_observations :] if acfg.max_observations else train_obs
+    acfg.max_observations = None  # already selected
     for o in chosen:
         if not torch.equal(truth.masks[o.key], o.mask.to(torch.long)):
             raise EvaluationError(f"client-side ground truth of {o.key} does not line up with the provider's observation")
@@ -367,7 +370,7 @@ def _run_split_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, Any
             "best_rougeL": _round(best) if best is not None else None,
             "best_attack": report.results[report.best].label if report.best else None,
             "display": f"{best:.3f}" if best is not None else "no attack scored",
-            "observations": report.n_observations, "sequences": report.n_sequences,
+            "observations": report.n_observations, "sequences": report.n_sequences, "attacked_steps": [o.step for o in chosen],
             "sip_holdout_rougeL_ids": _round(report.sip_holdout_rougeL) if report.sip_holdout_rougeL is not None else None,
             "attacks": attacks, "notes": report.notes, "attack_s": round(time.perf_counter() - t0, 2),
             "sip_trained_on": up,
