@@ -19,6 +19,7 @@ import torch
 
 from guardedp2p.errors import ProtocolError
 from guardedp2p.messages import MsgType
+from guardedp2p.protocols.provider import Deferred
 from guardedp2p.wire import Message
 
 
@@ -45,6 +46,18 @@ class _Pending:
     created: float
 
 
+@dataclass
+class ActRequest:
+    """An ACT_UP that passed every check and owns its step: all that computing and answering it needs."""
+
+    session: "TrunkSession"
+    step: int
+    h: torch.Tensor  # as received (this is what the recorder stores)
+    mask: torch.Tensor  # int64, 0/1
+    meta: dict[str, Any]
+    train: bool  # keep the graph for GRAD_UP (Online training step)
+
+
 def _lossy(codec: str) -> bool:
     return codec not in ("fp32", "raw")
 
@@ -63,6 +76,8 @@ class TrunkSession:
         self.pending: dict[int, _Pending] = {}
         self.last_step = -1
         self.handlers = {MsgType.ACT_UP: self.on_act_up}
+        # used by ProviderApp.handle_many: forward-only ACT_UPs of several sessions share one trunk call
+        self.batch_handlers = {MsgType.ACT_UP: self.defer_act_up}
         if keep_graph:
             self.handlers[MsgType.GRAD_UP] = self.on_grad_up
         param = next(self.trunk.parameters(), None)
@@ -71,6 +86,28 @@ class TrunkSession:
 
     # ------------------------------------------------------------------ ACT_UP
     def on_act_up(self, msg: Message) -> Message:
+        """Answer one ACT_UP on its own: validate, run the trunk on it alone, reply."""
+        req = self.accept_act_up(msg)
+        t0 = time.perf_counter()
+        out = self.compute(req)
+        return self.reply_act_up(req, out, time.perf_counter() - t0)
+
+    def defer_act_up(self, msg: Message) -> Message | Deferred:
+        """Batched entry point (issue #6): a forward-only request is validated now and computed later, in one
+        trunk call together with other sessions' forward-only requests; a training step (which keeps its graph
+        for GRAD_UP) is answered at once, on its own."""
+        req = self.accept_act_up(msg)
+        if req.train:
+            t0 = time.perf_counter()
+            out = self.compute(req)
+            return self.reply_act_up(req, out, time.perf_counter() - t0)
+        return Deferred(key=self.trunk, run=run_deferred_forwards, data=req)
+
+    def accept_act_up(self, msg: Message) -> ActRequest:
+        """Check an ACT_UP completely and claim its step; raise a :class:`ProtocolError` for the peer otherwise.
+
+        Everything that can be refused is refused here, before any compute, so that a batch of requests can only
+        fail as a whole for reasons that are the provider's, never one peer's."""
         if msg.step <= self.last_step:
             raise ReplayedStep(f"step {msg.step} is not after the last step {self.last_step} (replayed or out of order)")
         h = msg.tensors.get("h")
@@ -94,25 +131,34 @@ class TrunkSession:
         if train and len(self.pending) >= self.app.config.max_inflight_steps:
             raise ProtocolError(f"too many steps in flight (limit {self.app.config.max_inflight_steps}); send GRAD_UP first")
         self.last_step = msg.step
-        t0 = time.perf_counter()
-        x = h.to(self.device, self.dtype)
-        m = mask.to(self.device)
-        if train:
+        return ActRequest(self, msg.step, h, mask, msg.meta, train)
+
+    def compute(self, req: ActRequest) -> torch.Tensor:
+        """Run the trunk on one request; a training step keeps its graph until GRAD_UP (or the step timeout)."""
+        x = req.h.to(self.device, self.dtype)
+        m = req.mask.to(self.device)
+        if req.train:
             x.requires_grad_(True)
             with torch.enable_grad():
                 out = self.trunk(x, m)
-            self.pending[msg.step] = _Pending(x, out, self.app.clock())
+            self.pending[req.step] = _Pending(x, out, self.app.clock())
         else:
             with torch.inference_mode():
                 out = self.trunk(x, m)
-        out_cpu = out.detach().to("cpu", torch.float32)
+        return out.detach().to("cpu", torch.float32)
+
+    def reply_act_up(self, req: ActRequest, out_cpu: torch.Tensor, compute_s: float, batched: int = 1) -> Message:
+        """Record what this session's provider observed (per session, also when batched) and build ACT_DOWN."""
         if self.recorder is not None:
-            self.recorder.record(self.sid, msg.step, "forward", {"h1": h, "mask": mask, "h2": out_cpu}, msg.meta)
+            self.recorder.record(self.sid, req.step, "forward", {"h1": req.h, "mask": req.mask, "h2": out_cpu}, req.meta)
+        meta: dict[str, Any] = {"compute_s": compute_s}
+        if batched > 1:
+            meta["batched"] = batched  # compute_s is then the shared trunk call's time
         return Message(
             MsgType.ACT_DOWN,
             session=self.sid,
-            step=msg.step,
-            meta={"compute_s": time.perf_counter() - t0},
+            step=req.step,
+            meta=meta,
             tensors={"h": out_cpu},
             codecs={"h": self.codecs["down"]},
         )
@@ -159,6 +205,86 @@ class TrunkSession:
 
     def close(self) -> None:
         self.pending.clear()
+
+
+# ---------------------------------------------------------------------- batched forward (issue #6)
+def run_deferred_forwards(items: list[Deferred]) -> list[Message | BaseException]:
+    """Compute the deferred forward-only ACT_UPs of several sessions (same trunk) and answer each in its session.
+
+    A failure of the shared trunk call propagates (the app then retries the requests one by one); a failure
+    while answering one request (e.g. its transcript cannot be written) is returned for that request only.
+    """
+    reqs: list[ActRequest] = [d.data for d in items]
+    first = reqs[0].session
+    t0 = time.perf_counter()
+    outs = forward_batch(first.trunk, reqs, device=first.device, dtype=first.dtype, max_tokens=first.app.config.max_tokens_per_step)
+    compute_s = time.perf_counter() - t0
+    results: list[Message | BaseException] = []
+    for req, out in zip(reqs, outs):
+        try:
+            results.append(req.session.reply_act_up(req, out, compute_s, len(reqs)))
+        except Exception as exc:  # noqa: BLE001 - becomes an ERROR reply for this request only
+            results.append(exc)
+    return results
+
+
+def forward_batch(trunk: torch.nn.Module, reqs: list[ActRequest], *, device: torch.device, dtype: torch.dtype, max_tokens: int) -> list[torch.Tensor]:
+    """Trunk outputs of forward-only requests, in as few calls as ``max_tokens`` (padded tokens per call) allows.
+
+    Requests are stacked along the batch axis and right-padded along the sequence to the longest, with mask 0
+    on the padding. Why this is exact: with a causal mask the appended positions come after every real one, so
+    they cannot change the outputs at the positions a request sent (positions are index-based or a prefix sum
+    of the mask); each request gets back exactly its own ``[batch, seq]`` slice.
+    """
+    outs: list[torch.Tensor] = []
+    for chunk in _token_chunks(reqs, max_tokens):
+        outs.extend(_forward_padded(trunk, chunk, device, dtype))
+    return outs
+
+
+def _token_chunks(reqs: list[ActRequest], max_tokens: int) -> list[list[ActRequest]]:
+    """Greedy split in arrival order so that no call exceeds ``max_tokens`` padded tokens (a single request never
+    does: it was checked against the same limit), which bounds a batched call's memory like a single request's."""
+    chunks: list[list[ActRequest]] = []
+    cur: list[ActRequest] = []
+    rows = longest = 0
+    for r in reqs:
+        b, n = int(r.h.shape[0]), int(r.h.shape[1])
+        if cur and (rows + b) * max(longest, n) > max_tokens:
+            chunks.append(cur)
+            cur, rows, longest = [], 0, 0
+        cur.append(r)
+        rows += b
+        longest = max(longest, n)
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _forward_padded(trunk: torch.nn.Module, chunk: list[ActRequest], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        if len(chunk) == 1:
+            r = chunk[0]
+            return [trunk(r.h.to(device, dtype), r.mask.to(device)).detach().to("cpu", torch.float32)]
+        rows = sum(int(r.h.shape[0]) for r in chunk)
+        longest = max(int(r.h.shape[1]) for r in chunk)
+        hidden = int(chunk[0].h.shape[2])
+        x = torch.zeros(rows, longest, hidden, device=device, dtype=dtype)
+        m = torch.zeros(rows, longest, device=device, dtype=torch.long)
+        r0 = 0
+        for r in chunk:
+            b, n = int(r.h.shape[0]), int(r.h.shape[1])
+            x[r0 : r0 + b, :n] = r.h.to(device, dtype)
+            m[r0 : r0 + b, :n] = r.mask.to(device)
+            r0 += b
+        out = trunk(x, m).detach().to("cpu", torch.float32)
+        parts: list[torch.Tensor] = []
+        r0 = 0
+        for r in chunk:
+            b, n = int(r.h.shape[0]), int(r.h.shape[1])
+            parts.append(out[r0 : r0 + b, :n].clone())  # its own memory: no reply keeps the whole batch alive
+            r0 += b
+        return parts
 
 
 def online_session(app: Any, sid: str, terms: dict[str, Any]) -> TrunkSession:

@@ -3,6 +3,10 @@
 Drivers (the in-process channel in tests, the ZeroMQ serve loop in deployment) only move frames; all
 session logic, validation and error handling live here, so both run the same code (the Flower idea). A bad
 message from one peer becomes an ERROR reply to that peer and never an exception in the serve loop.
+
+Batching (issue #6): :meth:`ProviderApp.handle_many` answers several messages that arrived together. Each is
+decoded and checked exactly as :meth:`ProviderApp.handle` would; requests a session handler can *defer*
+(forward-only trunk passes) are then computed in one call per group, and each session answers its own.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Hashable, Protocol, Sequence
 
-from guardedp2p.errors import GuardedP2PError, HandshakeRejected, ProtocolError, WireError
+from guardedp2p.errors import ConfigError, GuardedP2PError, HandshakeRejected, ProtocolError, WireError
 from guardedp2p.handshake import Hello, ProviderPolicy, negotiate
 from guardedp2p.messages import SESSION_TYPES, MsgType
 from guardedp2p.wire import DEFAULT_LIMITS, Frame, Message, WireLimits, decode, encode, error_message
@@ -41,12 +45,39 @@ class ProviderConfig:
     step_timeout: float = 300.0  # a kept forward graph older than this is freed
     max_sessions_per_peer: int = 4
     max_inflight_steps: int = 4
-    max_tokens_per_step: int = 1 << 16
+    max_tokens_per_step: int = 1 << 16  # also the most padded tokens one batched trunk call may hold
     limits: WireLimits = field(default_factory=lambda: DEFAULT_LIMITS)
+    max_batch: int = 8  # most messages answered together (forward-only ones share a trunk call); 1 disables
+    batch_wait_s: float = 0.002  # how long the serve loop waits for more messages to join a batch
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1 (1 disables batching), got {self.max_batch}")
+        if not 0.0 <= self.batch_wait_s <= 1.0:
+            raise ConfigError(f"batch_wait_s must be between 0 and 1 second (a few ms is typical), got {self.batch_wait_s}")
+
+
+@dataclass
+class Deferred:
+    """A checked request whose computation may share one call with other sessions' requests.
+
+    A session handler returns it from one of its ``batch_handlers`` after validating the message and updating
+    its own state (e.g. claiming the step), so only the pure computation is postponed. Requests with equal
+    ``key`` (e.g. the same trunk module) are run together by ``run(items)``, which returns, in order, each
+    item's reply or the exception to turn into that item's ERROR reply.
+    """
+
+    key: Hashable
+    run: Callable[[list["Deferred"]], list[Message | BaseException]]
+    data: Any
 
 
 class SessionHandler(Protocol):
-    """One protocol's provider side for one session."""
+    """One protocol's provider side for one session.
+
+    A handler may also have ``batch_handlers: dict[MsgType, Callable[[Message], Message | Deferred]]``, used
+    by :meth:`ProviderApp.handle_many` instead of ``handlers`` for the types it lists.
+    """
 
     handlers: dict[MsgType, Callable[[Message], Message]]
 
@@ -87,7 +118,7 @@ class ProviderApp:
         self.clock = clock
         self.resources = resources or {}
         self.sessions: dict[str, SessionState] = {}
-        self.stats = {"messages": 0, "errors": 0, "sessions_opened": 0}
+        self.stats = {"messages": 0, "errors": 0, "sessions_opened": 0, "batched_calls": 0, "batched_requests": 0}
 
     # ------------------------------------------------------------------ frames in, frames out
     def handle(self, peer: str, frames: Sequence[Frame]) -> list[Frame]:
@@ -98,17 +129,96 @@ class ProviderApp:
             msg = decode(frames, self.config.limits)
             sid, step = msg.session, msg.step
             reply = self.on_message(peer, msg)
-        except GuardedP2PError as exc:
-            self.stats["errors"] += 1
-            log.warning("refused a message from %s: %s", _short(peer), exc)
-            reply = _reject_or_error(exc, sid, step)
         except Exception as exc:  # noqa: BLE001 - keep serving other peers whatever happens
-            self.stats["errors"] += 1
-            log.exception("internal error while handling a message from %s", _short(peer))
-            reply = error_message(ProtocolError(f"internal provider error: {type(exc).__name__}"), sid, step)
+            reply = self._error_reply(peer, exc, sid, step)
         return encode(reply)
 
+    def handle_many(self, items: Sequence[tuple[str, Sequence[Frame]]]) -> list[list[Frame]]:
+        """Answer several messages that arrived together; replies come back in the same order.
+
+        Each message is decoded, checked and routed exactly as :meth:`handle` would (in arrival order, so the
+        replay and step checks see the same sequence); a bad one gets its ERROR and nothing else changes.
+        Requests a session defers (forward-only trunk passes) are computed in groups of at most
+        ``config.max_batch`` sharing one call. Why: with several gradfree clients the trunk is called with
+        a larger batch instead of N small ones, which is what an accelerator (and even a CPU) does best.
+        """
+        if self.config.max_batch <= 1 or len(items) <= 1:
+            return [self.handle(peer, frames) for peer, frames in items]
+        replies: list[list[Frame] | None] = [None] * len(items)
+        pending: list[tuple[int, Deferred, str, str, int]] = []  # (index, deferred, peer, sid, step)
+
+        for i, (peer, frames) in enumerate(items):
+            self.stats["messages"] += 1
+            sid, step = "", 0
+            try:
+                msg = decode(frames, self.config.limits)
+                sid, step = msg.session, msg.step
+                if msg.type != MsgType.ACT_UP and any(p[2] == peer for p in pending):
+                    # BYE, PING, HELLO (which may evict a session) of a peer with postponed work: finish that
+                    # work first, so the peer's messages take effect in the order it sent them
+                    self._run_deferred(pending, replies)
+                    pending = []
+                out = self._dispatch(peer, msg, defer=True)
+            except Exception as exc:  # noqa: BLE001 - keep serving other peers whatever happens
+                out = self._error_reply(peer, exc, sid, step)
+            if isinstance(out, Deferred):
+                pending.append((i, out, peer, sid, step))
+            else:
+                replies[i] = encode(out)
+        self._run_deferred(pending, replies)
+        return [r if r is not None else encode(error_message(ProtocolError("internal provider error: no reply"))) for r in replies]
+
+    def _run_deferred(self, pending: list[tuple[int, Deferred, str, str, int]], replies: list[list[Frame] | None]) -> None:
+        """Run postponed requests, grouped by key in chunks of ``max_batch``; fill in their replies."""
+        groups: dict[Hashable, list[tuple[int, Deferred, str, str, int]]] = {}
+        for entry in pending:
+            groups.setdefault(entry[1].key, []).append(entry)
+        size = self.config.max_batch
+        for group in groups.values():
+            for start in range(0, len(group), size):
+                chunk = group[start : start + size]
+                results = self._run_chunk([e[1] for e in chunk])
+                if len(chunk) > 1:
+                    self.stats["batched_calls"] += 1
+                    self.stats["batched_requests"] += len(chunk)
+                for (i, _, peer, sid, step), res in zip(chunk, results):
+                    replies[i] = encode(res if isinstance(res, Message) else self._error_reply(peer, res, sid, step))
+
+    def _run_chunk(self, chunk: list[Deferred]) -> list[Message | BaseException]:
+        """One shared computation; if it fails as a whole, retry each request alone so that whatever is wrong
+        (one odd request, memory) costs only the request that causes it."""
+        try:
+            results = chunk[0].run(chunk)
+            if len(results) != len(chunk):
+                raise RuntimeError(f"a batch runner returned {len(results)} results for {len(chunk)} requests")
+            return results
+        except Exception as exc:  # noqa: BLE001
+            if len(chunk) == 1:
+                return [exc]
+            log.warning("a batched computation of %d requests failed (%s: %s); running them one by one", len(chunk), type(exc).__name__, exc)
+        results: list[Message | BaseException] = []
+        for d in chunk:
+            try:
+                results.extend(d.run([d]))
+            except Exception as exc:  # noqa: BLE001
+                results.append(exc)
+        return results
+
+    def _error_reply(self, peer: str, exc: BaseException, sid: str, step: int) -> Message:
+        """The reply to a refused or failed message: our errors say why; anything else stays an internal error."""
+        self.stats["errors"] += 1
+        if isinstance(exc, GuardedP2PError):
+            log.warning("refused a message from %s: %s", _short(peer), exc)
+            return _reject_or_error(exc, sid, step)
+        log.error("internal error while handling a message from %s", _short(peer), exc_info=exc)
+        return error_message(ProtocolError(f"internal provider error: {type(exc).__name__}"), sid, step)
+
     def on_message(self, peer: str, msg: Message) -> Message:
+        reply = self._dispatch(peer, msg, defer=False)
+        assert isinstance(reply, Message)
+        return reply
+
+    def _dispatch(self, peer: str, msg: Message, *, defer: bool) -> Message | Deferred:
         self.expire()
         if msg.type == MsgType.HELLO:
             return self._open(peer, msg)
@@ -126,6 +236,10 @@ class ProviderApp:
         if msg.type == MsgType.BYE:
             self.close_session(state.sid, "client said BYE")
             return Message(MsgType.BYE_ACK, session=state.sid, step=msg.step)
+        if defer:
+            batch_handler = getattr(state.handler, "batch_handlers", {}).get(msg.type)  # constant name, our own object
+            if batch_handler is not None:
+                return batch_handler(msg)
         handler = state.handler.handlers.get(msg.type)
         if handler is None:
             raise MessageNotAllowed(f"{msg.type.value} has no handler in a {state.protocol} session")

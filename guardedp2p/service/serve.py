@@ -3,12 +3,18 @@
 It never imports zmq (the channel does), so the same loop serves tests over any ServerChannel. The loop
 wakes at least every ``poll_s`` to expire idle sessions, and stops cleanly when ``stop`` is set (Ctrl-C),
 telling nothing to clients explicitly: their next request gets an ERROR or times out and they checkpoint.
+
+Batching (issue #6): after a message arrives, the loop also takes the messages that are already waiting or
+arrive within ``config.batch_wait_s``, up to ``config.max_batch``, and hands them to
+:meth:`ProviderApp.handle_many`, which runs forward-only requests of several sessions in one trunk call.
+It only waits when more than one session is open: a lone client never pays the wait.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger("guardedp2p.serve")
@@ -22,13 +28,29 @@ def serve_forever(app: Any, channel: Any, stop: threading.Event, *, poll_s: floa
         if incoming is None:
             app.expire()
             continue
-        reply = app.handle(incoming.peer, incoming.frames)
-        try:
-            channel.send(incoming.route, reply)
-        except Exception as exc:  # noqa: BLE001 - a vanished peer must not stop the provider
-            log.warning("could not reply to %s: %s", incoming.peer[:12], exc)
-        handled += 1
+        limit = app.config.max_batch if max_messages is None else max(1, min(app.config.max_batch, max_messages - handled))
+        batch = gather(channel, incoming, limit, app.config.batch_wait_s if len(app.sessions) > 1 else 0.0)
+        replies = app.handle_many([(m.peer, m.frames) for m in batch])
+        for m, reply in zip(batch, replies):
+            try:
+                channel.send(m.route, reply)
+            except Exception as exc:  # noqa: BLE001 - a vanished peer must not stop the provider
+                log.warning("could not reply to %s: %s", m.peer[:12], exc)
+        handled += len(batch)
         if max_messages is not None and handled >= max_messages:
             break
     app.shutdown()
     return handled
+
+
+def gather(channel: Any, first: Any, limit: int, wait_s: float) -> list[Any]:
+    """``first`` plus whatever the channel delivers within ``wait_s`` (already queued messages always), up to
+    ``limit`` messages in all."""
+    batch = [first]
+    deadline = time.monotonic() + wait_s
+    while len(batch) < limit:
+        nxt = channel.recv(timeout=max(0.0, deadline - time.monotonic()))
+        if nxt is None:
+            break
+        batch.append(nxt)
+    return batch
