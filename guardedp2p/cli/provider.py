@@ -46,6 +46,8 @@ def serve(
     record: Optional[Path] = typer.Option(None, help="Record what the provider observes per step into this folder (for the attack harness). Announced to clients in the handshake."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     idle_timeout: float = typer.Option(600.0, help="Seconds of silence after which a session and its state are dropped."),
+    max_batch: int = typer.Option(8, min=1, help="Forward-only requests (gradfree, evaluation) of up to N clients that arrive together share one trunk call. 1 disables batching."),
+    batch_wait_ms: float = typer.Option(2.0, min=0.0, max=1000.0, help="How long to wait for other clients' requests to join a batch, in ms (only while more than one session is open). Higher: bigger batches, more latency."),
     insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated ZeroMQ. For debugging only: anyone can connect and read the traffic."),
     ready_file: Optional[Path] = typer.Option(None, hidden=True, help="Write this file once listening (used by the demo)."),
     max_messages: Optional[int] = typer.Option(None, hidden=True, help="Stop after this many messages (tests)."),
@@ -65,7 +67,7 @@ def serve(
     opts = ProviderOptions(
         model=model, bottom_layers=bottom_layers, top_layers=top_layers, protocols=_split_csv(protocols), device=device,
         record_dir=str(record) if record else None, emulator_dir=str(emulator) if emulator else None,
-        config=ProviderConfig(session_idle_timeout=idle_timeout),
+        config=ProviderConfig(session_idle_timeout=idle_timeout, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000.0),
     )
     app = build_provider_app(opts)
     cfg = ServerConfig(
