@@ -5,6 +5,13 @@ key-authenticated channel, session and copy of the client parts, running Online 
 JSON line per N: total steps per second and tokens per second through the provider, per-client step time.
 
     python -m benchmarks.bench_multiclient [--clients 1,2,4] [--steps 10] [--model default]
+
+``--batching`` measures provider-side batching (issue #6) instead: aggregate Gradfree forward throughput for
+1, 2 and 4 concurrent clients with ``max_batch`` 1 (off) and 8. The provider runs in this process (serve loop in
+a thread, CURVE on 127.0.0.1) on a tiny random llama by default, so it takes seconds; ``--model default`` uses
+the real model. Clients send a fixed activation (no client compute), so the numbers are the provider's.
+
+    python -m benchmarks.bench_multiclient --batching [--clients 1,2,4] [--max-batch 1,8] [--requests 100] [--model tiny|small|default]
 """
 
 from __future__ import annotations
@@ -27,9 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="steps per client")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default=None, help="model folder or 'default' (the default, except with --batching: 'tiny' or 'small', random llamas)")
     ap.add_argument("--protocol", default="online", choices=["online", "gradfree"])
+    ap.add_argument("--batching", action="store_true", help="measure provider batching of gradfree forwards (tiny model unless --model is given)")
+    ap.add_argument("--max-batch", default="1,8", help="--batching: provider max_batch values to compare")
+    ap.add_argument("--batch-wait-ms", type=float, default=2.0, help="--batching: provider batch_wait")
+    ap.add_argument("--requests", type=int, default=100, help="--batching: forward requests per client")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (shared by provider and clients)")
     args = ap.parse_args(argv)
+    if args.batching:
+        return batching_main(args)
+    args.model = args.model or "default"
 
     from benchmarks.bench_online import make_batch
     from guardedp2p.cli.client import client_channel_factory
@@ -90,6 +105,128 @@ def main(argv: list[str] | None = None) -> int:
                 "wall_s": round(wall, 2), "steps_per_s": round(steps / wall, 3), "tokens_per_s": round(steps * args.batch * args.seq / wall, 1),
                 "mean_client_step_s": round(statistics.mean(x for t in times for x in t), 3) if steps else None, "errors": errors,
             }), flush=True)
+    return 0
+
+
+def batching_main(args: argparse.Namespace) -> int:
+    """Aggregate gradfree forward throughput through one provider, with and without provider-side batching."""
+    import logging
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from guardedp2p.engine.fingerprint import model_fingerprint
+    from guardedp2p.engine.split import SplitConfig
+    from guardedp2p.handshake import Hello
+    from guardedp2p.keys import generate_keypair
+    from guardedp2p.protocols.client_session import ClientSession
+    from guardedp2p.protocols.online import RemoteTrunk
+    from guardedp2p.protocols.provider import ProviderConfig
+    from guardedp2p.service.provider import ProviderOptions, build_provider_app
+    from guardedp2p.service.serve import serve_forever
+    from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
+    from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
+
+    logging.getLogger("guardedp2p").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    model_name = args.model or "tiny"
+    if model_name == "tiny":
+        from tests.tiny_models import tiny_model
+
+        model = tiny_model("llama")
+    elif model_name == "small":  # random llama whose trunk costs more than the messaging around it
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
+                          num_key_value_heads=4, max_position_embeddings=512)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    else:
+        from guardedp2p.engine.loading import load_causal_lm
+
+        model, _ = load_causal_lm(model_name, device="cpu")
+    split = SplitConfig(bottom_layers=2, top_layers=2)
+    fp = model_fingerprint(model, split)
+    hidden = int(model.config.hidden_size)
+    counts = [int(c) for c in args.clients.split(",")]
+    max_batches = [int(b) for b in args.max_batch.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="gp2p-bench-batching-"))
+    generate_keypair(tmp, "provider")
+    for i in range(max(counts)):
+        generate_keypair(tmp / "clients", f"c{i}")
+    codecs = {"up": "fp32", "down": "fp32"}
+    g = torch.Generator().manual_seed(0)
+    h1 = torch.randn(args.batch, args.seq, hidden, generator=g)
+    mask = torch.ones(args.batch, args.seq, dtype=torch.long)
+    results: dict[tuple[int, int], float] = {}
+
+    for mb in max_batches:
+        config = ProviderConfig(max_batch=mb, batch_wait_s=args.batch_wait_ms / 1000.0)
+        app = build_provider_app(ProviderOptions(model=model_name, protocols=("gradfree",), device="cpu", config=config), model=copy.deepcopy(model))
+        server = ZmqServerChannel(ServerConfig(bind="tcp://127.0.0.1:*", secret_key_file=tmp / "provider.key_secret", allow_dirs=[tmp / "clients"]))
+        stop = threading.Event()
+        serving = threading.Thread(target=serve_forever, args=(app, server, stop), kwargs={"poll_s": 0.05}, daemon=True)
+        serving.start()
+        try:
+            for n in counts:
+                latencies: list[list[float]] = [[] for _ in range(n)]
+                errors: list[str] = []
+                ready = threading.Barrier(n + 1)
+                done = threading.Barrier(n + 1)
+
+                def one_client(i: int) -> None:
+                    session = None
+                    try:
+                        channel = ZmqClientChannel.open(ClientConfig(connect=server.endpoint, provider_public_key=tmp / "provider.key", secret_key_file=tmp / "clients" / f"c{i}.key_secret"))
+                        session = ClientSession(channel, timeout=600)
+                        session.open(Hello("gradfree", fp, (2, 2), codecs))
+                        remote = RemoteTrunk(session, codecs, gradients=False)
+                        remote(h1, mask, train=False)  # warm-up
+                    except Exception as exc:  # noqa: BLE001 - reported in the JSON line
+                        errors.append(f"client {i}: {exc}")
+                    ready.wait()
+                    try:
+                        if session is not None and not errors:
+                            for _ in range(args.requests):
+                                t0 = time.perf_counter()
+                                remote(h1, mask, train=False)
+                                latencies[i].append(time.perf_counter() - t0)
+                    except Exception as exc:  # noqa: BLE001
+                        errors.append(f"client {i}: {exc}")
+                    done.wait()
+                    if session is not None:
+                        session.close()
+                        session.channel.close()
+
+                threads = [threading.Thread(target=one_client, args=(i,)) for i in range(n)]
+                for t in threads:
+                    t.start()
+                calls0, batched0 = app.stats["batched_calls"], app.stats["batched_requests"]
+                ready.wait()
+                t0 = time.perf_counter()
+                done.wait()
+                wall = time.perf_counter() - t0
+                for t in threads:
+                    t.join()
+                reqs = sum(len(x) for x in latencies)
+                results[(mb, n)] = reqs / wall
+                print(json.dumps({
+                    "bench": "batching", "model": model_name, "max_batch": mb, "batch_wait_ms": args.batch_wait_ms, "clients": n,
+                    "requests_total": reqs, "wall_s": round(wall, 3), "requests_per_s": round(reqs / wall, 2),
+                    "tokens_per_s": round(reqs * args.batch * args.seq / wall, 1),
+                    "mean_latency_ms": round(1000 * statistics.mean(x for t in latencies for x in t), 2) if reqs else None,
+                    "batched_calls": app.stats["batched_calls"] - calls0, "batched_requests": app.stats["batched_requests"] - batched0,
+                    "batch": args.batch, "seq": args.seq, "torch_threads": torch.get_num_threads(), "errors": errors,
+                }), flush=True)
+        finally:
+            stop.set()
+            serving.join(timeout=10)
+            server.close()
+    if 1 in max_batches and len(max_batches) > 1:
+        best = max(max_batches)
+        print(json.dumps({
+            "bench": "batching_summary", "model": model_name, "max_batch": best,
+            "throughput_ratio_vs_unbatched": {str(n): round(results[(best, n)] / results[(1, n)], 3) for n in counts if (1, n) in results and (best, n) in results},
+        }), flush=True)
     return 0
 
 

@@ -294,3 +294,27 @@ def test_serve_loop_batches_concurrent_clients_end_to_end():
     assert app.stats["batched_calls"] >= 1, "concurrent clients should have shared trunk calls"
     assert trunk.calls < n_clients * rounds
     assert not app.sessions, "every client said BYE"
+
+
+def test_gather_takes_queued_messages_and_stops_waiting_once_every_active_peer_is_in():
+    import time
+
+    from guardedp2p.service.serve import gather
+
+    server = InProcServerChannel()
+    a, b = server.connect("a"), server.connect("b")
+    for ch in (a, b, a):
+        ch.send([b"x"])
+    first = server.recv(timeout=1)
+    t0 = time.monotonic()
+    got = gather(server, first, limit=8, wait_s=5.0, expected_peers={"a", "b"})
+    assert [m.peer for m in got] == ["a", "b", "a"] and time.monotonic() - t0 < 1.0, "no wait once a and b are in"
+    a.send([b"y"])
+    first = server.recv(timeout=1)
+    t0 = time.monotonic()
+    got = gather(server, first, limit=8, wait_s=0.2, expected_peers={"a", "b"})
+    assert len(got) == 1 and time.monotonic() - t0 >= 0.19, "waits for b up to wait_s"
+    for _ in range(5):
+        a.send([b"z"])
+    first = server.recv(timeout=1)
+    assert len(gather(server, first, limit=3, wait_s=0.0)) == 3, "never more than limit"

@@ -284,6 +284,10 @@ class ProviderApp:
             else:
                 state.handler.expire(now)
 
+    def active_peers(self) -> set[str]:
+        """Peers holding at least one open session (the serve loop waits for these to join a batch)."""
+        return {s.peer for s in self.sessions.values()}
+
     def drop_peer(self, peer: str, reason: str) -> None:
         """Free every session of a peer (used when the transport knows the peer is gone)."""
         for sid, state in list(self.sessions.items()):

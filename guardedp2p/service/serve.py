@@ -7,7 +7,9 @@ telling nothing to clients explicitly: their next request gets an ERROR or times
 Batching (issue #6): after a message arrives, the loop also takes the messages that are already waiting or
 arrive within ``config.batch_wait_s``, up to ``config.max_batch``, and hands them to
 :meth:`ProviderApp.handle_many`, which runs forward-only requests of several sessions in one trunk call.
-It only waits when more than one session is open: a lone client never pays the wait.
+It stops waiting as soon as every peer with an open session has a message in the batch (a client waits for
+each reply, so nobody else is coming): a lone client never pays the wait, and two clients pay it only while
+one of them is busy elsewhere.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def serve_forever(app: Any, channel: Any, stop: threading.Event, *, poll_s: floa
             app.expire()
             continue
         limit = app.config.max_batch if max_messages is None else max(1, min(app.config.max_batch, max_messages - handled))
-        batch = gather(channel, incoming, limit, app.config.batch_wait_s if len(app.sessions) > 1 else 0.0)
+        batch = gather(channel, incoming, limit, app.config.batch_wait_s, app.active_peers())
         replies = app.handle_many([(m.peer, m.frames) for m in batch])
         for m, reply in zip(batch, replies):
             try:
@@ -43,14 +45,21 @@ def serve_forever(app: Any, channel: Any, stop: threading.Event, *, poll_s: floa
     return handled
 
 
-def gather(channel: Any, first: Any, limit: int, wait_s: float) -> list[Any]:
-    """``first`` plus whatever the channel delivers within ``wait_s`` (already queued messages always), up to
-    ``limit`` messages in all."""
+def gather(channel: Any, first: Any, limit: int, wait_s: float, expected_peers: set[str] | frozenset[str] = frozenset()) -> list[Any]:
+    """``first`` plus what the channel delivers within ``wait_s``, up to ``limit`` messages in all.
+
+    Messages already queued are always taken; the wait ends early once every peer in ``expected_peers`` has
+    a message in the batch."""
     batch = [first]
-    deadline = time.monotonic() + wait_s
+    seen = {first.peer}
+    now = time.monotonic()
+    deadline = now if expected_peers <= seen else now + wait_s
     while len(batch) < limit:
         nxt = channel.recv(timeout=max(0.0, deadline - time.monotonic()))
         if nxt is None:
             break
         batch.append(nxt)
+        seen.add(nxt.peer)
+        if expected_peers <= seen:
+            deadline = min(deadline, time.monotonic())
     return batch
