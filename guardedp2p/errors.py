@@ -6,6 +6,8 @@ what happened and what to do, so the CLI can print it and exit with a clean code
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class GuardedP2PError(Exception):
     """Base class of every error guardedp2p raises on purpose."""
@@ -47,10 +49,25 @@ class HandshakeRejected(ProtocolError):
 
 
 class RemoteError(ProtocolError):
-    """The peer replied with an ERROR message; its text is in the message."""
+    """The peer replied with an ERROR message; its text is in the message, its code in ``remote_code``."""
 
     code = "remote"
     exit_code = 7
+
+    def __init__(self, message: str, *, remote_code: str = "", meta: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.remote_code = remote_code
+        self.meta: dict[str, Any] = dict(meta or {})
+
+
+class ProviderShuttingDown(RemoteError):
+    """The provider is stopping (its operator pressed Ctrl-C) and said so instead of going silent.
+
+    Retrying at once cannot help (a restart takes longer than any back-off), so a run stops with its checkpoint."""
+
+
+class RateLimited(RemoteError):
+    """The provider kept refusing our traffic as over its per-client byte rate for longer than we wait."""
 
 
 class ArtifactError(GuardedP2PError):

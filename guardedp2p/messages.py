@@ -44,3 +44,7 @@ SESSION_TYPES: dict[str, frozenset[MsgType]] = {
 }
 
 GRADIENT_TYPES = frozenset({MsgType.GRAD_UP, MsgType.GRAD_DOWN})
+
+#: ERROR codes a client acts on (the rest it only shows). Why constants: both sides must spell them the same.
+ERROR_RATE_LIMITED = "rate-limited"  # meta["retry_after_s"]: when the same request will be accepted
+ERROR_SHUTTING_DOWN = "provider-shutting-down"  # the provider stops; resume later

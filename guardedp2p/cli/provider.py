@@ -48,6 +48,8 @@ def serve(
     idle_timeout: float = typer.Option(600.0, help="Seconds of silence after which a session and its state are dropped."),
     max_batch: int = typer.Option(8, min=1, help="Forward-only requests (gradfree, evaluation) of up to N clients that arrive together share one trunk call. 1 disables batching."),
     batch_wait_ms: float = typer.Option(2.0, min=0.0, max=1000.0, help="How long to wait for other clients' requests to join a batch, in ms (only while more than one session is open). Higher: bigger batches, more latency."),
+    max_mb_per_s: Optional[float] = typer.Option(None, min=0.001, help="Per-client limit on the bytes it sends, in MB/s (10^6 bytes; bursts of one second's worth). Over it, a request is refused with 'rate-limited' and the client waits and sends it again. Default: no limit."),
+    shutdown_grace: float = typer.Option(2.0, min=0.0, max=600.0, help="On Ctrl-C: seconds to keep answering clients 'provider-shutting-down' (so they checkpoint and say how to resume) before closing; ends early once every session is told. Ctrl-C again stops at once."),
     insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated ZeroMQ. For debugging only: anyone can connect and read the traffic."),
     ready_file: Optional[Path] = typer.Option(None, hidden=True, help="Write this file once listening (used by the demo)."),
     max_messages: Optional[int] = typer.Option(None, hidden=True, help="Stop after this many messages (tests)."),
@@ -67,7 +69,10 @@ def serve(
     opts = ProviderOptions(
         model=model, bottom_layers=bottom_layers, top_layers=top_layers, protocols=_split_csv(protocols), device=device,
         record_dir=str(record) if record else None, emulator_dir=str(emulator) if emulator else None,
-        config=ProviderConfig(session_idle_timeout=idle_timeout, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000.0),
+        config=ProviderConfig(
+            session_idle_timeout=idle_timeout, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000.0,
+            max_bytes_per_s=max_mb_per_s * 1e6 if max_mb_per_s else None, shutdown_grace_s=shutdown_grace,
+        ),
     )
     app = build_provider_app(opts)
     cfg = ServerConfig(
@@ -76,9 +81,14 @@ def serve(
     )
     channel = ZmqServerChannel(cfg)
     stop = threading.Event()
+    abort = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
-        log.info("stopping (signal %d): finishing the current message", signum)
+        if stop.is_set():
+            log.info("stopping now (signal %d again)", signum)
+            abort.set()
+            return
+        log.info("stopping (signal %d): finishing the current message, then telling clients for up to %g s (again to stop at once)", signum, shutdown_grace)
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
@@ -87,9 +97,9 @@ def serve(
     if ready_file:
         ready_file.write_text(bind)
     try:
-        handled = serve_forever(app, channel, stop, max_messages=max_messages)
+        handled = serve_forever(app, channel, stop, max_messages=max_messages, abort=abort)
     finally:
-        channel.close()
+        channel.close(linger_s=0.0 if abort.is_set() else 1.0)  # let the last "shutting down" replies leave
     log.info("served %d messages, %d sessions", handled, app.stats["sessions_opened"])
 
 

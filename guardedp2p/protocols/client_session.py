@@ -8,14 +8,15 @@ estimated from shapes.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from guardedp2p.errors import HandshakeRejected, ProtocolError, RemoteError
+from guardedp2p.errors import HandshakeRejected, ProtocolError, ProviderShuttingDown, RateLimited, RemoteError
 from guardedp2p.handshake import Hello
-from guardedp2p.messages import MsgType
+from guardedp2p.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
 from guardedp2p.wire import DEFAULT_LIMITS, Message, WireLimits, decode, encode, frames_nbytes
 
 log = logging.getLogger("guardedp2p.client")
@@ -31,6 +32,8 @@ class WireStats:
     wait_s: float = 0.0  # wall time between sending a request and having its reply (wire + provider compute)
     codec_s: float = 0.0  # local encode + decode time
     provider_s: float = 0.0  # compute time the provider reported in its replies
+    rate_limited: int = 0  # requests the provider refused as over its per-client byte rate (then sent again)
+    rate_limited_wait_s: float = 0.0  # time spent waiting for the provider's rate limit
 
     @property
     def total_up(self) -> int:
@@ -50,17 +53,34 @@ class WireStats:
             "wait_s": round(self.wait_s, 4),
             "codec_s": round(self.codec_s, 4),
             "provider_s": round(self.provider_s, 4),
+            "rate_limited": self.rate_limited,
+            "rate_limited_wait_s": round(self.rate_limited_wait_s, 4),
         }
 
 
-class ClientSession:
-    """Request/reply over a channel, bound to one provider session after :meth:`open`."""
+MAX_RETRY_AFTER_S = 60.0
+"""The longest single wait a provider's ``retry_after_s`` hint can impose (a hint is data from the peer)."""
 
-    def __init__(self, channel: Any, *, timeout: float = 30.0, limits: WireLimits = DEFAULT_LIMITS, stats: WireStats | None = None) -> None:
+
+class ClientSession:
+    """Request/reply over a channel, bound to one provider session after :meth:`open`.
+
+    A request the provider refuses as over its per-client byte rate ("rate-limited") was not processed, so it
+    is sent again after the provider's ``retry_after_s`` hint, for at most ``rate_limit_wait_s`` in all per
+    request; only then does it fail (:class:`RateLimited`). Why here: every caller (training, evaluation,
+    offline transfers) then rides out a limit the same way, without using up its reconnect retries.
+    """
+
+    def __init__(
+        self, channel: Any, *, timeout: float = 30.0, limits: WireLimits = DEFAULT_LIMITS, stats: WireStats | None = None,
+        rate_limit_wait_s: float = 300.0, sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.channel = channel
         self.timeout = timeout
         self.limits = limits
         self.stats = stats if stats is not None else WireStats()  # shared across reconnects of one run
+        self.rate_limit_wait_s = rate_limit_wait_s
+        self.sleep = sleep
         self.sid = ""
         self.terms: dict[str, Any] = {}
 
@@ -81,6 +101,42 @@ class ClientSession:
             msg.session = self.sid
         t0 = time.perf_counter()
         frames = encode(msg)
+        self.stats.codec_s += time.perf_counter() - t0
+        waited = 0.0
+        while True:
+            reply = self._exchange(msg, frames)
+            if reply.type != MsgType.ERROR or reply.meta.get("code") != ERROR_RATE_LIMITED or waited >= self.rate_limit_wait_s:
+                break
+            delay = min(_retry_after(reply.meta), self.rate_limit_wait_s - waited)
+            log.debug("rate-limited by the provider; sending %s again in %.3f s", msg.type.value, delay)
+            self.stats.rate_limited += 1
+            self.stats.rate_limited_wait_s += delay
+            self.sleep(delay)
+            waited += delay
+        if reply.type == MsgType.REJECT:
+            raise HandshakeRejected(f"the provider rejected the session: {reply.meta.get('message', '?')}")
+        if reply.type == MsgType.ERROR:
+            code = str(reply.meta.get("code", "?"))
+            text = f"the provider refused {msg.type.value} (step {msg.step}): [{code}] {reply.meta.get('message', '?')}"
+            if code == ERROR_SHUTTING_DOWN:
+                raise ProviderShuttingDown(text, remote_code=code, meta=reply.meta)
+            if code == ERROR_RATE_LIMITED:
+                limit = reply.meta.get("limit_bytes_per_s")
+                rate = f" of {limit / 1e6:g} MB/s" if isinstance(limit, (int, float)) and not isinstance(limit, bool) else ""
+                raise RateLimited(
+                    f"{text}. Still over the provider's per-client rate limit{rate} after waiting {waited:.0f} s: send less per "
+                    "step (smaller --batch-size or --max-length, a smaller --codec) or ask the operator to raise --max-mb-per-s",
+                    remote_code=code, meta=reply.meta,
+                )
+            raise RemoteError(text, remote_code=code, meta=reply.meta)
+        if reply.type != expect:
+            raise ProtocolError(f"expected {expect.value} in reply to {msg.type.value}, got {reply.type.value}")
+        if msg.type != MsgType.HELLO and (reply.session != self.sid or reply.step != msg.step):
+            raise ProtocolError(f"reply is for session/step {reply.session[:8]}/{reply.step}, expected {self.sid[:8]}/{msg.step}")
+        return reply
+
+    def _exchange(self, msg: Message, frames: list[Any]) -> Message:
+        """One send and its reply, with the byte and time accounting."""
         t1 = time.perf_counter()
         self.channel.send(frames)
         self.stats.bytes_up[msg.type.value] += frames_nbytes(frames)
@@ -90,19 +146,11 @@ class ClientSession:
         t3 = time.perf_counter()
         self.stats.bytes_down[reply.type.value] += frames_nbytes(reply_frames)
         self.stats.messages += 1
-        self.stats.codec_s += (t1 - t0) + (t3 - t2)
+        self.stats.codec_s += t3 - t2
         self.stats.wait_s += t2 - t1
         provider_s = reply.meta.get("compute_s")
         if isinstance(provider_s, float):
             self.stats.provider_s += provider_s
-        if reply.type == MsgType.REJECT:
-            raise HandshakeRejected(f"the provider rejected the session: {reply.meta.get('message', '?')}")
-        if reply.type == MsgType.ERROR:
-            raise RemoteError(f"the provider refused {msg.type.value} (step {msg.step}): [{reply.meta.get('code', '?')}] {reply.meta.get('message', '?')}")
-        if reply.type != expect:
-            raise ProtocolError(f"expected {expect.value} in reply to {msg.type.value}, got {reply.type.value}")
-        if msg.type != MsgType.HELLO and (reply.session != self.sid or reply.step != msg.step):
-            raise ProtocolError(f"reply is for session/step {reply.session[:8]}/{reply.step}, expected {self.sid[:8]}/{msg.step}")
         return reply
 
     def ping(self) -> None:
@@ -117,3 +165,11 @@ class ClientSession:
         except Exception as exc:  # noqa: BLE001 - closing is best effort
             log.debug("BYE failed: %s", exc)
         self.sid = ""
+
+
+def _retry_after(meta: dict[str, Any]) -> float:
+    """The provider's retry hint, bounded (it is data from the peer); 1 s when absent or unusable."""
+    value = meta.get("retry_after_s")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return 1.0
+    return min(MAX_RETRY_AFTER_S, max(0.001, float(value) * 1.01 + 0.001))  # a hair late rather than early again

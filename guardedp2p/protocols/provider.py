@@ -7,6 +7,12 @@ message from one peer becomes an ERROR reply to that peer and never an exception
 Batching (issue #6): :meth:`ProviderApp.handle_many` answers several messages that arrived together. Each is
 decoded and checked exactly as :meth:`ProviderApp.handle` would; requests a session handler can *defer*
 (forward-only trunk passes) are then computed in one call per group, and each session answers its own.
+
+Per-client byte rate (issue #9): with ``max_bytes_per_s`` set, each peer (authenticated key) has its own token
+bucket over the bytes it sends; a message over the limit is refused *before it is decoded* with ERROR
+"rate-limited" and a ``retry_after_s`` hint, so a flooding client costs little and never slows another's
+bucket. Shutdown: after :meth:`ProviderApp.begin_shutdown` every request but BYE is answered with ERROR
+"provider-shutting-down" and its session is closed.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 
 from guardedp2p.errors import ConfigError, GuardedP2PError, HandshakeRejected, ProtocolError, WireError
 from guardedp2p.handshake import Hello, ProviderPolicy, negotiate
-from guardedp2p.messages import SESSION_TYPES, MsgType
+from guardedp2p.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, SESSION_TYPES, MsgType
 from guardedp2p.wire import DEFAULT_LIMITS, Frame, Message, WireLimits, decode, encode, error_message
 
 log = logging.getLogger("guardedp2p.provider")
@@ -37,6 +43,51 @@ class MessageNotAllowed(ProtocolError):
     code = "not-allowed"
 
 
+class RateLimitExceeded(ProtocolError):
+    """This peer sent more bytes than its share; it may send the same message again after ``retry_after_s``."""
+
+    code = ERROR_RATE_LIMITED
+
+    def __init__(self, message: str, retry_after_s: float, limit_bytes_per_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit_bytes_per_s = limit_bytes_per_s
+
+
+class ShuttingDown(ProtocolError):
+    code = ERROR_SHUTTING_DOWN
+
+
+@dataclass
+class TokenBucket:
+    """Bytes a peer may send: refills at ``rate`` per second up to ``capacity``.
+
+    A message is admitted when the bucket holds its size, or is full if the message is larger than the whole
+    bucket (it then goes into debt, which later messages wait out): so no message size is refused for ever and
+    the long-run rate still holds. A refused message takes nothing, so a client that waits the hinted time and
+    sends it again gets through.
+    """
+
+    rate: float
+    capacity: float
+    tokens: float
+    updated: float
+
+    def take(self, nbytes: int, now: float) -> float:
+        """Admit ``nbytes`` (returns 0.0) or return the seconds until they would be admitted."""
+        self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.updated) * self.rate)
+        self.updated = now
+        need = min(float(nbytes), self.capacity)
+        if self.tokens >= need:
+            self.tokens -= nbytes
+            return 0.0
+        return (need - self.tokens) / self.rate
+
+    def full(self, now: float) -> bool:
+        """A full bucket is the same as a new one, so it can be forgotten (peers come and go)."""
+        return self.tokens + max(0.0, now - self.updated) * self.rate >= self.capacity
+
+
 @dataclass
 class ProviderConfig:
     """Operational limits of one provider process."""
@@ -49,8 +100,17 @@ class ProviderConfig:
     limits: WireLimits = field(default_factory=lambda: DEFAULT_LIMITS)
     max_batch: int = 8  # most messages answered together (forward-only ones share a trunk call); 1 disables
     batch_wait_s: float = 0.002  # how long the serve loop waits for more messages to join a batch
+    max_bytes_per_s: float | None = None  # per peer (client key): bytes it may send per second; None: no limit
+    burst_bytes: float | None = None  # per peer: bytes it may send at once; None: one second's worth
+    shutdown_grace_s: float = 2.0  # on Ctrl-C: how long to tell clients "provider-shutting-down" before closing
 
     def __post_init__(self) -> None:
+        if self.max_bytes_per_s is not None and not self.max_bytes_per_s > 0:
+            raise ConfigError(f"max_bytes_per_s must be positive (or None for no limit), got {self.max_bytes_per_s}")
+        if self.burst_bytes is not None and not self.burst_bytes > 0:
+            raise ConfigError(f"burst_bytes must be positive (or None for one second's worth), got {self.burst_bytes}")
+        if not 0.0 <= self.shutdown_grace_s <= 600.0:
+            raise ConfigError(f"shutdown_grace_s must be between 0 and 600 seconds, got {self.shutdown_grace_s}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1 (1 disables batching), got {self.max_batch}")
         if not 0.0 <= self.batch_wait_s <= 1.0:
@@ -118,7 +178,10 @@ class ProviderApp:
         self.clock = clock
         self.resources = resources or {}
         self.sessions: dict[str, SessionState] = {}
-        self.stats = {"messages": 0, "errors": 0, "sessions_opened": 0, "batched_calls": 0, "batched_requests": 0}
+        self.stats = {"messages": 0, "errors": 0, "sessions_opened": 0, "batched_calls": 0, "batched_requests": 0, "rate_limited": 0}
+        self.buckets: dict[str, TokenBucket] = {}
+        self._rate_warned: dict[str, float] = {}
+        self.draining = False
 
     # ------------------------------------------------------------------ frames in, frames out
     def handle(self, peer: str, frames: Sequence[Frame]) -> list[Frame]:
@@ -126,6 +189,7 @@ class ProviderApp:
         self.stats["messages"] += 1
         sid, step = "", 0
         try:
+            self._admit(peer, frames)
             msg = decode(frames, self.config.limits)
             sid, step = msg.session, msg.step
             reply = self.on_message(peer, msg)
@@ -151,6 +215,7 @@ class ProviderApp:
             self.stats["messages"] += 1
             sid, step = "", 0
             try:
+                self._admit(peer, frames)
                 msg = decode(frames, self.config.limits)
                 sid, step = msg.session, msg.step
                 if msg.type != MsgType.ACT_UP and any(p[2] == peer for p in pending):
@@ -204,9 +269,37 @@ class ProviderApp:
                 results.append(exc)
         return results
 
+    def _admit(self, peer: str, frames: Sequence[Frame]) -> None:
+        """Charge the peer's byte bucket; raise :class:`RateLimitExceeded` (nothing charged) when it is empty."""
+        rate = self.config.max_bytes_per_s
+        if rate is None:
+            return
+        now = self.clock()
+        bucket = self.buckets.get(peer)
+        if bucket is None:
+            capacity = float(self.config.burst_bytes or rate)
+            bucket = self.buckets[peer] = TokenBucket(rate, capacity, capacity, now)
+        wait = bucket.take(sum(len(f) for f in frames), now)
+        if wait > 0.0:
+            raise RateLimitExceeded(
+                f"this client sends more than the provider's limit of {rate / 1e6:g} MB/s; send the request again in "
+                f"{wait:.3f} s (the client does this by itself)",
+                retry_after_s=wait, limit_bytes_per_s=rate,
+            )
+
     def _error_reply(self, peer: str, exc: BaseException, sid: str, step: int) -> Message:
         """The reply to a refused or failed message: our errors say why; anything else stays an internal error."""
         self.stats["errors"] += 1
+        if isinstance(exc, RateLimitExceeded):
+            self.stats["rate_limited"] += 1
+            now = self.clock()
+            if now - self._rate_warned.get(peer, -1e9) >= 10.0:  # a flood must not flood the log too
+                self._rate_warned[peer] = now
+                log.warning("rate-limiting %s (over %g MB/s)", _short(peer), exc.limit_bytes_per_s / 1e6)
+            reply = error_message(exc, sid, step)
+            reply.meta["retry_after_s"] = round(exc.retry_after_s, 6)
+            reply.meta["limit_bytes_per_s"] = exc.limit_bytes_per_s
+            return reply
         if isinstance(exc, GuardedP2PError):
             log.warning("refused a message from %s: %s", _short(peer), exc)
             return _reject_or_error(exc, sid, step)
@@ -220,6 +313,11 @@ class ProviderApp:
 
     def _dispatch(self, peer: str, msg: Message, *, defer: bool) -> Message | Deferred:
         self.expire()
+        if self.draining and msg.type != MsgType.BYE:
+            state = self.sessions.get(msg.session)
+            if state is not None and state.peer == peer:
+                self.close_session(state.sid, "provider shutting down (client told)")
+            raise ShuttingDown("the provider is shutting down (its operator stopped it); no new work is accepted. Resume later.")
         if msg.type == MsgType.HELLO:
             return self._open(peer, msg)
         state = self.sessions.get(msg.session)
@@ -283,6 +381,9 @@ class ProviderApp:
                 self.close_session(sid, "idle timeout")
             else:
                 state.handler.expire(now)
+        for peer in [p for p, b in self.buckets.items() if b.full(now)]:
+            del self.buckets[peer]
+            self._rate_warned.pop(peer, None)
 
     def active_peers(self) -> set[str]:
         """Peers holding at least one open session (the serve loop waits for these to join a batch)."""
@@ -293,6 +394,13 @@ class ProviderApp:
         for sid, state in list(self.sessions.items()):
             if state.peer == peer:
                 self.close_session(sid, reason)
+
+    def begin_shutdown(self) -> None:
+        """From now on answer every request but BYE with ERROR "provider-shutting-down" (and close its session),
+        so clients learn at once why the provider goes away instead of timing out."""
+        if not self.draining:
+            self.draining = True
+            log.info("shutting down: telling the clients of %d open session(s)", len(self.sessions))
 
     def shutdown(self) -> None:
         for sid in list(self.sessions):

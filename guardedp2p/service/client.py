@@ -4,7 +4,12 @@
 the ZeroMQ channel (deployment) run exactly the same code. Failures of the channel end in a checkpoint that
 ``--resume`` continues from, with no lost or repeated step: the data position saved is the one *before* the
 step that failed.
+
+Two provider answers end a run at once, with that checkpoint, instead of being retried: "provider-shutting-down"
+(its operator stopped it; reconnecting within seconds cannot succeed, and the user should learn why now rather
+than after the retries) and a rate limit that outlasted the session's own waiting (see ClientSession).
 """
+
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from guardedp2p.errors import ConfigError, GuardedP2PError, HandshakeRejected, RemoteError, TransportError
+from guardedp2p.errors import ConfigError, GuardedP2PError, HandshakeRejected, ProviderShuttingDown, RateLimited, RemoteError, TransportError
 from guardedp2p.handshake import CODEC_DIRECTIONS, Hello
 from guardedp2p.protocols.client_session import ClientSession, WireStats
 from guardedp2p.train.config import TrainConfig
@@ -315,6 +320,21 @@ def tune(
                 if trainer.step > 0:
                     checkpoint(data_state)
                 raise
+            except (ProviderShuttingDown, RateLimited) as exc:
+                # the provider said why it cannot serve us now: retrying within seconds cannot help, stop and say so
+                state["session"] = None
+                why = "the provider is shutting down (its operator stopped it)" if isinstance(exc, ProviderShuttingDown) else str(exc)
+                log.warning("%s: %s", what, why)
+                if trainer.step == 0 and resumed_from == 0:
+                    raise TrainingInterrupted(
+                        f"{what} stopped: {why}. Nothing was trained yet, so there is no checkpoint; run the same "
+                        "command again once the provider is back."
+                    ) from None
+                checkpoint(data_state)
+                raise TrainingInterrupted(
+                    f"{what} stopped: {why}. Your checkpoint is at step {trainer.step} in {ckpt_dir}; run the same "
+                    "command with --resume once the provider is back."
+                ) from None
             except (TransportError, RemoteError) as exc:
                 log.warning("%s failed (%s); attempt %d of %d", what, exc, attempt + 1, opts.retries + 1)
                 state["session"] = None
@@ -404,6 +424,8 @@ def tune(
         "bytes_per_step": (train_bytes_up + train_bytes_down) / steps_run,
         "gradient_bytes": stats["bytes_up_by_type"].get("GRAD_UP", 0) + stats["bytes_down_by_type"].get("GRAD_DOWN", 0),
         "bytes_by_type": {"up": stats["bytes_up_by_type"], "down": stats["bytes_down_by_type"]},
+        "rate_limited": stats["rate_limited"],  # requests the provider's per-client rate limit made us send again
+        "rate_limited_wait_s": stats["rate_limited_wait_s"],
         "codecs": dict(opts.codecs) if opts.protocol == "online" else {k: opts.codecs[k] for k in ("up", "down")},
         "privacy": _hello(opts, client, 0).privacy,
         "train_s": round(train_s, 3),

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from guardedp2p.errors import ConfigError, RemoteError, TransportError
+from guardedp2p.errors import ConfigError, ProviderShuttingDown, RateLimited, RemoteError, TransportError
 from guardedp2p.handshake import Hello
 from guardedp2p.offline.manifest import DigestMismatchError
 from guardedp2p.protocols.client_session import ClientSession, WireStats
@@ -174,6 +174,14 @@ def tune_offline(
                 if attempt == opts.retries:
                     raise
                 log.warning("%s: %s", what, exc)
+            except (ProviderShuttingDown, RateLimited) as exc:
+                # the provider said why it cannot serve us now: retrying within seconds cannot help
+                state["session"] = None
+                why = "the provider is shutting down (its operator stopped it)" if isinstance(exc, ProviderShuttingDown) else str(exc)
+                raise TrainingInterrupted(
+                    f"{what} stopped: {why}. What was done is kept in {out}; run the same command again (with --resume) "
+                    "once the provider is back."
+                ) from None
             except (TransportError, RemoteError) as exc:
                 log.warning("%s failed (%s); attempt %d of %d", what, exc, attempt + 1, opts.retries + 1)
                 state["session"] = None

@@ -1,8 +1,14 @@
 """Serve loop: moves frames between a server channel and the sans-I/O :class:`ProviderApp`.
 
 It never imports zmq (the channel does), so the same loop serves tests over any ServerChannel. The loop
-wakes at least every ``poll_s`` to expire idle sessions, and stops cleanly when ``stop`` is set (Ctrl-C),
-telling nothing to clients explicitly: their next request gets an ERROR or times out and they checkpoint.
+wakes at least every ``poll_s`` to expire idle sessions.
+
+Shutdown (Ctrl-C sets ``stop``): the loop finishes the messages it is handling, then, for up to
+``config.shutdown_grace_s`` (ending early once no session is left, or when ``abort`` is set by a second
+Ctrl-C), answers every request with ERROR "provider-shutting-down" (BYE is still acknowledged, HELLO is
+refused) and closes each session it answers. So clients are told, rather than left to time out: they save
+their checkpoint and say how to resume. A client that sends nothing during the grace period learns it from
+its next request's timeout, as before.
 
 Batching (issue #6): after a message arrives, the loop also takes the messages that are already waiting or
 arrive within ``config.batch_wait_s``, up to ``config.max_batch``, and hands them to
@@ -22,8 +28,12 @@ from typing import Any
 log = logging.getLogger("guardedp2p.serve")
 
 
-def serve_forever(app: Any, channel: Any, stop: threading.Event, *, poll_s: float = 0.5, max_messages: int | None = None) -> int:
-    """Serve until ``stop`` is set (or ``max_messages`` handled). Returns the number of messages handled."""
+def serve_forever(
+    app: Any, channel: Any, stop: threading.Event, *, poll_s: float = 0.5, max_messages: int | None = None,
+    abort: threading.Event | None = None,
+) -> int:
+    """Serve until ``stop`` is set (then wind down, see the module docstring) or ``max_messages`` are handled.
+    Returns the number of messages handled."""
     handled = 0
     while not stop.is_set():
         incoming = channel.recv(timeout=poll_s)
@@ -41,7 +51,35 @@ def serve_forever(app: Any, channel: Any, stop: threading.Event, *, poll_s: floa
         handled += len(batch)
         if max_messages is not None and handled >= max_messages:
             break
+    if stop.is_set():
+        handled += wind_down(app, channel, poll_s=poll_s, abort=abort)
     app.shutdown()
+    return handled
+
+
+def wind_down(app: Any, channel: Any, *, poll_s: float = 0.5, abort: threading.Event | None = None) -> int:
+    """Tell clients that the provider is going away, for at most ``config.shutdown_grace_s`` seconds."""
+    grace = app.config.shutdown_grace_s
+    if grace <= 0 or not app.sessions:
+        return 0
+    app.begin_shutdown()
+    deadline = time.monotonic() + grace
+    handled = 0
+    while app.sessions and not (abort is not None and abort.is_set()):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        incoming = channel.recv(timeout=min(poll_s, remaining))
+        if incoming is None:
+            continue
+        reply = app.handle(incoming.peer, incoming.frames)
+        try:
+            channel.send(incoming.route, reply)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not reply to %s: %s", incoming.peer[:12], exc)
+        handled += 1
+    left = len(app.sessions)
+    log.info("shutdown grace over: %s", f"{left} session(s) never heard from" if left else "every session was told")
     return handled
 
 

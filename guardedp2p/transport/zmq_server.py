@@ -304,18 +304,21 @@ class ZmqServerChannel(ServerChannel):
         if self._closed:
             raise ChannelClosed("The server channel is closed; create a new one to serve again.")
 
-    def close(self) -> None:
-        """Stop listening and release the socket, the authenticator thread and the context. Idempotent."""
+    def close(self, linger_s: float = 0.0) -> None:
+        """Stop listening and release the socket, the authenticator thread and the context. Idempotent.
+
+        ``linger_s``: how long replies still queued may take to leave (the last "provider-shutting-down" answers
+        at shutdown); 0 drops them."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._teardown()
+            self._teardown(linger_s)
 
-    def _teardown(self) -> None:
+    def _teardown(self, linger_s: float = 0.0) -> None:
         sock = getattr(self, "_sock", None)
         if sock is not None:
-            sock.close(linger=0)
+            sock.close(linger=max(0, int(linger_s * 1000)))
         if self._auth is not None:
             try:
                 self._auth.stop()
