@@ -80,15 +80,18 @@ def tune_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="Gradfree: do not cache trunk outputs."),
     provider_sign_key: Optional[Path] = typer.Option(None, help="Offline: the provider's public signing key (NAME.sign.pub); the emulator is refused unless its manifest verifies against it."),
     device: str = typer.Option("auto", help="Where the client's parts run: auto (CUDA when present), cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("fp32", help="Precision of the client's frozen weights: fp32, bf16 or fp16 (LoRA weights stay fp32; the fingerprint is unaffected). bf16 halves the memory of big models, on CPU and GPU."),
     insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated ZeroMQ (debug only)."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as one JSON line at the end."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging (-vv for debug)."),
 ) -> None:
     """Fine-tune your adapters with the provider over an authenticated, encrypted channel."""
     setup_logging(verbose, quiet=json_out and verbose == 0)
+    from guardedp2p.engine.placement import parse_dtype
     from guardedp2p.service.client import TuneOptions, tune
     from guardedp2p.train.config import TrainConfig
 
+    parse_dtype(dtype)  # a typo fails here, not after connecting and loading the model
     train = TrainConfig(
         steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup, max_length=max_length, seed=seed,
         lora_r=lora_r, lora_alpha=lora_alpha, dcor_alpha=dcor, checkpoint_every=checkpoint_every, eval_every=eval_every,
@@ -97,7 +100,7 @@ def tune_cmd(
         protocol=protocol, model=model, data=str(data) if data else None, eval_data=str(eval_data) if eval_data else None,
         out=str(out), train=train, bottom_layers=bottom_layers, top_layers=top_layers,
         codecs={"up": codec_up, "down": codec_down, "grad_up": codec_grad, "grad_down": codec_grad},
-        noise=parse_noise(noise), resume=resume, timeout=timeout, retries=retries, cache=not no_cache, device=device,
+        noise=parse_noise(noise), resume=resume, timeout=timeout, retries=retries, cache=not no_cache, device=device, dtype=dtype,
         refuse_recording=refuse_recording,
     )
     connect_fn = client_channel_factory(connect, provider_key, keys, name, insecure, handshake_timeout=connect_timeout)

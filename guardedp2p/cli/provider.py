@@ -44,7 +44,10 @@ def serve(
     top_layers: int = typer.Option(2, help="Blocks the client runs after the trunk (must match the client)."),
     emulator: Optional[Path] = typer.Option(None, help="Emulator folder (from `provider emulator build`) to serve for the offline design."),
     record: Optional[Path] = typer.Option(None, help="Record what the provider observes per step into this folder (for the attack harness). Announced to clients in the handshake."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (one device; see --device-map for several GPUs)."),
+    device_map: Optional[str] = typer.Option(None, help="Where the trunk's blocks go: auto (GPUs when present, as few as hold the trunk; else CPU), balanced (split evenly over all GPUs), cpu, cuda or cuda:N. Default: --device. See docs/big-models.md."),
+    dtype: Optional[str] = typer.Option(None, help="Trunk precision: fp32 (default), bf16, fp16, or auto (the checkpoint's own). Does not change the model fingerprint."),
+    load_in: Optional[str] = typer.Option(None, help="Quantize the trunk's weights with bitsandbytes: 8bit or 4bit (needs `pip install bitsandbytes`; the client-side modules stay unquantized)."),
     idle_timeout: float = typer.Option(600.0, help="Seconds of silence after which a session and its state are dropped."),
     max_batch: int = typer.Option(8, min=1, help="Forward-only requests (gradfree, evaluation) of up to N clients that arrive together share one trunk call. 1 disables batching."),
     batch_wait_ms: float = typer.Option(2.0, min=0.0, max=1000.0, help="How long to wait for other clients' requests to join a batch, in ms (only while more than one session is open). Higher: bigger batches, more latency."),
@@ -69,6 +72,7 @@ def serve(
     opts = ProviderOptions(
         model=model, bottom_layers=bottom_layers, top_layers=top_layers, protocols=_split_csv(protocols), device=device,
         record_dir=str(record) if record else None, emulator_dir=str(emulator) if emulator else None,
+        device_map=device_map, dtype=dtype, load_in=load_in,
         config=ProviderConfig(
             session_idle_timeout=idle_timeout, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000.0,
             max_bytes_per_s=max_mb_per_s * 1e6 if max_mb_per_s else None, shutdown_grace_s=shutdown_grace,

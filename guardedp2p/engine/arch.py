@@ -41,6 +41,27 @@ class LayerContext:
         kind = self.layer_types[layer_idx] if self.layer_types else "full_attention"
         return self.masks[kind]
 
+    def to(self, device: torch.device) -> "LayerContext":
+        """A copy with every tensor on ``device``: a trunk spread over several GPUs (``--device-map``) runs each
+        block where its weights are, so the masks and rotary tables must follow the hidden states."""
+        return LayerContext(
+            {k: _move(v, device) for k, v in self.masks.items()},
+            self.position_ids.to(device),
+            _move(self.position_embeddings, device),
+            self.layer_types,
+            {k: _move(v, device) for k, v in self.extra.items()},
+        )
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    """Move a tensor, a tuple/list of tensors or any object with ``.to`` (flex-attention BlockMask); keep None."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    to = getattr(value, "to", None)
+    return to(device) if callable(to) else value
+
 
 @dataclass(frozen=True)
 class ArchSpec:

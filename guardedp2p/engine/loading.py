@@ -147,15 +147,18 @@ def load_causal_lm(
     name_or_path: str = DEFAULT_MODEL,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from local files only, in eval mode.
 
-    ``device=None`` means "auto" (CUDA if visible). The GGUF default is de-quantized to ``dtype`` on load
-    (takes ~30-40 s on 2 CPU cores for the 135M model).
+    ``device=None`` means "auto" (CUDA if visible). ``dtype="auto"`` keeps a Hugging Face checkpoint's own
+    precision (half the RAM of fp32 for fp16/bf16 checkpoints); GGUF files are then read as fp32. The GGUF
+    default is de-quantized to ``dtype`` on load (takes ~30-40 s on 2 CPU cores for the 135M model).
     """
     _offline_env()
     folder, gguf = _resolve(str(name_or_path))
+    if dtype == "auto" and gguf is not None:
+        dtype = torch.float32
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -146,26 +146,59 @@ class _SplitPart(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the device of the first owned weight (the first block's, when blocks are spread)."""
         return next(self.parameters()).device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The floating dtype the part computes in.
+
+        The first *floating* parameter decides: bitsandbytes stores quantized weights as int8/uint8, and the
+        norms and biases next to them carry the compute precision (``--dtype``). fp32 when there is none.
+        """
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
 
     def _run_blocks(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if len(self.layer_range) == 0:
             return h
         ctx = self.arch.context(self, self.config, h, attention_mask, self.layer_range)
+        contexts = {h.device: ctx}
         blocks = self.blocks
         for i in self.layer_range:
-            h = self.arch.call_block(blocks[i], h, ctx, i)
+            dev = _block_device(blocks[i])
+            if dev is not None and dev != h.device:
+                # blocks spread over several devices (provider --device-map): follow the weights
+                h = h.to(dev)
+                if dev not in contexts:
+                    contexts[dev] = ctx.to(dev)
+            h = self.arch.call_block(blocks[i], h, contexts.get(h.device, ctx), i)
         return h
 
     def _inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        """Move inputs to the part's first device; hidden states also take the part's compute dtype, so an fp32
+        tensor from the wire can enter a bf16 or quantized part (the cast is part of the autograd graph)."""
         dev = self.device
         if attention_mask is not None:
             attention_mask = attention_mask.to(dev)
+        if h.is_floating_point():
+            return h.to(dev, self.compute_dtype), attention_mask
         return h.to(dev), attention_mask
 
     def extra_repr(self) -> str:
         r = self.layer_range
         return f"{self.role}: layers [{r.start}, {r.stop}) of {self.n_layers}, model_type={self.config.model_type}"
+
+
+def _block_device(block: nn.Module) -> torch.device | None:
+    """Device of a block's weights; None for a parameter-free block or weights offloaded to meta (accelerate
+    hooks then place the inputs themselves)."""
+    p = next(block.parameters(), None)
+    if p is None or p.device.type == "meta":
+        return None
+    return p.device
 
 
 class ClientBottom(_SplitPart):

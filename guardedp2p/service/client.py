@@ -54,6 +54,7 @@ class TuneOptions:
     retries: int = 3
     cache: bool = True  # gradfree: trunk-output cache
     device: str = "auto"
+    dtype: str | None = None  # fp32|bf16|fp16 of the client's frozen weights (LoRA stays fp32); None: fp32 when loading
     eval_batch_size: int = 8
     eval_max_items: int | None = None
     skip_eval: bool = False
@@ -75,31 +76,49 @@ class ClientModel:
 
 
 def prepare_client(opts: TuneOptions, *, model: Any = None, tokenizer: Any = None) -> ClientModel:
-    """Load the model (unless given), cut out the client parts, fingerprint them, attach LoRA."""
+    """Load the model (unless given), cut out the client parts, fingerprint them, attach LoRA.
+
+    A model loaded here is read on the CPU in the checkpoint's own precision, fingerprinted, split, and only
+    then are the client's parts cast to ``opts.dtype`` and moved to the device: the trunk's weights never reach
+    the GPU, an fp16 checkpoint is not doubled in RAM on the way, and the fingerprint is the same whatever
+    ``dtype`` each party runs in. A model passed in stays on its device and dtype unless ``opts.dtype`` is set.
+    LoRA weights are kept in fp32 in every case (AdamW updates underflow in fp16/bf16).
+    """
     from guardedp2p.engine.device import pick_device
     from guardedp2p.engine.fingerprint import model_fingerprint
     from guardedp2p.engine.loading import load_causal_lm
     from guardedp2p.engine.lora import LoraSettings, attach_lora
+    from guardedp2p.engine.placement import cast_floating_parameters, parse_dtype
     from guardedp2p.engine.split import SplitConfig, build_client_parts
 
     device = pick_device(opts.device)
+    dtype = parse_dtype(opts.dtype) if opts.dtype else None
+    loaded_here = model is None
     if model is None:
-        model, tokenizer = load_causal_lm(opts.model, device=device)
+        model, tokenizer = load_causal_lm(opts.model, device="cpu", dtype="auto")
+        dtype = dtype or torch.float32
     split = SplitConfig(bottom_layers=opts.bottom_layers, top_layers=opts.top_layers)
     fingerprint = model_fingerprint(model, split)  # over pre-trained weights, before any adapter exists
     parts = build_client_parts(model, split)
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = opts.train
-    settings = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_targets)
-    train_bottom = opts.protocol != "gradfree"
-    torch.manual_seed(cfg.seed)
-    attach_lora(parts.bottom, parts.top, settings, bottom=train_bottom, top=True)
     # keep no reference to the full model: the trunk's weights are then freed (the parts hold placeholders)
     del model
     import gc
 
     gc.collect()
+    for part in parts:
+        if dtype is not None:
+            cast_floating_parameters(part, dtype)
+        if loaded_here:
+            part.to(device)
+    cfg = opts.train
+    settings = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_targets)
+    train_bottom = opts.protocol != "gradfree"
+    torch.manual_seed(cfg.seed)
+    for p in attach_lora(parts.bottom, parts.top, settings, bottom=train_bottom, top=True):
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
     return ClientModel(None, tokenizer, parts.bottom, parts.top, fingerprint, split, device)
 
 

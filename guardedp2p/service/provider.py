@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from guardedp2p.errors import ConfigError
 from guardedp2p.handshake import FLOAT_CODECS, ProviderPolicy
 from guardedp2p.protocols.provider import ProviderApp, ProviderConfig
 
@@ -25,6 +26,19 @@ class ProviderOptions:
     record_dir: str | None = None
     emulator_dir: str | None = None
     config: ProviderConfig = field(default_factory=ProviderConfig)
+    device_map: str | None = None  # auto|balanced|cpu|cuda[:N]; None: follow ``device`` (one device)
+    dtype: str | None = None  # fp32|bf16|fp16|auto (the checkpoint's own) for the trunk; None: fp32
+    load_in: str | None = None  # 8bit|4bit: bitsandbytes weights for the trunk (never the client-side modules)
+
+    def trunk_loading(self) -> Any:
+        """The engine's ``TrunkLoading``; ``--device`` is the one-device shorthand of ``--device-map``."""
+        from guardedp2p.engine.placement import TrunkLoading
+
+        if self.device_map is not None and self.device not in ("auto", self.device_map):
+            raise ConfigError(f"--device {self.device} and --device-map {self.device_map} disagree; pass only --device-map")
+        loading = TrunkLoading(device_map=self.device_map or self.device, dtype=self.dtype or "fp32", load_in=self.load_in)
+        loading.validate()
+        return loading
 
 
 def session_factories(protocols: tuple[str, ...]) -> dict[str, Any]:
@@ -42,23 +56,34 @@ def session_factories(protocols: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in table.items() if k in protocols}
 
 
+def _trunk_of_given_model(model: Any, split: Any, opts: ProviderOptions, loading: Any) -> Any:
+    """A model built by the caller (tests, benchmarks) stays where it is unless ``device_map``/``dtype`` say
+    otherwise; quantizing needs the loader (bitsandbytes quantizes while reading the checkpoint)."""
+    from guardedp2p.engine.placement import count_parts, plan_trunk_devices, trunk_from_model
+
+    if opts.load_in:
+        raise ConfigError("load_in quantizes while loading from disk: pass the model path in ProviderOptions.model instead of a model object")
+    devices = None
+    if opts.device_map is not None:
+        counts = count_parts(model, split)
+        elt = next(model.parameters()).element_size()
+        devices = plan_trunk_devices(loading.device_map, counts.trunk_blocks, counts.block_max * elt)
+    return trunk_from_model(model, split, dtype=loading.torch_dtype if opts.dtype else None, devices=devices)
+
+
 def build_provider_app(opts: ProviderOptions, *, model: Any = None) -> ProviderApp:
     """Load the model (unless given), split it and keep the trunk frozen; return the ready app."""
-    from guardedp2p.engine.device import pick_device
-    from guardedp2p.engine.fingerprint import model_fingerprint
-    from guardedp2p.engine.loading import load_causal_lm
-    from guardedp2p.engine.split import SplitConfig, build_trunk
+    from guardedp2p.engine.placement import load_provider_trunk
+    from guardedp2p.engine.split import SplitConfig
 
-    device = pick_device(opts.device)
-    if model is None:
-        model, _ = load_causal_lm(opts.model, device=device)
     split = SplitConfig(bottom_layers=opts.bottom_layers, top_layers=opts.top_layers)
-    fingerprint = model_fingerprint(model, split)
-    trunk = build_trunk(model, split)
-    for p in trunk.parameters():
-        p.requires_grad_(False)
-    trunk.train(False)
-    resources: dict[str, Any] = {"trunk": trunk, "hidden_size": int(model.config.hidden_size), "model_config": model.config}
+    loading = opts.trunk_loading()
+    if model is None:
+        loaded = load_provider_trunk(opts.model, split, loading)
+    else:
+        loaded = _trunk_of_given_model(model, split, opts, loading)
+    fingerprint, trunk = loaded.fingerprint, loaded.trunk
+    resources: dict[str, Any] = {"trunk": trunk, "hidden_size": int(loaded.config.hidden_size), "model_config": loaded.config}
     protocols = tuple(opts.protocols)
     if "offline" in protocols:
         if opts.emulator_dir:
