@@ -10,7 +10,6 @@ Two provider answers end a run at once, with that checkpoint, instead of being r
 than after the retries) and a rate limit that outlasted the session's own waiting (see ClientSession).
 """
 
-
 from __future__ import annotations
 
 import logging
