@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from typing import Any
+
 import torch
 
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-wait-ms", type=float, default=2.0, help="--batching: provider batch_wait")
     ap.add_argument("--requests", type=int, default=100, help="--batching: forward requests per client")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (shared by provider and clients)")
+    ap.add_argument("--repeat", type=int, default=3, help="--batching: runs per setting, alternating settings; medians are reported")
     args = ap.parse_args(argv)
     if args.batching:
         return batching_main(args)
@@ -157,75 +160,90 @@ def batching_main(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(0)
     h1 = torch.randn(args.batch, args.seq, hidden, generator=g)
     mask = torch.ones(args.batch, args.seq, dtype=torch.long)
-    results: dict[tuple[int, int], float] = {}
+    results: dict[tuple[int, int], list[float]] = {}
 
-    for mb in max_batches:
-        config = ProviderConfig(max_batch=mb, batch_wait_s=args.batch_wait_ms / 1000.0)
-        app = build_provider_app(ProviderOptions(model=model_name, protocols=("gradfree",), device="cpu", config=config), model=copy.deepcopy(model))
-        server = ZmqServerChannel(ServerConfig(bind="tcp://127.0.0.1:*", secret_key_file=tmp / "provider.key_secret", allow_dirs=[tmp / "clients"]))
-        stop = threading.Event()
-        serving = threading.Thread(target=serve_forever, args=(app, server, stop), kwargs={"poll_s": 0.05}, daemon=True)
-        serving.start()
-        try:
-            for n in counts:
-                latencies: list[list[float]] = [[] for _ in range(n)]
-                errors: list[str] = []
-                ready = threading.Barrier(n + 1)
-                done = threading.Barrier(n + 1)
+    def run_once(app: Any, server: Any, mb: int, n: int, rep: int) -> None:
+        """``n`` client threads, each ``args.requests`` forwards once all are connected; one JSON line."""
+        latencies: list[list[float]] = [[] for _ in range(n)]
+        errors: list[str] = []
+        ready = threading.Barrier(n + 1)
+        done = threading.Barrier(n + 1)
 
-                def one_client(i: int) -> None:
-                    session = None
-                    try:
-                        channel = ZmqClientChannel.open(ClientConfig(connect=server.endpoint, provider_public_key=tmp / "provider.key", secret_key_file=tmp / "clients" / f"c{i}.key_secret"))
-                        session = ClientSession(channel, timeout=600)
-                        session.open(Hello("gradfree", fp, (2, 2), codecs))
-                        remote = RemoteTrunk(session, codecs, gradients=False)
-                        remote(h1, mask, train=False)  # warm-up
-                    except Exception as exc:  # noqa: BLE001 - reported in the JSON line
-                        errors.append(f"client {i}: {exc}")
-                    ready.wait()
-                    try:
-                        if session is not None and not errors:
-                            for _ in range(args.requests):
-                                t0 = time.perf_counter()
-                                remote(h1, mask, train=False)
-                                latencies[i].append(time.perf_counter() - t0)
-                    except Exception as exc:  # noqa: BLE001
-                        errors.append(f"client {i}: {exc}")
-                    done.wait()
-                    if session is not None:
-                        session.close()
-                        session.channel.close()
+        def one_client(i: int) -> None:
+            session = None
+            try:
+                channel = ZmqClientChannel.open(ClientConfig(connect=server.endpoint, provider_public_key=tmp / "provider.key", secret_key_file=tmp / "clients" / f"c{i}.key_secret"))
+                session = ClientSession(channel, timeout=600)
+                session.open(Hello("gradfree", fp, (2, 2), codecs))
+                remote = RemoteTrunk(session, codecs, gradients=False)
+                remote(h1, mask, train=False)  # warm-up
+            except Exception as exc:  # noqa: BLE001 - reported in the JSON line
+                errors.append(f"client {i}: {exc}")
+            ready.wait()
+            try:
+                if session is not None and not errors:
+                    for _ in range(args.requests):
+                        t0 = time.perf_counter()
+                        remote(h1, mask, train=False)
+                        latencies[i].append(time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"client {i}: {exc}")
+            done.wait()
+            if session is not None:
+                session.close()
+                session.channel.close()
 
-                threads = [threading.Thread(target=one_client, args=(i,)) for i in range(n)]
-                for t in threads:
-                    t.start()
-                calls0, batched0 = app.stats["batched_calls"], app.stats["batched_requests"]
-                ready.wait()
-                t0 = time.perf_counter()
-                done.wait()
-                wall = time.perf_counter() - t0
-                for t in threads:
-                    t.join()
-                reqs = sum(len(x) for x in latencies)
-                results[(mb, n)] = reqs / wall
-                print(json.dumps({
-                    "bench": "batching", "model": model_name, "max_batch": mb, "batch_wait_ms": args.batch_wait_ms, "clients": n,
-                    "requests_total": reqs, "wall_s": round(wall, 3), "requests_per_s": round(reqs / wall, 2),
-                    "tokens_per_s": round(reqs * args.batch * args.seq / wall, 1),
-                    "mean_latency_ms": round(1000 * statistics.mean(x for t in latencies for x in t), 2) if reqs else None,
-                    "batched_calls": app.stats["batched_calls"] - calls0, "batched_requests": app.stats["batched_requests"] - batched0,
-                    "batch": args.batch, "seq": args.seq, "torch_threads": torch.get_num_threads(), "errors": errors,
-                }), flush=True)
-        finally:
+        threads = [threading.Thread(target=one_client, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        calls0, batched0 = app.stats["batched_calls"], app.stats["batched_requests"]
+        ready.wait()
+        t0 = time.perf_counter()
+        done.wait()
+        wall = time.perf_counter() - t0
+        for t in threads:
+            t.join()
+        reqs = sum(len(x) for x in latencies)
+        results.setdefault((mb, n), []).append(reqs / wall)
+        print(json.dumps({
+            "bench": "batching", "model": model_name, "max_batch": mb, "batch_wait_ms": args.batch_wait_ms, "clients": n, "repeat": rep,
+            "requests_total": reqs, "wall_s": round(wall, 3), "requests_per_s": round(reqs / wall, 2),
+            "tokens_per_s": round(reqs * args.batch * args.seq / wall, 1),
+            "mean_latency_ms": round(1000 * statistics.mean(x for t in latencies for x in t), 2) if reqs else None,
+            "batched_calls": app.stats["batched_calls"] - calls0, "batched_requests": app.stats["batched_requests"] - batched0,
+            "batch": args.batch, "seq": args.seq, "torch_threads": torch.get_num_threads(), "errors": errors,
+        }), flush=True)
+
+    # one provider per max_batch, all serving at once; the runs alternate between them, so the slow drift of a
+    # shared machine's load hits every setting alike (only one provider is busy at a time)
+    providers: list[tuple[int, Any, Any, threading.Event, threading.Thread]] = []
+    try:
+        for mb in max_batches:
+            config = ProviderConfig(max_batch=mb, batch_wait_s=args.batch_wait_ms / 1000.0)
+            app = build_provider_app(ProviderOptions(model=model_name, protocols=("gradfree",), device="cpu", config=config), model=copy.deepcopy(model))
+            server = ZmqServerChannel(ServerConfig(bind="tcp://127.0.0.1:*", secret_key_file=tmp / "provider.key_secret", allow_dirs=[tmp / "clients"]))
+            stop = threading.Event()
+            serving = threading.Thread(target=serve_forever, args=(app, server, stop), kwargs={"poll_s": 0.05}, daemon=True)
+            serving.start()
+            providers.append((mb, app, server, stop, serving))
+        for n in counts:
+            for rep in range(args.repeat):
+                for mb, app, server, _, _ in providers:
+                    run_once(app, server, mb, n, rep)
+    finally:
+        for _, _, server, stop, serving in providers:
             stop.set()
             serving.join(timeout=10)
             server.close()
+    medians = {k: statistics.median(v) for k, v in results.items()}
+    for (mb, n), v in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(json.dumps({"bench": "batching_median", "model": model_name, "max_batch": mb, "clients": n, "repeats": len(v),
+                          "requests_per_s": round(medians[(mb, n)], 2), "tokens_per_s": round(medians[(mb, n)] * args.batch * args.seq, 1)}), flush=True)
     if 1 in max_batches and len(max_batches) > 1:
         best = max(max_batches)
         print(json.dumps({
             "bench": "batching_summary", "model": model_name, "max_batch": best,
-            "throughput_ratio_vs_unbatched": {str(n): round(results[(best, n)] / results[(1, n)], 3) for n in counts if (1, n) in results and (best, n) in results},
+            "throughput_ratio_vs_unbatched": {str(n): round(medians[(best, n)] / medians[(1, n)], 3) for n in counts if (1, n) in medians and (best, n) in medians},
         }), flush=True)
     return 0
 
