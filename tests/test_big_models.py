@@ -324,3 +324,23 @@ def test_client_dtype_keeps_the_fingerprint_and_trains(tmp_path, dtype):
     loss = loss_fn(client.top(remote(h1, b["attention_mask"], train=True), b["attention_mask"]), b["labels"])
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
+
+
+# ------------------------------------------------------------------------------------------ benchmark numbers
+
+
+def test_bench_big_models_counts_match_the_published_sizes():
+    """The hard-coded configs of benchmarks/bench_big_models.py give the published parameter counts, and the
+    wire bytes it reports are at least the formula hidden x tokens x bytes (headers, scales, mask on top)."""
+    from benchmarks.bench_big_models import configs, static_rows, wire_rows
+
+    published = {"opt-1.3b": 1_315_758_080, "opt-6.7b": 6_658_473_984, "llama-2-7b": 6_738_415_616}
+    for name, cfg in configs().items():
+        params, memory = static_rows(name, cfg, SPLIT, 8)
+        assert params["total"] == published[name]
+        assert params["client"] + params["trunk"] == params["total"]
+        trunk = memory["provider_trunk_mib"]
+        assert trunk["fp32"] > trunk["bf16"] > trunk["8bit"] > trunk["4bit"]
+    for row in wire_rows("tiny", 64, 2, 8, ["fp32", "int8", "nf4"]):
+        assert row["formula_tensor_bytes"] * 4 < row["online_step_bytes"] < row["formula_tensor_bytes"] * 4 * 1.5 + 4096
+        assert row["gradfree_step_bytes"] < row["online_step_bytes"]

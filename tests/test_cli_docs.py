@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_WITH_COMMANDS = [
     "docs/user-guide.md", "docs/troubleshooting.md", "docs/architecture.md", "examples/README.md", "examples/two_terminals.md",
+    "docs/big-models.md",
 ]
 
 

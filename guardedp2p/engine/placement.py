@@ -235,7 +235,14 @@ def plan_trunk_devices(
         budgets[0] -= first_extra_bytes
         if strategy == "balanced":
             return _plan_balanced(n_blocks, block_bytes, budgets, need, advice)
-        return _plan_sequential(n_blocks, block_bytes, budgets, need, advice)
+        out = _plan_sequential(n_blocks, block_bytes, budgets)
+        if out is None:
+            raise PlacementError(
+                f"the trunk needs about {_gib(n_blocks * block_bytes)} ({n_blocks} blocks), plus {_gib(first_extra_bytes)} of "
+                f"client-side modules on the first GPU while loading, but the {len(free)} visible GPU(s) have "
+                f"{_gib(sum(free))} free, {fraction:.0%} of it usable; {advice}"
+            )
+        return out
     dev = _parse_device(strategy)
     if dev.type == "cuda":
         if not free:
@@ -254,8 +261,9 @@ def plan_trunk_devices(
     return cpu
 
 
-def _plan_sequential(n: int, block: int, budgets: list[int], need: int, advice: str) -> list[str]:
-    """Fill GPU 0, then GPU 1, ...: as few GPUs as hold the trunk (fewest cross-device hops per step)."""
+def _plan_sequential(n: int, block: int, budgets: list[int]) -> list[str] | None:
+    """Fill GPU 0, then GPU 1, ...: as few GPUs as hold the trunk (fewest cross-device hops per step).
+    None when the blocks do not fit."""
     out: list[str] = []
     for gpu, budget in enumerate(budgets):
         fits = max(0, budget // block) if block > 0 else n
@@ -263,10 +271,7 @@ def _plan_sequential(n: int, block: int, budgets: list[int], need: int, advice: 
         out.extend([f"cuda:{gpu}"] * take)
         if len(out) == n:
             return out
-    raise PlacementError(
-        f"the trunk needs about {_gib(need)} but the {len(budgets)} GPU(s) hold {_gib(sum(max(0, b) for b in budgets))} "
-        f"of it ({GPU_MEMORY_FRACTION:.0%} of their free memory); {advice}"
-    )
+    return None
 
 
 def _plan_balanced(n: int, block: int, budgets: list[int], need: int, advice: str) -> list[str]:
