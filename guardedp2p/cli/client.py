@@ -57,8 +57,10 @@ def tune_cmd(
     steps: int = typer.Option(60, help="Optimizer steps."),
     batch_size: int = typer.Option(4, help="Sequences per micro-batch."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW, after warm-up)."),
     warmup: int = typer.Option(5, help="Warm-up steps."),
+    schedule: str = typer.Option("constant", help="Learning-rate schedule after warm-up: constant, cosine or linear (decay to 0)."),
+    max_grad_norm: float = typer.Option(1.0, help="Clip the adapters' gradient norm to this (0: no clipping)."),
     max_length: int = typer.Option(128, help="Longest sequence in tokens."),
     seed: int = typer.Option(0, help="Seed for LoRA init and data order."),
     lora_r: int = typer.Option(8, help="LoRA rank."),
@@ -94,6 +96,7 @@ def tune_cmd(
     parse_dtype(dtype)  # a typo fails here, not after connecting and loading the model
     train = TrainConfig(
         steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup, max_length=max_length, seed=seed,
+        schedule=schedule, max_grad_norm=max_grad_norm,
         lora_r=lora_r, lora_alpha=lora_alpha, dcor_alpha=dcor, checkpoint_every=checkpoint_every, eval_every=eval_every,
     )
     opts = TuneOptions(
