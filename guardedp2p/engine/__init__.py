@@ -23,6 +23,13 @@ from guardedp2p.engine.lora import (
     save_adapter,
     trainable_parameters,
 )
+from guardedp2p.engine.placement import (
+    LoadedTrunk,
+    PlacementError,
+    QuantizationError,
+    TrunkLoading,
+    load_provider_trunk,
+)
 from guardedp2p.engine.split import (
     ClientBottom,
     ClientParts,
@@ -45,12 +52,16 @@ __all__ = [
     "ClientParts",
     "ClientTop",
     "DeviceError",
+    "LoadedTrunk",
     "LoraSettings",
     "ModelLoadError",
+    "PlacementError",
     "ProviderTrunk",
+    "QuantizationError",
     "SplitConfig",
     "SplitConfigError",
     "SplitParts",
+    "TrunkLoading",
     "UnsupportedArchitectureError",
     "attach_lora",
     "build_client_parts",
@@ -59,6 +70,7 @@ __all__ = [
     "get_arch",
     "load_adapter_into_parts",
     "load_causal_lm",
+    "load_provider_trunk",
     "lora_state_dict",
     "loss_fn",
     "model_fingerprint",
