@@ -6,7 +6,7 @@ and the dCor weight change. Prints one JSON line per setting, then the int8 summ
 accuracy delta vs fp32, per dCor weight), and writes ``defences.json``, ``defences.md`` and
 ``accuracy_vs_bytes.png`` into ``--out``.
 
-    python -m benchmarks.bench_defences                                  # 4 codecs x {0, 0.5, 4}, 30 steps
+    python -m benchmarks.bench_defences                                  # 4 codecs x {0, 0.5, 4}, 60 steps (the demo budget)
     python -m benchmarks.bench_defences --codecs fp32,int8 --dcor 0 --steps 10 --eval-items 32
 """
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--codecs", default="fp32,fp16,int8,nf4", help="comma-separated codecs (every direction)")
     ap.add_argument("--dcor", default="0,0.5,4", help="comma-separated dCor weights (0: none)")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--max-length", type=int, default=128)

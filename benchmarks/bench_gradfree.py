@@ -11,7 +11,7 @@ and after. Prints JSON lines, the last ones comparing the designs:
 * Gradfree bytes per step (fp32 and nf4) as % of Online fp32;
 * eval accuracy after the same number of steps, for each.
 
-    python -m benchmarks.bench_gradfree [--steps 30] [--eval-items 32] [--transport zmq|inproc]
+    python -m benchmarks.bench_gradfree [--steps 60] [--eval-items 32] [--transport zmq|inproc]
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def run_local(args: argparse.Namespace, base: Any, tok: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_gradfree", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--max-length", type=int, default=128)
