@@ -39,6 +39,17 @@ def print_summary(s: dict[str, Any], console: Console) -> None:
     rows.append(("wall time", f"{s.get('wall_s', 0):.1f} s"))
     if s.get("codecs"):
         rows.append(("codecs", ", ".join(f"{k}={v}" for k, v in s["codecs"].items())))
+    if "plug_in" in s:  # offline: the five numbers, as offsite-tuning reports them
+        def _n(key: str) -> str:
+            v = s.get(key)
+            return f"{v:.3f}" if isinstance(v, (int, float)) else "–"
+
+        rows.append((f"five numbers ({metric})", ""))
+        rows.append(("  full model zero-shot → fine-tuned", f"{_n('zero_shot_full')} → {_n('full_finetune')}"))
+        rows.append(("  emulator zero-shot → fine-tuned", f"{_n('emulator_zero_shot')} → {_n('emulator_finetune')}"))
+        rows.append(("  plug-in (your adapters, full model)", _n("plug_in")))
+        if isinstance(s.get("param_fraction"), (int, float)):
+            rows.append(("provider parameters you received", f"{100 * s['param_fraction']:.1f} %"))
     if s.get("adapter_dir"):
         rows.append(("adapter (PEFT folder)", str(s["adapter_dir"])))
     for k, v in rows:
