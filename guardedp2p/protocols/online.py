@@ -87,7 +87,10 @@ class TrunkSession:
     # ------------------------------------------------------------------ ACT_UP
     def on_act_up(self, msg: Message) -> Message:
         """Answer one ACT_UP on its own: validate, run the trunk on it alone, reply."""
-        req = self.accept_act_up(msg)
+        return self.answer(self.accept_act_up(msg))
+
+    def answer(self, req: ActRequest) -> Message:
+        """Run the trunk on one accepted request alone and reply."""
         t0 = time.perf_counter()
         out = self.compute(req)
         return self.reply_act_up(req, out, time.perf_counter() - t0)
@@ -98,9 +101,7 @@ class TrunkSession:
         for GRAD_UP) is answered at once, on its own."""
         req = self.accept_act_up(msg)
         if req.train:
-            t0 = time.perf_counter()
-            out = self.compute(req)
-            return self.reply_act_up(req, out, time.perf_counter() - t0)
+            return self.answer(req)
         return Deferred(key=self.trunk, run=run_deferred_forwards, data=req)
 
     def accept_act_up(self, msg: Message) -> ActRequest:
@@ -264,8 +265,7 @@ def _token_chunks(reqs: list[ActRequest], max_tokens: int) -> list[list[ActReque
 def _forward_padded(trunk: torch.nn.Module, chunk: list[ActRequest], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
     with torch.inference_mode():
         if len(chunk) == 1:
-            r = chunk[0]
-            return [trunk(r.h.to(device, dtype), r.mask.to(device)).detach().to("cpu", torch.float32)]
+            return [chunk[0].session.compute(chunk[0])]  # forward-only: the unbatched path, no padding
         rows = sum(int(r.h.shape[0]) for r in chunk)
         longest = max(int(r.h.shape[1]) for r in chunk)
         hidden = int(chunk[0].h.shape[2])

@@ -186,16 +186,27 @@ class ProviderApp:
     # ------------------------------------------------------------------ frames in, frames out
     def handle(self, peer: str, frames: Sequence[Frame]) -> list[Frame]:
         """Decode, dispatch and encode; every failure becomes an ERROR reply for this peer only."""
+        reply, _, _ = self._process(peer, frames, defer=False)
+        assert isinstance(reply, Message)
+        return encode(reply)
+
+    def _process(
+        self, peer: str, frames: Sequence[Frame], *, defer: bool, on_decoded: Callable[[str, Message], None] | None = None,
+    ) -> tuple[Message | Deferred, str, int]:
+        """Charge, decode and dispatch one message (``on_decoded`` runs between decoding and dispatch); every
+        failure becomes the ERROR reply for this peer only. Returns the reply (or deferred work) with the
+        message's session and step. Shared by :meth:`handle` and :meth:`handle_many`."""
         self.stats["messages"] += 1
         sid, step = "", 0
         try:
             self._admit(peer, frames)
             msg = decode(frames, self.config.limits)
             sid, step = msg.session, msg.step
-            reply = self.on_message(peer, msg)
+            if on_decoded is not None:
+                on_decoded(peer, msg)
+            return self._dispatch(peer, msg, defer=defer), sid, step
         except Exception as exc:  # noqa: BLE001 - keep serving other peers whatever happens
-            reply = self._error_reply(peer, exc, sid, step)
-        return encode(reply)
+            return self._error_reply(peer, exc, sid, step), sid, step
 
     def handle_many(self, items: Sequence[tuple[str, Sequence[Frame]]]) -> list[list[Frame]]:
         """Answer several messages that arrived together; replies come back in the same order.
@@ -211,21 +222,15 @@ class ProviderApp:
         replies: list[list[Frame] | None] = [None] * len(items)
         pending: list[tuple[int, Deferred, str, str, int]] = []  # (index, deferred, peer, sid, step)
 
+        def keep_order(peer: str, msg: Message) -> None:
+            if msg.type != MsgType.ACT_UP and any(p[2] == peer for p in pending):
+                # BYE, PING, HELLO (which may evict a session) of a peer with postponed work: finish that
+                # work first, so the peer's messages take effect in the order it sent them
+                self._run_deferred(pending, replies)
+                pending.clear()
+
         for i, (peer, frames) in enumerate(items):
-            self.stats["messages"] += 1
-            sid, step = "", 0
-            try:
-                self._admit(peer, frames)
-                msg = decode(frames, self.config.limits)
-                sid, step = msg.session, msg.step
-                if msg.type != MsgType.ACT_UP and any(p[2] == peer for p in pending):
-                    # BYE, PING, HELLO (which may evict a session) of a peer with postponed work: finish that
-                    # work first, so the peer's messages take effect in the order it sent them
-                    self._run_deferred(pending, replies)
-                    pending = []
-                out = self._dispatch(peer, msg, defer=True)
-            except Exception as exc:  # noqa: BLE001 - keep serving other peers whatever happens
-                out = self._error_reply(peer, exc, sid, step)
+            out, sid, step = self._process(peer, frames, defer=True, on_decoded=keep_order)
             if isinstance(out, Deferred):
                 pending.append((i, out, peer, sid, step))
             else:
@@ -305,11 +310,6 @@ class ProviderApp:
             return _reject_or_error(exc, sid, step)
         log.error("internal error while handling a message from %s", _short(peer), exc_info=exc)
         return error_message(ProtocolError(f"internal provider error: {type(exc).__name__}"), sid, step)
-
-    def on_message(self, peer: str, msg: Message) -> Message:
-        reply = self._dispatch(peer, msg, defer=False)
-        assert isinstance(reply, Message)
-        return reply
 
     def _dispatch(self, peer: str, msg: Message, *, defer: bool) -> Message | Deferred:
         self.expire()

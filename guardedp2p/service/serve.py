@@ -44,10 +44,7 @@ def serve_forever(
         batch = gather(channel, incoming, limit, app.config.batch_wait_s, app.active_peers())
         replies = app.handle_many([(m.peer, m.frames) for m in batch])
         for m, reply in zip(batch, replies):
-            try:
-                channel.send(m.route, reply)
-            except Exception as exc:  # noqa: BLE001 - a vanished peer must not stop the provider
-                log.warning("could not reply to %s: %s", m.peer[:12], exc)
+            _reply(channel, m, reply)
         handled += len(batch)
         if max_messages is not None and handled >= max_messages:
             break
@@ -72,15 +69,18 @@ def wind_down(app: Any, channel: Any, *, poll_s: float = 0.5, abort: threading.E
         incoming = channel.recv(timeout=min(poll_s, remaining))
         if incoming is None:
             continue
-        reply = app.handle(incoming.peer, incoming.frames)
-        try:
-            channel.send(incoming.route, reply)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("could not reply to %s: %s", incoming.peer[:12], exc)
+        _reply(channel, incoming, app.handle(incoming.peer, incoming.frames))
         handled += 1
     left = len(app.sessions)
     log.info("shutdown grace over: %s", f"{left} session(s) never heard from" if left else "every session was told")
     return handled
+
+
+def _reply(channel: Any, incoming: Any, frames: Any) -> None:
+    try:
+        channel.send(incoming.route, frames)
+    except Exception as exc:  # noqa: BLE001 - a vanished peer must not stop the provider
+        log.warning("could not reply to %s: %s", incoming.peer[:12], exc)
 
 
 def gather(channel: Any, first: Any, limit: int, wait_s: float, expected_peers: set[str] | frozenset[str] = frozenset()) -> list[Any]:
