@@ -111,8 +111,8 @@ def static_rows(name: str, cfg: Any, split: SplitConfig, r: int) -> list[dict[st
 
 
 def wire_rows(name: str, hidden: int, batch: int, seq: int, codecs: list[str]) -> list[dict[str, Any]]:
-    from guardedp2p.messages import MsgType
-    from guardedp2p.wire import Message, encode, frames_nbytes
+    from guardedp2p.wire.messages import MsgType
+    from guardedp2p.wire.framing import Message, encode, frames_nbytes
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(batch, seq, hidden, generator=g)

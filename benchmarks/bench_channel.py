@@ -22,7 +22,7 @@ import warnings
 
 import numpy as np
 
-from guardedp2p.keys import generate_keypair
+from guardedp2p.crypto.keys import generate_keypair
 from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
 from guardedp2p.transport.zmq_server import InsecureTransportWarning, ServerConfig, ZmqServerChannel
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from guardedp2p.codecs import CODECS
+from guardedp2p.wire.codecs import CODECS
 
 
 def _ms(fn, reps: int, sync) -> float:

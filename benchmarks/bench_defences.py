@@ -30,7 +30,7 @@ def _floats(s: str) -> list[float]:
 
 def run_setting(base: Any, tok: Any, args: argparse.Namespace, codec: str, alpha: float, out: Path) -> dict[str, Any]:
     """One Online run with ``codec`` in every direction and dCor weight ``alpha``; its numbers."""
-    from guardedp2p.handshake import CODEC_DIRECTIONS
+    from guardedp2p.wire.handshake import CODEC_DIRECTIONS
     from guardedp2p.service.client import TuneOptions, prepare_client, tune
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
     from guardedp2p.train.config import TrainConfig

@@ -30,15 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from guardedp2p.engine.split import loss_fn
     from guardedp2p.errors import TransportError
-    from guardedp2p.handshake import Hello
-    from guardedp2p.keys import generate_keypair
-    from guardedp2p.messages import MsgType
-    from guardedp2p.protocols.client_session import ClientSession
-    from guardedp2p.protocols.online import RemoteTrunk
+    from guardedp2p.wire.handshake import Hello
+    from guardedp2p.crypto.keys import generate_keypair
+    from guardedp2p.wire.messages import MsgType
+    from guardedp2p.protocol.client import ClientSession
+    from guardedp2p.designs.online.client import RemoteTrunk
     from guardedp2p.service.serve import serve_forever
     from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
     from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
-    from guardedp2p.wire import Message, encode
+    from guardedp2p.wire.framing import Message, encode
     from tests.protocol_helpers import batch, client_parts, provider_app
     from tests.tiny_models import tiny_model
 

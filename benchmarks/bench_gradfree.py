@@ -37,7 +37,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def run_remote(args: argparse.Namespace, base: Any, tok: Any, protocol: str, codec: str, connect: Any, out: Path) -> dict[str, Any]:
-    from guardedp2p.handshake import CODEC_DIRECTIONS
+    from guardedp2p.wire.handshake import CODEC_DIRECTIONS
     from guardedp2p.service.client import TuneOptions, prepare_client, tune
 
     opts = TuneOptions(protocol=protocol, model=args.model, data=args.data, eval_data=args.eval_data, out=str(out / f"{protocol}-{codec}"),
@@ -64,7 +64,7 @@ def run_local(args: argparse.Namespace, base: Any, tok: Any) -> dict[str, Any]:
     from guardedp2p.engine.arch import get_arch
     from guardedp2p.engine.split import loss_fn
     from guardedp2p.evaluate.grid import primary_metric
-    from guardedp2p.offline.plugin import logits_fn_of
+    from guardedp2p.designs.offline.plugin import logits_fn_of
     from guardedp2p.service.client import TuneOptions, prepare_data
     from guardedp2p.train.trainer import lr_lambda
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from guardedp2p.cli.client import client_channel_factory
         from guardedp2p.cli.demo import ProviderProcess, free_port
-        from guardedp2p.keys import generate_keypair
+        from guardedp2p.crypto.keys import generate_keypair
 
         keys = work / "keys"
         generate_keypair(keys, "provider", force=True)

@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     from guardedp2p.cli.client import client_channel_factory
     from guardedp2p.cli.demo import ProviderProcess, free_port
     from guardedp2p.engine.split import loss_fn
-    from guardedp2p.handshake import Hello
-    from guardedp2p.keys import generate_keypair
-    from guardedp2p.protocols.client_session import ClientSession
-    from guardedp2p.protocols.online import RemoteTrunk
+    from guardedp2p.wire.handshake import Hello
+    from guardedp2p.crypto.keys import generate_keypair
+    from guardedp2p.protocol.client import ClientSession
+    from guardedp2p.designs.online.client import RemoteTrunk
     from guardedp2p.service.client import TuneOptions, prepare_client
     from guardedp2p.train.config import TrainConfig
     from guardedp2p.train.trainer import SplitTrainer
@@ -119,11 +119,11 @@ def batching_main(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from guardedp2p.engine.fingerprint import model_fingerprint
     from guardedp2p.engine.split import SplitConfig
-    from guardedp2p.handshake import Hello
-    from guardedp2p.keys import generate_keypair
-    from guardedp2p.protocols.client_session import ClientSession
-    from guardedp2p.protocols.online import RemoteTrunk
-    from guardedp2p.protocols.provider import ProviderConfig
+    from guardedp2p.wire.handshake import Hello
+    from guardedp2p.crypto.keys import generate_keypair
+    from guardedp2p.protocol.client import ClientSession
+    from guardedp2p.designs.online.client import RemoteTrunk
+    from guardedp2p.protocol.provider import ProviderConfig
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
     from guardedp2p.service.serve import serve_forever
     from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel

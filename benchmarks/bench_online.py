@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     from guardedp2p.engine.loading import load_causal_lm
     from guardedp2p.engine.lora import LoraSettings, attach_lora
     from guardedp2p.engine.split import SplitConfig, build_client_parts, loss_fn
-    from guardedp2p.handshake import Hello
-    from guardedp2p.keys import generate_keypair
-    from guardedp2p.protocols.client_session import ClientSession
-    from guardedp2p.protocols.online import RemoteTrunk
+    from guardedp2p.wire.handshake import Hello
+    from guardedp2p.crypto.keys import generate_keypair
+    from guardedp2p.protocol.client import ClientSession
+    from guardedp2p.designs.online.client import RemoteTrunk
     from guardedp2p.service.client import TuneOptions, prepare_client
     from guardedp2p.train.config import TrainConfig
     from guardedp2p.train.trainer import SplitTrainer

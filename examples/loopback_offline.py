@@ -23,11 +23,11 @@ from pathlib import Path
 
 from _tiny import base_parser, print_summary, setup_fast
 
-from guardedp2p.keys import generate_keypair
-from guardedp2p.offline.emulator import EmulatorConfig
+from guardedp2p.crypto.keys import generate_keypair
+from guardedp2p.designs.offline.emulator import EmulatorConfig
 from guardedp2p.service.client import TuneOptions
-from guardedp2p.service.offline_client import OfflineOptions, tune_offline
-from guardedp2p.service.offline_provider import EmulatorBuildOptions, build_emulator_folder
+from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
+from guardedp2p.designs.offline.build import EmulatorBuildOptions, build_emulator_folder
 from guardedp2p.service.provider import ProviderOptions, build_provider_app
 from guardedp2p.train.config import TrainConfig
 from guardedp2p.transport.inproc import InProcClientChannel
@@ -83,7 +83,7 @@ def main() -> dict:
 
         # --- provider: plug the received, verified adapters into its full model (CLI: provider emulator plug-in)
         from guardedp2p.engine.loading import load_causal_lm
-        from guardedp2p.offline.plugin import plug_in
+        from guardedp2p.designs.offline.plugin import plug_in
 
         bundle = next((work / "uploads").glob("bundle-*"))
         full, _ = load_causal_lm(model, device=device)

@@ -10,10 +10,11 @@ import torch
 from guardedp2p.engine.fingerprint import model_fingerprint
 from guardedp2p.engine.lora import LoraSettings, attach_lora
 from guardedp2p.engine.split import SplitConfig, build_client_parts, build_trunk
-from guardedp2p.handshake import Hello, ProviderPolicy
-from guardedp2p.protocols.client_session import ClientSession
-from guardedp2p.protocols.online import gradfree_session, online_session
-from guardedp2p.protocols.provider import ProviderApp, ProviderConfig
+from guardedp2p.wire.handshake import Hello, ProviderPolicy
+from guardedp2p.protocol.client import ClientSession
+from guardedp2p.designs.online.provider import online_session
+from guardedp2p.designs.gradfree.provider import gradfree_session
+from guardedp2p.protocol.provider import ProviderApp, ProviderConfig
 from guardedp2p.transport.inproc import InProcClientChannel
 
 SPLIT = SplitConfig(bottom_layers=2, top_layers=2)

@@ -163,7 +163,7 @@ def test_online_session_transcript_holds_only_wire_tensors_and_is_attackable(tmp
 
     from guardedp2p.engine.fingerprint import model_fingerprint
     from guardedp2p.engine.split import build_client_parts
-    from guardedp2p.protocols.online import RemoteTrunk
+    from guardedp2p.designs.online.client import RemoteTrunk
     from tests.protocol_helpers import open_session, provider_app
 
     model = tiny_model("llama")

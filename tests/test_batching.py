@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from guardedp2p.errors import ConfigError
-from guardedp2p.handshake import Hello
-from guardedp2p.messages import MsgType
-from guardedp2p.protocols.client_session import ClientSession
-from guardedp2p.protocols.online import RemoteTrunk
-from guardedp2p.protocols.provider import ProviderApp, ProviderConfig
+from guardedp2p.wire.handshake import Hello
+from guardedp2p.wire.messages import MsgType
+from guardedp2p.protocol.client import ClientSession
+from guardedp2p.designs.online.client import RemoteTrunk
+from guardedp2p.protocol.provider import ProviderApp, ProviderConfig
 from guardedp2p.service.serve import serve_forever
 from guardedp2p.transport.inproc import InProcServerChannel
-from guardedp2p.wire import Message, decode, encode
+from guardedp2p.wire.framing import Message, decode, encode
 from tests.protocol_helpers import SPLIT, client_parts, open_session, provider_app
 from tests.tiny_models import tiny_model
 

@@ -226,7 +226,7 @@ def test_quantized_provider_serves_an_online_step(saved):
     if not _bnb_cpu_ok("8bit"):
         pytest.skip("bitsandbytes cannot run 8-bit layers on this CPU")
     from guardedp2p.engine.split import loss_fn
-    from guardedp2p.protocols.online import RemoteTrunk
+    from guardedp2p.designs.online.client import RemoteTrunk
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
     from tests.protocol_helpers import batch, client_parts, open_session
 
@@ -301,7 +301,7 @@ def test_client_dtype_keeps_the_fingerprint_and_trains(tmp_path, dtype):
     """A bf16 checkpoint: the client loads it as is, casts its parts to --dtype after fingerprinting; the
     provider (fp32 trunk) agrees on the fingerprint and an Online step trains the fp32 LoRA weights."""
     from guardedp2p.engine.split import loss_fn
-    from guardedp2p.protocols.online import RemoteTrunk
+    from guardedp2p.designs.online.client import RemoteTrunk
     from guardedp2p.service.client import TuneOptions, prepare_client
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
     from guardedp2p.train.config import TrainConfig

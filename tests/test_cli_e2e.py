@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from guardedp2p.cli.demo import ProviderProcess, free_port
-from guardedp2p.keys import generate_keypair
+from guardedp2p.crypto.keys import generate_keypair
 from tests.tiny_models import tiny_model
 from tests.tiny_tokenizer import tiny_tokenizer, write_text_records
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardedp2p.codecs import (
+from guardedp2p.wire.codecs import (
     CODECS,
     DTYPES,
     DYNAMIC8_CODE,

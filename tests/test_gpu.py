@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_online_step_on_cuda_matches_cpu():
     from guardedp2p.engine.split import loss_fn
-    from guardedp2p.protocols.online import RemoteTrunk
+    from guardedp2p.designs.online.client import RemoteTrunk
     from tests.protocol_helpers import batch, client_parts, open_session, provider_app
     from tests.tiny_models import tiny_model
 
@@ -35,7 +35,7 @@ def test_online_step_on_cuda_matches_cpu():
 
 @pytest.mark.parametrize("codec", ["fp16", "bf16", "int8", "int8-block", "nf4", "fp4"])
 def test_codecs_round_trip_on_cuda_and_interoperate_with_cpu(codec):
-    from guardedp2p.codecs import get_codec
+    from guardedp2p.wire.codecs import get_codec
 
     c = get_codec(codec)
     x = torch.randn(4, 16, 576, device="cuda")
@@ -144,7 +144,7 @@ def test_online_step_with_8bit_provider_and_cuda_client(saved_llama, client_dtyp
     --load-in 8bit, client tune --device cuda --dtype bf16."""
     pytest.importorskip("bitsandbytes")
     from guardedp2p.engine.split import loss_fn
-    from guardedp2p.protocols.online import RemoteTrunk
+    from guardedp2p.designs.online.client import RemoteTrunk
     from guardedp2p.service.client import TuneOptions, prepare_client
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
     from guardedp2p.train.config import TrainConfig

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from guardedp2p.cli.keys import keys_app
 from guardedp2p.errors import ConfigError
-from guardedp2p.keys import (
+from guardedp2p.crypto.keys import (
     KeyExistsError,
     KeyFileError,
     fingerprint,

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from guardedp2p.cli.emulator import emulator_app
-from guardedp2p.keys import generate_keypair
+from guardedp2p.crypto.keys import generate_keypair
 from tests.tiny_models import tiny_model
 from tests.tiny_tokenizer import tiny_tokenizer
 
@@ -42,8 +42,8 @@ def test_build_refuses_to_run_unsigned(tmp_path):
 
 
 def test_demo_emulator_is_signed_by_the_demo_provider_key(tmp_path):
-    from guardedp2p.offline.manifest import verify_artifact
-    from guardedp2p.service.offline_provider import build_demo_emulator
+    from guardedp2p.crypto.manifest import verify_artifact
+    from guardedp2p.designs.offline.build import build_demo_emulator
 
     model_dir = tmp_path / "model"
     tiny_model("llama").save_pretrained(str(model_dir))

@@ -10,8 +10,8 @@ import torch
 
 from guardedp2p.engine.arch import get_arch, get_path
 from guardedp2p.errors import ConfigError
-from guardedp2p.keys import generate_keypair, load_signing_key
-from guardedp2p.offline.emulator import (
+from guardedp2p.crypto.keys import generate_keypair, load_signing_key
+from guardedp2p.designs.offline.emulator import (
     DistillConfig,
     EmulatorConfig,
     build_emulator,
@@ -22,7 +22,7 @@ from guardedp2p.offline.emulator import (
     save_emulator,
     uniform_drop_indices,
 )
-from guardedp2p.offline.quantize import dequantize_state, dequantize_tensor, quantize_state, quantize_tensor
+from guardedp2p.designs.offline.quantize import dequantize_state, dequantize_tensor, quantize_state, quantize_tensor
 from tests.tiny_models import tiny_batch, tiny_model
 
 
@@ -127,7 +127,7 @@ def test_quantize_state_keeps_vectors_float_and_refuses_inconsistent_parts():
     assert set(stored) == {"a.weight.__qcodes", "a.weight.__qscale", "a.weight.__qmin", "a.weight.__qshape", "a.bias", "norm.weight"}
     back = dequantize_state(stored, "int8")
     assert torch.equal(back["a.bias"], state["a.bias"])
-    from guardedp2p.offline.quantize import QuantizedFormatError
+    from guardedp2p.designs.offline.quantize import QuantizedFormatError
 
     bad = dict(stored)
     bad["a.weight.__qcodes"] = stored["a.weight.__qcodes"][:10]
@@ -214,7 +214,7 @@ def test_distillation_resumes_from_its_checkpoint_without_lost_or_repeated_step(
 
 def _run_until(emu, model, cfg, stop, ckpt):
     """Run a ``cfg.steps`` distillation but stop after ``stop`` steps (as a killed process would)."""
-    import guardedp2p.offline.emulator as E
+    import guardedp2p.designs.offline.emulator as E
 
     class Stop(Exception):
         pass

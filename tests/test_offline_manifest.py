@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-import guardedp2p.offline.emulator as E
-from guardedp2p.keys import generate_keypair, load_signing_key
-from guardedp2p.offline.emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
-from guardedp2p.offline.manifest import (
+import guardedp2p.designs.offline.emulator as E
+from guardedp2p.crypto.keys import generate_keypair, load_signing_key
+from guardedp2p.designs.offline.emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
+from guardedp2p.crypto.manifest import (
     BadSignatureError,
     DigestMismatchError,
     ManifestFormatError,
@@ -119,7 +119,7 @@ def test_manifest_with_an_unsafe_name_is_refused_even_when_signed(tmp_path):
     m = sign_folder(tmp_path / "a", {"kind": "emulator"}, ["x.bin"], sk)
     data = dict(m.data)
     data["files"] = {"../x.bin": data["files"]["x.bin"]}
-    from guardedp2p.offline.manifest import canonical_json
+    from guardedp2p.crypto.manifest import canonical_json
 
     raw = canonical_json(data)
     (tmp_path / "a" / "manifest.json").write_bytes(raw)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from guardedp2p.engine.lora import LoraSettings, attach_lora, save_adapter
-from guardedp2p.keys import generate_keypair, load_signing_key
-from guardedp2p.offline.emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
-from guardedp2p.offline.manifest import BadSignatureError, DigestMismatchError
-from guardedp2p.offline.plugin import BundleMismatchError, export_merged, export_peft, plug_in, verify_adapter_bundle
-from guardedp2p.offline.transfer import make_adapter_bundle
+from guardedp2p.crypto.keys import generate_keypair, load_signing_key
+from guardedp2p.designs.offline.emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
+from guardedp2p.crypto.manifest import BadSignatureError, DigestMismatchError
+from guardedp2p.designs.offline.plugin import BundleMismatchError, export_merged, export_peft, plug_in, verify_adapter_bundle
+from guardedp2p.designs.offline.transfer import make_adapter_bundle
 from tests.tiny_models import tiny_batch, tiny_model
 
 

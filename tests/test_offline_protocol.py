@@ -13,21 +13,21 @@ import pytest
 import torch
 
 from guardedp2p.errors import RemoteError
-from guardedp2p.handshake import Hello, ProviderPolicy
-from guardedp2p.keys import generate_keypair, load_signing_key
-from guardedp2p.messages import MsgType
-from guardedp2p.offline.emulator import EmulatorConfig, build_emulator, save_emulator
-from guardedp2p.offline.manifest import BadSignatureError, verify_artifact
-from guardedp2p.offline.transfer import TransferStats, download_emulator, make_adapter_bundle, upload_bundle
-from guardedp2p.protocols.client_session import ClientSession
-from guardedp2p.protocols.offline import MAX_CHUNK, offline_session
-from guardedp2p.protocols.provider import ProviderApp
+from guardedp2p.wire.handshake import Hello, ProviderPolicy
+from guardedp2p.crypto.keys import generate_keypair, load_signing_key
+from guardedp2p.wire.messages import MsgType
+from guardedp2p.designs.offline.emulator import EmulatorConfig, build_emulator, save_emulator
+from guardedp2p.crypto.manifest import BadSignatureError, verify_artifact
+from guardedp2p.designs.offline.transfer import TransferStats, download_emulator, make_adapter_bundle, upload_bundle
+from guardedp2p.protocol.client import ClientSession
+from guardedp2p.designs.offline.provider import MAX_CHUNK, offline_session
+from guardedp2p.protocol.provider import ProviderApp
 from guardedp2p.service.client import TuneOptions
-from guardedp2p.service.offline_client import OfflineOptions, tune_offline
+from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
 from guardedp2p.train.config import TrainConfig
 from guardedp2p.transport.base import PeerTimeout
 from guardedp2p.transport.inproc import InProcClientChannel
-from guardedp2p.wire import Message, decode
+from guardedp2p.wire.framing import Message, decode
 from tests.tiny_models import tiny_model
 from tests.tiny_tokenizer import tiny_tokenizer, write_text_records
 
@@ -141,7 +141,7 @@ def test_corrupted_partial_file_is_detected_and_fetched_again(world):
     data = bytearray(part.read_bytes())
     data[0] ^= 0xFF
     part.write_bytes(bytes(data))
-    from guardedp2p.offline.manifest import DigestMismatchError
+    from guardedp2p.crypto.manifest import DigestMismatchError
 
     with pytest.raises(DigestMismatchError):
         download_emulator(_session(app), tmp / "dl", pub, chunk_size=4096)
@@ -202,7 +202,7 @@ def _upload(s, step, name, data: bytes, offset=0, total=None, commit=False, sha=
 def _bundle(tmp, signer="client"):
     """A real adapter bundle for the served emulator (LoRA saved from the emulator's client parts)."""
     from guardedp2p.engine.lora import LoraSettings, attach_lora, save_adapter
-    from guardedp2p.offline.emulator import load_emulator
+    from guardedp2p.designs.offline.emulator import load_emulator
 
     loaded = load_emulator(tmp / "emu", tmp / "keys" / "provider.sign.pub")
     torch.manual_seed(0)

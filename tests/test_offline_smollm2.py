@@ -17,10 +17,10 @@ def test_smollm2_emulator_round_trip_and_plug_in(smollm2, tmp_path):
     from guardedp2p.engine.fingerprint import model_fingerprint
     from guardedp2p.engine.lora import LoraSettings, attach_lora, save_adapter
     from guardedp2p.engine.split import SplitConfig
-    from guardedp2p.keys import generate_keypair, load_signing_key
-    from guardedp2p.offline.emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
-    from guardedp2p.offline.plugin import plug_in
-    from guardedp2p.offline.transfer import make_adapter_bundle
+    from guardedp2p.crypto.keys import generate_keypair, load_signing_key
+    from guardedp2p.designs.offline.emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
+    from guardedp2p.designs.offline.plugin import plug_in
+    from guardedp2p.designs.offline.transfer import make_adapter_bundle
 
     model, tok = smollm2
     generate_keypair(tmp_path / "k", "provider")

@@ -11,13 +11,13 @@ import torch
 from guardedp2p.engine.lora import save_adapter
 from guardedp2p.engine.split import loss_fn
 from guardedp2p.errors import HandshakeRejected, RemoteError
-from guardedp2p.handshake import Hello
-from guardedp2p.messages import MsgType
-from guardedp2p.protocols.client_session import ClientSession
-from guardedp2p.protocols.online import RemoteTrunk
-from guardedp2p.protocols.provider import ProviderConfig
+from guardedp2p.wire.handshake import Hello
+from guardedp2p.wire.messages import MsgType
+from guardedp2p.protocol.client import ClientSession
+from guardedp2p.designs.online.client import RemoteTrunk
+from guardedp2p.protocol.provider import ProviderConfig
 from guardedp2p.transport.inproc import InProcClientChannel
-from guardedp2p.wire import Message, encode
+from guardedp2p.wire.framing import Message, encode
 from tests.protocol_helpers import batch, client_parts, open_session, provider_app
 from tests.tiny_models import tiny_model
 
@@ -110,7 +110,7 @@ def test_many_steps_leave_no_pending_graph_and_expired_graphs_are_freed():
 
 
 def _raw_request(app, peer, msg):
-    from guardedp2p.wire import decode
+    from guardedp2p.wire.framing import decode
 
     return decode(app.handle(peer, encode(msg)))
 

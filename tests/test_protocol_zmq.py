@@ -11,13 +11,13 @@ import torch
 import zmq
 
 from guardedp2p.engine.split import loss_fn
-from guardedp2p.keys import generate_keypair
-from guardedp2p.protocols.client_session import ClientSession
-from guardedp2p.protocols.online import RemoteTrunk
+from guardedp2p.crypto.keys import generate_keypair
+from guardedp2p.protocol.client import ClientSession
+from guardedp2p.designs.online.client import RemoteTrunk
 from guardedp2p.service.serve import serve_forever
 from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
 from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
-from guardedp2p.handshake import Hello
+from guardedp2p.wire.handshake import Hello
 from tests.protocol_helpers import SPLIT, batch, client_parts, provider_app
 from tests.test_protocol_online import FP32, _unsplit_reference
 from tests.tiny_models import tiny_model

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from guardedp2p.errors import ConfigError, ProviderShuttingDown, RateLimited
-from guardedp2p.handshake import Hello
-from guardedp2p.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
-from guardedp2p.protocols.client_session import ClientSession
-from guardedp2p.protocols.online import RemoteTrunk
-from guardedp2p.protocols.provider import ProviderConfig, TokenBucket
+from guardedp2p.wire.handshake import Hello
+from guardedp2p.wire.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
+from guardedp2p.protocol.client import ClientSession
+from guardedp2p.designs.online.client import RemoteTrunk
+from guardedp2p.protocol.provider import ProviderConfig, TokenBucket
 from guardedp2p.service.client import TrainingInterrupted, tune
 from guardedp2p.service.serve import serve_forever
 from guardedp2p.transport.inproc import InProcClientChannel, InProcServerChannel
-from guardedp2p.wire import Message, decode, encode
+from guardedp2p.wire.framing import Message, decode, encode
 from tests.protocol_helpers import SPLIT, client_parts, open_session, provider_app
 from tests.test_tune import _client, _opts
 from tests.tiny_models import tiny_model
@@ -245,7 +245,7 @@ def test_tune_before_any_step_says_there_is_nothing_to_resume(tmp_path):
 
 def test_over_curve_zeromq_the_last_shutting_down_reply_reaches_the_client(tmp_path):
     """The ZeroMQ server must not drop the final replies when it closes right after the grace period."""
-    from guardedp2p.keys import generate_keypair
+    from guardedp2p.crypto.keys import generate_keypair
     from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
     from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
 

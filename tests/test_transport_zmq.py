@@ -16,7 +16,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from guardedp2p.errors import ConfigError, TransportError
-from guardedp2p.keys import generate_keypair, load_keypair, load_public_key
+from guardedp2p.crypto.keys import generate_keypair, load_keypair, load_public_key
 from guardedp2p.transport.base import (
     ChannelClosed,
     Incoming,

@@ -121,8 +121,8 @@ def test_gradfree_sends_no_gradient_bytes_and_epoch_two_is_served_from_cache(tmp
 
 
 def test_gradfree_provider_rejects_gradient_messages(tmp_path):
-    from guardedp2p.messages import MsgType
-    from guardedp2p.wire import Message, decode, encode
+    from guardedp2p.wire.messages import MsgType
+    from guardedp2p.wire.framing import Message, decode, encode
     from tests.protocol_helpers import client_parts, open_session
 
     model = tiny_model("llama")

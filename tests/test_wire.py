@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardedp2p.errors import WireError
-from guardedp2p.messages import WIRE_VERSION, MsgType
-from guardedp2p.wire import (
+from guardedp2p.wire.messages import WIRE_VERSION, MsgType
+from guardedp2p.wire.framing import (
     BadTensorSpec,
     FrameLengthMismatch,
     MalformedHeader,

@@ -136,7 +136,7 @@ def codec_transform(name: str) -> Transform:
 
     Used to train a defence-aware inverter and to simulate what the provider receives.
     """
-    from guardedp2p.codecs import get_codec
+    from guardedp2p.wire.codecs import get_codec
 
     codec = get_codec(name)
 

@@ -109,7 +109,7 @@ def tune_cmd(
     connect_fn = client_channel_factory(connect, provider_key, keys, name, insecure, handshake_timeout=connect_timeout)
     console = Console(stderr=True)
     if protocol == "offline":
-        from guardedp2p.service.offline_client import OfflineOptions, tune_offline
+        from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
 
         if provider_sign_key is None:
             raise ConfigError("--protocol offline needs --provider-sign-key PROVIDER.sign.pub to verify the emulator's signature")

@@ -104,7 +104,7 @@ def run_demo(*, protocol: str, steps: int, model: str, batch_size: int, lr: floa
     signal.signal(signal.SIGTERM, _interrupt)
     from guardedp2p.cli.client import client_channel_factory, parse_noise
     from guardedp2p.cli.report import print_summary
-    from guardedp2p.keys import generate_keypair
+    from guardedp2p.crypto.keys import generate_keypair
     from guardedp2p.service.client import TuneOptions, tune
     from guardedp2p.train.config import TrainConfig
 
@@ -119,7 +119,7 @@ def run_demo(*, protocol: str, steps: int, model: str, batch_size: int, lr: floa
         endpoint = f"tcp://127.0.0.1:{port}"
         provider_args = ["--model", model, "--bind", endpoint, "--keys", str(keys), "--name", "provider", "--allow", str(keys / "client.key")]
         if protocol == "offline":
-            from guardedp2p.service.offline_provider import build_demo_emulator
+            from guardedp2p.designs.offline.build import build_demo_emulator
 
             emu_dir = build_demo_emulator(model, tmp / "emulator", keys, console=console)
             provider_args += ["--emulator", str(emu_dir)]
@@ -133,7 +133,7 @@ def run_demo(*, protocol: str, steps: int, model: str, batch_size: int, lr: floa
             opts = TuneOptions(protocol=protocol, model=model, out=str(run_dir), train=train, codecs=codecs, noise=parse_noise(noise), timeout=600.0)
             connect = client_channel_factory(endpoint, keys / "provider.key", keys, "client", False)
             if protocol == "offline":
-                from guardedp2p.service.offline_client import OfflineOptions, tune_offline
+                from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
 
                 off = OfflineOptions(provider_verify_key=str(keys / "provider.sign.pub"), client_keys=str(keys), client_key_name="client")
                 summary = tune_offline(opts, connect, console=console, offline=off)

@@ -39,8 +39,8 @@ def build(
     setup_logging(verbose)
     from rich.console import Console
 
-    from guardedp2p.offline.emulator import DistillConfig, EmulatorConfig
-    from guardedp2p.service.offline_provider import EmulatorBuildOptions, build_emulator_folder
+    from guardedp2p.designs.offline.emulator import DistillConfig, EmulatorConfig
+    from guardedp2p.designs.offline.build import EmulatorBuildOptions, build_emulator_folder
 
     opts = EmulatorBuildOptions(
         model=model, out=str(out), keys=str(keys), key_name=name,
@@ -67,7 +67,7 @@ def verify(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Verify a signed emulator or adapter bundle (signature and every SHA-256); loads nothing."""
-    from guardedp2p.offline.manifest import verify_artifact
+    from guardedp2p.crypto.manifest import verify_artifact
 
     m = verify_artifact(folder, key)
     summary = _summary(folder, m)
@@ -96,7 +96,7 @@ def plug_in_cmd(
 
     from guardedp2p.engine.device import pick_device
     from guardedp2p.engine.loading import load_causal_lm
-    from guardedp2p.offline.plugin import export_merged, export_peft, plug_in, verify_adapter_bundle
+    from guardedp2p.designs.offline.plugin import export_merged, export_peft, plug_in, verify_adapter_bundle
 
     keys = [str(k) for k in client_key] or None
     vb = verify_adapter_bundle(bundle, keys)
@@ -124,7 +124,7 @@ def _evaluate_plugged(model, tok, bundle: Path, keys, eval_data: Path) -> dict:
     from guardedp2p.data.loaders import load_data
     from guardedp2p.data.mc_eval import evaluate_loss, evaluate_mc
     from guardedp2p.data.tokenize import DataConfig, encode_records
-    from guardedp2p.offline.plugin import logits_fn_of, plug_in
+    from guardedp2p.designs.offline.plugin import logits_fn_of, plug_in
 
     plugged = plug_in(model, bundle, keys)
     fn = logits_fn_of(plugged.model)

@@ -12,7 +12,7 @@ import typer
 
 from guardedp2p.cli.common import friendly_errors, print_json
 from guardedp2p.errors import ConfigError
-from guardedp2p.keys import (
+from guardedp2p.crypto.keys import (
     fingerprint,
     generate_keypair,
     key_paths,

@@ -60,7 +60,7 @@ def serve(
 ) -> None:
     """Serve the model to allowed clients until Ctrl-C. Logs sessions, never data."""
     setup_logging(verbose)
-    from guardedp2p.protocols.provider import ProviderConfig
+    from guardedp2p.protocol.provider import ProviderConfig
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
     from guardedp2p.service.serve import serve_forever
     from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel

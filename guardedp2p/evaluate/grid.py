@@ -201,8 +201,8 @@ class TappedChannel:
         self.truth = truth
 
     def send(self, frames: Sequence[Any]) -> None:
-        from guardedp2p.messages import MsgType
-        from guardedp2p.wire import decode
+        from guardedp2p.wire.messages import MsgType
+        from guardedp2p.wire.framing import decode
 
         frames = list(frames)
         msg = decode(frames)
@@ -221,7 +221,7 @@ class TappedChannel:
 def client_param_fraction(model: torch.nn.Module, bottom_layers: int, top_layers: int) -> dict[str, Any]:
     """Parameters of the client's parts (embeddings + bottom blocks + top blocks + final norm + head) over the model's."""
     from guardedp2p.engine.split import ClientBottom, ClientTop, SplitConfig
-    from guardedp2p.offline.emulator import _unique_numel
+    from guardedp2p.designs.offline.emulator import _unique_numel
 
     split = SplitConfig(bottom_layers=bottom_layers, top_layers=top_layers)
     parts = [ClientBottom(model, split), ClientTop(model, split)]
@@ -286,7 +286,7 @@ class _Context:
 
 
 def _tune_options(ctx: _Context, spec: RowSpec, row_dir: Path, dcor_alpha: float) -> Any:
-    from guardedp2p.handshake import CODEC_DIRECTIONS
+    from guardedp2p.wire.handshake import CODEC_DIRECTIONS
     from guardedp2p.service.client import TuneOptions
 
     cfg = ctx.cfg
@@ -397,12 +397,12 @@ def _run_split_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, Any
 
 def _run_offline_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, Any]:
     """Offline: build + sign an emulator, download it, tune on it, upload the bundle, plug it into the full model."""
-    from guardedp2p.keys import generate_keypair
-    from guardedp2p.offline.emulator import EmulatorConfig
-    from guardedp2p.offline.plugin import logits_fn_of, plug_in
+    from guardedp2p.crypto.keys import generate_keypair
+    from guardedp2p.designs.offline.emulator import EmulatorConfig
+    from guardedp2p.designs.offline.plugin import logits_fn_of, plug_in
     from guardedp2p.service.client import prepare_data
-    from guardedp2p.service.offline_client import OfflineOptions, tune_offline
-    from guardedp2p.service.offline_provider import EmulatorBuildOptions, build_emulator_folder
+    from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
+    from guardedp2p.designs.offline.build import EmulatorBuildOptions, build_emulator_folder
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
     from guardedp2p.transport.inproc import InProcClientChannel
 

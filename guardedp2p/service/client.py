@@ -22,8 +22,8 @@ from typing import Any, Callable
 import torch
 
 from guardedp2p.errors import ConfigError, GuardedP2PError, HandshakeRejected, ProviderShuttingDown, RateLimited, RemoteError, TransportError
-from guardedp2p.handshake import CODEC_DIRECTIONS, Hello
-from guardedp2p.protocols.client_session import ClientSession, WireStats
+from guardedp2p.wire.handshake import CODEC_DIRECTIONS, Hello
+from guardedp2p.protocol.client import ClientSession, WireStats
 from guardedp2p.train.config import TrainConfig
 from guardedp2p.transport.base import MechanismMismatch, PeerRejected, ProviderKeyMismatch
 
@@ -189,7 +189,7 @@ def _status(opts: TuneOptions, console: Any, text: str) -> Any:
 
 def _check_codecs(opts: TuneOptions) -> None:
     """Refuse unknown codec names before loading anything (the provider would refuse them only later)."""
-    from guardedp2p.handshake import FLOAT_CODECS
+    from guardedp2p.wire.handshake import FLOAT_CODECS
 
     for direction, codec in opts.codecs.items():
         if codec not in FLOAT_CODECS:
@@ -201,8 +201,8 @@ def _primary(metrics: dict[str, float]) -> float:
 
 
 def build_trunk_fn(opts: TuneOptions, session: ClientSession, client: ClientModel) -> Any:
-    from guardedp2p.protocols.gradfree import CachedRemoteTrunk, TrunkOutputCache
-    from guardedp2p.protocols.online import RemoteTrunk
+    from guardedp2p.designs.gradfree.client import CachedRemoteTrunk, TrunkOutputCache
+    from guardedp2p.designs.online.client import RemoteTrunk
 
     if opts.protocol == "online":
         remote = RemoteTrunk(session, opts.codecs, gradients=True)

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from guardedp2p.designs import DESIGN_NAMES, get_design
 from guardedp2p.errors import ConfigError
-from guardedp2p.handshake import FLOAT_CODECS, ProviderPolicy
-from guardedp2p.protocols.provider import ProviderApp, ProviderConfig
+from guardedp2p.wire.handshake import FLOAT_CODECS, ProviderPolicy
+from guardedp2p.protocol.provider import ProviderApp, ProviderConfig
 
 log = logging.getLogger("guardedp2p.provider")
 
@@ -20,7 +21,7 @@ class ProviderOptions:
     model: str = "default"
     bottom_layers: int = 2
     top_layers: int = 2
-    protocols: tuple[str, ...] = ("online", "gradfree", "offline")
+    protocols: tuple[str, ...] = DESIGN_NAMES
     codecs: tuple[str, ...] = FLOAT_CODECS
     device: str = "auto"
     record_dir: str | None = None
@@ -42,18 +43,8 @@ class ProviderOptions:
 
 
 def session_factories(protocols: tuple[str, ...]) -> dict[str, Any]:
-    """The fixed registry of provider-side session types (no lookup by received strings beyond this table)."""
-    from guardedp2p.protocols.online import gradfree_session, online_session
-
-    table: dict[str, Any] = {"online": online_session, "gradfree": gradfree_session}
-    if "offline" in protocols:
-        try:
-            from guardedp2p.protocols.offline import offline_session
-
-            table["offline"] = offline_session
-        except ImportError:  # pragma: no cover - offline design not installed
-            pass
-    return {k: v for k, v in table.items() if k in protocols}
+    """Provider-side session factories of the served designs, from the fixed registry in :mod:`guardedp2p.designs`."""
+    return {name: get_design(name).load_session_factory() for name in protocols}
 
 
 def _trunk_of_given_model(model: Any, split: Any, opts: ProviderOptions, loading: Any) -> Any:

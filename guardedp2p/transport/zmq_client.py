@@ -30,7 +30,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from guardedp2p.errors import ConfigError, TransportError
-from guardedp2p.keys import SECRET_SUFFIX, PUBLIC_SUFFIX, load_keypair, load_public_key, validate_z85_key
+from guardedp2p.crypto.keys import SECRET_SUFFIX, PUBLIC_SUFFIX, load_keypair, load_public_key, validate_z85_key
 from guardedp2p.transport.base import (
     ChannelClosed,
     ClientChannel,

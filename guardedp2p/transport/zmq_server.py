@@ -25,7 +25,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from guardedp2p.errors import ConfigError, TransportError
-from guardedp2p.keys import is_z85_key, load_allow_list, load_keypair, validate_z85_key
+from guardedp2p.crypto.keys import is_z85_key, load_allow_list, load_keypair, validate_z85_key
 from guardedp2p.transport.base import (
     INSECURE_PEER_PREFIX,
     ChannelClosed,

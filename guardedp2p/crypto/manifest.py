@@ -143,7 +143,7 @@ def key_fingerprint(key: Ed25519PublicKey) -> str:
 def load_key(key: Ed25519PublicKey | str | os.PathLike) -> Ed25519PublicKey:
     if isinstance(key, Ed25519PublicKey):
         return key
-    from guardedp2p.keys import load_verify_key
+    from guardedp2p.crypto.keys import load_verify_key
 
     return load_verify_key(key)
 

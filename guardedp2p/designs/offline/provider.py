@@ -12,7 +12,7 @@ A session answers three requests (``SESSION_TYPES["offline"]``):
     SHA-256 is checked, the total per session is capped, and on ``commit`` the whole bundle is verified
     (signature + digests + that it was trained on *this* emulator) before it is kept.
 
-The provider never loads the uploaded tensors here; :mod:`guardedp2p.offline.plugin` does that later, after
+The provider never loads the uploaded tensors here; :mod:`guardedp2p.designs.offline.plugin` does that later, after
 verifying the bundle again.
 """
 
@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from guardedp2p.errors import ArtifactError, ConfigError, ProtocolError
-from guardedp2p.messages import MsgType
-from guardedp2p.offline.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, parse_signature, resolve_in
-from guardedp2p.wire import Message
+from guardedp2p.wire.messages import MsgType
+from guardedp2p.crypto.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, parse_signature, resolve_in
+from guardedp2p.wire.framing import Message
 
 log = logging.getLogger("guardedp2p.provider")
 
@@ -214,7 +214,7 @@ class OfflineSession:
         return Message(MsgType.UPLOAD_ACK, session=self.sid, step=msg.step, meta=meta)
 
     def _commit(self) -> dict[str, Any]:
-        from guardedp2p.offline.plugin import verify_adapter_bundle
+        from guardedp2p.designs.offline.plugin import verify_adapter_bundle
 
         assert self.staging is not None
         missing = [n for n in BUNDLE_FILES if not (self.staging / n).is_file()]

@@ -4,13 +4,13 @@ The provider ships a signed *emulator* once (its model with the middle compresse
 distillation and weight quantization); the client fine-tunes its adapters on it locally, with no per-step
 traffic, and sends back only a signed adapter bundle, which the provider plugs into the full model.
 
-Modules: :mod:`~guardedp2p.offline.emulator` (layer selection, build, distil, save/load),
-:mod:`~guardedp2p.offline.quantize` (int8/int4/nf4 weight codes), :mod:`~guardedp2p.offline.manifest`
-(signed manifests and their verification), :mod:`~guardedp2p.offline.transfer` (client-side chunked,
-resumable download and bundle upload) and :mod:`~guardedp2p.offline.plugin` (provider-side plug-in).
+Modules: :mod:`~guardedp2p.designs.offline.emulator` (layer selection, build, distil, save/load),
+:mod:`~guardedp2p.designs.offline.quantize` (int8/int4/nf4 weight codes), :mod:`~guardedp2p.crypto.manifest`
+(signed manifests and their verification), :mod:`~guardedp2p.designs.offline.transfer` (client-side chunked,
+resumable download and bundle upload) and :mod:`~guardedp2p.designs.offline.plugin` (provider-side plug-in).
 """
 
-from guardedp2p.offline.emulator import (
+from guardedp2p.designs.offline.emulator import (
     DistillConfig,
     Emulator,
     EmulatorConfig,
@@ -22,7 +22,7 @@ from guardedp2p.offline.emulator import (
     save_emulator,
     uniform_drop_indices,
 )
-from guardedp2p.offline.manifest import (
+from guardedp2p.crypto.manifest import (
     BadSignatureError,
     DigestMismatchError,
     ManifestFormatError,

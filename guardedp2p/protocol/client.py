@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from guardedp2p.errors import HandshakeRejected, ProtocolError, ProviderShuttingDown, RateLimited, RemoteError
-from guardedp2p.handshake import Hello
-from guardedp2p.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
-from guardedp2p.wire import DEFAULT_LIMITS, Message, WireLimits, decode, encode, frames_nbytes
+from guardedp2p.wire.handshake import Hello
+from guardedp2p.wire.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
+from guardedp2p.wire.framing import DEFAULT_LIMITS, Message, WireLimits, decode, encode, frames_nbytes
 
 log = logging.getLogger("guardedp2p.client")
 

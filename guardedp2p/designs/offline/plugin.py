@@ -7,7 +7,7 @@ a stock PEFT adapter of the full model: :func:`plug_in` loads it through the spl
 ``PeftModel.from_pretrained(full_model, bundle)`` (a test checks exactly that). Exports: a merged Hugging
 Face folder (LoRA folded into the weights) or a plain PEFT folder.
 
-Bundle layout (signed by the client's Ed25519 key, see :mod:`guardedp2p.offline.manifest`)::
+Bundle layout (signed by the client's Ed25519 key, see :mod:`guardedp2p.crypto.manifest`)::
 
     adapter_config.json, adapter_model.safetensors   the PEFT adapter
     manifest.json, manifest.sig                      kind "adapter-bundle": base fingerprint, split, the SHA-256
@@ -26,7 +26,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from guardedp2p.errors import ArtifactError
-from guardedp2p.offline.manifest import (
+from guardedp2p.crypto.manifest import (
     MANIFEST_NAME,
     BadSignatureError,
     Manifest,

@@ -27,8 +27,8 @@ from typing import Any, Mapping
 import torch
 
 from guardedp2p.errors import ProtocolError
-from guardedp2p.messages import MsgType
-from guardedp2p.offline.manifest import (
+from guardedp2p.wire.messages import MsgType
+from guardedp2p.crypto.manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
     DigestMismatchError,
@@ -40,8 +40,8 @@ from guardedp2p.offline.manifest import (
     verify_artifact,
     verify_manifest_bytes,
 )
-from guardedp2p.offline.plugin import ADAPTER_FILES, BUNDLE_KIND
-from guardedp2p.wire import Message
+from guardedp2p.designs.offline.plugin import ADAPTER_FILES, BUNDLE_KIND
+from guardedp2p.wire.framing import Message
 
 log = logging.getLogger("guardedp2p.client")
 

@@ -34,17 +34,20 @@ class MsgType(str, Enum):
     UPLOAD_ACK = "UPLOAD_ACK"  # P->C
 
 
-PROTOCOLS = ("online", "gradfree", "offline")
-
-#: Types a client may send inside an established session, per protocol.
-SESSION_TYPES: dict[str, frozenset[MsgType]] = {
-    "online": frozenset({MsgType.PING, MsgType.BYE, MsgType.ACT_UP, MsgType.GRAD_UP}),
-    "gradfree": frozenset({MsgType.PING, MsgType.BYE, MsgType.ACT_UP}),
-    "offline": frozenset({MsgType.PING, MsgType.BYE, MsgType.MANIFEST_REQ, MsgType.CHUNK_REQ, MsgType.UPLOAD}),
-}
-
-GRADIENT_TYPES = frozenset({MsgType.GRAD_UP, MsgType.GRAD_DOWN})
-
 #: ERROR codes a client acts on (the rest it only shows). Why constants: both sides must spell them the same.
 ERROR_RATE_LIMITED = "rate-limited"  # meta["retry_after_s"]: when the same request will be accepted
 ERROR_SHUTTING_DOWN = "provider-shutting-down"  # the provider stops; resume later
+
+
+def __getattr__(name: str) -> object:
+    """Deprecated names (one release): the design table moved to :mod:`guardedp2p.designs`."""
+    import warnings
+
+    if name in ("PROTOCOLS", "SESSION_TYPES"):
+        from guardedp2p.designs import DESIGN_NAMES, DESIGNS
+
+        warnings.warn(f"guardedp2p.wire.messages.{name} moved to guardedp2p.designs.DESIGNS", DeprecationWarning, stacklevel=2)
+        if name == "PROTOCOLS":
+            return DESIGN_NAMES
+        return {n: frozenset(MsgType[m] for m in d.session_types) for n, d in DESIGNS.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

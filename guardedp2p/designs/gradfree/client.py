@@ -2,7 +2,7 @@
 
 With the client's bottom and the provider's trunk both frozen, the trunk output of an example is a fixed
 function of its tokens, so after the first epoch the client can answer from its cache: no traffic, no
-provider compute. The provider side is :func:`guardedp2p.protocols.online.gradfree_session`, whose handler
+provider compute. The provider side is :func:`guardedp2p.designs.online.provider.gradfree_session`, whose handler
 table has no gradient message type at all.
 
 Why per example rather than per batch: with right padding and a causal mask, the outputs at an example's
@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from guardedp2p.protocols.online import RemoteTrunk, gradfree_session  # noqa: F401 - re-exported
+from guardedp2p.designs.online.client import RemoteTrunk
+from guardedp2p.designs.gradfree.provider import gradfree_session
 
 __all__ = ["TrunkOutputCache", "CachedRemoteTrunk", "gradfree_session"]
 
@@ -52,7 +53,7 @@ class TrunkOutputCache:
         path = self._path(key)
         if not path.is_file():
             return None
-        from guardedp2p.codecs import Encoded, get_codec
+        from guardedp2p.wire.codecs import Encoded, get_codec
 
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -68,7 +69,7 @@ class TrunkOutputCache:
         return out
 
     def put(self, key: str, value: torch.Tensor) -> None:
-        from guardedp2p.codecs import get_codec
+        from guardedp2p.wire.codecs import get_codec
 
         enc = get_codec(self.codec).encode(value.detach().cpu().float().contiguous())
         path = self._path(key)

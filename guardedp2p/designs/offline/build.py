@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from guardedp2p.errors import ConfigError
-from guardedp2p.offline.emulator import DistillConfig, EmulatorConfig, build_emulator, distill_emulator, load_text_examples, save_emulator
-from guardedp2p.offline.manifest import Manifest, key_fingerprint
+from guardedp2p.designs.offline.emulator import DistillConfig, EmulatorConfig, build_emulator, distill_emulator, load_text_examples, save_emulator
+from guardedp2p.crypto.manifest import Manifest, key_fingerprint
 
 log = logging.getLogger("guardedp2p.provider")
 
@@ -37,7 +37,7 @@ def build_emulator_folder(opts: EmulatorBuildOptions, *, model: Any = None, toke
     """Load the model (unless given), build the emulator, distil it if asked, write and sign the folder."""
     from guardedp2p.engine.device import pick_device
     from guardedp2p.engine.loading import load_causal_lm
-    from guardedp2p.keys import load_signing_key
+    from guardedp2p.crypto.keys import load_signing_key
 
     t0 = time.perf_counter()
     opts.emulator.validate()

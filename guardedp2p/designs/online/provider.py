@@ -1,12 +1,9 @@
-"""Online (and, with ``keep_graph=False``, Gradfree) trunk protocol.
+"""Online design, provider side: the trunk session (Gradfree reuses it with ``keep_graph=False``).
 
-Provider side: :class:`TrunkSession` answers ACT_UP with the trunk output and, in Online, keeps the
+:class:`TrunkSession` answers ACT_UP with the trunk output and, in Online, keeps the
 step's autograd graph until GRAD_UP arrives, then answers with the gradient w.r.t. the activations.
 
-Client side: :func:`remote_trunk` is an ``autograd.Function`` whose forward sends ACT_UP and whose backward
-sends GRAD_UP. The client's training code is therefore ordinary PyTorch (``loss.backward()``), and the
-quantized uplink is straight-through by construction: the received dL/dh1 is applied to h1 as if the codec
-were the identity.
+The client side is :class:`guardedp2p.designs.online.client.RemoteTrunk`.
 """
 
 from __future__ import annotations
@@ -18,9 +15,9 @@ from typing import Any
 import torch
 
 from guardedp2p.errors import ProtocolError
-from guardedp2p.messages import MsgType
-from guardedp2p.protocols.provider import Deferred
-from guardedp2p.wire import Message
+from guardedp2p.wire.messages import MsgType
+from guardedp2p.protocol.provider import Deferred
+from guardedp2p.wire.framing import Message
 
 
 class ReplayedStep(ProtocolError):
@@ -289,74 +286,3 @@ def _forward_padded(trunk: torch.nn.Module, chunk: list[ActRequest], device: tor
 
 def online_session(app: Any, sid: str, terms: dict[str, Any]) -> TrunkSession:
     return TrunkSession(app, sid, terms, keep_graph=True)
-
-
-def gradfree_session(app: Any, sid: str, terms: dict[str, Any]) -> TrunkSession:
-    return TrunkSession(app, sid, terms, keep_graph=False)
-
-
-# ====================================================================== client side
-class RemoteTrunk:
-    """Runs the provider's trunk through a session; usable as ``h2 = remote(h1, mask)`` inside autograd."""
-
-    def __init__(self, session: Any, codecs: dict[str, str], *, gradients: bool) -> None:
-        self.session = session
-        self.codecs = codecs
-        self.gradients = gradients
-        self.step = 0
-        self.gradient_bytes_sent = 0
-
-    def next_step(self) -> int:
-        self.step += 1
-        return self.step
-
-    def __call__(self, h1: torch.Tensor, mask: torch.Tensor, *, train: bool) -> torch.Tensor:
-        if train and self.gradients and h1.requires_grad:
-            return _RemoteTrunkFn.apply(h1, mask, self)
-        return self.forward(h1, mask, train=False, step=self.next_step())
-
-    def forward(self, h1: torch.Tensor, mask: torch.Tensor, *, train: bool, step: int) -> torch.Tensor:
-        msg = Message(
-            MsgType.ACT_UP,
-            step=step,
-            meta={"train": train},
-            tensors={"h": h1.detach(), "mask": mask.to(torch.int8)},
-            codecs={"h": self.codecs["up"]},
-        )
-        reply = self.session.request(msg, expect=MsgType.ACT_DOWN)
-        out = reply.tensors.get("h")
-        if out is None or tuple(out.shape) != tuple(h1.shape):
-            raise ProtocolError(f"ACT_DOWN carries no trunk output of shape {list(h1.shape)}")
-        if reply.codec_of("h") != self.codecs["down"]:
-            raise CodecMismatch(f"trunk output arrived as {reply.codec_of('h')!r}, negotiated {self.codecs['down']!r}")
-        return out.to(h1.device, h1.dtype)
-
-    def backward(self, grad_out: torch.Tensor, step: int, like: torch.Tensor) -> torch.Tensor:
-        codec = self.codecs["grad_up"]
-        msg = Message(
-            MsgType.GRAD_UP,
-            step=step,
-            tensors={"g": grad_out.detach().contiguous()},
-            codecs={"g": codec},
-            stochastic=("g",) if _lossy(codec) else (),
-        )
-        reply = self.session.request(msg, expect=MsgType.GRAD_DOWN)
-        g1 = reply.tensors.get("g")
-        if g1 is None or tuple(g1.shape) != tuple(like.shape):
-            raise ProtocolError("GRAD_DOWN carries no gradient of the activation's shape")
-        return g1.to(like.device, like.dtype)
-
-
-class _RemoteTrunkFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, h1: torch.Tensor, mask: torch.Tensor, remote: RemoteTrunk) -> torch.Tensor:  # type: ignore[override]
-        step = remote.next_step()
-        ctx.remote = remote
-        ctx.step = step
-        ctx.save_for_backward(h1)
-        return remote.forward(h1, mask, train=True, step=step)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        (h1,) = ctx.saved_tensors
-        return ctx.remote.backward(grad_out, ctx.step, h1), None, None

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol, Sequence
 
 from guardedp2p.errors import ConfigError, GuardedP2PError, HandshakeRejected, ProtocolError, WireError
-from guardedp2p.handshake import Hello, ProviderPolicy, negotiate
-from guardedp2p.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, SESSION_TYPES, MsgType
-from guardedp2p.wire import DEFAULT_LIMITS, Frame, Message, WireLimits, decode, encode, error_message
+from guardedp2p.wire.handshake import Hello, ProviderPolicy, negotiate
+from guardedp2p.designs import DESIGNS
+from guardedp2p.wire.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
+from guardedp2p.wire.framing import DEFAULT_LIMITS, Frame, Message, WireLimits, decode, encode, error_message
 
 log = logging.getLogger("guardedp2p.provider")
 
@@ -325,7 +326,7 @@ class ProviderApp:
             raise UnknownSession(f"session {msg.session[:16]!r} is unknown or expired; start a new session (HELLO)")
         if state.peer != peer:
             raise SessionOwnershipError("this session belongs to another client key")
-        if msg.type not in SESSION_TYPES[state.protocol]:
+        if msg.type.name not in DESIGNS[state.protocol].session_types:
             raise MessageNotAllowed(f"{msg.type.value} is not part of the {state.protocol} protocol")
         state.last_seen = self.clock()
         state.messages += 1

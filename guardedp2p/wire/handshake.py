@@ -12,7 +12,8 @@ from typing import Any
 
 from guardedp2p import __version__
 from guardedp2p.errors import HandshakeRejected
-from guardedp2p.messages import PROTOCOLS, WIRE_VERSION
+from guardedp2p.designs import DESIGN_NAMES, DESIGNS
+from guardedp2p.wire.messages import WIRE_VERSION
 
 CODEC_DIRECTIONS = ("up", "down", "grad_up", "grad_down")
 FLOAT_CODECS = ("fp32", "fp16", "bf16", "int8", "int8-block", "nf4", "fp4")
@@ -76,7 +77,7 @@ class Hello:
 class ProviderPolicy:
     """What a provider serves. ``fingerprint`` is over the weights the client side must share."""
 
-    protocols: tuple[str, ...] = ("online", "gradfree", "offline")
+    protocols: tuple[str, ...] = DESIGN_NAMES
     fingerprint: str = ""
     split: tuple[int, int] = (2, 2)
     codecs: tuple[str, ...] = FLOAT_CODECS
@@ -86,13 +87,14 @@ class ProviderPolicy:
 
 def negotiate(hello: Hello, policy: ProviderPolicy) -> dict[str, Any]:
     """Check a HELLO against the provider's policy; return the agreed terms or raise HandshakeRejected."""
-    if hello.protocol not in PROTOCOLS:
-        raise HandshakeRejected(f"unknown protocol {hello.protocol[:40]!r}; this provider knows {', '.join(PROTOCOLS)}")
+    design = DESIGNS.get(hello.protocol)
+    if design is None:
+        raise HandshakeRejected(f"unknown protocol {hello.protocol[:40]!r}; this provider knows {', '.join(DESIGN_NAMES)}")
     if hello.protocol not in policy.protocols:
         raise HandshakeRejected(
             f"protocol {hello.protocol!r} is not offered by this provider (it serves: {', '.join(policy.protocols)})"
         )
-    if hello.protocol != "offline":
+    if design.per_step_traffic:
         if tuple(hello.split) != tuple(policy.split):
             raise HandshakeRejected(
                 f"split mismatch: client uses {hello.split[0]} bottom / {hello.split[1]} top blocks, "
@@ -104,14 +106,14 @@ def negotiate(hello: Hello, policy: ProviderPolicy) -> dict[str, Any]:
                 f"({hello.fingerprint[:12] or 'none'}…) differs from the provider's model ({policy.fingerprint[:12]}…, "
                 f"{policy.model_name or 'unnamed'}); load the same base model and split on both sides"
             )
-        wanted = CODEC_DIRECTIONS if hello.protocol == "online" else ("up", "down")
+        wanted = CODEC_DIRECTIONS if design.gradients_on_wire else ("up", "down")
         for direction in wanted:
             codec = hello.codecs.get(direction)
             if codec not in policy.codecs:
                 raise HandshakeRejected(
                     f"codec {str(codec)[:20]!r} for direction {direction!r} is not accepted (accepted: {', '.join(policy.codecs)})"
                 )
-        if hello.protocol == "gradfree" and any(k.startswith("grad") for k in hello.codecs):
+        if not design.gradients_on_wire and any(k.startswith("grad") for k in hello.codecs):
             raise HandshakeRejected("a gradfree session carries no gradients: do not propose gradient codecs")
     codecs = {k: v for k, v in hello.codecs.items()}
     return {

@@ -39,10 +39,10 @@ from torch import nn
 from guardedp2p.engine.arch import get_arch, get_path, num_layers
 from guardedp2p.engine.split import ClientBottom, ClientTop, ProviderTrunk, SplitConfig, loss_fn
 from guardedp2p.errors import ArtifactError, ConfigError
-from guardedp2p.offline.manifest import Manifest, resolve_in, sign_folder, verify_artifact
-from guardedp2p.offline.quantize import check_scheme, dequantize_state, quantize_state, stored_nbytes
+from guardedp2p.crypto.manifest import Manifest, resolve_in, sign_folder, verify_artifact
+from guardedp2p.designs.offline.quantize import check_scheme, dequantize_state, quantize_state, stored_nbytes
 
-log = logging.getLogger("guardedp2p.offline")
+log = logging.getLogger("guardedp2p.designs.offline")
 
 EMULATOR_KIND = "emulator"
 CONFIG_FILE = "config.json"

@@ -8,7 +8,7 @@ The summary carries the five numbers of offsite-tuning (algorithms.md 3.5): ``ze
 ``full_finetune`` (the same adapters, seed, data order and steps trained on the full model locally: what the
 Online design computes), ``emulator_zero_shot``, ``emulator_finetune`` and ``plug_in``. Three of them need the
 full model. The demo model is public, so the client computes them locally; in a real deployment only the
-provider can (``guardedp2p.offline.plugin.plug_in`` on the uploaded bundle), and the summary says so.
+provider can (``guardedp2p.designs.offline.plugin.plug_in`` on the uploaded bundle), and the summary says so.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Any, Callable
 import torch
 
 from guardedp2p.errors import ConfigError, ProviderShuttingDown, RateLimited, RemoteError, TransportError
-from guardedp2p.handshake import Hello
-from guardedp2p.offline.manifest import DigestMismatchError
-from guardedp2p.protocols.client_session import ClientSession, WireStats
+from guardedp2p.wire.handshake import Hello
+from guardedp2p.crypto.manifest import DigestMismatchError
+from guardedp2p.protocol.client import ClientSession, WireStats
 from guardedp2p.service.client import TrainingInterrupted, TuneOptions, _evaluate, _primary, prepare_data
 
 log = logging.getLogger("guardedp2p.client")
@@ -37,7 +37,7 @@ log = logging.getLogger("guardedp2p.client")
 PLUG_IN_NOTE = (
     "zero_shot_full, full_finetune and plug_in need the full model; the demo model is public, so the client "
     "computed them locally. In a real deployment the provider computes plug_in from the uploaded bundle "
-    "(guardedp2p.offline.plugin.plug_in) and the client never sees the full model."
+    "(guardedp2p.designs.offline.plugin.plug_in) and the client never sees the full model."
 )
 
 
@@ -54,7 +54,7 @@ class OfflineOptions:
 
 
 def _signing_key(off: OfflineOptions) -> tuple[Any, bool]:
-    from guardedp2p.keys import load_signing_key
+    from guardedp2p.crypto.keys import load_signing_key
 
     if off.client_keys:
         return load_signing_key(off.client_keys, off.client_key_name), True
@@ -69,7 +69,7 @@ def _metrics_of(logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 
 
 def _full_logits_fn(model: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    from guardedp2p.offline.plugin import logits_fn_of
+    from guardedp2p.designs.offline.plugin import logits_fn_of
 
     return logits_fn_of(model)
 
@@ -135,9 +135,9 @@ def tune_offline(
     from guardedp2p.data.collate import BatchIterator
     from guardedp2p.engine.lora import save_adapter
     from guardedp2p.engine.split import loss_fn
-    from guardedp2p.offline.emulator import load_emulator
-    from guardedp2p.offline.manifest import key_fingerprint
-    from guardedp2p.offline.transfer import TransferStats, download_emulator, make_adapter_bundle, upload_bundle
+    from guardedp2p.designs.offline.emulator import load_emulator
+    from guardedp2p.crypto.manifest import key_fingerprint
+    from guardedp2p.designs.offline.transfer import TransferStats, download_emulator, make_adapter_bundle, upload_bundle
     from guardedp2p.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
     from guardedp2p.train.trainer import SplitTrainer
 
@@ -353,7 +353,7 @@ def _baselines(opts: TuneOptions, manifest: Any, bundle_dir: Path, sk: Any, data
     from guardedp2p.engine.fingerprint import model_fingerprint
     from guardedp2p.engine.loading import load_causal_lm
     from guardedp2p.engine.split import SplitConfig, build_client_parts, build_trunk, loss_fn
-    from guardedp2p.offline.plugin import plug_in
+    from guardedp2p.designs.offline.plugin import plug_in
     from guardedp2p.train.trainer import SplitTrainer
 
     if base_model is None:

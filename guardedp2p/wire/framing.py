@@ -16,7 +16,7 @@ import msgpack
 import torch
 
 from guardedp2p.errors import WireError
-from guardedp2p.messages import WIRE_VERSION, MsgType
+from guardedp2p.wire.messages import WIRE_VERSION, MsgType
 
 Frame = bytes | bytearray | memoryview
 
@@ -47,7 +47,7 @@ class MessageTooLarge(WireError):
 
 
 # --------------------------------------------------------------------------------------------- dtypes
-from guardedp2p.codecs import DTYPES as _DTYPES  # noqa: E402 - the one allow-list of wire dtypes
+from guardedp2p.wire.codecs import DTYPES as _DTYPES  # noqa: E402 - the one allow-list of wire dtypes
 
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -123,7 +123,7 @@ def _encode_tensor(t: torch.Tensor, codec_name: str, stochastic: bool) -> tuple[
         spec = {"codec": "raw", "dtype": dtype_name(t.dtype), "shape": list(t.shape), "params": {}}
         spec["parts"] = [[spec["dtype"], list(t.shape)]]
         return spec, [_raw_view(t)]
-    from guardedp2p.codecs import get_codec
+    from guardedp2p.wire.codecs import get_codec
 
     codec = get_codec(codec_name)
     enc = codec.encode(t.detach(), stochastic=stochastic)
@@ -262,7 +262,7 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
             expected = [(dtype_name(dtype), shape)]
             codec = None
         else:
-            from guardedp2p.codecs import get_codec
+            from guardedp2p.wire.codecs import get_codec
 
             codec = get_codec(codec_name)  # raises UnknownCodec (a WireError) for names outside the table
             try:
@@ -292,7 +292,7 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
         if codec is None:
             tensor = parts[0]
         else:
-            from guardedp2p.codecs import Encoded
+            from guardedp2p.wire.codecs import Encoded
 
             try:
                 tensor = codec.decode(Encoded(parts=parts, params=params), shape, dtype, torch.device("cpu"))

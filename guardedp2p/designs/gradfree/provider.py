@@ -1,0 +1,15 @@
+"""Gradfree design, provider side: the Online trunk session with no graph kept and no gradient handler.
+
+A Gradfree session's handler table has no GRAD_UP at all, so the provider never runs a backward pass and a
+gradient message is refused with ``not-allowed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guardedp2p.designs.online.provider import TrunkSession
+
+
+def gradfree_session(app: Any, sid: str, terms: dict[str, Any]) -> TrunkSession:
+    return TrunkSession(app, sid, terms, keep_graph=False)
