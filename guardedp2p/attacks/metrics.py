@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 TextMode = Literal["detok", "per_token", "ids"]
 TEXT_MODES: tuple[str, ...] = ("detok", "per_token", "ids")
@@ -133,6 +133,75 @@ def pii_recall(hyp_text: str, pii: dict[str, str] | Sequence[str]) -> float:
         return float("nan")
     low = hyp_text.lower()
     return sum(1 for v in values if v.lower() in low) / len(values)
+
+
+#: The secret fields of a record, in the order reports list them (the demo's ``pii`` keys; other data sets may
+#: use other keys: every key of a record's secret mapping is scored, these only fix the display order).
+SECRET_FIELDS: tuple[str, ...] = ("name", "address", "born", "account", "diagnosis")
+
+
+def _norm_ws(s: str) -> str:
+    return " ".join(str(s).split())
+
+
+def secret_found(hyp_text: str, value: str) -> bool:
+    """True when ``value`` is reproduced *exactly* in ``hyp_text``.
+
+    Exact means: the same characters, case included, as one contiguous span that is not part of a longer word
+    or number (the characters just before and after it are not letters or digits), after collapsing runs of
+    whitespace on both sides. "GB12-3456" inside "GB12-34567" does not count; "Maria Kovacs," does. Unlike
+    :func:`pii_recall` (case-insensitive substring, a lenient upper bound), this is what "the attacker now holds
+    the secret" means for a date, an account number or a name.
+    """
+    v, h = _norm_ws(value), _norm_ws(hyp_text)
+    if not v:
+        return False
+    start = h.find(v)
+    while start >= 0:
+        end = start + len(v)
+        before = h[start - 1] if start > 0 else " "
+        after = h[end] if end < len(h) else " "
+        if not before.isalnum() and not after.isalnum():
+            return True
+        start = h.find(v, start + 1)
+    return False
+
+
+def secrets_recovered(hyp_text: str, secrets: Mapping[str, str]) -> dict[str, bool]:
+    """Per secret field, whether the reconstruction reproduces its value exactly (see :func:`secret_found`)."""
+    return {str(k): secret_found(hyp_text, str(v)) for k, v in secrets.items() if str(v).strip()}
+
+
+@dataclass
+class SecretsSummary:
+    """Secrets recovered over many sequences: ``fraction`` = recovered (sequence, field) pairs / all pairs."""
+
+    fraction: float
+    n_sequences: int
+    n_fields: int
+    per_field: dict[str, float]
+    all_recovered: float  # share of sequences with every field recovered
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize_secrets(per_sequence: Sequence[Mapping[str, bool]]) -> SecretsSummary:
+    """Aggregate :func:`secrets_recovered` outputs (sequences without secrets are skipped)."""
+    rows = [r for r in per_sequence if r]
+    pairs = [bool(v) for r in rows for v in r.values()]
+    keys = [k for k in SECRET_FIELDS if any(k in r for r in rows)] + sorted({k for r in rows for k in r} - set(SECRET_FIELDS))
+    per_field = {}
+    for k in keys:
+        vals = [bool(r[k]) for r in rows if k in r]
+        per_field[k] = sum(vals) / len(vals)
+    return SecretsSummary(
+        fraction=sum(pairs) / len(pairs) if pairs else float("nan"),
+        n_sequences=len(rows),
+        n_fields=len(pairs),
+        per_field=per_field,
+        all_recovered=sum(1 for r in rows if all(r.values())) / len(rows) if rows else float("nan"),
+    )
 
 
 @dataclass
