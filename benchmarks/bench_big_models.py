@@ -55,14 +55,45 @@ def configs() -> dict[str, Any]:
     meta-llama/Llama-2-7b-hf)."""
     from transformers import LlamaConfig, OPTConfig
 
-    opt = dict(vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True, enable_bias=True,
-               pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0, attention_dropout=0.0)
+    opt = dict(
+        vocab_size=50272,
+        max_position_embeddings=2048,
+        do_layer_norm_before=True,
+        enable_bias=True,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     return {
-        "opt-1.3b": OPTConfig(hidden_size=2048, word_embed_proj_dim=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192, **opt),
-        "opt-6.7b": OPTConfig(hidden_size=4096, word_embed_proj_dim=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384, **opt),
-        "llama-2-7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                                  tie_word_embeddings=False),
+        "opt-1.3b": OPTConfig(
+            hidden_size=2048,
+            word_embed_proj_dim=2048,
+            num_hidden_layers=24,
+            num_attention_heads=32,
+            ffn_dim=8192,
+            **opt,
+        ),
+        "opt-6.7b": OPTConfig(
+            hidden_size=4096,
+            word_embed_proj_dim=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            ffn_dim=16384,
+            **opt,
+        ),
+        "llama-2-7b": LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        ),
     }
 
 
@@ -90,9 +121,25 @@ def static_rows(name: str, cfg: Any, split: SplitConfig, r: int) -> list[dict[st
     lora_online = lora_params(meta, split, r)
     lora_gradfree = lora_params(meta, split, r, bottom=False)
     base = {"bench": "big_models", "model": name, "split": [split.bottom_layers, split.top_layers]}
-    rows = [{**base, "what": "params", "total": c.total, "embed": c.embed, "bottom": c.bottom, "trunk": c.trunk, "top": c.top,
-             "head": c.head, "client": c.client, "trunk_linear": c.trunk_quantizable, "lora_online": lora_online,
-             "lora_gradfree": lora_gradfree, "lora_r": r, "hidden": int(cfg.hidden_size), "layers": num_layers(cfg)}]
+    rows = [
+        {
+            **base,
+            "what": "params",
+            "total": c.total,
+            "embed": c.embed,
+            "bottom": c.bottom,
+            "trunk": c.trunk,
+            "top": c.top,
+            "head": c.head,
+            "client": c.client,
+            "trunk_linear": c.trunk_quantizable,
+            "lora_online": lora_online,
+            "lora_gradfree": lora_gradfree,
+            "lora_r": r,
+            "hidden": int(cfg.hidden_size),
+            "layers": num_layers(cfg),
+        }
+    ]
     client = {}
     for dt, b in (("fp32", 4), ("bf16", 2)):
         weights = c.client * b
@@ -104,15 +151,23 @@ def static_rows(name: str, cfg: Any, split: SplitConfig, r: int) -> list[dict[st
         "8bit": _mib(weight_bytes(c.trunk, c.trunk_quantizable, 2, "8bit")),
         "4bit": _mib(weight_bytes(c.trunk, c.trunk_quantizable, 2, "4bit")),
     }
-    rows.append({**base, "what": "memory", "client": client, "client_load_peak_mib": _mib(c.total * CKPT_BYTES),
-                 "provider_trunk_mib": provider, "provider_load_extra_mib": _mib(c.client * CKPT_BYTES),
-                 "quantized_bytes_per_weight": QUANTIZED_WEIGHT_BYTES})
+    rows.append(
+        {
+            **base,
+            "what": "memory",
+            "client": client,
+            "client_load_peak_mib": _mib(c.total * CKPT_BYTES),
+            "provider_trunk_mib": provider,
+            "provider_load_extra_mib": _mib(c.client * CKPT_BYTES),
+            "quantized_bytes_per_weight": QUANTIZED_WEIGHT_BYTES,
+        }
+    )
     return rows
 
 
 def wire_rows(name: str, hidden: int, batch: int, seq: int, codecs: list[str]) -> list[dict[str, Any]]:
-    from guardedp2p.wire.messages import MsgType
     from guardedp2p.wire.framing import Message, encode, frames_nbytes
+    from guardedp2p.wire.messages import MsgType
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(batch, seq, hidden, generator=g)
@@ -121,19 +176,58 @@ def wire_rows(name: str, hidden: int, batch: int, seq: int, codecs: list[str]) -
     out = []
     for codec in codecs:
         sizes = {
-            "act_up": frames_nbytes(encode(Message(MsgType.ACT_UP, sid, 1, {"train": True}, {"h": h, "mask": mask}, {"h": codec}))),
-            "act_down": frames_nbytes(encode(Message(MsgType.ACT_DOWN, sid, 1, {"compute_s": 0.123456}, {"h": h}, {"h": codec}))),
-            "grad_up": frames_nbytes(encode(Message(MsgType.GRAD_UP, sid, 1, {}, {"g": h}, {"g": codec}, stochastic=("g",) if codec != "fp32" else ()))),
-            "grad_down": frames_nbytes(encode(Message(MsgType.GRAD_DOWN, sid, 1, {"compute_s": 0.123456}, {"g": h}, {"g": codec}, stochastic=("g",) if codec != "fp32" else ()))),
+            "act_up": frames_nbytes(
+                encode(Message(MsgType.ACT_UP, sid, 1, {"train": True}, {"h": h, "mask": mask}, {"h": codec}))
+            ),
+            "act_down": frames_nbytes(
+                encode(Message(MsgType.ACT_DOWN, sid, 1, {"compute_s": 0.123456}, {"h": h}, {"h": codec}))
+            ),
+            "grad_up": frames_nbytes(
+                encode(
+                    Message(
+                        MsgType.GRAD_UP,
+                        sid,
+                        1,
+                        {},
+                        {"g": h},
+                        {"g": codec},
+                        stochastic=("g",) if codec != "fp32" else (),
+                    )
+                )
+            ),
+            "grad_down": frames_nbytes(
+                encode(
+                    Message(
+                        MsgType.GRAD_DOWN,
+                        sid,
+                        1,
+                        {"compute_s": 0.123456},
+                        {"g": h},
+                        {"g": codec},
+                        stochastic=("g",) if codec != "fp32" else (),
+                    )
+                )
+            ),
         }
         elem = {"fp32": 4.0, "int8": 1.0, "nf4": 0.5}.get(codec)
         formula = hidden * batch * seq * elem if elem else None
-        out.append({
-            "bench": "big_models", "model": name, "what": "wire", "codec": codec, "batch": batch, "seq": seq, "hidden": hidden,
-            "messages": sizes, "online_step_bytes": sum(sizes.values()), "gradfree_step_bytes": sizes["act_up"] + sizes["act_down"],
-            "formula_tensor_bytes": formula, "online_step_mib": _mib(sum(sizes.values())),
-            "gradfree_step_mib": _mib(sizes["act_up"] + sizes["act_down"]),
-        })
+        out.append(
+            {
+                "bench": "big_models",
+                "model": name,
+                "what": "wire",
+                "codec": codec,
+                "batch": batch,
+                "seq": seq,
+                "hidden": hidden,
+                "messages": sizes,
+                "online_step_bytes": sum(sizes.values()),
+                "gradfree_step_bytes": sizes["act_up"] + sizes["act_down"],
+                "formula_tensor_bytes": formula,
+                "online_step_mib": _mib(sum(sizes.values())),
+                "gradfree_step_mib": _mib(sizes["act_up"] + sizes["act_down"]),
+            }
+        )
     return out
 
 
@@ -157,7 +251,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def measure_child(name: str, dtype: str, split: SplitConfig, batch: int, seq: int, r: int, steps: int) -> dict[str, Any]:
+def measure_child(
+    name: str, dtype: str, split: SplitConfig, batch: int, seq: int, r: int, steps: int
+) -> dict[str, Any]:
     """Client side of Online steps with random weights; runs in a fresh process (see module doc)."""
     from transformers import AutoModelForCausalLM
 
@@ -205,11 +301,22 @@ def measure_child(name: str, dtype: str, split: SplitConfig, batch: int, seq: in
         times.append(round(time.perf_counter() - t, 2))
     peak_kib = _status_kib("VmHWM")
     return {
-        "bench": "big_models", "model": name, "what": "measured", "device": "cpu", "dtype": dtype, "threads": torch.get_num_threads(),
-        "batch": batch, "seq": seq, "lora_r": r, "layers_full": full_layers, "build_s": round(build_s, 1), "step_s": times,
+        "bench": "big_models",
+        "model": name,
+        "what": "measured",
+        "device": "cpu",
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "batch": batch,
+        "seq": seq,
+        "lora_r": r,
+        "layers_full": full_layers,
+        "build_s": round(build_s, 1),
+        "step_s": times,
         "client_parts_rss_mib": round((parts_kib - base_kib) / 1024, 1),
         "peak_rss_during_step_mib": round((peak_kib - base_kib) / 1024, 1) if reset else None,
-        "baseline_rss_mib": round(base_kib / 1024, 1), "loss": round(float(loss), 4),
+        "baseline_rss_mib": round(base_kib / 1024, 1),
+        "loss": round(float(loss), 4),
         "trainable": sum(p.numel() for p in trainable),
     }
 
@@ -217,13 +324,35 @@ def measure_child(name: str, dtype: str, split: SplitConfig, batch: int, seq: in
 def measure(name: str, dtypes: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for dt in dtypes:
-        cmd = [sys.executable, "-m", "benchmarks.bench_big_models", "--_child", name, dt, "--split", *map(str, args.split),
-               "--batch", str(args.batch), "--seq", str(args.seq), "--lora-r", str(args.lora_r), "--steps", str(args.steps),
-               "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_big_models",
+            "--_child",
+            name,
+            dt,
+            "--split",
+            *map(str, args.split),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--lora-r",
+            str(args.lora_r),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+        ]
         fail = {"bench": "big_models", "model": name, "what": "measured", "dtype": dt, "threads": args.threads}
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                 env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            res = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+            )
         except subprocess.TimeoutExpired:
             # e.g. bf16 on a CPU without native bf16 matmuls (AVX512-BF16/AMX): tens of times slower than fp32
             rows.append({**fail, "error": f"did not finish {args.steps} steps within --timeout {args.timeout:g} s"})
@@ -243,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--codecs", default="fp32,int8,nf4")
-    ap.add_argument("--measure", default="", help="Comma-separated models to build and step for real on the CPU (e.g. opt-1.3b).")
+    ap.add_argument(
+        "--measure", default="", help="Comma-separated models to build and step for real on the CPU (e.g. opt-1.3b)."
+    )
     ap.add_argument("--measure-dtypes", default="fp32,bf16")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -253,7 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     split = SplitConfig(*args.split)
     if args._child:
         torch.set_num_threads(args.threads)
-        print(json.dumps(measure_child(args._child[0], args._child[1], split, args.batch, args.seq, args.lora_r, args.steps)), flush=True)
+        print(
+            json.dumps(
+                measure_child(args._child[0], args._child[1], split, args.batch, args.seq, args.lora_r, args.steps)
+            ),
+            flush=True,
+        )
         return 0
     cfgs = configs()
     wire_cache: dict[int, list[dict[str, Any]]] = {}

@@ -70,10 +70,18 @@ def _channel(mechanism: str, keydir: str) -> tuple[ZmqServerChannel, ZmqClientCh
             cli = ZmqClientChannel.open(ClientConfig(connect=srv.endpoint, insecure=True))
         return srv, cli
     srv = ZmqServerChannel(
-        ServerConfig(bind="tcp://127.0.0.1:*", secret_key_file=f"{keydir}/bench_server.key_secret", allow=[f"{keydir}/bench_client.key"])
+        ServerConfig(
+            bind="tcp://127.0.0.1:*",
+            secret_key_file=f"{keydir}/bench_server.key_secret",
+            allow=[f"{keydir}/bench_client.key"],
+        )
     )
     cli = ZmqClientChannel.open(
-        ClientConfig(connect=srv.endpoint, provider_public_key=f"{keydir}/bench_server.key", secret_key_file=f"{keydir}/bench_client.key_secret")
+        ClientConfig(
+            connect=srv.endpoint,
+            provider_public_key=f"{keydir}/bench_server.key",
+            secret_key_file=f"{keydir}/bench_client.key_secret",
+        )
     )
     return srv, cli
 
@@ -103,12 +111,22 @@ def main(argv: list[str] | None = None) -> None:
                     times = _measure(cli, memoryview(payloads[size]), layout, reps)
                     med = statistics.median(times)
                     results[(mechanism, size, layout)] = size / med
-                    print(json.dumps({
-                        "bench": "channel", "mechanism": mechanism, "payload_mib": size,
-                        "layout": layout if layout == "1x" else f"{layout}:{size // 4}x4MiB",
-                        "reps": reps, "median_s": round(med, 4), "min_s": round(min(times), 4),
-                        "mib_per_s": round(size / med, 1), "cpus": os.cpu_count(),
-                    }), flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                "bench": "channel",
+                                "mechanism": mechanism,
+                                "payload_mib": size,
+                                "layout": layout if layout == "1x" else f"{layout}:{size // 4}x4MiB",
+                                "reps": reps,
+                                "median_s": round(med, 4),
+                                "min_s": round(min(times), 4),
+                                "mib_per_s": round(size / med, 1),
+                                "cpus": os.cpu_count(),
+                            }
+                        ),
+                        flush=True,
+                    )
             finally:
                 stop.set()
                 t.join(5)
@@ -116,16 +134,33 @@ def main(argv: list[str] | None = None) -> None:
                 srv.close()
     for size, layout in cases:
         c, p = results[("curve", size, layout)], results[("plain", size, layout)]
-        print(json.dumps({
-            "bench": "channel_ratio", "payload_mib": size, "layout": layout,
-            "curve_mib_per_s": round(c, 1), "plain_mib_per_s": round(p, 1), "plain_over_curve": round(p / c, 2),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "channel_ratio",
+                    "payload_mib": size,
+                    "layout": layout,
+                    "curve_mib_per_s": round(c, 1),
+                    "plain_mib_per_s": round(p, 1),
+                    "plain_over_curve": round(p / c, 2),
+                }
+            ),
+            flush=True,
+        )
     chunk_gain = results[("curve", 64, "msgs")] / results[("curve", 64, "1x")]
-    print(json.dumps({
-        "bench": "channel_summary", "curve_64mib_chunked_msgs_over_single": round(chunk_gain, 2),
-        "curve_64mib_chunked_frames_over_single": round(results[("curve", 64, "frames")] / results[("curve", 64, "1x")], 2),
-        "total_s": round(time.perf_counter() - t_start, 1),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "channel_summary",
+                "curve_64mib_chunked_msgs_over_single": round(chunk_gain, 2),
+                "curve_64mib_chunked_frames_over_single": round(
+                    results[("curve", 64, "frames")] / results[("curve", 64, "1x")], 2
+                ),
+                "total_s": round(time.perf_counter() - t_start, 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,10 @@ def run(shape: tuple[int, ...], reps: int, device: str, outliers: bool) -> list[
                 "bytes_per_elem": round(enc.nbytes / x.numel(), 5),
                 "rel_err": float(err.norm() / x.float().norm()),
                 "max_abs_err": float(err.abs().max()),
-                "encode_ms": round(_ms(lambda: codec.encode(x), reps, sync), 3),
-                "decode_ms": round(_ms(lambda: codec.decode(enc, shape, torch.float32, device), reps, sync), 3),
+                "encode_ms": round(_ms(lambda codec=codec: codec.encode(x), reps, sync), 3),
+                "decode_ms": round(
+                    _ms(lambda codec=codec, enc=enc: codec.decode(enc, shape, torch.float32, device), reps, sync), 3
+                ),
             }
         )
     return rows

@@ -30,28 +30,58 @@ def _floats(s: str) -> list[float]:
 
 def run_setting(base: Any, tok: Any, args: argparse.Namespace, codec: str, alpha: float, out: Path) -> dict[str, Any]:
     """One Online run with ``codec`` in every direction and dCor weight ``alpha``; its numbers."""
-    from guardedp2p.wire.handshake import CODEC_DIRECTIONS
     from guardedp2p.service.client import TuneOptions, prepare_client, tune
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
     from guardedp2p.train.config import TrainConfig
     from guardedp2p.transport.inproc import InProcClientChannel
+    from guardedp2p.wire.handshake import CODEC_DIRECTIONS
 
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length, warmup_steps=min(5, args.steps // 5),
-                        checkpoint_every=0, dcor_alpha=alpha, lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
-    opts = TuneOptions(protocol="online", model=args.model, data=args.data, eval_data=args.eval_data, out=str(out / f"{codec}-dcor{alpha:g}"),
-                       train=train, codecs={d: codec for d in CODEC_DIRECTIONS}, device="cpu", eval_max_items=args.eval_items,
-                       progress=False, retries=0)
-    app = build_provider_app(ProviderOptions(model=args.model, protocols=("online",), device="cpu"), model=copy.deepcopy(base))
+    train = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        warmup_steps=min(5, args.steps // 5),
+        checkpoint_every=0,
+        dcor_alpha=alpha,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+    )
+    opts = TuneOptions(
+        protocol="online",
+        model=args.model,
+        data=args.data,
+        eval_data=args.eval_data,
+        out=str(out / f"{codec}-dcor{alpha:g}"),
+        train=train,
+        codecs={d: codec for d in CODEC_DIRECTIONS},
+        device="cpu",
+        eval_max_items=args.eval_items,
+        progress=False,
+        retries=0,
+    )
+    app = build_provider_app(
+        ProviderOptions(model=args.model, protocols=("online",), device="cpu"), model=copy.deepcopy(base)
+    )
     client = prepare_client(opts, model=copy.deepcopy(base), tokenizer=tok)
     t0 = time.perf_counter()
     s = tune(opts, lambda: InProcClientChannel(app), client=client)
     return {
-        "bench": "defence", "codec": codec, "dcor": alpha, "label": f"{codec}" + (f" + dCor {alpha:g}" if alpha else ""),
-        "steps": s["steps"], "bytes_per_step": round(s["bytes_per_step"], 1),
+        "bench": "defence",
+        "codec": codec,
+        "dcor": alpha,
+        "label": f"{codec}" + (f" + dCor {alpha:g}" if alpha else ""),
+        "steps": s["steps"],
+        "bytes_per_step": round(s["bytes_per_step"], 1),
         "bytes_up_per_step": round(s["train_bytes_up"] / max(1, s["steps"]), 1),
         "bytes_down_per_step": round(s["train_bytes_down"] / max(1, s["steps"]), 1),
-        "eval_metric": s["eval_metric"], "eval_before": s["eval_before"], "eval_after": s["eval_after"],
-        "loss_first": s["loss_first"], "loss_last": s["loss_last"], "train_s": s["train_s"], "wall_s": round(time.perf_counter() - t0, 1),
+        "eval_metric": s["eval_metric"],
+        "eval_before": s["eval_before"],
+        "eval_after": s["eval_after"],
+        "loss_first": s["loss_first"],
+        "loss_last": s["loss_last"],
+        "train_s": s["train_s"],
+        "wall_s": round(time.perf_counter() - t0, 1),
         "final_dcor": s["history"][-1]["dcor"] if s["history"] else None,
     }
 
@@ -66,23 +96,38 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in rows:
             if r["dcor"] != alpha or r["codec"] == "fp32":
                 continue
-            out.append({
-                "bench": "vs_fp32", "codec": r["codec"], "dcor": alpha,
-                "bytes_pct_of_fp32": round(100 * r["bytes_per_step"] / ref["bytes_per_step"], 2) if ref["bytes_per_step"] else None,
-                "acc_delta_vs_fp32": round(r["eval_after"] - ref["eval_after"], 4),
-            })
+            out.append(
+                {
+                    "bench": "vs_fp32",
+                    "codec": r["codec"],
+                    "dcor": alpha,
+                    "bytes_pct_of_fp32": round(100 * r["bytes_per_step"] / ref["bytes_per_step"], 2)
+                    if ref["bytes_per_step"]
+                    else None,
+                    "acc_delta_vs_fp32": round(r["eval_after"] - ref["eval_after"], 4),
+                }
+            )
     return out
 
 
 def _table(rows: list[dict[str, Any]], summary: list[dict[str, Any]], header: str) -> str:
-    lines = [header, "", "| codec | dCor | bytes/step | up/step | down/step | acc before | acc after | train s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        header,
+        "",
+        "| codec | dCor | bytes/step | up/step | down/step | acc before | acc after | train s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['codec']} | {r['dcor']:g} | {r['bytes_per_step']:,.0f} | {r['bytes_up_per_step']:,.0f} | {r['bytes_down_per_step']:,.0f} | "
-                     f"{r['eval_before']:.3f} | {r['eval_after']:.3f} | {r['train_s']:.1f} |")
+        lines.append(
+            f"| {r['codec']} | {r['dcor']:g} | {r['bytes_per_step']:,.0f} | {r['bytes_up_per_step']:,.0f} | {r['bytes_down_per_step']:,.0f} | "
+            f"{r['eval_before']:.3f} | {r['eval_after']:.3f} | {r['train_s']:.1f} |"
+        )
     if summary:
         lines += ["", "| codec | dCor | bytes % of fp32 | acc delta vs fp32 |", "|---|---|---:|---:|"]
         for s in summary:
-            lines.append(f"| {s['codec']} | {s['dcor']:g} | {s['bytes_pct_of_fp32']:.1f}% | {s['acc_delta_vs_fp32']:+.3f} |")
+            lines.append(
+                f"| {s['codec']} | {s['dcor']:g} | {s['bytes_pct_of_fp32']:.1f}% | {s['acc_delta_vs_fp32']:+.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -124,14 +169,26 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows)
     for s in summary:
         print(json.dumps(s), flush=True)
-    header = (f"Online, {args.model}, {args.steps} steps, batch {args.batch_size}, eval items {args.eval_items or 'all'}, "
-              f"torch threads {torch.get_num_threads()} (python -m benchmarks.bench_defences {' '.join(sys.argv[1:] if argv is None else argv)})")
+    header = (
+        f"Online, {args.model}, {args.steps} steps, batch {args.batch_size}, eval items {args.eval_items or 'all'}, "
+        f"torch threads {torch.get_num_threads()} (python -m benchmarks.bench_defences {' '.join(sys.argv[1:] if argv is None else argv)})"
+    )
     (out / "defences.md").write_text(_table(rows, summary, header))
     (out / "defences.json").write_text(json.dumps({"args": vars(args), "rows": rows, "vs_fp32": summary}, indent=2))
     metric = rows[0]["eval_metric"] if rows else "acc"
     png = plot_accuracy_vs_bytes(rows, out / "accuracy_vs_bytes.png", metric=metric)
-    print(json.dumps({"bench": "files", "table": str(out / "defences.md"), "json": str(out / "defences.json"), "plot": str(png),
-                      "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "files",
+                "table": str(out / "defences.md"),
+                "json": str(out / "defences.json"),
+                "plot": str(png),
+                "wall_s": round(time.perf_counter() - t0, 1),
+            }
+        ),
+        flush=True,
+    )
     return 0 if all(not math.isnan(r["bytes_per_step"]) for r in rows) else 1
 
 

@@ -28,21 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import logging
+
+    from guardedp2p.crypto.keys import generate_keypair
+    from guardedp2p.designs.online.client import RemoteTrunk
     from guardedp2p.engine.split import loss_fn
     from guardedp2p.errors import TransportError
-    from guardedp2p.wire.handshake import Hello
-    from guardedp2p.crypto.keys import generate_keypair
-    from guardedp2p.wire.messages import MsgType
     from guardedp2p.protocol.client import ClientSession
-    from guardedp2p.designs.online.client import RemoteTrunk
     from guardedp2p.service.serve import serve_forever
     from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
     from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
     from guardedp2p.wire.framing import Message, encode
+    from guardedp2p.wire.handshake import Hello
+    from guardedp2p.wire.messages import MsgType
     from tests.protocol_helpers import batch, client_parts, provider_app
     from tests.tiny_models import tiny_model
-
-    import logging
 
     logging.getLogger("guardedp2p").setLevel(logging.CRITICAL)  # one warning per refused frame otherwise
     torch.set_num_threads(1)
@@ -52,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         generate_keypair(tmp, name)
     model = tiny_model("llama")
     app = provider_app(model)
-    server = ZmqServerChannel(ServerConfig(bind="tcp://127.0.0.1:*", secret_key_file=tmp / "provider.key_secret", allow=[tmp / "good.key", tmp / "fuzzer.key"]))
+    server = ZmqServerChannel(
+        ServerConfig(
+            bind="tcp://127.0.0.1:*",
+            secret_key_file=tmp / "provider.key_secret",
+            allow=[tmp / "good.key", tmp / "fuzzer.key"],
+        )
+    )
     stop = threading.Event()
     died: list[BaseException] = []
 
@@ -66,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     thread.start()
 
     def channel(who: str) -> ZmqClientChannel:
-        return ZmqClientChannel.open(ClientConfig(connect=server.endpoint, provider_public_key=tmp / "provider.key", secret_key_file=tmp / f"{who}.key_secret"))
+        return ZmqClientChannel.open(
+            ClientConfig(
+                connect=server.endpoint,
+                provider_public_key=tmp / "provider.key",
+                secret_key_file=tmp / f"{who}.key_secret",
+            )
+        )
 
     parts, fp = client_parts(model)
     fp32 = {d: "fp32" for d in ("up", "down", "grad_up", "grad_down")}
@@ -78,10 +90,29 @@ def main(argv: list[str] | None = None) -> int:
     # seeds: valid messages of every type, including one for the good client's session (must not be hijackable)
     seeds = [
         encode(Message(MsgType.HELLO, meta=Hello("online", fp, (2, 2), fp32).to_meta())),
-        encode(Message(MsgType.ACT_UP, session=good.sid, step=10**9, meta={"train": True}, tensors={"h": torch.randn(2, 5, model.config.hidden_size), "mask": torch.ones(2, 5, dtype=torch.int8)}, codecs={"h": "fp32"})),
-        encode(Message(MsgType.GRAD_UP, session=good.sid, step=3, tensors={"g": torch.randn(2, 5, model.config.hidden_size)}, codecs={"g": "int8"})),
+        encode(
+            Message(
+                MsgType.ACT_UP,
+                session=good.sid,
+                step=10**9,
+                meta={"train": True},
+                tensors={"h": torch.randn(2, 5, model.config.hidden_size), "mask": torch.ones(2, 5, dtype=torch.int8)},
+                codecs={"h": "fp32"},
+            )
+        ),
+        encode(
+            Message(
+                MsgType.GRAD_UP,
+                session=good.sid,
+                step=3,
+                tensors={"g": torch.randn(2, 5, model.config.hidden_size)},
+                codecs={"g": "int8"},
+            )
+        ),
         encode(Message(MsgType.PING, session="x" * 32, step=1)),
-        encode(Message(MsgType.CHUNK_REQ, session="", step=2, meta={"file": "../../etc/passwd", "offset": 0, "length": 4})),
+        encode(
+            Message(MsgType.CHUNK_REQ, session="", step=2, meta={"file": "../../etc/passwd", "offset": 0, "length": 4})
+        ),
     ]
     seeds = [[bytes(f) for f in s] for s in seeds]
 
@@ -124,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         if i % 5000 == 0:
             try:
                 h1 = parts.bottom(b["input_ids"], b["attention_mask"])
-                loss_fn(parts.top(remote(h1, b["attention_mask"], train=True), b["attention_mask"]), b["labels"]).backward()
+                loss_fn(
+                    parts.top(remote(h1, b["attention_mask"], train=True), b["attention_mask"]), b["labels"]
+                ).backward()
                 good_steps += 1
             except Exception as exc:  # noqa: BLE001
                 crashes += 1
@@ -136,11 +169,23 @@ def main(argv: list[str] | None = None) -> int:
     stop.set()
     thread.join(timeout=5)
     server.close()
-    print(json.dumps({
-        "bench": "fuzz", "frames": i + 1, "crashes": crashes + len(died), "hangs": hangs, "error_replies": errors_replied,
-        "other_replies": other_replies, "good_client_steps": good_steps, "provider_errors_counted": app.stats["errors"],
-        "seconds": round(elapsed, 1), "msgs_per_s": round((i + 1) / elapsed, 1),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "fuzz",
+                "frames": i + 1,
+                "crashes": crashes + len(died),
+                "hangs": hangs,
+                "error_replies": errors_replied,
+                "other_replies": other_replies,
+                "good_client_steps": good_steps,
+                "provider_errors_counted": app.stats["errors"],
+                "seconds": round(elapsed, 1),
+                "msgs_per_s": round((i + 1) / elapsed, 1),
+            }
+        ),
+        flush=True,
+    )
     return 0 if not (crashes or died or hangs) else 1
 
 

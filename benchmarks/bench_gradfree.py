@@ -32,26 +32,58 @@ import torch
 def _train_config(args: argparse.Namespace) -> Any:
     from guardedp2p.train.config import TrainConfig
 
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length, warmup_steps=min(5, args.steps // 5),
-                       checkpoint_every=0, lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        warmup_steps=min(5, args.steps // 5),
+        checkpoint_every=0,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+    )
 
 
-def run_remote(args: argparse.Namespace, base: Any, tok: Any, protocol: str, codec: str, connect: Any, out: Path) -> dict[str, Any]:
-    from guardedp2p.wire.handshake import CODEC_DIRECTIONS
+def run_remote(
+    args: argparse.Namespace, base: Any, tok: Any, protocol: str, codec: str, connect: Any, out: Path
+) -> dict[str, Any]:
     from guardedp2p.service.client import TuneOptions, prepare_client, tune
+    from guardedp2p.wire.handshake import CODEC_DIRECTIONS
 
-    opts = TuneOptions(protocol=protocol, model=args.model, data=args.data, eval_data=args.eval_data, out=str(out / f"{protocol}-{codec}"),
-                       train=_train_config(args), codecs={d: codec for d in CODEC_DIRECTIONS}, device="cpu", eval_max_items=args.eval_items,
-                       progress=False, retries=0, timeout=300.0)
+    opts = TuneOptions(
+        protocol=protocol,
+        model=args.model,
+        data=args.data,
+        eval_data=args.eval_data,
+        out=str(out / f"{protocol}-{codec}"),
+        train=_train_config(args),
+        codecs={d: codec for d in CODEC_DIRECTIONS},
+        device="cpu",
+        eval_max_items=args.eval_items,
+        progress=False,
+        retries=0,
+        timeout=300.0,
+    )
     client = prepare_client(opts, model=copy.deepcopy(base), tokenizer=tok)
     s = tune(opts, connect, client=client)
     steps = max(1, s["steps"])
     return {
-        "bench": "design", "design": protocol, "codec": codec, "steps": s["steps"], "mean_step_s": round(s["train_s"] / steps, 4),
-        "bytes_per_step": round(s["bytes_per_step"], 1), "gradient_bytes": s["gradient_bytes"],
-        "eval_metric": s["eval_metric"], "eval_before": s["eval_before"], "eval_after": s["eval_after"],
-        "loss_first": s["loss_first"], "loss_last": s["loss_last"], "time_split": s["time_split"],
-        "trainable_params": sum(p.numel() for part in (client.bottom, client.top) for p in part.parameters() if p.requires_grad),
+        "bench": "design",
+        "design": protocol,
+        "codec": codec,
+        "steps": s["steps"],
+        "mean_step_s": round(s["train_s"] / steps, 4),
+        "bytes_per_step": round(s["bytes_per_step"], 1),
+        "gradient_bytes": s["gradient_bytes"],
+        "eval_metric": s["eval_metric"],
+        "eval_before": s["eval_before"],
+        "eval_after": s["eval_after"],
+        "loss_first": s["loss_first"],
+        "loss_last": s["loss_last"],
+        "time_split": s["time_split"],
+        "trainable_params": sum(
+            p.numel() for part in (client.bottom, client.top) for p in part.parameters() if p.requires_grad
+        ),
         **({k: s[k] for k in ("cache_hits", "cache_misses") if k in s}),
     }
 
@@ -61,22 +93,32 @@ def run_local(args: argparse.Namespace, base: Any, tok: Any) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 
     from guardedp2p.data.collate import BatchIterator
+    from guardedp2p.designs.offline.plugin import logits_fn_of
     from guardedp2p.engine.arch import get_arch
     from guardedp2p.engine.split import loss_fn
     from guardedp2p.evaluate.grid import primary_metric
-    from guardedp2p.designs.offline.plugin import logits_fn_of
     from guardedp2p.service.client import TuneOptions, prepare_data
     from guardedp2p.train.trainer import lr_lambda
 
     cfg = _train_config(args)
-    opts = TuneOptions(model=args.model, data=args.data, eval_data=args.eval_data, train=cfg, eval_max_items=args.eval_items)
+    opts = TuneOptions(
+        model=args.model, data=args.data, eval_data=args.eval_data, train=cfg, eval_max_items=args.eval_items
+    )
     data = prepare_data(opts, tok)
     model = copy.deepcopy(base)
     n = model.config.num_hidden_layers
     layers = [0, 1, n - 2, n - 1]
     torch.manual_seed(cfg.seed)
-    lmodel = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                              target_modules=list(get_arch(model).lora_targets), layers_to_transform=layers))
+    lmodel = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=list(get_arch(model).lora_targets),
+            layers_to_transform=layers,
+        ),
+    )
     params = [p for p in lmodel.parameters() if p.requires_grad]
     before = primary_metric(logits_fn_of(lmodel), data, tok, opts.eval_batch_size, cfg.max_length)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -96,9 +138,22 @@ def run_local(args: argparse.Namespace, base: Any, tok: Any) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
     after = primary_metric(logits_fn_of(lmodel), data, tok, opts.eval_batch_size, cfg.max_length)
-    return {"bench": "design", "design": "local_lora", "codec": "-", "steps": cfg.steps, "mean_step_s": round(statistics.mean(times), 4),
-            "median_step_s": round(statistics.median(times), 4), "bytes_per_step": 0, "gradient_bytes": 0, "eval_metric": "acc" if data.eval_kind == "mc" else "loss",
-            "eval_before": before, "eval_after": after, "loss_first": losses[0], "loss_last": losses[-1], "trainable_params": sum(p.numel() for p in params)}
+    return {
+        "bench": "design",
+        "design": "local_lora",
+        "codec": "-",
+        "steps": cfg.steps,
+        "mean_step_s": round(statistics.mean(times), 4),
+        "median_step_s": round(statistics.median(times), 4),
+        "bytes_per_step": 0,
+        "gradient_bytes": 0,
+        "eval_metric": "acc" if data.eval_kind == "mc" else "loss",
+        "eval_before": before,
+        "eval_after": after,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "trainable_params": sum(p.numel() for p in params),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-items", type=int, default=None, help="first N multiple-choice items only (default: all 64)")
     ap.add_argument("--data", default=None)
     ap.add_argument("--eval-data", default=None)
-    ap.add_argument("--transport", choices=["zmq", "inproc"], default="zmq", help="zmq: provider subprocess over CURVE; inproc: same process")
+    ap.add_argument(
+        "--transport",
+        choices=["zmq", "inproc"],
+        default="zmq",
+        help="zmq: provider subprocess over CURVE; inproc: same process",
+    )
     ap.add_argument("--no-nf4", action="store_true", help="skip the Gradfree nf4 run")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="keep run outputs here (default: a temporary folder)")
@@ -143,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         from guardedp2p.service.provider import ProviderOptions, build_provider_app
         from guardedp2p.transport.inproc import InProcClientChannel
 
-        app = build_provider_app(ProviderOptions(model=args.model, protocols=("online", "gradfree"), device="cpu"), model=copy.deepcopy(base))
+        app = build_provider_app(
+            ProviderOptions(model=args.model, protocols=("online", "gradfree"), device="cpu"), model=copy.deepcopy(base)
+        )
         run_all(lambda: InProcClientChannel(app))
         del app
     else:
@@ -155,7 +217,21 @@ def main(argv: list[str] | None = None) -> int:
         generate_keypair(keys, "provider", force=True)
         generate_keypair(keys, "client", force=True)
         endpoint = f"tcp://127.0.0.1:{free_port()}"
-        with ProviderProcess(["--model", args.model, "--bind", endpoint, "--keys", str(keys), "--name", "provider", "--allow", str(keys / "client.key")], work):
+        with ProviderProcess(
+            [
+                "--model",
+                args.model,
+                "--bind",
+                endpoint,
+                "--keys",
+                str(keys),
+                "--name",
+                "provider",
+                "--allow",
+                str(keys / "client.key"),
+            ],
+            work,
+        ):
             run_all(client_channel_factory(endpoint, keys / "provider.key", keys, "client", False))
     local = run_local(args, base, tok)
     results.append(local)
@@ -164,12 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["design"], r["codec"]): r for r in results}
     gf, on = by[("gradfree", "fp32")], by[("online", "fp32")]
     cmp: dict[str, Any] = {
-        "bench": "gradfree_vs", "steps": args.steps, "transport": args.transport, "torch_threads": torch.get_num_threads(),
+        "bench": "gradfree_vs",
+        "steps": args.steps,
+        "transport": args.transport,
+        "torch_threads": torch.get_num_threads(),
         "gradfree_step_over_online": round(gf["mean_step_s"] / on["mean_step_s"], 3),
         "gradfree_step_over_local": round(gf["mean_step_s"] / local["mean_step_s"], 3),
         "online_step_over_local": round(on["mean_step_s"] / local["mean_step_s"], 3),
         "gradfree_fp32_bytes_pct_of_online_fp32": round(100 * gf["bytes_per_step"] / on["bytes_per_step"], 2),
-        "acc_after": {"gradfree_fp32": gf["eval_after"], "online_fp32": on["eval_after"], "local_lora": local["eval_after"]},
+        "acc_after": {
+            "gradfree_fp32": gf["eval_after"],
+            "online_fp32": on["eval_after"],
+            "local_lora": local["eval_after"],
+        },
         "acc_before": on["eval_before"],
         "wall_s": round(time.perf_counter() - t_all, 1),
     }

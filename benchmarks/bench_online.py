@@ -11,7 +11,6 @@ compute, serialisation, wire), plus the client's resident memory against a full 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import statistics
@@ -47,7 +46,9 @@ def memory_probe(kind: str, model_name: str, batch: int, seq: int) -> dict:
 
         model, tok = load_causal_lm(model_name)
         b = make_batch(tok, batch, seq)
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        )
         model(**b).loss.backward()
     gc.collect()
     return {"kind": kind, "rss_mib": round(_status("VmRSS"), 1), "peak_rss_mib": round(_status("VmHWM"), 1)}
@@ -76,34 +77,62 @@ def main(argv: list[str] | None = None) -> int:
 
     from guardedp2p.cli.client import client_channel_factory
     from guardedp2p.cli.demo import ProviderProcess, free_port
-    from guardedp2p.engine.loading import load_causal_lm
-    from guardedp2p.engine.lora import LoraSettings, attach_lora
-    from guardedp2p.engine.split import SplitConfig, build_client_parts, loss_fn
-    from guardedp2p.wire.handshake import Hello
     from guardedp2p.crypto.keys import generate_keypair
-    from guardedp2p.protocol.client import ClientSession
     from guardedp2p.designs.online.client import RemoteTrunk
+    from guardedp2p.engine.loading import load_causal_lm
+    from guardedp2p.engine.split import loss_fn
+    from guardedp2p.protocol.client import ClientSession
     from guardedp2p.service.client import TuneOptions, prepare_client
     from guardedp2p.train.config import TrainConfig
     from guardedp2p.train.trainer import SplitTrainer
+    from guardedp2p.wire.handshake import Hello
 
     tmp = Path(tempfile.mkdtemp(prefix="gp2p-bench-online-"))
     generate_keypair(tmp, "provider")
     generate_keypair(tmp, "client")
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    cfg = TrainConfig(steps=args.steps + args.warmup, batch_size=args.batch, lr=1e-4, warmup_steps=0, schedule="constant")
-    opts = TuneOptions(protocol=args.protocol, model=args.model, train=cfg, codecs={d: args.codec for d in ("up", "down", "grad_up", "grad_down")})
+    cfg = TrainConfig(
+        steps=args.steps + args.warmup, batch_size=args.batch, lr=1e-4, warmup_steps=0, schedule="constant"
+    )
+    opts = TuneOptions(
+        protocol=args.protocol,
+        model=args.model,
+        train=cfg,
+        codecs={d: args.codec for d in ("up", "down", "grad_up", "grad_down")},
+    )
     client = prepare_client(opts)
     gc.collect()
     batch = make_batch(client.tokenizer, args.batch, args.seq)
     results: list[dict] = []
-    with ProviderProcess(["--model", args.model, "--bind", endpoint, "--keys", str(tmp), "--name", "provider", "--allow", str(tmp / "client.key")], tmp):
-        session = ClientSession(client_channel_factory(endpoint, tmp / "provider.key", tmp, "client", False)(), timeout=300)
+    with ProviderProcess(
+        [
+            "--model",
+            args.model,
+            "--bind",
+            endpoint,
+            "--keys",
+            str(tmp),
+            "--name",
+            "provider",
+            "--allow",
+            str(tmp / "client.key"),
+        ],
+        tmp,
+    ):
+        session = ClientSession(
+            client_channel_factory(endpoint, tmp / "provider.key", tmp, "client", False)(), timeout=300
+        )
         codecs = opts.codecs if args.protocol == "online" else {k: args.codec for k in ("up", "down")}
         session.open(Hello(args.protocol, client.fingerprint, (2, 2), codecs))
         remote = RemoteTrunk(session, codecs, gradients=args.protocol == "online")
-        trainer = SplitTrainer(client.bottom, client.top, lambda h, m, *, train, input_ids: remote(h, m, train=train), cfg,
-                               loss_fn=loss_fn, train_bottom=args.protocol == "online")
+        trainer = SplitTrainer(
+            client.bottom,
+            client.top,
+            lambda h, m, *, train, input_ids: remote(h, m, train=train),
+            cfg,
+            loss_fn=loss_fn,
+            train_bottom=args.protocol == "online",
+        )
         times, splits = [], []
         for i in range(args.steps + args.warmup):
             s = session.stats
@@ -113,17 +142,35 @@ def main(argv: list[str] | None = None) -> int:
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 times.append(dt)
-                splits.append({"wait": s.wait_s - w0, "codec": s.codec_s - c0, "provider": s.provider_s - p0, "bytes": s.total_up - u0 + s.total_down - d0})
+                splits.append(
+                    {
+                        "wait": s.wait_s - w0,
+                        "codec": s.codec_s - c0,
+                        "provider": s.provider_s - p0,
+                        "bytes": s.total_up - u0 + s.total_down - d0,
+                    }
+                )
         session.close()
     split_mean = {k: statistics.mean(x[k] for x in splits) for k in splits[0]}
     step = statistics.mean(times)
-    results.append({
-        "bench": "online_step", "protocol": args.protocol, "codec": args.codec, "model": args.model, "batch": args.batch, "seq": args.seq,
-        "steps": args.steps, "mean_step_s": round(step, 4), "median_step_s": round(statistics.median(times), 4),
-        "client_compute_s": round(step - split_mean["wait"] - split_mean["codec"], 4), "provider_compute_s": round(split_mean["provider"], 4),
-        "serialisation_s": round(split_mean["codec"], 4), "wire_s": round(split_mean["wait"] - split_mean["provider"], 4),
-        "bytes_per_step": int(split_mean["bytes"]),
-    })
+    results.append(
+        {
+            "bench": "online_step",
+            "protocol": args.protocol,
+            "codec": args.codec,
+            "model": args.model,
+            "batch": args.batch,
+            "seq": args.seq,
+            "steps": args.steps,
+            "mean_step_s": round(step, 4),
+            "median_step_s": round(statistics.median(times), 4),
+            "client_compute_s": round(step - split_mean["wait"] - split_mean["codec"], 4),
+            "provider_compute_s": round(split_mean["provider"], 4),
+            "serialisation_s": round(split_mean["codec"], 4),
+            "wire_s": round(split_mean["wait"] - split_mean["provider"], 4),
+            "bytes_per_step": int(split_mean["bytes"]),
+        }
+    )
     del trainer, client
     gc.collect()
 
@@ -134,7 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    lmodel = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], layers_to_transform=parts_layers))
+    lmodel = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            layers_to_transform=parts_layers,
+        ),
+    )
     opt = torch.optim.AdamW([p for p in lmodel.parameters() if p.requires_grad], lr=1e-4)
     ltimes = []
     for i in range(args.steps + args.warmup):
@@ -146,19 +201,60 @@ def main(argv: list[str] | None = None) -> int:
         if i >= args.warmup:
             ltimes.append(time.perf_counter() - t0)
     local = statistics.mean(ltimes)
-    results.append({"bench": "local_lora_step", "model": args.model, "batch": args.batch, "seq": args.seq, "steps": args.steps, "mean_step_s": round(local, 4), "median_step_s": round(statistics.median(ltimes), 4)})
-    results.append({"bench": "online_vs_local", "protocol": args.protocol, "codec": args.codec, "ratio": round(step / local, 3), "target": "<= 1.15"})
+    results.append(
+        {
+            "bench": "local_lora_step",
+            "model": args.model,
+            "batch": args.batch,
+            "seq": args.seq,
+            "steps": args.steps,
+            "mean_step_s": round(local, 4),
+            "median_step_s": round(statistics.median(ltimes), 4),
+        }
+    )
+    results.append(
+        {
+            "bench": "online_vs_local",
+            "protocol": args.protocol,
+            "codec": args.codec,
+            "ratio": round(step / local, 3),
+            "target": "<= 1.15",
+        }
+    )
     import subprocess
     import sys
 
     probes = {}
     for kind in ("client", "full"):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_online", "--probe", kind, "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq)],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_online",
+                "--probe",
+                kind,
+                "--model",
+                args.model,
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         probes[kind] = json.loads(out.strip().splitlines()[-1])
-    results.append({"bench": "client_memory", "note": "fresh process each, after one training step; peak includes loading the full checkpoint before splitting",
-                    "client_rss_mib": probes["client"]["rss_mib"], "client_peak_mib": probes["client"]["peak_rss_mib"],
-                    "full_finetune_rss_mib": probes["full"]["rss_mib"], "full_finetune_peak_mib": probes["full"]["peak_rss_mib"]})
+    results.append(
+        {
+            "bench": "client_memory",
+            "note": "fresh process each, after one training step; peak includes loading the full checkpoint before splitting",
+            "client_rss_mib": probes["client"]["rss_mib"],
+            "client_peak_mib": probes["client"]["peak_rss_mib"],
+            "full_finetune_rss_mib": probes["full"]["rss_mib"],
+            "full_finetune_peak_mib": probes["full"]["peak_rss_mib"],
+        }
+    )
     for r in results:
         print(json.dumps(r), flush=True)
     return 0

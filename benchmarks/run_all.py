@@ -5,7 +5,16 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ["bench_channel", "bench_codecs", "bench_fuzz", "bench_online", "bench_gradfree", "bench_defences", "bench_multiclient", "bench_big_models"]
+BENCHES = [
+    "bench_channel",
+    "bench_codecs",
+    "bench_fuzz",
+    "bench_online",
+    "bench_gradfree",
+    "bench_defences",
+    "bench_multiclient",
+    "bench_big_models",
+]
 
 
 def main() -> int:

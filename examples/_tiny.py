@@ -22,9 +22,15 @@ WORDS = [f"w{i}" for i in range(120)]
 def base_parser(description: str) -> argparse.ArgumentParser:
     """The flags every example shares: ``--fast``, ``--steps``, ``--out``, ``--model``."""
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--fast", action="store_true", default=os.environ.get(FAST_ENV, "") not in ("", "0"),
-                    help=f"tiny random model + tiny tokenizer, runs in seconds (also: {FAST_ENV}=1)")
-    ap.add_argument("--model", default="default", help="Hugging Face model folder, or 'default' (embedded SmolLM2-135M-Instruct)")
+    ap.add_argument(
+        "--fast",
+        action="store_true",
+        default=os.environ.get(FAST_ENV, "") not in ("", "0"),
+        help=f"tiny random model + tiny tokenizer, runs in seconds (also: {FAST_ENV}=1)",
+    )
+    ap.add_argument(
+        "--model", default="default", help="Hugging Face model folder, or 'default' (embedded SmolLM2-135M-Instruct)"
+    )
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 20, or 6 with --fast)")
     ap.add_argument("--out", default=None, help="where the run's outputs go (default: a temporary folder)")
     return ap
@@ -52,8 +58,16 @@ def tiny_model(seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 

@@ -52,20 +52,32 @@ def main() -> dict:
             model, _ = setup_fast(work)
             data = str(write_instruction_jsonl(work / "my_records.jsonl"))
             device = "cpu"
-            train = TrainConfig(steps=args.steps or 6, batch_size=4, lr=1e-2, warmup_steps=1, max_length=16, lora_r=4, lora_alpha=8)
+            train = TrainConfig(
+                steps=args.steps or 6, batch_size=4, lr=1e-2, warmup_steps=1, max_length=16, lora_r=4, lora_alpha=8
+            )
         if data is None:
             ap.error("pass --data FILE.jsonl (or --fast to generate one)")
 
         # 1. Check the file before anything else: this is where format mistakes surface, with file and line.
         loaded = load_data(data)
-        print(f"{data}: {len(loaded.records)} records of kind '{loaded.kind}' "
-              "(lm: 'text'; instruction: 'prompt'+'response'; mc: 'question'+'choices'+'label')")
+        print(
+            f"{data}: {len(loaded.records)} records of kind '{loaded.kind}' "
+            "(lm: 'text'; instruction: 'prompt'+'response'; mc: 'question'+'choices'+'label')"
+        )
         print("first record:", json.dumps(loaded.records[0])[:200])
 
         # 2. Tune, exactly as in loopback_online.py: provider app + client over the in-process channel.
         app = build_provider_app(ProviderOptions(model=model, protocols=(args.protocol,), device=device))
         out = Path(args.out or work / "run")
-        opts = TuneOptions(protocol=args.protocol, model=model, data=data, eval_data=args.eval_data, out=str(out), train=train, device=device)
+        opts = TuneOptions(
+            protocol=args.protocol,
+            model=model,
+            data=data,
+            eval_data=args.eval_data,
+            out=str(out),
+            train=train,
+            device=device,
+        )
         summary = tune(opts, lambda: InProcClientChannel(app))
         print_summary(summary)
 
@@ -80,9 +92,13 @@ def main() -> dict:
         prompt = loaded.records[0].get("prompt") or loaded.records[0]["text"][:40]
         ids = tok(prompt, return_tensors="pt").to(base.device)
         gen = tuned.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        print(f"prompt: {prompt!r}\ncontinuation by the tuned model: {tok.decode(gen[0, ids['input_ids'].shape[1]:], skip_special_tokens=True)!r}")
-        print(f"outputs in {out}: adapter/ (PEFT), checkpoint/ (for --resume), summary.json"
-              + ("" if args.out else "  [temporary: pass --out DIR to keep them]"))
+        print(
+            f"prompt: {prompt!r}\ncontinuation by the tuned model: {tok.decode(gen[0, ids['input_ids'].shape[1] :], skip_special_tokens=True)!r}"
+        )
+        print(
+            f"outputs in {out}: adapter/ (PEFT), checkpoint/ (for --resume), summary.json"
+            + ("" if args.out else "  [temporary: pass --out DIR to keep them]")
+        )
         return summary
 
 

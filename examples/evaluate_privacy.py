@@ -43,7 +43,9 @@ def main() -> dict:
     ap = base_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--codec", default="fp32", help="codec of h1 on the uplink (the attacker sees h1 after it)")
     ap.add_argument("--dcor", type=float, default=0.0, help="distance-correlation penalty weight")
-    ap.add_argument("--attacks", default="sip,bisr_f,tag", help="comma-separated: sip, bisr_b, bisr_f, bisr_bf, tag, lamp, eia")
+    ap.add_argument(
+        "--attacks", default="sip,bisr_f,tag", help="comma-separated: sip, bisr_b, bisr_f, bisr_bf, tag, lamp, eia"
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="guardedp2p-example-") as tmp:
@@ -54,8 +56,16 @@ def main() -> dict:
         if args.fast:
             model, data = setup_fast(work)
             device = "cpu"
-            train = TrainConfig(steps=args.steps or 2, batch_size=2, lr=1e-2, warmup_steps=1, max_length=16, lora_r=4, lora_alpha=8,
-                                dcor_alpha=args.dcor)
+            train = TrainConfig(
+                steps=args.steps or 2,
+                batch_size=2,
+                lr=1e-2,
+                warmup_steps=1,
+                max_length=16,
+                lora_r=4,
+                lora_alpha=8,
+                dcor_alpha=args.dcor,
+            )
             attack_cfg.sip.epochs, attack_cfg.sip.hidden = 2, 32
             attack_cfg.bisr_f.steps = 20
             attack_cfg.tag.steps = 10
@@ -64,10 +74,20 @@ def main() -> dict:
 
         # ---- 1. a recording provider serves a short Online run
         record = work / "transcript"
-        app = build_provider_app(ProviderOptions(model=model, protocols=("online",), record_dir=str(record), device=device))
+        app = build_provider_app(
+            ProviderOptions(model=model, protocols=("online",), record_dir=str(record), device=device)
+        )
         codecs = {"up": args.codec, "down": "fp32", "grad_up": "fp32", "grad_down": "fp32"}
-        opts = TuneOptions(protocol="online", model=model, data=data, out=str(work / "run"), train=train, codecs=codecs,
-                           device=device, skip_eval=True)  # no evaluation forwards: the transcript holds training steps only
+        opts = TuneOptions(
+            protocol="online",
+            model=model,
+            data=data,
+            out=str(work / "run"),
+            train=train,
+            codecs=codecs,
+            device=device,
+            skip_eval=True,
+        )  # no evaluation forwards: the transcript holds training steps only
         tune(opts, lambda: InProcClientChannel(app))
 
         # ---- 2. the attacker's view: observations + pre-trained model + public auxiliary text
@@ -91,14 +111,27 @@ def main() -> dict:
         it = BatchIterator(prepared.train_examples, train.batch_size, seed=train.seed, pad_id=tok.pad_token_id)
         truth = [next(it)["input_ids"] for _ in observations]
 
-        report = run_attacks(observations, pretrained, SplitConfig(2, 2), tok, aux,
-                             [a.strip() for a in args.attacks.split(",") if a.strip()], attack_cfg,
-                             ground_truth=truth, transform=transform, progress=not args.fast)
-        print(f"design {report.design}: {report.n_observations} observed steps, {report.n_sequences} sequences attacked")
+        report = run_attacks(
+            observations,
+            pretrained,
+            SplitConfig(2, 2),
+            tok,
+            aux,
+            [a.strip() for a in args.attacks.split(",") if a.strip()],
+            attack_cfg,
+            ground_truth=truth,
+            transform=transform,
+            progress=not args.fast,
+        )
+        print(
+            f"design {report.design}: {report.n_observations} observed steps, {report.n_sequences} sequences attacked"
+        )
         for label, value in report.table():
             print(f"  {label:10s} ROUGE-L F1 {value}")
         if report.best is not None:
-            print(f"DRA effectiveness (best attack, {report.best}): ROUGE-L F1 {report.best_rougeL:.3f}  (0: nothing recovered, 1: verbatim)")
+            print(
+                f"DRA effectiveness (best attack, {report.best}): ROUGE-L F1 {report.best_rougeL:.3f}  (0: nothing recovered, 1: verbatim)"
+            )
         for note in report.notes:
             print("note:", note)
         return report.as_dict()

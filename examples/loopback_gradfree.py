@@ -28,8 +28,12 @@ from guardedp2p.transport.inproc import InProcClientChannel
 
 def main() -> dict:
     ap = base_parser(__doc__.split("\n\n")[0])
-    ap.add_argument("--codec", default="fp32", help="wire codec up and down: fp32, fp16, bf16, int8, int8-block, nf4, fp4")
-    ap.add_argument("--noise", type=float, default=0.0, help="Gaussian noise scale added to h1 before it is sent (0: none)")
+    ap.add_argument(
+        "--codec", default="fp32", help="wire codec up and down: fp32, fp16, bf16, int8, int8-block, nf4, fp4"
+    )
+    ap.add_argument(
+        "--noise", type=float, default=0.0, help="Gaussian noise scale added to h1 before it is sent (0: none)"
+    )
     ap.add_argument("--no-cache", action="store_true", help="do not cache trunk outputs")
     args = ap.parse_args()
 
@@ -41,13 +45,20 @@ def main() -> dict:
             model, data = setup_fast(work)
             device = "cpu"
             # 44 training records / batch 4 = 11 steps per epoch: 12 steps show one cached step
-            train = TrainConfig(steps=args.steps or 12, batch_size=4, lr=1e-2, warmup_steps=1, max_length=16, lora_r=4, lora_alpha=8)
+            train = TrainConfig(
+                steps=args.steps or 12, batch_size=4, lr=1e-2, warmup_steps=1, max_length=16, lora_r=4, lora_alpha=8
+            )
 
         # the provider may offer only gradfree: then no client can ever make it run a backward pass
         app = build_provider_app(ProviderOptions(model=model, protocols=("gradfree",), device=device))
 
         opts = TuneOptions(
-            protocol="gradfree", model=model, data=data, out=args.out or str(work / "run"), train=train, device=device,
+            protocol="gradfree",
+            model=model,
+            data=data,
+            out=args.out or str(work / "run"),
+            train=train,
+            device=device,
             codecs={"up": args.codec, "down": args.codec, "grad_up": "fp32", "grad_down": "fp32"},  # grad_* unused here
             noise={"kind": "gaussian", "scale": args.noise} if args.noise > 0 else {},
             cache=not args.no_cache,
@@ -58,8 +69,10 @@ def main() -> dict:
         assert summary["gradient_bytes"] == 0, "gradfree never sends a gradient"
         print(f"gradient bytes on the wire: {summary['gradient_bytes']}")
         if "cache_hits" in summary:
-            print(f"trunk-output cache: {summary['cache_hits']} hits, {summary['cache_misses']} misses "
-                  "(per sequence: a hit is an h2 read from OUT/trunk_cache instead of the wire)")
+            print(
+                f"trunk-output cache: {summary['cache_hits']} hits, {summary['cache_misses']} misses "
+                "(per sequence: a hit is an h2 read from OUT/trunk_cache instead of the wire)"
+            )
         return summary
 
 

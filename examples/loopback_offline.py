@@ -24,10 +24,10 @@ from pathlib import Path
 from _tiny import base_parser, print_summary, setup_fast
 
 from guardedp2p.crypto.keys import generate_keypair
-from guardedp2p.designs.offline.emulator import EmulatorConfig
-from guardedp2p.service.client import TuneOptions
-from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
 from guardedp2p.designs.offline.build import EmulatorBuildOptions, build_emulator_folder
+from guardedp2p.designs.offline.emulator import EmulatorConfig
+from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
+from guardedp2p.service.client import TuneOptions
 from guardedp2p.service.provider import ProviderOptions, build_provider_app
 from guardedp2p.train.config import TrainConfig
 from guardedp2p.transport.inproc import InProcClientChannel
@@ -35,7 +35,9 @@ from guardedp2p.transport.inproc import InProcClientChannel
 
 def main() -> dict:
     ap = base_parser(__doc__.split("\n\n")[0])
-    ap.add_argument("--emulator-layers", type=int, default=None, help="middle blocks the emulator keeps (default: half)")
+    ap.add_argument(
+        "--emulator-layers", type=int, default=None, help="middle blocks the emulator keeps (default: half)"
+    )
     ap.add_argument("--quantize", default="none", help="weight codes of the kept middle blocks: none, int8, int4, nf4")
     args = ap.parse_args()
 
@@ -46,7 +48,9 @@ def main() -> dict:
         if args.fast:
             model, data = setup_fast(work)
             device = "cpu"
-            train = TrainConfig(steps=args.steps or 6, batch_size=4, lr=1e-2, warmup_steps=1, max_length=16, lora_r=4, lora_alpha=8)
+            train = TrainConfig(
+                steps=args.steps or 6, batch_size=4, lr=1e-2, warmup_steps=1, max_length=16, lora_r=4, lora_alpha=8
+            )
 
         # Both parties need a signing key: the provider signs the emulator, the client signs its adapter bundle.
         # (In real life each runs `guardedp2p keys generate` on its own machine and sends the other NAME.sign.pub.)
@@ -56,20 +60,36 @@ def main() -> dict:
 
         # --- provider: build and sign the emulator once (CLI: guardedp2p provider emulator build)
         emu_dir = work / "emulator"
-        build_emulator_folder(EmulatorBuildOptions(
-            model=model, out=str(emu_dir), keys=str(keys), key_name="provider", device=device, progress=False,
-            emulator=EmulatorConfig(bottom_layers=2, top_layers=2, emulator_layers=args.emulator_layers, quantize=args.quantize),
-        ))
-        app = build_provider_app(ProviderOptions(model=model, protocols=("offline",), emulator_dir=str(emu_dir), device=device))
+        build_emulator_folder(
+            EmulatorBuildOptions(
+                model=model,
+                out=str(emu_dir),
+                keys=str(keys),
+                key_name="provider",
+                device=device,
+                progress=False,
+                emulator=EmulatorConfig(
+                    bottom_layers=2, top_layers=2, emulator_layers=args.emulator_layers, quantize=args.quantize
+                ),
+            )
+        )
+        app = build_provider_app(
+            ProviderOptions(model=model, protocols=("offline",), emulator_dir=str(emu_dir), device=device)
+        )
         # Where received bundles land and whose signatures are trusted. ProviderOptions has no field for these
         # yet, so they go straight into the app's resources (without them: a temporary folder, integrity only).
         app.resources["upload_dir"] = str(work / "uploads")
         app.resources["client_verify_keys"] = [keys / "client.sign.pub"]
 
         # --- client: download + verify the emulator, tune locally, upload the signed adapters
-        opts = TuneOptions(protocol="offline", model=model, data=data, out=args.out or str(work / "run"), train=train, device=device)
-        off = OfflineOptions(provider_verify_key=keys / "provider.sign.pub",  # pinned: any other signer is refused
-                             client_keys=str(keys), client_key_name="client")
+        opts = TuneOptions(
+            protocol="offline", model=model, data=data, out=args.out or str(work / "run"), train=train, device=device
+        )
+        off = OfflineOptions(
+            provider_verify_key=keys / "provider.sign.pub",  # pinned: any other signer is refused
+            client_keys=str(keys),
+            client_key_name="client",
+        )
         summary = tune_offline(opts, lambda: InProcClientChannel(app), offline=off)
 
         print_summary(summary)
@@ -78,18 +98,22 @@ def main() -> dict:
         for k in ("zero_shot_full", "full_finetune", "emulator_zero_shot", "emulator_finetune", "plug_in"):
             v = summary[k]
             print(f"  {k:20s} {'n/a' if isinstance(v, float) and math.isnan(v) else f'{v:.4f}'}")
-        print(f"emulator: {summary['emulator_bytes']} bytes down once; adapters: {summary['adapter_upload_bytes']} bytes up once; "
-              f"per-step traffic: {summary['bytes_per_step']:.0f} bytes")
+        print(
+            f"emulator: {summary['emulator_bytes']} bytes down once; adapters: {summary['adapter_upload_bytes']} bytes up once; "
+            f"per-step traffic: {summary['bytes_per_step']:.0f} bytes"
+        )
 
         # --- provider: plug the received, verified adapters into its full model (CLI: provider emulator plug-in)
-        from guardedp2p.engine.loading import load_causal_lm
         from guardedp2p.designs.offline.plugin import plug_in
+        from guardedp2p.engine.loading import load_causal_lm
 
         bundle = next((work / "uploads").glob("bundle-*"))
         full, _ = load_causal_lm(model, device=device)
         plugged = plug_in(full, bundle, keys / "client.sign.pub")
-        print(f"provider: bundle {bundle.name} verified (signer {plugged.bundle.signer}, pinned={plugged.bundle.signer_pinned}); "
-              f"{sum(plugged.loaded.values())} LoRA tensors plugged into the full model")
+        print(
+            f"provider: bundle {bundle.name} verified (signer {plugged.bundle.signer}, pinned={plugged.bundle.signer_pinned}); "
+            f"{sum(plugged.loaded.values())} LoRA tensors plugged into the full model"
+        )
         return summary
 
 

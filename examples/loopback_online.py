@@ -28,7 +28,9 @@ from guardedp2p.transport.inproc import InProcClientChannel
 
 def main() -> dict:
     ap = base_parser(__doc__.split("\n\n")[0])
-    ap.add_argument("--codec", default="fp32", help="wire codec for all four tensors: fp32, fp16, bf16, int8, int8-block, nf4, fp4")
+    ap.add_argument(
+        "--codec", default="fp32", help="wire codec for all four tensors: fp32, fp16, bf16, int8, int8-block, nf4, fp4"
+    )
     ap.add_argument("--dcor", type=float, default=0.0, help="distance-correlation penalty weight (0: off)")
     args = ap.parse_args()
 
@@ -39,23 +41,42 @@ def main() -> dict:
         if args.fast:
             model, data = setup_fast(work)
             device = "cpu"
-            train = TrainConfig(steps=args.steps or 6, batch_size=4, lr=1e-2, warmup_steps=1, max_length=16,
-                                lora_r=4, lora_alpha=8, dcor_alpha=args.dcor)
+            train = TrainConfig(
+                steps=args.steps or 6,
+                batch_size=4,
+                lr=1e-2,
+                warmup_steps=1,
+                max_length=16,
+                lora_r=4,
+                lora_alpha=8,
+                dcor_alpha=args.dcor,
+            )
 
         # --- provider side: load the model, keep only the frozen trunk, answer messages (no sockets here)
-        app = build_provider_app(ProviderOptions(model=model, bottom_layers=2, top_layers=2, protocols=("online",), device=device))
+        app = build_provider_app(
+            ProviderOptions(model=model, bottom_layers=2, top_layers=2, protocols=("online",), device=device)
+        )
 
         # --- client side: same base model (the fingerprints of the shared layers must match), own data
         opts = TuneOptions(
-            protocol="online", model=model, data=data, out=args.out or str(work / "run"), train=train,
-            bottom_layers=2, top_layers=2, device=device,
+            protocol="online",
+            model=model,
+            data=data,
+            out=args.out or str(work / "run"),
+            train=train,
+            bottom_layers=2,
+            top_layers=2,
+            device=device,
             codecs={"up": args.codec, "down": args.codec, "grad_up": args.codec, "grad_down": args.codec},
         )
         summary = tune(opts, lambda: InProcClientChannel(app))  # the factory is called again on each reconnect
 
         print_summary(summary)
         print(f"gradient bytes on the wire: {summary['gradient_bytes']} (online sends gradients both ways)")
-        print(f"adapter (PEFT folder): {summary['adapter_dir']}" + ("" if args.out else "  [temporary: pass --out DIR to keep it]"))
+        print(
+            f"adapter (PEFT folder): {summary['adapter_dir']}"
+            + ("" if args.out else "  [temporary: pass --out DIR to keep it]")
+        )
         return summary
 
 

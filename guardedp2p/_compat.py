@@ -12,8 +12,8 @@ import importlib.abc
 import importlib.machinery
 import sys
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 
 #: old dotted path -> new dotted path
 MOVED: dict[str, str] = {
@@ -43,7 +43,9 @@ class _AliasLoader(importlib.abc.Loader):
         self.new = new
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        warnings.warn(f"{spec.name} moved to {self.new}; the old path goes away in 0.3", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{spec.name} moved to {self.new}; the old path goes away in 0.3", DeprecationWarning, stacklevel=3
+        )
         return importlib.import_module(self.new)
 
     def exec_module(self, module: ModuleType) -> None:  # the real module is already executed

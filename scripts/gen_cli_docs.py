@@ -18,8 +18,9 @@ import html
 import inspect
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "cli.md"
@@ -83,10 +84,12 @@ def render() -> str:
         depth = len(path) - 1
         short = cmd.get_short_help_str(limit=200) if depth else ""
         label = " ".join(path)
-        out.append(f"{'  ' * max(depth - 1, 0)}- [`{label}`](#{_anchor(path)})" + (f": {_cell(short)}" if short else ""))
+        out.append(
+            f"{'  ' * max(depth - 1, 0)}- [`{label}`](#{_anchor(path)})" + (f": {_cell(short)}" if short else "")
+        )
     out.append("")
     for path, cmd, ctx in entries:
-        out.append(f"<a id=\"{_anchor(path)}\"></a>\n")
+        out.append(f'<a id="{_anchor(path)}"></a>\n')
         out.append(f"{'#' * min(len(path) + 1, 4)} `{' '.join(path)}`\n")
         help_text = inspect.cleandoc(cmd.help or "").strip()
         if help_text:

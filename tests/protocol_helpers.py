@@ -7,34 +7,49 @@ from typing import Any
 
 import torch
 
+from guardedp2p.designs.gradfree.provider import gradfree_session
+from guardedp2p.designs.online.provider import online_session
 from guardedp2p.engine.fingerprint import model_fingerprint
 from guardedp2p.engine.lora import LoraSettings, attach_lora
 from guardedp2p.engine.split import SplitConfig, build_client_parts, build_trunk
-from guardedp2p.wire.handshake import Hello, ProviderPolicy
 from guardedp2p.protocol.client import ClientSession
-from guardedp2p.designs.online.provider import online_session
-from guardedp2p.designs.gradfree.provider import gradfree_session
 from guardedp2p.protocol.provider import ProviderApp, ProviderConfig
 from guardedp2p.transport.inproc import InProcClientChannel
+from guardedp2p.wire.handshake import Hello, ProviderPolicy
 
 SPLIT = SplitConfig(bottom_layers=2, top_layers=2)
 
 
-def provider_app(model: torch.nn.Module, split: SplitConfig = SPLIT, *, config: ProviderConfig | None = None, recorder: Any = None, clock: Any = None) -> ProviderApp:
+def provider_app(
+    model: torch.nn.Module,
+    split: SplitConfig = SPLIT,
+    *,
+    config: ProviderConfig | None = None,
+    recorder: Any = None,
+    clock: Any = None,
+) -> ProviderApp:
     """A provider holding only the frozen trunk of its own copy of ``model``."""
     mine = copy.deepcopy(model)
     trunk = build_trunk(mine, split)
     for p in trunk.parameters():
         p.requires_grad_(False)
-    policy = ProviderPolicy(protocols=("online", "gradfree"), fingerprint=model_fingerprint(mine, split), split=(split.bottom_layers, split.top_layers))
+    policy = ProviderPolicy(
+        protocols=("online", "gradfree"),
+        fingerprint=model_fingerprint(mine, split),
+        split=(split.bottom_layers, split.top_layers),
+    )
     resources: dict[str, Any] = {"trunk": trunk, "hidden_size": model.config.hidden_size}
     if recorder is not None:
         resources["recorder"] = recorder
     kwargs = {"clock": clock} if clock is not None else {}
-    return ProviderApp(policy, {"online": online_session, "gradfree": gradfree_session}, config, resources=resources, **kwargs)
+    return ProviderApp(
+        policy, {"online": online_session, "gradfree": gradfree_session}, config, resources=resources, **kwargs
+    )
 
 
-def client_parts(model: torch.nn.Module, split: SplitConfig = SPLIT, *, lora: bool = True, bottom: bool = True, seed: int = 0) -> Any:
+def client_parts(
+    model: torch.nn.Module, split: SplitConfig = SPLIT, *, lora: bool = True, bottom: bool = True, seed: int = 0
+) -> Any:
     """The client's own copy: bottom + top with LoRA whose B matrices are random (so every gradient is non-zero)."""
     mine = copy.deepcopy(model)
     fp = model_fingerprint(mine, split)
@@ -52,8 +67,19 @@ def client_parts(model: torch.nn.Module, split: SplitConfig = SPLIT, *, lora: bo
     return parts, fp
 
 
-def open_session(app: ProviderApp, fp: str, *, protocol: str = "online", codecs: dict[str, str] | None = None, peer: str = "inproc:client") -> ClientSession:
-    codecs = codecs or ({d: "fp32" for d in ("up", "down", "grad_up", "grad_down")} if protocol == "online" else {"up": "fp32", "down": "fp32"})
+def open_session(
+    app: ProviderApp,
+    fp: str,
+    *,
+    protocol: str = "online",
+    codecs: dict[str, str] | None = None,
+    peer: str = "inproc:client",
+) -> ClientSession:
+    codecs = codecs or (
+        {d: "fp32" for d in ("up", "down", "grad_up", "grad_down")}
+        if protocol == "online"
+        else {"up": "fp32", "down": "fp32"}
+    )
     session = ClientSession(InProcClientChannel(app, peer=peer), timeout=5.0)
     session.open(Hello(protocol, fp, (SPLIT.bottom_layers, SPLIT.top_layers), codecs))
     return session

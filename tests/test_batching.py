@@ -8,15 +8,15 @@ import threading
 import pytest
 import torch
 
-from guardedp2p.errors import ConfigError
-from guardedp2p.wire.handshake import Hello
-from guardedp2p.wire.messages import MsgType
-from guardedp2p.protocol.client import ClientSession
 from guardedp2p.designs.online.client import RemoteTrunk
+from guardedp2p.errors import ConfigError
+from guardedp2p.protocol.client import ClientSession
 from guardedp2p.protocol.provider import ProviderApp, ProviderConfig
 from guardedp2p.service.serve import serve_forever
 from guardedp2p.transport.inproc import InProcServerChannel
 from guardedp2p.wire.framing import Message, decode, encode
+from guardedp2p.wire.handshake import Hello
+from guardedp2p.wire.messages import MsgType
 from tests.protocol_helpers import SPLIT, client_parts, open_session, provider_app
 from tests.tiny_models import tiny_model
 
@@ -42,7 +42,9 @@ class CountingTrunk(torch.nn.Module):
         return self.inner(h, mask)
 
 
-def _app(model, *, config: ProviderConfig | None = None, fail_above_rows: int | None = None) -> tuple[ProviderApp, CountingTrunk]:
+def _app(
+    model, *, config: ProviderConfig | None = None, fail_above_rows: int | None = None
+) -> tuple[ProviderApp, CountingTrunk]:
     app = provider_app(model, config=config)
     counting = CountingTrunk(app.resources["trunk"], fail_above_rows=fail_above_rows)
     app.resources["trunk"] = counting  # sessions opened from now on use it
@@ -59,7 +61,16 @@ def _inputs(hidden: int, *, seed: int, b: int, length: int, pads: int = 0) -> tu
 
 
 def _act_up(sid: str, step: int, h: torch.Tensor, mask: torch.Tensor, *, train: bool = False) -> list:
-    return encode(Message(MsgType.ACT_UP, session=sid, step=step, meta={"train": train}, tensors={"h": h, "mask": mask}, codecs={"h": "fp32"}))
+    return encode(
+        Message(
+            MsgType.ACT_UP,
+            session=sid,
+            step=step,
+            meta={"train": train},
+            tensors={"h": h, "mask": mask},
+            codecs={"h": "fp32"},
+        )
+    )
 
 
 def _reference(model, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -100,7 +111,10 @@ def test_max_batch_bounds_the_calls_and_one_disables_batching():
     for max_batch, calls in ((8, 1), (2, 3), (1, 5)):
         app, trunk = _app(model, config=ProviderConfig(max_batch=max_batch))
         sessions = _sessions(app, fp, 5)
-        items = [(s.channel.peer, _act_up(s.sid, 1, *_inputs(model.config.hidden_size, seed=i, b=1, length=6))) for i, s in enumerate(sessions)]
+        items = [
+            (s.channel.peer, _act_up(s.sid, 1, *_inputs(model.config.hidden_size, seed=i, b=1, length=6)))
+            for i, s in enumerate(sessions)
+        ]
         replies = [decode(r) for r in app.handle_many(items)]
         assert all(r.type == MsgType.ACT_DOWN for r in replies)
         assert trunk.calls == calls, (max_batch, trunk.rows)
@@ -112,7 +126,10 @@ def test_token_limit_splits_a_batch_into_bounded_calls():
     _, fp = client_parts(model, lora=False)
     sessions = _sessions(app, fp, 4)
     inputs = [_inputs(model.config.hidden_size, seed=i, b=2, length=10) for i in range(4)]  # 20 tokens each
-    replies = [decode(r) for r in app.handle_many([(s.channel.peer, _act_up(s.sid, 1, h, m)) for s, (h, m) in zip(sessions, inputs)])]
+    replies = [
+        decode(r)
+        for r in app.handle_many([(s.channel.peer, _act_up(s.sid, 1, h, m)) for s, (h, m) in zip(sessions, inputs)])
+    ]
     assert trunk.rows == [4, 4], "two requests (40 padded tokens) per call"
     for (h, m), reply in zip(inputs, replies):
         torch.testing.assert_close(reply.tensors["h"], _reference(model, h, m), rtol=1e-5, atol=1e-5)
@@ -143,8 +160,15 @@ def test_bad_or_replayed_messages_in_a_batch_get_their_error_and_the_others_succ
     replies = [decode(r) for r in app.handle_many(items)]
     codes = [r.meta.get("code") if r.type == MsgType.ERROR else r.type.value for r in replies]
     assert codes == [
-        "ACT_DOWN", "malformed-header", "replayed-step", "ACT_DOWN", "replayed-step", "bad-activation", "bad-activation",
-        "not-your-session", "unknown-session",
+        "ACT_DOWN",
+        "malformed-header",
+        "replayed-step",
+        "ACT_DOWN",
+        "replayed-step",
+        "bad-activation",
+        "bad-activation",
+        "not-your-session",
+        "unknown-session",
     ]
     assert trunk.calls == 1 + 1, "one call for b's earlier step, one shared by a and c"
     torch.testing.assert_close(replies[0].tensors["h"], _reference(model, ha, ma), rtol=1e-5, atol=1e-5)
@@ -191,7 +215,10 @@ def test_recorder_still_records_per_session():
     _, fp = client_parts(model, lora=False)
     sessions = _sessions(app, fp, 2)
     shapes = [(1, 5), (2, 9)]
-    items = [(s.channel.peer, _act_up(s.sid, 4, *_inputs(model.config.hidden_size, seed=i, b=b, length=n))) for i, (s, (b, n)) in enumerate(zip(sessions, shapes))]
+    items = [
+        (s.channel.peer, _act_up(s.sid, 4, *_inputs(model.config.hidden_size, seed=i, b=b, length=n)))
+        for i, (s, (b, n)) in enumerate(zip(sessions, shapes))
+    ]
     app.handle_many(items)
     hidden = model.config.hidden_size
     assert rec.seen == [(sessions[0].sid, 4, (1, 5, hidden)), (sessions[1].sid, 4, (2, 9, hidden))]
@@ -206,13 +233,19 @@ def test_online_training_steps_stay_per_request_and_keep_their_graph():
     gradfree = _sessions(app, fp, 2)
     ho, mo = _inputs(hidden, seed=5, b=1, length=6)
     items = [(online.channel.peer, _act_up(online.sid, 1, ho, mo, train=True))]
-    items += [(s.channel.peer, _act_up(s.sid, 1, *_inputs(hidden, seed=i, b=1, length=4))) for i, s in enumerate(gradfree)]
+    items += [
+        (s.channel.peer, _act_up(s.sid, 1, *_inputs(hidden, seed=i, b=1, length=4))) for i, s in enumerate(gradfree)
+    ]
     replies = [decode(r) for r in app.handle_many(items)]
     assert [r.type for r in replies] == [MsgType.ACT_DOWN] * 3
     assert trunk.rows == [1, 2], "the training step alone (with its graph), the gradfree pair together"
     handler = app.sessions[online.sid].handler
     assert 1 in handler.pending
-    grad = encode(Message(MsgType.GRAD_UP, session=online.sid, step=1, tensors={"g": torch.ones(1, 6, hidden)}, codecs={"g": "fp32"}))
+    grad = encode(
+        Message(
+            MsgType.GRAD_UP, session=online.sid, step=1, tensors={"g": torch.ones(1, 6, hidden)}, codecs={"g": "fp32"}
+        )
+    )
     assert decode(app.handle(online.channel.peer, grad)).type == MsgType.GRAD_DOWN
 
 
@@ -222,7 +255,10 @@ def test_a_failing_batched_call_is_retried_one_by_one():
     _, fp = client_parts(model, lora=False)
     sessions = _sessions(app, fp, 3)
     inputs = [_inputs(model.config.hidden_size, seed=i, b=1, length=5) for i in range(3)]
-    replies = [decode(r) for r in app.handle_many([(s.channel.peer, _act_up(s.sid, 1, h, m)) for s, (h, m) in zip(sessions, inputs)])]
+    replies = [
+        decode(r)
+        for r in app.handle_many([(s.channel.peer, _act_up(s.sid, 1, h, m)) for s, (h, m) in zip(sessions, inputs)])
+    ]
     assert trunk.rows == [3, 1, 1, 1]
     for (h, m), reply in zip(inputs, replies):
         assert reply.type == MsgType.ACT_DOWN
@@ -262,7 +298,10 @@ def test_serve_loop_batches_concurrent_clients_end_to_end():
     stop = threading.Event()
     serving = threading.Thread(target=serve_forever, args=(app, server, stop), kwargs={"poll_s": 0.05}, daemon=True)
     serving.start()
-    inputs = [[_inputs(hidden, seed=10 * i + r, b=2, length=4 + i + r, pads=1) for r in range(rounds)] for i in range(n_clients)]
+    inputs = [
+        [_inputs(hidden, seed=10 * i + r, b=2, length=4 + i + r, pads=1) for r in range(rounds)]
+        for i in range(n_clients)
+    ]
     outputs: list[list[torch.Tensor]] = [[] for _ in range(n_clients)]
     errors: list[BaseException] = []
     opened = threading.Barrier(n_clients)

@@ -94,7 +94,9 @@ def test_provider_options_device_and_device_map():
     from guardedp2p.service.provider import ProviderOptions
 
     assert ProviderOptions(device="cpu").trunk_loading() == TrunkLoading("cpu", "fp32", None)
-    assert ProviderOptions(device_map="balanced", dtype="bf16", load_in="4bit").trunk_loading() == TrunkLoading("balanced", "bf16", "4bit")
+    assert ProviderOptions(device_map="balanced", dtype="bf16", load_in="4bit").trunk_loading() == TrunkLoading(
+        "balanced", "bf16", "4bit"
+    )
     with pytest.raises(ConfigError, match="disagree"):
         ProviderOptions(device="cpu", device_map="cuda:0").trunk_loading()
 
@@ -105,7 +107,11 @@ def test_cli_rejects_bad_options_before_loading(saved):
     from guardedp2p.cli.main import app
 
     runner = CliRunner()
-    for args, match in [(["--load-in", "3bit"], "8bit, 4bit"), (["--dtype", "fp8"], "unknown dtype"), (["--device-map", "balanced"], "CUDA is not available")]:
+    for args, match in [
+        (["--load-in", "3bit"], "8bit, 4bit"),
+        (["--dtype", "fp8"], "unknown dtype"),
+        (["--device-map", "balanced"], "CUDA is not available"),
+    ]:
         if args[0] == "--device-map" and torch.cuda.is_available():
             continue
         res = runner.invoke(app, ["provider", "serve", "--insecure", "--model", str(saved["llama"]), *args])
@@ -193,7 +199,11 @@ def test_device_map_cpu_load_equals_the_default_path(saved, arch):
 
 def test_bf16_trunk_keeps_the_fingerprint_and_takes_fp32_inputs(saved):
     ref, h1, mask, h2 = _reference("llama")
-    loaded = load_provider_trunk(str(saved["llama"]), SPLIT, TrunkLoading(device_map="auto" if not torch.cuda.is_available() else "cpu", dtype="bf16"))
+    loaded = load_provider_trunk(
+        str(saved["llama"]),
+        SPLIT,
+        TrunkLoading(device_map="auto" if not torch.cuda.is_available() else "cpu", dtype="bf16"),
+    )
     assert loaded.fingerprint == model_fingerprint(ref, SPLIT)
     assert loaded.dtype == torch.bfloat16
     x = h1.clone().requires_grad_(True)
@@ -225,14 +235,18 @@ def test_quantized_trunk_on_cpu(saved, load_in, tol):
 def test_quantized_provider_serves_an_online_step(saved):
     if not _bnb_cpu_ok("8bit"):
         pytest.skip("bitsandbytes cannot run 8-bit layers on this CPU")
-    from guardedp2p.engine.split import loss_fn
     from guardedp2p.designs.online.client import RemoteTrunk
+    from guardedp2p.engine.split import loss_fn
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
     from tests.protocol_helpers import batch, client_parts, open_session
 
-    app = build_provider_app(ProviderOptions(model=str(saved["llama"]), protocols=("online",), device="cpu", dtype="bf16", load_in="8bit"))
+    app = build_provider_app(
+        ProviderOptions(model=str(saved["llama"]), protocols=("online",), device="cpu", dtype="bf16", load_in="8bit")
+    )
     parts, fp = client_parts(tiny_model("llama"))
-    remote = RemoteTrunk(open_session(app, fp), {d: "fp32" for d in ("up", "down", "grad_up", "grad_down")}, gradients=True)
+    remote = RemoteTrunk(
+        open_session(app, fp), {d: "fp32" for d in ("up", "down", "grad_up", "grad_down")}, gradients=True
+    )
     b = batch(tiny_config("llama").vocab_size)
     h1 = parts.bottom(b["input_ids"], b["attention_mask"])
     loss = loss_fn(parts.top(remote(h1, b["attention_mask"], train=True), b["attention_mask"]), b["labels"])
@@ -258,7 +272,9 @@ def test_given_model_with_dtype_and_device_map(tiny_llama):
 
 def test_load_in_without_bitsandbytes_says_what_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     with pytest.raises(QuantizationError, match="pip install"):
         check_quantization("8bit", ["cuda"])
 
@@ -300,8 +316,8 @@ def test_split_that_does_not_fit_fails_before_loading(saved):
 def test_client_dtype_keeps_the_fingerprint_and_trains(tmp_path, dtype):
     """A bf16 checkpoint: the client loads it as is, casts its parts to --dtype after fingerprinting; the
     provider (fp32 trunk) agrees on the fingerprint and an Online step trains the fp32 LoRA weights."""
-    from guardedp2p.engine.split import loss_fn
     from guardedp2p.designs.online.client import RemoteTrunk
+    from guardedp2p.engine.split import loss_fn
     from guardedp2p.service.client import TuneOptions, prepare_client
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
     from guardedp2p.train.config import TrainConfig
@@ -318,7 +334,11 @@ def test_client_dtype_keeps_the_fingerprint_and_trains(tmp_path, dtype):
     assert client.bottom.compute_dtype == want and client.top.compute_dtype == want
     lora = [p for part in (client.bottom, client.top) for n, p in part.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
-    remote = RemoteTrunk(open_session(app, client.fingerprint), {d: "fp32" for d in ("up", "down", "grad_up", "grad_down")}, gradients=True)
+    remote = RemoteTrunk(
+        open_session(app, client.fingerprint),
+        {d: "fp32" for d in ("up", "down", "grad_up", "grad_down")},
+        gradients=True,
+    )
     b = batch(tiny_config("llama").vocab_size)
     h1 = client.bottom(b["input_ids"], b["attention_mask"])
     loss = loss_fn(client.top(remote(h1, b["attention_mask"], train=True), b["attention_mask"]), b["labels"])

@@ -16,7 +16,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_WITH_COMMANDS = [
-    "docs/user-guide.md", "docs/troubleshooting.md", "docs/architecture.md", "examples/README.md", "examples/two_terminals.md",
+    "docs/user-guide.md",
+    "docs/troubleshooting.md",
+    "docs/architecture.md",
+    "examples/README.md",
+    "examples/two_terminals.md",
     "docs/big-models.md",
 ]
 
@@ -36,9 +40,17 @@ def test_cli_md_is_up_to_date():
 
 def test_cli_md_lists_every_command_and_no_hidden_option():
     text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
-    for cmd in ("guardedp2p keys generate", "guardedp2p keys show", "guardedp2p provider serve", "guardedp2p provider fingerprint",
-                "guardedp2p provider emulator build", "guardedp2p provider emulator verify", "guardedp2p provider emulator plug-in",
-                "guardedp2p client tune", "guardedp2p demo"):
+    for cmd in (
+        "guardedp2p keys generate",
+        "guardedp2p keys show",
+        "guardedp2p provider serve",
+        "guardedp2p provider fingerprint",
+        "guardedp2p provider emulator build",
+        "guardedp2p provider emulator verify",
+        "guardedp2p provider emulator plug-in",
+        "guardedp2p client tune",
+        "guardedp2p demo",
+    ):
         assert f"`{cmd}`" in text, cmd
     assert "--ready-file" not in text and "--max-messages" not in text  # hidden test hooks stay out of the docs
 

@@ -4,7 +4,6 @@ a full run, refused keys with readable errors, and a provider killed mid-run fol
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -35,12 +34,60 @@ def world(tmp_path_factory):
 
 
 def _provider_args(model_dir: Path, keys: Path, endpoint: str) -> list[str]:
-    return ["--model", str(model_dir), "--bind", endpoint, "--keys", str(keys), "--name", "provider", "--allow", str(keys / "client.key"), "--protocols", "online,gradfree"]
+    return [
+        "--model",
+        str(model_dir),
+        "--bind",
+        endpoint,
+        "--keys",
+        str(keys),
+        "--name",
+        "provider",
+        "--allow",
+        str(keys / "client.key"),
+        "--protocols",
+        "online,gradfree",
+    ]
 
 
-def _tune(model_dir: Path, keys: Path, endpoint: str, data: Path, out: Path, *extra: str, who: str = "client", provider_key: str = "provider", timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [*CLI, "client", "tune", "--connect", endpoint, "--provider-key", str(keys / f"{provider_key}.key"), "--keys", str(keys), "--name", who,
-           "--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "4", "--max-length", "16", "--lora-r", "4", "--json", *extra]
+def _tune(
+    model_dir: Path,
+    keys: Path,
+    endpoint: str,
+    data: Path,
+    out: Path,
+    *extra: str,
+    who: str = "client",
+    provider_key: str = "provider",
+    timeout: float = 240,
+) -> subprocess.CompletedProcess:
+    cmd = [
+        *CLI,
+        "client",
+        "tune",
+        "--connect",
+        endpoint,
+        "--provider-key",
+        str(keys / f"{provider_key}.key"),
+        "--keys",
+        str(keys),
+        "--name",
+        who,
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--max-length",
+        "16",
+        "--lora-r",
+        "4",
+        "--json",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -55,10 +102,34 @@ def provider(world):
 def test_full_run_over_curve_prints_json_summary(world, provider):
     root, model_dir, keys, data = world
     endpoint, _ = provider
-    res = _tune(model_dir, keys, endpoint, data, root / "run1", "--steps", "4", "--codec-up", "int8", "--codec-down", "int8", "--codec-grad", "int8")
+    res = _tune(
+        model_dir,
+        keys,
+        endpoint,
+        data,
+        root / "run1",
+        "--steps",
+        "4",
+        "--codec-up",
+        "int8",
+        "--codec-down",
+        "int8",
+        "--codec-grad",
+        "int8",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    for key in ("protocol", "steps", "loss_first", "loss_last", "eval_before", "eval_after", "bytes_up", "bytes_down", "wall_s"):
+    for key in (
+        "protocol",
+        "steps",
+        "loss_first",
+        "loss_last",
+        "eval_before",
+        "eval_after",
+        "bytes_up",
+        "bytes_down",
+        "wall_s",
+    ):
         assert key in summary
     assert summary["steps"] == 4 and summary["codecs"]["up"] == "int8"
     assert (root / "run1" / "adapter" / "adapter_model.safetensors").is_file()
@@ -67,7 +138,6 @@ def test_full_run_over_curve_prints_json_summary(world, provider):
 def test_unknown_client_key_is_refused_quickly_with_advice(world, provider):
     root, model_dir, keys, data = world
     endpoint, p = provider
-    t0 = time.monotonic()
     res = _tune(model_dir, keys, endpoint, data, root / "run-stranger", "--steps", "1", who="stranger")
     assert res.returncode != 0
     assert "refused this client's key" in res.stderr and "--allow" in res.stderr, res.stderr[-2000:]
@@ -97,9 +167,40 @@ def test_provider_killed_mid_run_then_resume(world):
     root, model_dir, keys, data = world
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     out = root / "run-kill"
-    cmd = [*CLI, "client", "tune", "--connect", endpoint, "--provider-key", str(keys / "provider.key"), "--keys", str(keys), "--name", "client",
-           "--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "4", "--max-length", "16", "--lora-r", "4",
-           "--steps", "400", "--checkpoint-every", "2", "--timeout", "2", "--retries", "1", "--json"]
+    cmd = [
+        *CLI,
+        "client",
+        "tune",
+        "--connect",
+        endpoint,
+        "--provider-key",
+        str(keys / "provider.key"),
+        "--keys",
+        str(keys),
+        "--name",
+        "client",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--max-length",
+        "16",
+        "--lora-r",
+        "4",
+        "--steps",
+        "400",
+        "--checkpoint-every",
+        "2",
+        "--timeout",
+        "2",
+        "--retries",
+        "1",
+        "--json",
+    ]
     with ProviderProcess(_provider_args(model_dir, keys, endpoint), root, ready_timeout=120) as p:
         client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 180
@@ -114,7 +215,12 @@ def test_provider_killed_mid_run_then_resume(world):
     done = state["step"]
     assert 0 < done < 400
     with ProviderProcess(_provider_args(model_dir, keys, endpoint), root, ready_timeout=120):
-        res = subprocess.run([*cmd[: cmd.index("--steps")], "--steps", str(done + 3), "--resume", "--json"], capture_output=True, text=True, timeout=240)
+        res = subprocess.run(
+            [*cmd[: cmd.index("--steps")], "--steps", str(done + 3), "--resume", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["resumed_from"] == done and summary["steps"] == done + 3

@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from guardedp2p.errors import WireError
 from guardedp2p.wire.codecs import (
     CODECS,
-    DTYPES,
     DYNAMIC8_CODE,
     FP4_CODE,
     NF4_CODE,
@@ -27,7 +27,6 @@ from guardedp2p.wire.codecs import (
     get_codec,
     quantize_ste,
 )
-from guardedp2p.errors import WireError
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed")
@@ -258,7 +257,12 @@ def test_stochastic_rounding_unbiased(name):
     enc = c.encode(xr, stochastic=True, generator=g)
     mean = c.decode(enc, tuple(xr.shape), torch.float32, "cpu").mean(0)
     det = rt(name, x)[1]
-    step = {"int8": x.abs().amax(-1, keepdim=True) / 127, "int8-block": 0.015 * 3.0, "nf4": 0.28 * 3.0, "fp4": 0.34 * 3.0}[name]
+    step = {
+        "int8": x.abs().amax(-1, keepdim=True) / 127,
+        "int8-block": 0.015 * 3.0,
+        "nf4": 0.28 * 3.0,
+        "fp4": 0.34 * 3.0,
+    }[name]
     # standard error of a Bernoulli mix between two neighbours: <= step/2/sqrt(draws); 6 sigma
     tol = step / 2 / math.sqrt(draws) * 6
     assert ((mean - x).abs() <= tol).all()
@@ -591,14 +595,21 @@ def test_lookup_table_quantizer_equals_bucketize(name):
     up = torch.nextafter(b, torch.full_like(b, 2.0))
     down = torch.nextafter(b, torch.full_like(b, -2.0))
     g = torch.Generator().manual_seed(0)
-    y = torch.cat(
-        [
-            b, up, down, c._sorted,
-            torch.rand(200_000, generator=g) * 2 - 1,
-            (torch.rand(200_000, generator=g) * 2 - 1) * torch.logspace(-40, 0, 200_000),
-            torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-38, -1e-38, 1e-45, -1e-45]),
-        ]
-    ).clamp(-1, 1).contiguous()
+    y = (
+        torch.cat(
+            [
+                b,
+                up,
+                down,
+                c._sorted,
+                torch.rand(200_000, generator=g) * 2 - 1,
+                (torch.rand(200_000, generator=g) * 2 - 1) * torch.logspace(-40, 0, 200_000),
+                torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-38, -1e-38, 1e-45, -1e-45]),
+            ]
+        )
+        .clamp(-1, 1)
+        .contiguous()
+    )
     ref = torch.bucketize(y, b)
     if c.sort_order is not None:
         ref = c._order[ref]

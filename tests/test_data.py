@@ -32,7 +32,7 @@ from guardedp2p.data import (
     make_demo_mc_items,
     make_demo_records,
 )
-from guardedp2p.data.demo import WARD_CODES, DEMO_SIZES, write_demo_files
+from guardedp2p.data.demo import DEMO_SIZES, WARD_CODES, write_demo_files
 from guardedp2p.errors import ConfigError
 
 CHAT_TEMPLATE = (
@@ -211,7 +211,9 @@ def test_encode_instruction_masks_prompt_with_chat_template(tok):
     rec = {"prompt": "what is two plus two", "response": "four"}
     ex = encode_instruction([rec], tok, DataConfig())[0]
     prefix = tok(
-        tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}], tokenize=False, add_generation_prompt=True),
+        tok.apply_chat_template(
+            [{"role": "user", "content": rec["prompt"]}], tokenize=False, add_generation_prompt=True
+        ),
         add_special_tokens=False,
     )["input_ids"]
     n = len(prefix)
@@ -414,7 +416,10 @@ def test_demo_records_deterministic_and_private():
 
 
 def test_demo_populations_are_disjoint_people():
-    names = {pop: {r["pii"]["name"] for r in make_demo_records(400, seed=0, population=pop)} for pop in ("train", "eval", "aux")}
+    names = {
+        pop: {r["pii"]["name"] for r in make_demo_records(400, seed=0, population=pop)}
+        for pop in ("train", "eval", "aux")
+    }
     assert not names["train"] & names["aux"] and not names["train"] & names["eval"] and not names["eval"] & names["aux"]
     mc_people = {it["question"].split(",")[0].removeprefix("Patient ") for it in make_demo_mc_items(64)}
     assert not mc_people & names["train"]
@@ -490,13 +495,18 @@ def test_demo_task_base_near_chance_and_lora_lifts_it():
     assert base["acc"] <= 0.45, base
     n = model.config.num_hidden_layers
     cfg = peft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        layers_to_transform=[0, 1, n - 2, n - 1], task_type="CAUSAL_LM",
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        layers_to_transform=[0, 1, n - 2, n - 1],
+        task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    it = BatchIterator(encode_lm(load_records(paths.train), tok, DataConfig(max_length=128)), 4, seed=0,
-                       pad_id=tok.pad_token_id)
+    it = BatchIterator(
+        encode_lm(load_records(paths.train), tok, DataConfig(max_length=128)), 4, seed=0, pad_id=tok.pad_token_id
+    )
     model.train()
     for _ in range(60):
         loss = model(**next(it)).loss

@@ -142,7 +142,7 @@ def test_pairwise_distances_zero_diagonal():
 def _batch(b=3, length=12, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     embeds = torch.randn(b, length, d, generator=g)
-    h1 = (torch.tanh(embeds @ torch.randn(d, d, generator=g)) + 0.1 * torch.randn(b, length, d, generator=g))
+    h1 = torch.tanh(embeds @ torch.randn(d, d, generator=g)) + 0.1 * torch.randn(b, length, d, generator=g)
     mask = torch.ones(b, length, dtype=torch.long)
     mask[0, 9:] = 0
     if b > 1:

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import ARCHES, N_LAYERS, tiny_batch, tiny_model
 
 from guardedp2p.engine.arch import get_arch
 from guardedp2p.engine.lora import (
@@ -21,7 +22,6 @@ from guardedp2p.engine.lora import (
 )
 from guardedp2p.engine.split import SplitConfig, build_client_parts, build_trunk, loss_fn
 from guardedp2p.errors import ConfigError
-from tiny_models import ARCHES, N_LAYERS, tiny_batch, tiny_model
 
 CFG = SplitConfig(2, 2)
 CLIENT_LAYERS = CFG.client_layers(N_LAYERS)  # [0, 1, 4, 5]
@@ -144,7 +144,9 @@ def test_adapter_roundtrip_into_fresh_parts_and_from_full_model(arch, tmp_path):
     spec = get_arch(tiny_model(arch))
     full = get_peft_model(
         tiny_model(arch),
-        LoraConfig(r=4, target_modules=list(spec.lora_targets), fan_in_fan_out=spec.fan_in_fan_out, task_type="CAUSAL_LM"),
+        LoraConfig(
+            r=4, target_modules=list(spec.lora_targets), fan_in_fan_out=spec.fan_in_fan_out, task_type="CAUSAL_LM"
+        ),
     )
     _randomize_b(full, seed=9)
     full.save_pretrained(str(tmp_path / "full"))
@@ -218,7 +220,9 @@ def test_top_only_adapter_gradfree_style(tmp_path):
     full = PeftModel.from_pretrained(tiny_model("mistral"), str(out))
     ids, mask, labels = batch
     with torch.no_grad():
-        torch.testing.assert_close(full(input_ids=ids, attention_mask=mask, labels=labels).loss, want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            full(input_ids=ids, attention_mask=mask, labels=labels).loss, want, rtol=1e-6, atol=0
+        )
     _, cp2, trunk2 = _client("mistral")
     report = load_adapter_into_parts(cp2.bottom, cp2.top, out)
     assert report.loaded == {"client top": len(lora_state_dict(cp.bottom, cp.top))}

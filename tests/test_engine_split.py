@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import ARCHES, N_LAYERS, VOCAB, tiny_batch, tiny_config, tiny_model
 from torch import nn
 
 from guardedp2p.engine.arch import UnsupportedArchitectureError, get_arch, supported_model_types
@@ -28,7 +29,6 @@ from guardedp2p.engine.split import (
     split_model,
 )
 from guardedp2p.errors import ConfigError
-from tiny_models import ARCHES, N_LAYERS, VOCAB, tiny_batch, tiny_config, tiny_model
 
 CFG = SplitConfig(bottom_layers=2, top_layers=2)
 
@@ -96,7 +96,9 @@ def test_sliding_window_layers_are_exercised():
         torch.manual_seed(0)
         m2 = AutoModelForCausalLM.from_config(plain).eval()
         with torch.no_grad():
-            assert not torch.allclose(m1(input_ids=ids, attention_mask=mask).logits, m2(input_ids=ids, attention_mask=mask).logits)
+            assert not torch.allclose(
+                m1(input_ids=ids, attention_mask=mask).logits, m2(input_ids=ids, attention_mask=mask).logits
+            )
 
 
 # ------------------------------------------------------------------ THE key test: gradients
@@ -215,7 +217,7 @@ def test_embed_is_block0_input():
         ids, mask, _ = tiny_batch()
         seen: dict[str, torch.Tensor] = {}
 
-        def record(module, args, kwargs):
+        def record(module, args, kwargs, seen=seen):
             seen.setdefault("h", args[0] if args else kwargs["hidden_states"])
 
         hook = bottom.blocks[0].register_forward_pre_hook(record, with_kwargs=True)
@@ -249,7 +251,13 @@ def test_loss_fn_matches_hf_and_ignores_pads():
 
 @pytest.mark.parametrize(
     "bottom,top,msg",
-    [(0, 2, "bottom_layers must be >= 1"), (2, -1, "top_layers must be >= 0"), (3, 3, "leaves no trunk"), (4, 4, "leaves no trunk"), (2.0, 2, "integer")],
+    [
+        (0, 2, "bottom_layers must be >= 1"),
+        (2, -1, "top_layers must be >= 0"),
+        (3, 3, "leaves no trunk"),
+        (4, 4, "leaves no trunk"),
+        (2.0, 2, "integer"),
+    ],
 )
 def test_split_validation(bottom, top, msg):
     with pytest.raises(SplitConfigError, match=msg):
@@ -348,7 +356,12 @@ def _perturb(model, name):
 
 @pytest.mark.parametrize(
     "name",
-    ["model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.5.mlp.down_proj.weight", "model.norm.weight"],
+    [
+        "model.embed_tokens.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.5.mlp.down_proj.weight",
+        "model.norm.weight",
+    ],
 )
 def test_fingerprint_changes_with_shared_weights(name):
     fp = model_fingerprint(tiny_model("llama"), CFG)
@@ -358,7 +371,12 @@ def test_fingerprint_changes_with_shared_weights(name):
 
 
 def test_fingerprint_covers_opt_and_gpt2_extras():
-    for arch, name in [("opt", "model.decoder.embed_positions.weight"), ("opt", "model.decoder.project_out.weight"), ("gpt2", "transformer.wpe.weight"), ("gpt2", "transformer.ln_f.bias")]:
+    for arch, name in [
+        ("opt", "model.decoder.embed_positions.weight"),
+        ("opt", "model.decoder.project_out.weight"),
+        ("gpt2", "transformer.wpe.weight"),
+        ("gpt2", "transformer.ln_f.bias"),
+    ]:
         fp = model_fingerprint(tiny_model(arch), CFG)
         m = tiny_model(arch)
         _perturb(m, name)

@@ -25,8 +25,15 @@ PY_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startsw
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"GUARDEDP2P_EXAMPLE_FAST": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+    env.update(
+        {
+            "GUARDEDP2P_EXAMPLE_FAST": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        }
+    )
     return env
 
 
@@ -35,8 +42,13 @@ def _run(cmd: list[str], cwd: Path, timeout: float = TIMEOUT) -> subprocess.Comp
 
 
 def test_the_expected_examples_exist():
-    assert set(PY_EXAMPLES) >= {"loopback_online.py", "loopback_gradfree.py", "loopback_offline.py",
-                                "byo_model_and_data.py", "evaluate_privacy.py"}
+    assert set(PY_EXAMPLES) >= {
+        "loopback_online.py",
+        "loopback_gradfree.py",
+        "loopback_offline.py",
+        "byo_model_and_data.py",
+        "evaluate_privacy.py",
+    }
     assert (EXAMPLES / "README.md").is_file() and (EXAMPLES / "two_terminals.md").is_file()
 
 
@@ -97,7 +109,9 @@ def test_two_terminal_walkthrough_runs_as_written(tmp_path):
         if argv[:2] == ["keys", "generate"]:
             res = _run(cli + argv, cwd=dirs[party], timeout=120)
             assert res.returncode == 0, res.stderr
-    (dirs["client"] / "provider.key").write_bytes((dirs["provider"] / "keys" / "provider.key").read_bytes())  # 2. exchange
+    (dirs["client"] / "provider.key").write_bytes(
+        (dirs["provider"] / "keys" / "provider.key").read_bytes()
+    )  # 2. exchange
     (dirs["provider"] / "client.key").write_bytes((dirs["client"] / "keys" / "client.key").read_bytes())
     for party, argv in cmds:
         if argv[:2] == ["keys", "show"]:
@@ -110,8 +124,27 @@ def test_two_terminal_walkthrough_runs_as_written(tmp_path):
     os.chdir(dirs["provider"])  # ProviderProcess starts the provider in the current folder, as terminal A would
     try:
         with ProviderProcess(local(serve[2:]) + tiny, tmp_path, ready_timeout=300) as provider:
-            res = _run(cli + local(tune) + tiny + ["--data", data, "--steps", "3", "--batch-size", "4", "--max-length", "16",
-                                                   "--lora-r", "4", "--device", "cpu", "--json"], cwd=dirs["client"])
+            res = _run(
+                cli
+                + local(tune)
+                + tiny
+                + [
+                    "--data",
+                    data,
+                    "--steps",
+                    "3",
+                    "--batch-size",
+                    "4",
+                    "--max-length",
+                    "16",
+                    "--lora-r",
+                    "4",
+                    "--device",
+                    "cpu",
+                    "--json",
+                ],
+                cwd=dirs["client"],
+            )
             assert res.returncode == 0, f"{res.stderr[-3000:]}\nprovider log:\n{provider.tail()}"
     finally:
         os.chdir(cwd)

@@ -11,8 +11,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_online_step_on_cuda_matches_cpu():
-    from guardedp2p.engine.split import loss_fn
     from guardedp2p.designs.online.client import RemoteTrunk
+    from guardedp2p.engine.split import loss_fn
     from tests.protocol_helpers import batch, client_parts, open_session, provider_app
     from tests.tiny_models import tiny_model
 
@@ -143,16 +143,22 @@ def test_online_step_with_8bit_provider_and_cuda_client(saved_llama, client_dtyp
     """The whole path of docs/big-models.md on one GPU: provider serve --device-map cuda:0 --dtype fp16
     --load-in 8bit, client tune --device cuda --dtype bf16."""
     pytest.importorskip("bitsandbytes")
-    from guardedp2p.engine.split import loss_fn
     from guardedp2p.designs.online.client import RemoteTrunk
+    from guardedp2p.engine.split import loss_fn
     from guardedp2p.service.client import TuneOptions, prepare_client
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
     from guardedp2p.train.config import TrainConfig
     from tests.protocol_helpers import batch, open_session
     from tests.tiny_models import VOCAB
 
-    app = build_provider_app(ProviderOptions(model=str(saved_llama), protocols=("online",), device_map="cuda:0", dtype="fp16", load_in="8bit"))
-    client = prepare_client(TuneOptions(model=str(saved_llama), device="cuda", dtype=client_dtype, train=TrainConfig(lora_r=4)))
+    app = build_provider_app(
+        ProviderOptions(
+            model=str(saved_llama), protocols=("online",), device_map="cuda:0", dtype="fp16", load_in="8bit"
+        )
+    )
+    client = prepare_client(
+        TuneOptions(model=str(saved_llama), device="cuda", dtype=client_dtype, train=TrainConfig(lora_r=4))
+    )
     assert client.fingerprint == app.policy.fingerprint
     assert client.bottom.device.type == "cuda" and client.top.device.type == "cuda"
     remote = RemoteTrunk(open_session(app, client.fingerprint), FP32_CODECS, gradients=True)

@@ -13,7 +13,6 @@ from cryptography.exceptions import InvalidSignature
 from typer.testing import CliRunner
 
 from guardedp2p.cli.keys import keys_app
-from guardedp2p.errors import ConfigError
 from guardedp2p.crypto.keys import (
     KeyExistsError,
     KeyFileError,
@@ -26,6 +25,7 @@ from guardedp2p.crypto.keys import (
     load_signing_key,
     load_verify_key,
 )
+from guardedp2p.errors import ConfigError
 
 
 def mode(p) -> int:
@@ -250,7 +250,12 @@ def test_cli_show(tmp_path):
     res = runner.invoke(keys_app, ["show", str(tmp_path / "carol.key"), "--json"])
     assert res.exit_code == 0
     info = json.loads(res.stdout.strip().splitlines()[-1])
-    assert info == {"file": str(tmp_path / "carol.key"), "type": "curve", "public_key": public, "fingerprint": fingerprint(public)}
+    assert info == {
+        "file": str(tmp_path / "carol.key"),
+        "type": "curve",
+        "public_key": public,
+        "fingerprint": fingerprint(public),
+    }
     res = runner.invoke(keys_app, ["show", str(tmp_path / "carol.sign.pub")])
     assert res.exit_code == 0 and "Ed25519" in res.stdout
     res = runner.invoke(keys_app, ["show", str(tmp_path / "carol.key_secret")])

@@ -79,7 +79,9 @@ def test_make_generator_seeded_or_random():
         torch.randn(5, generator=NoiseConfig("gaussian", scale=1, seed=7).make_generator()),
     )
     cfg = NoiseConfig("gaussian", scale=1)
-    assert not torch.equal(torch.randn(5, generator=cfg.make_generator()), torch.randn(5, generator=cfg.make_generator()))
+    assert not torch.equal(
+        torch.randn(5, generator=cfg.make_generator()), torch.randn(5, generator=cfg.make_generator())
+    )
 
 
 def test_dtype_device_and_gradient_preserved():
@@ -180,7 +182,7 @@ def test_describe_is_json_and_never_contains_seed():
         d = describe(cfg)
         assert d == cfg.describe()
         text = json.dumps(d)
-        assert "1234567" not in text and "seed\"" not in text
+        assert "1234567" not in text and 'seed"' not in text
         assert d["kind"] == cfg.kind and "guarantee" in d
     assert cfgs[1].describe()["guarantee"].startswith("none")
     assert "LDP" in cfgs[2].describe()["guarantee"] and cfgs[2].describe()["calibration"] == "classical"

@@ -20,24 +20,50 @@ def test_build_then_verify_a_distilled_int8_emulator(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(" ".join(f"w{(i + k) % 100}" for k in range(8)) for i in range(20)))
     runner = CliRunner()
-    res = runner.invoke(emulator_app, [
-        "build", "--model", str(model_dir), "--out", str(tmp_path / "emu"), "--keys", str(tmp_path / "keys"),
-        "--emulator-layers", "1", "--distill-data", str(text), "--distill-steps", "2", "--distill-max-length", "16",
-        "--quantize", "int8", "--device", "cpu", "--json",
-    ])
+    res = runner.invoke(
+        emulator_app,
+        [
+            "build",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(tmp_path / "emu"),
+            "--keys",
+            str(tmp_path / "keys"),
+            "--emulator-layers",
+            "1",
+            "--distill-data",
+            str(text),
+            "--distill-steps",
+            "2",
+            "--distill-max-length",
+            "16",
+            "--quantize",
+            "int8",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output.strip().splitlines()[-1])
     assert summary["middle_kept"] == [2] and summary["compression"]["quantize"] == "int8"
     assert summary["compression"]["distillation"]["steps"] == 2
-    ok = runner.invoke(emulator_app, ["verify", str(tmp_path / "emu"), "--key", str(tmp_path / "keys" / "provider.sign.pub")])
+    ok = runner.invoke(
+        emulator_app, ["verify", str(tmp_path / "emu"), "--key", str(tmp_path / "keys" / "provider.sign.pub")]
+    )
     assert ok.exit_code == 0 and "OK: emulator" in ok.output
     (tmp_path / "emu" / "config.json").write_text("{}")
-    bad = runner.invoke(emulator_app, ["verify", str(tmp_path / "emu"), "--key", str(tmp_path / "keys" / "provider.sign.pub")])
+    bad = runner.invoke(
+        emulator_app, ["verify", str(tmp_path / "emu"), "--key", str(tmp_path / "keys" / "provider.sign.pub")]
+    )
     assert bad.exit_code == 8 and "DigestMismatchError" in bad.output
 
 
 def test_build_refuses_to_run_unsigned(tmp_path):
-    res = CliRunner().invoke(emulator_app, ["build", "--model", "default", "--out", str(tmp_path / "e"), "--keys", str(tmp_path / "nokeys")])
+    res = CliRunner().invoke(
+        emulator_app, ["build", "--model", "default", "--out", str(tmp_path / "e"), "--keys", str(tmp_path / "nokeys")]
+    )
     assert res.exit_code != 0
 
 

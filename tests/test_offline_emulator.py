@@ -8,8 +8,6 @@ import copy
 import pytest
 import torch
 
-from guardedp2p.engine.arch import get_arch, get_path
-from guardedp2p.errors import ConfigError
 from guardedp2p.crypto.keys import generate_keypair, load_signing_key
 from guardedp2p.designs.offline.emulator import (
     DistillConfig,
@@ -23,6 +21,8 @@ from guardedp2p.designs.offline.emulator import (
     uniform_drop_indices,
 )
 from guardedp2p.designs.offline.quantize import dequantize_state, dequantize_tensor, quantize_state, quantize_tensor
+from guardedp2p.engine.arch import get_arch, get_path
+from guardedp2p.errors import ConfigError
 from tests.tiny_models import tiny_batch, tiny_model
 
 
@@ -76,7 +76,9 @@ def test_emulator_runs_exactly_the_kept_blocks_of_the_full_model(arch):
     valid = mask.bool()
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
-        everything = build_emulator(model, EmulatorConfig(emulator_layers=2)).logits(ids, mask)  # M = 2: nothing dropped
+        everything = build_emulator(model, EmulatorConfig(emulator_layers=2)).logits(
+            ids, mask
+        )  # M = 2: nothing dropped
         torch.testing.assert_close(everything[valid], full[valid], rtol=1e-5, atol=1e-5)
         emu = build_emulator(model, EmulatorConfig(bottom_layers=1, top_layers=1, emulator_layers=2))
         assert list(emu.layer_map.middle_kept) == [1, 4]
@@ -124,7 +126,14 @@ def test_nf4_codes_round_trip_and_constant_tensors():
 def test_quantize_state_keeps_vectors_float_and_refuses_inconsistent_parts():
     state = {"a.weight": torch.randn(8, 8), "a.bias": torch.randn(8), "norm.weight": torch.ones(8)}
     stored = quantize_state(state, "int8")
-    assert set(stored) == {"a.weight.__qcodes", "a.weight.__qscale", "a.weight.__qmin", "a.weight.__qshape", "a.bias", "norm.weight"}
+    assert set(stored) == {
+        "a.weight.__qcodes",
+        "a.weight.__qscale",
+        "a.weight.__qmin",
+        "a.weight.__qshape",
+        "a.bias",
+        "norm.weight",
+    }
     back = dequantize_state(stored, "int8")
     assert torch.equal(back["a.bias"], state["a.bias"])
     from guardedp2p.designs.offline.quantize import QuantizedFormatError
@@ -148,7 +157,9 @@ def test_quantized_emulator_round_trip_saves_bytes(tmp_path, scheme):
     assert m_q["compression"]["quantize"] == scheme
     f_size, q_size = m_float.files["emulator.safetensors"].size, m_q.files["emulator.safetensors"].size
     assert q_size < (0.35 if scheme == "int8" else 0.25) * f_size
-    assert m_q.files["adapters.safetensors"].sha256 == m_float.files["adapters.safetensors"].sha256  # adapters ship exact
+    assert (
+        m_q.files["adapters.safetensors"].sha256 == m_float.files["adapters.safetensors"].sha256
+    )  # adapters ship exact
     loaded = load_emulator(tmp_path / "q", tmp_path / "k" / "p.sign.pub").emulator
     # the client's middle is exactly the provider's dequantized codes; the adapters are bit-exact
     expected = dequantize_state(quantize_state(emu.middle_state(), scheme), scheme)
@@ -206,7 +217,9 @@ def test_distillation_resumes_from_its_checkpoint_without_lost_or_repeated_step(
     killed = build_emulator(model, EmulatorConfig(emulator_layers=1))
     _run_until(killed, model, cfg, 3, tmp_path / "ck")
     resumed = build_emulator(model, EmulatorConfig(emulator_layers=1))  # a new process: fresh emulator, same folder
-    s = distill_emulator(resumed, copy.deepcopy(model), _examples(), cfg, checkpoint_dir=tmp_path / "ck", progress=False)
+    s = distill_emulator(
+        resumed, copy.deepcopy(model), _examples(), cfg, checkpoint_dir=tmp_path / "ck", progress=False
+    )
     assert s["steps"] == 6
     for k, v in straight.middle_state().items():
         torch.testing.assert_close(resumed.middle_state()[k], v, rtol=1e-5, atol=1e-6)
@@ -231,6 +244,13 @@ def _run_until(emu, model, cfg, stop, ckpt):
     E.loss_fn = counting
     try:
         with pytest.raises(Stop):
-            distill_emulator(emu, copy.deepcopy(model), _examples(), DistillConfig(**{**cfg.__dict__, "checkpoint_every": 1}), checkpoint_dir=ckpt, progress=False)
+            distill_emulator(
+                emu,
+                copy.deepcopy(model),
+                _examples(),
+                DistillConfig(**{**cfg.__dict__, "checkpoint_every": 1}),
+                checkpoint_dir=ckpt,
+                progress=False,
+            )
     finally:
         E.loss_fn = real

@@ -9,7 +9,6 @@ import pytest
 
 import guardedp2p.designs.offline.emulator as E
 from guardedp2p.crypto.keys import generate_keypair, load_signing_key
-from guardedp2p.designs.offline.emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
 from guardedp2p.crypto.manifest import (
     BadSignatureError,
     DigestMismatchError,
@@ -20,6 +19,7 @@ from guardedp2p.crypto.manifest import (
     sign_folder,
     verify_artifact,
 )
+from guardedp2p.designs.offline.emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
 from tests.tiny_models import tiny_model
 from tests.tiny_tokenizer import tiny_tokenizer
 
@@ -101,7 +101,18 @@ def test_missing_file_or_signature_is_refused(signed, reads):
 
 
 def test_file_names_cannot_leave_the_folder(tmp_path):
-    for bad in ("../x", "/etc/passwd", "a/../../b", "a\\b", "", ".hidden", "manifest.json", "a//b", "x\x00y", "a/b/c/d"):
+    for bad in (
+        "../x",
+        "/etc/passwd",
+        "a/../../b",
+        "a\\b",
+        "",
+        ".hidden",
+        "manifest.json",
+        "a//b",
+        "x\x00y",
+        "a/b/c/d",
+    ):
         with pytest.raises(ManifestFormatError):
             safe_name(bad)
     assert safe_name("tokenizer/tokenizer.json") == "tokenizer/tokenizer.json"

@@ -9,12 +9,18 @@ import shutil
 import pytest
 import torch
 
-from guardedp2p.engine.lora import LoraSettings, attach_lora, save_adapter
 from guardedp2p.crypto.keys import generate_keypair, load_signing_key
-from guardedp2p.designs.offline.emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
 from guardedp2p.crypto.manifest import BadSignatureError, DigestMismatchError
-from guardedp2p.designs.offline.plugin import BundleMismatchError, export_merged, export_peft, plug_in, verify_adapter_bundle
+from guardedp2p.designs.offline.emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
+from guardedp2p.designs.offline.plugin import (
+    BundleMismatchError,
+    export_merged,
+    export_peft,
+    plug_in,
+    verify_adapter_bundle,
+)
 from guardedp2p.designs.offline.transfer import make_adapter_bundle
+from guardedp2p.engine.lora import LoraSettings, attach_lora, save_adapter
 from tests.tiny_models import tiny_batch, tiny_model
 
 
@@ -36,7 +42,9 @@ def _trained_bundle(model, tmp_path, *, signer="client"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)  # as if trained
     save_adapter(e.bottom, e.top, tmp_path / "adapter")
     bundle = tmp_path / f"bundle-{signer}"
-    make_adapter_bundle(tmp_path / "adapter", bundle, load_signing_key(tmp_path / "keys", signer), emulator_manifest=loaded.manifest)
+    make_adapter_bundle(
+        tmp_path / "adapter", bundle, load_signing_key(tmp_path / "keys", signer), emulator_manifest=loaded.manifest
+    )
     return bundle, loaded
 
 

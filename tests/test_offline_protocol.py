@@ -12,22 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from guardedp2p.errors import RemoteError
-from guardedp2p.wire.handshake import Hello, ProviderPolicy
 from guardedp2p.crypto.keys import generate_keypair, load_signing_key
-from guardedp2p.wire.messages import MsgType
-from guardedp2p.designs.offline.emulator import EmulatorConfig, build_emulator, save_emulator
 from guardedp2p.crypto.manifest import BadSignatureError, verify_artifact
-from guardedp2p.designs.offline.transfer import TransferStats, download_emulator, make_adapter_bundle, upload_bundle
-from guardedp2p.protocol.client import ClientSession
+from guardedp2p.designs.offline.emulator import EmulatorConfig, build_emulator, save_emulator
 from guardedp2p.designs.offline.provider import MAX_CHUNK, offline_session
+from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
+from guardedp2p.designs.offline.transfer import TransferStats, download_emulator, make_adapter_bundle, upload_bundle
+from guardedp2p.errors import RemoteError
+from guardedp2p.protocol.client import ClientSession
 from guardedp2p.protocol.provider import ProviderApp
 from guardedp2p.service.client import TuneOptions
-from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
 from guardedp2p.train.config import TrainConfig
 from guardedp2p.transport.base import PeerTimeout
 from guardedp2p.transport.inproc import InProcClientChannel
 from guardedp2p.wire.framing import Message, decode
+from guardedp2p.wire.handshake import Hello, ProviderPolicy
+from guardedp2p.wire.messages import MsgType
 from tests.tiny_models import tiny_model
 from tests.tiny_tokenizer import tiny_tokenizer, write_text_records
 
@@ -68,10 +68,30 @@ def test_full_offline_run_only_the_adapter_upload_carries_data(world):
     model, app, tmp = world
     RecordingChannel.sent = []
     data = write_text_records(tmp / "train.jsonl")
-    train = TrainConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=1, checkpoint_every=3, max_length=16, lora_r=4, lora_alpha=8)
-    opts = TuneOptions(protocol="offline", model="tiny", data=str(data), out=str(tmp / "run"), train=train, progress=False, timeout=1.0, retries=0, eval_batch_size=8)
-    off = OfflineOptions(provider_verify_key=tmp / "keys" / "provider.sign.pub", client_keys=str(tmp / "keys"), chunk_size=64 * 1024)
-    s = tune_offline(opts, lambda: RecordingChannel(app), offline=off, base_model=copy.deepcopy(model), base_tokenizer=tiny_tokenizer())
+    train = TrainConfig(
+        steps=6, batch_size=4, lr=1e-2, warmup_steps=1, checkpoint_every=3, max_length=16, lora_r=4, lora_alpha=8
+    )
+    opts = TuneOptions(
+        protocol="offline",
+        model="tiny",
+        data=str(data),
+        out=str(tmp / "run"),
+        train=train,
+        progress=False,
+        timeout=1.0,
+        retries=0,
+        eval_batch_size=8,
+    )
+    off = OfflineOptions(
+        provider_verify_key=tmp / "keys" / "provider.sign.pub", client_keys=str(tmp / "keys"), chunk_size=64 * 1024
+    )
+    s = tune_offline(
+        opts,
+        lambda: RecordingChannel(app),
+        offline=off,
+        base_model=copy.deepcopy(model),
+        base_tokenizer=tiny_tokenizer(),
+    )
 
     sent_types = [m.type for m in RecordingChannel.sent]
     assert set(sent_types) <= {MsgType.HELLO, MsgType.MANIFEST_REQ, MsgType.CHUNK_REQ, MsgType.UPLOAD, MsgType.BYE}
@@ -90,8 +110,20 @@ def test_full_offline_run_only_the_adapter_upload_carries_data(world):
     assert s["upload_ack"]["verified"] is True and s["upload_ack"]["signer_pinned"] is False
 
     assert s["protocol"] == "offline" and s["steps"] == 6 and s["gradient_bytes"] == 0 and s["bytes_per_step"] == 0
-    for k in ("zero_shot_full", "full_finetune", "emulator_zero_shot", "emulator_finetune", "plug_in", "loss_first", "loss_last",
-              "eval_before", "eval_after", "bytes_up", "bytes_down", "wall_s"):
+    for k in (
+        "zero_shot_full",
+        "full_finetune",
+        "emulator_zero_shot",
+        "emulator_finetune",
+        "plug_in",
+        "loss_first",
+        "loss_last",
+        "eval_before",
+        "eval_after",
+        "bytes_up",
+        "bytes_down",
+        "wall_s",
+    ):
         assert isinstance(s[k], (int, float)) and s[k] == s[k], k  # present and not NaN
     assert s["eval_before"] == s["emulator_zero_shot"] and s["eval_after"] == s["emulator_finetune"]
     assert s["bytes_down"] > s["emulator_bytes"] > s["adapter_upload_bytes"] > 0
@@ -170,7 +202,10 @@ def test_provider_serves_only_manifest_files_and_valid_ranges(world):
     (tmp / "secret.txt").write_text("provider secret")
     s = _session(app)
     good = _chunk_req(s, 1, file="config.json", offset=0, length=10)
-    assert good.tensors["data"].numel() == 10 and good.meta["sha256"] == hashlib.sha256(good.tensors["data"].numpy().tobytes()).hexdigest()
+    assert (
+        good.tensors["data"].numel() == 10
+        and good.meta["sha256"] == hashlib.sha256(good.tensors["data"].numpy().tobytes()).hexdigest()
+    )
     bad_requests = [
         {"file": "../secret.txt", "offset": 0, "length": 10},
         {"file": str(tmp / "secret.txt"), "offset": 0, "length": 10},
@@ -195,20 +230,31 @@ def test_provider_serves_only_manifest_files_and_valid_ranges(world):
 
 def _upload(s, step, name, data: bytes, offset=0, total=None, commit=False, sha=None):
     t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-    meta = {"file": name, "offset": offset, "total": len(data) if total is None else total, "sha256": sha or hashlib.sha256(data).hexdigest(), "commit": commit}
+    meta = {
+        "file": name,
+        "offset": offset,
+        "total": len(data) if total is None else total,
+        "sha256": sha or hashlib.sha256(data).hexdigest(),
+        "commit": commit,
+    }
     return s.request(Message(MsgType.UPLOAD, step=step, tensors={"data": t}, meta=meta), expect=MsgType.UPLOAD_ACK)
 
 
 def _bundle(tmp, signer="client"):
     """A real adapter bundle for the served emulator (LoRA saved from the emulator's client parts)."""
-    from guardedp2p.engine.lora import LoraSettings, attach_lora, save_adapter
     from guardedp2p.designs.offline.emulator import load_emulator
+    from guardedp2p.engine.lora import LoraSettings, attach_lora, save_adapter
 
     loaded = load_emulator(tmp / "emu", tmp / "keys" / "provider.sign.pub")
     torch.manual_seed(0)
     attach_lora(loaded.emulator.bottom, loaded.emulator.top, LoraSettings(r=2, alpha=4))
     save_adapter(loaded.emulator.bottom, loaded.emulator.top, tmp / "adapter")
-    make_adapter_bundle(tmp / "adapter", tmp / f"bundle-{signer}", load_signing_key(tmp / "keys", signer), emulator_manifest=loaded.manifest)
+    make_adapter_bundle(
+        tmp / "adapter",
+        tmp / f"bundle-{signer}",
+        load_signing_key(tmp / "keys", signer),
+        emulator_manifest=loaded.manifest,
+    )
     return tmp / f"bundle-{signer}"
 
 
@@ -240,7 +286,9 @@ def test_upload_limits_names_hashes_and_verification(world):
     ack = upload_bundle(s, bundle, chunk_size=1000)
     assert ack["committed"] and ack["verified"] and ack["signer_pinned"] is False
     stored = tmp / "uploads" / f"bundle-{ack['bundle_id']}"
-    assert sorted(p.name for p in stored.iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors", "manifest.json", "manifest.sig"])
+    assert sorted(p.name for p in stored.iterdir()) == sorted(
+        ["adapter_config.json", "adapter_model.safetensors", "manifest.json", "manifest.sig"]
+    )
 
 
 def test_upload_size_limit_and_pinned_client_keys(world):
@@ -271,8 +319,17 @@ def test_runner_reconnects_and_resumes_a_cut_download(world):
     _, app, tmp = world
     data = write_text_records(tmp / "train.jsonl")
     train = TrainConfig(steps=1, batch_size=4, max_length=16, lora_r=2, lora_alpha=4, checkpoint_every=0)
-    opts = TuneOptions(protocol="offline", model="tiny", data=str(data), out=str(tmp / "run"), train=train, progress=False,
-                       timeout=0.2, retries=2, skip_eval=True)
+    opts = TuneOptions(
+        protocol="offline",
+        model="tiny",
+        data=str(data),
+        out=str(tmp / "run"),
+        train=train,
+        progress=False,
+        timeout=0.2,
+        retries=2,
+        skip_eval=True,
+    )
     channels = []
 
     def connect():
@@ -295,18 +352,41 @@ def test_runner_needs_the_pinned_provider_key(world):
     from guardedp2p.errors import ConfigError
 
     with pytest.raises(ConfigError, match="provider's public signing key"):
-        tune_offline(TuneOptions(protocol="offline", out=str(tmp / "r"), progress=False), lambda: InProcClientChannel(app))
+        tune_offline(
+            TuneOptions(protocol="offline", out=str(tmp / "r"), progress=False), lambda: InProcClientChannel(app)
+        )
 
 
 def test_multiple_choice_eval_also_reports_heldout_loss_and_ppl_gap(world):
     model, app, tmp = world
     data = write_text_records(tmp / "train.jsonl")
     mc = tmp / "mc.jsonl"
-    mc.write_text("\n".join(json.dumps({"question": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 7}"], "label": 0}) for i in range(6)))
+    mc.write_text(
+        "\n".join(
+            json.dumps({"question": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 7}"], "label": 0})
+            for i in range(6)
+        )
+    )
     train = TrainConfig(steps=2, batch_size=4, max_length=16, lora_r=2, lora_alpha=4, checkpoint_every=0)
-    opts = TuneOptions(protocol="offline", model="tiny", data=str(data), eval_data=str(mc), out=str(tmp / "run"), train=train, progress=False, timeout=1.0, retries=0)
+    opts = TuneOptions(
+        protocol="offline",
+        model="tiny",
+        data=str(data),
+        eval_data=str(mc),
+        out=str(tmp / "run"),
+        train=train,
+        progress=False,
+        timeout=1.0,
+        retries=0,
+    )
     off = OfflineOptions(provider_verify_key=tmp / "keys" / "provider.sign.pub")
-    s = tune_offline(opts, lambda: InProcClientChannel(app), offline=off, base_model=copy.deepcopy(model), base_tokenizer=tiny_tokenizer())
+    s = tune_offline(
+        opts,
+        lambda: InProcClientChannel(app),
+        offline=off,
+        base_model=copy.deepcopy(model),
+        base_tokenizer=tiny_tokenizer(),
+    )
     assert s["eval_metric"] == "acc" and 0 <= s["plug_in"] <= 1
     assert all(isinstance(v, float) for v in s["heldout_loss"].values()) and len(s["heldout_loss"]) == 5
     assert s["ppl_gap"] == s["ppl_gap"]

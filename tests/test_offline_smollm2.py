@@ -14,18 +14,22 @@ pytestmark = pytest.mark.slow
 def test_smollm2_emulator_round_trip_and_plug_in(smollm2, tmp_path):
     from peft import PeftModel
 
-    from guardedp2p.engine.fingerprint import model_fingerprint
-    from guardedp2p.engine.lora import LoraSettings, attach_lora, save_adapter
-    from guardedp2p.engine.split import SplitConfig
     from guardedp2p.crypto.keys import generate_keypair, load_signing_key
     from guardedp2p.designs.offline.emulator import EmulatorConfig, build_emulator, load_emulator, save_emulator
     from guardedp2p.designs.offline.plugin import plug_in
     from guardedp2p.designs.offline.transfer import make_adapter_bundle
+    from guardedp2p.engine.fingerprint import model_fingerprint
+    from guardedp2p.engine.lora import LoraSettings, attach_lora, save_adapter
+    from guardedp2p.engine.split import SplitConfig
 
     model, tok = smollm2
     generate_keypair(tmp_path / "k", "provider")
     generate_keypair(tmp_path / "k", "client")
-    batch = tok(["Patient Maria Kovacs, born 1970-01-02; diagnosis: asthma", "The river runs"], return_tensors="pt", padding=True)
+    batch = tok(
+        ["Patient Maria Kovacs, born 1970-01-02; diagnosis: asthma", "The river runs"],
+        return_tensors="pt",
+        padding=True,
+    )
     ids, mask = batch["input_ids"], batch["attention_mask"]
     valid = mask.bool()
     with torch.no_grad():
@@ -47,7 +51,12 @@ def test_smollm2_emulator_round_trip_and_plug_in(smollm2, tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.02)
     save_adapter(e.bottom, e.top, tmp_path / "adapter")
-    make_adapter_bundle(tmp_path / "adapter", tmp_path / "bundle", load_signing_key(tmp_path / "k", "client"), emulator_manifest=loaded.manifest)
+    make_adapter_bundle(
+        tmp_path / "adapter",
+        tmp_path / "bundle",
+        load_signing_key(tmp_path / "k", "client"),
+        emulator_manifest=loaded.manifest,
+    )
     plugged = plug_in(copy.deepcopy(model), tmp_path / "bundle", tmp_path / "k" / "client.sign.pub")
     stock = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "bundle")).eval()
     with torch.no_grad():

@@ -8,16 +8,16 @@ import copy
 import pytest
 import torch
 
+from guardedp2p.designs.online.client import RemoteTrunk
 from guardedp2p.engine.lora import save_adapter
 from guardedp2p.engine.split import loss_fn
 from guardedp2p.errors import HandshakeRejected, RemoteError
-from guardedp2p.wire.handshake import Hello
-from guardedp2p.wire.messages import MsgType
 from guardedp2p.protocol.client import ClientSession
-from guardedp2p.designs.online.client import RemoteTrunk
 from guardedp2p.protocol.provider import ProviderConfig
 from guardedp2p.transport.inproc import InProcClientChannel
 from guardedp2p.wire.framing import Message, encode
+from guardedp2p.wire.handshake import Hello
+from guardedp2p.wire.messages import MsgType
 from tests.protocol_helpers import batch, client_parts, open_session, provider_app
 from tests.tiny_models import tiny_model
 
@@ -124,16 +124,28 @@ def test_provider_refuses_bad_messages_and_keeps_serving():
     h = torch.zeros(1, 4, model.config.hidden_size)
     mask = torch.ones(1, 4, dtype=torch.int8)
     cases = {
-        "unknown-session": Message(MsgType.ACT_UP, session="nope", step=1, tensors={"h": h, "mask": mask}, codecs={"h": "fp32"}),
-        "bad-activation": Message(MsgType.ACT_UP, session=sid, step=1, tensors={"h": torch.zeros(1, 4, 7), "mask": mask}, codecs={"h": "fp32"}),
-        "codec-mismatch": Message(MsgType.ACT_UP, session=sid, step=2, tensors={"h": h, "mask": mask}, codecs={"h": "fp16"}),
+        "unknown-session": Message(
+            MsgType.ACT_UP, session="nope", step=1, tensors={"h": h, "mask": mask}, codecs={"h": "fp32"}
+        ),
+        "bad-activation": Message(
+            MsgType.ACT_UP, session=sid, step=1, tensors={"h": torch.zeros(1, 4, 7), "mask": mask}, codecs={"h": "fp32"}
+        ),
+        "codec-mismatch": Message(
+            MsgType.ACT_UP, session=sid, step=2, tensors={"h": h, "mask": mask}, codecs={"h": "fp16"}
+        ),
         "no-pending-step": Message(MsgType.GRAD_UP, session=sid, step=99, tensors={"g": h}, codecs={"g": "fp32"}),
         "not-allowed": Message(MsgType.CHUNK_REQ, session=sid, step=3),
     }
     for code, msg in cases.items():
         reply = _raw_request(app, "inproc:client", msg)
         assert reply.type == MsgType.ERROR and reply.meta["code"] == code, (code, reply.meta)
-    nan = Message(MsgType.ACT_UP, session=sid, step=5, tensors={"h": torch.full_like(h, float("nan")), "mask": mask}, codecs={"h": "fp32"})
+    nan = Message(
+        MsgType.ACT_UP,
+        session=sid,
+        step=5,
+        tensors={"h": torch.full_like(h, float("nan")), "mask": mask},
+        codecs={"h": "fp32"},
+    )
     assert _raw_request(app, "inproc:client", nan).meta["code"] == "bad-activation"
     # another authenticated key cannot use this session
     reply = _raw_request(app, "inproc:intruder", Message(MsgType.PING, session=sid, step=1))
@@ -169,7 +181,10 @@ def test_replayed_step_is_refused():
         (Hello("online", "0" * 64, (2, 2)), "fingerprint mismatch"),
         (Hello("online", None, (3, 2)), "split mismatch"),
         (Hello("teleport", None, (2, 2)), "unknown protocol"),
-        (Hello("online", None, (2, 2), codecs={"up": "zip", "down": "fp32", "grad_up": "fp32", "grad_down": "fp32"}), "codec"),
+        (
+            Hello("online", None, (2, 2), codecs={"up": "zip", "down": "fp32", "grad_up": "fp32", "grad_down": "fp32"}),
+            "codec",
+        ),
     ],
 )
 def test_handshake_mismatch_is_rejected_with_reason(hello, reason):

@@ -3,17 +3,15 @@ keeps serving a good client while another sends garbage."""
 
 from __future__ import annotations
 
-import copy
 import threading
 
 import pytest
 import torch
-import zmq
 
-from guardedp2p.engine.split import loss_fn
 from guardedp2p.crypto.keys import generate_keypair
-from guardedp2p.protocol.client import ClientSession
 from guardedp2p.designs.online.client import RemoteTrunk
+from guardedp2p.engine.split import loss_fn
+from guardedp2p.protocol.client import ClientSession
 from guardedp2p.service.serve import serve_forever
 from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
 from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
@@ -35,7 +33,13 @@ def keydir(tmp_path_factory):
 def served(keydir):
     model = tiny_model("llama")
     app = provider_app(model)
-    server = ZmqServerChannel(ServerConfig(bind="tcp://127.0.0.1:*", secret_key_file=keydir / "provider.key_secret", allow=[keydir / "alice.key", keydir / "bob.key"]))
+    server = ZmqServerChannel(
+        ServerConfig(
+            bind="tcp://127.0.0.1:*",
+            secret_key_file=keydir / "provider.key_secret",
+            allow=[keydir / "alice.key", keydir / "bob.key"],
+        )
+    )
     stop = threading.Event()
     thread = threading.Thread(target=serve_forever, args=(app, server, stop), kwargs={"poll_s": 0.05}, daemon=True)
     thread.start()
@@ -46,7 +50,13 @@ def served(keydir):
 
 
 def _channel(keydir, server, who="alice") -> ZmqClientChannel:
-    return ZmqClientChannel.open(ClientConfig(connect=server.endpoint, provider_public_key=keydir / "provider.key", secret_key_file=keydir / f"{who}.key_secret"))
+    return ZmqClientChannel.open(
+        ClientConfig(
+            connect=server.endpoint,
+            provider_public_key=keydir / "provider.key",
+            secret_key_file=keydir / f"{who}.key_secret",
+        )
+    )
 
 
 def test_online_over_curve_equals_unsplit(served, keydir, tmp_path):
@@ -88,7 +98,7 @@ def test_garbage_from_one_client_does_not_disturb_another(served, keydir):
     import random
 
     rng = random.Random(0)
-    for i in range(200):
+    for _ in range(200):
         frames = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))) for _ in range(rng.randint(1, 3))]
         bad.send(frames)
         reply = bad.recv(timeout=5)

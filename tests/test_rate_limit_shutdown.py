@@ -10,16 +10,16 @@ import time
 import pytest
 import torch
 
-from guardedp2p.errors import ConfigError, ProviderShuttingDown, RateLimited
-from guardedp2p.wire.handshake import Hello
-from guardedp2p.wire.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
-from guardedp2p.protocol.client import ClientSession
 from guardedp2p.designs.online.client import RemoteTrunk
+from guardedp2p.errors import ConfigError, ProviderShuttingDown, RateLimited
+from guardedp2p.protocol.client import ClientSession
 from guardedp2p.protocol.provider import ProviderConfig, TokenBucket
 from guardedp2p.service.client import TrainingInterrupted, tune
 from guardedp2p.service.serve import serve_forever
 from guardedp2p.transport.inproc import InProcClientChannel, InProcServerChannel
 from guardedp2p.wire.framing import Message, decode, encode
+from guardedp2p.wire.handshake import Hello
+from guardedp2p.wire.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
 from tests.protocol_helpers import SPLIT, client_parts, open_session, provider_app
 from tests.test_tune import _client, _opts
 from tests.tiny_models import tiny_model
@@ -40,7 +40,16 @@ class FakeClock:
 
 def _act_up(sid: str, step: int, hidden: int, *, rows: int = 1, length: int = 8) -> list:
     h = torch.randn(rows, length, hidden)
-    return encode(Message(MsgType.ACT_UP, session=sid, step=step, meta={"train": False}, tensors={"h": h, "mask": torch.ones(rows, length, dtype=torch.int8)}, codecs={"h": "fp32"}))
+    return encode(
+        Message(
+            MsgType.ACT_UP,
+            session=sid,
+            step=step,
+            meta={"train": False},
+            tensors={"h": h, "mask": torch.ones(rows, length, dtype=torch.int8)},
+            codecs={"h": "fp32"},
+        )
+    )
 
 
 def _nbytes(frames: list) -> int:
@@ -66,7 +75,10 @@ def test_a_flooding_client_is_rate_limited_and_another_is_not_slowed():
     hidden = model.config.hidden_size
     app = provider_app(model, config=ProviderConfig(max_bytes_per_s=20_000, burst_bytes=20_000), clock=clock)
     _, fp = client_parts(model, lora=False)
-    flood, calm = open_session(app, fp, protocol="gradfree", peer="inproc:flood"), open_session(app, fp, protocol="gradfree", peer="inproc:calm")
+    flood, calm = (
+        open_session(app, fp, protocol="gradfree", peer="inproc:flood"),
+        open_session(app, fp, protocol="gradfree", peer="inproc:calm"),
+    )
     frames = _act_up(flood.sid, 1, hidden)
     size = _nbytes(frames)  # ~2.3 kB
     codes = []
@@ -84,7 +96,9 @@ def test_a_flooding_client_is_rate_limited_and_another_is_not_slowed():
     assert ERROR_RATE_LIMITED in codes and admitted * size <= 20_000 + size
     assert app.stats["rate_limited"] == codes.count(ERROR_RATE_LIMITED)
     # in a batch too: the flood's excess is refused, the calm request is answered
-    items = [("inproc:flood", _act_up(flood.sid, 100 + i, hidden)) for i in range(5)] + [("inproc:calm", _act_up(calm.sid, 100, hidden))]
+    items = [("inproc:flood", _act_up(flood.sid, 100 + i, hidden)) for i in range(5)] + [
+        ("inproc:calm", _act_up(calm.sid, 100, hidden))
+    ]
     replies = [decode(r) for r in app.handle_many(items)]
     assert replies[-1].type == MsgType.ACT_DOWN
     assert all(r.meta.get("code") == ERROR_RATE_LIMITED for r in replies[:-1])
@@ -112,11 +126,17 @@ def test_the_client_waits_out_the_limit_and_every_request_succeeds():
 
 def test_the_client_waits_a_bounded_time_then_fails_with_an_actionable_error():
     model = tiny_model("llama")
-    app = provider_app(model, config=ProviderConfig(max_bytes_per_s=100.0, burst_bytes=100.0), clock=lambda: 0.0)  # time never passes
+    app = provider_app(
+        model, config=ProviderConfig(max_bytes_per_s=100.0, burst_bytes=100.0), clock=lambda: 0.0
+    )  # time never passes
     _, fp = client_parts(model, lora=False)
     waits: list[float] = []
-    session = ClientSession(InProcClientChannel(app, peer="inproc:c"), timeout=5, sleep=waits.append, rate_limit_wait_s=3.0)
-    session.open(Hello("gradfree", fp, (SPLIT.bottom_layers, SPLIT.top_layers), GF))  # a full bucket admits it, into debt
+    session = ClientSession(
+        InProcClientChannel(app, peer="inproc:c"), timeout=5, sleep=waits.append, rate_limit_wait_s=3.0
+    )
+    session.open(
+        Hello("gradfree", fp, (SPLIT.bottom_layers, SPLIT.top_layers), GF)
+    )  # a full bucket admits it, into debt
     with pytest.raises(RateLimited, match="max-mb-per-s") as info:
         session.ping()
     assert info.value.remote_code == ERROR_RATE_LIMITED
@@ -137,12 +157,20 @@ def test_a_shutting_down_provider_answers_every_request_with_its_code_and_acknow
     model = tiny_model("llama")
     app = provider_app(model)
     _, fp = client_parts(model, lora=False)
-    a, b = open_session(app, fp, protocol="gradfree", peer="inproc:a"), open_session(app, fp, protocol="gradfree", peer="inproc:b")
+    a, b = (
+        open_session(app, fp, protocol="gradfree", peer="inproc:a"),
+        open_session(app, fp, protocol="gradfree", peer="inproc:b"),
+    )
     app.begin_shutdown()
     reply = decode(app.handle("inproc:a", _act_up(a.sid, 1, model.config.hidden_size)))
     assert reply.type == MsgType.ERROR and reply.meta["code"] == ERROR_SHUTTING_DOWN and reply.session == a.sid
     assert a.sid not in app.sessions, "the told session is closed"
-    assert decode(app.handle("inproc:x", encode(Message(MsgType.HELLO, meta=Hello("gradfree", fp, (2, 2), GF).to_meta())))).meta["code"] == ERROR_SHUTTING_DOWN
+    assert (
+        decode(
+            app.handle("inproc:x", encode(Message(MsgType.HELLO, meta=Hello("gradfree", fp, (2, 2), GF).to_meta())))
+        ).meta["code"]
+        == ERROR_SHUTTING_DOWN
+    )
     with pytest.raises(ProviderShuttingDown, match="shutting down"):
         ClientSession(InProcClientChannel(app, peer="inproc:y"), timeout=5).open(Hello("gradfree", fp, (2, 2), GF))
     assert decode(app.handle("inproc:b", encode(Message(MsgType.BYE, session=b.sid, step=1)))).type == MsgType.BYE_ACK
@@ -150,7 +178,9 @@ def test_a_shutting_down_provider_answers_every_request_with_its_code_and_acknow
 
 
 def _serve(app, server, stop, abort=None):
-    t = threading.Thread(target=serve_forever, args=(app, server, stop), kwargs={"poll_s": 0.05, "abort": abort}, daemon=True)
+    t = threading.Thread(
+        target=serve_forever, args=(app, server, stop), kwargs={"poll_s": 0.05, "abort": abort}, daemon=True
+    )
     t.start()
     return t
 
@@ -254,7 +284,11 @@ def test_over_curve_zeromq_the_last_shutting_down_reply_reaches_the_client(tmp_p
     model = tiny_model("llama")
     app = provider_app(model, config=ProviderConfig(shutdown_grace_s=10.0))
     _, fp = client_parts(model, lora=False)
-    server = ZmqServerChannel(ServerConfig(bind="tcp://127.0.0.1:*", secret_key_file=tmp_path / "provider.key_secret", allow=[tmp_path / "alice.key"]))
+    server = ZmqServerChannel(
+        ServerConfig(
+            bind="tcp://127.0.0.1:*", secret_key_file=tmp_path / "provider.key_secret", allow=[tmp_path / "alice.key"]
+        )
+    )
     stop = threading.Event()
 
     def run() -> None:
@@ -265,7 +299,13 @@ def test_over_curve_zeromq_the_last_shutting_down_reply_reaches_the_client(tmp_p
 
     serving = threading.Thread(target=run, daemon=True)
     serving.start()
-    channel = ZmqClientChannel.open(ClientConfig(connect=server.endpoint, provider_public_key=tmp_path / "provider.key", secret_key_file=tmp_path / "alice.key_secret"))
+    channel = ZmqClientChannel.open(
+        ClientConfig(
+            connect=server.endpoint,
+            provider_public_key=tmp_path / "provider.key",
+            secret_key_file=tmp_path / "alice.key_secret",
+        )
+    )
     session = ClientSession(channel, timeout=10)
     session.open(Hello("gradfree", fp, (SPLIT.bottom_layers, SPLIT.top_layers), GF))
     stop.set()

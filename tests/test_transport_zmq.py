@@ -15,8 +15,8 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from guardedp2p.errors import ConfigError, TransportError
 from guardedp2p.crypto.keys import generate_keypair, load_keypair, load_public_key
+from guardedp2p.errors import ConfigError, TransportError
 from guardedp2p.transport.base import (
     ChannelClosed,
     Incoming,
@@ -42,7 +42,9 @@ def keydir(tmp_path_factory):
 @pytest.fixture
 def server(keydir):
     srv = ZmqServerChannel(
-        ServerConfig(bind="tcp://127.0.0.1:*", secret_key_file=keydir / "provider.key_secret", allow=[keydir / "alice.key"])
+        ServerConfig(
+            bind="tcp://127.0.0.1:*", secret_key_file=keydir / "provider.key_secret", allow=[keydir / "alice.key"]
+        )
     )
     yield srv
     srv.close()
@@ -116,9 +118,10 @@ def test_many_frames_and_received_buffers_are_writable(keydir, server):
 
 def test_two_clients_are_told_apart(keydir, server):
     server.allow(keydir / "mallory.key")
-    with ZmqClientChannel.open(client_cfg(keydir, server.endpoint)) as a, ZmqClientChannel.open(
-        client_cfg(keydir, server.endpoint, who="mallory")
-    ) as m:
+    with (
+        ZmqClientChannel.open(client_cfg(keydir, server.endpoint)) as a,
+        ZmqClientChannel.open(client_cfg(keydir, server.endpoint, who="mallory")) as m,
+    ):
         a.send([b"from a"])
         m.send([b"from m"])
         got = {}
@@ -260,7 +263,9 @@ def test_recv_timeouts_never_block(keydir, server):
 
 def test_oversized_message_is_dropped_by_max_message_bytes(keydir):
     cfg = ServerConfig(
-        bind="tcp://127.0.0.1:*", secret_key_file=keydir / "provider.key_secret", allow=[keydir / "alice.key"],
+        bind="tcp://127.0.0.1:*",
+        secret_key_file=keydir / "provider.key_secret",
+        allow=[keydir / "alice.key"],
         max_message_bytes=4096,
     )
     with ZmqServerChannel(cfg) as srv, ZmqClientChannel.open(client_cfg(keydir, srv.endpoint)) as c:
@@ -353,7 +358,9 @@ def test_missing_keys_are_config_errors(keydir):
 def test_bind_conflict_is_a_transport_error(keydir, server):
     with pytest.raises(TransportError, match="Cannot listen"):
         ZmqServerChannel(
-            ServerConfig(bind=server.endpoint, secret_key_file=keydir / "provider.key_secret", allow=[keydir / "alice.key"])
+            ServerConfig(
+                bind=server.endpoint, secret_key_file=keydir / "provider.key_secret", allow=[keydir / "alice.key"]
+            )
         )
 
 
@@ -362,11 +369,16 @@ def test_secrets_never_appear_in_repr_logs_or_errors(keydir, caplog):
     _, provider_secret = load_keypair(keydir / "provider.key_secret")
     _, alice_secret = load_keypair(keydir / "alice.key_secret")
     _, mallory_secret = load_keypair(keydir / "mallory.key_secret")
-    scfg = ServerConfig(bind="tcp://127.0.0.1:*", keys=load_keypair(keydir / "provider.key_secret"), allow=[keydir / "alice.key"])
+    scfg = ServerConfig(
+        bind="tcp://127.0.0.1:*", keys=load_keypair(keydir / "provider.key_secret"), allow=[keydir / "alice.key"]
+    )
     assert provider_secret not in repr(scfg)
     with ZmqServerChannel(scfg) as srv:
-        ccfg = ClientConfig(connect=srv.endpoint, provider_public_key=keydir / "provider.key",
-                            keys=load_keypair(keydir / "alice.key_secret"))
+        ccfg = ClientConfig(
+            connect=srv.endpoint,
+            provider_public_key=keydir / "provider.key",
+            keys=load_keypair(keydir / "alice.key_secret"),
+        )
         assert alice_secret not in repr(ccfg)
         with ZmqClientChannel.open(ccfg) as c:
             round_trip(srv, c, [b"x"])

@@ -19,9 +19,21 @@ from tests.tiny_tokenizer import tiny_tokenizer, write_text_records
 
 def _opts(tmp_path, protocol="online", steps=6, distinct=100, **kw):
     data = write_text_records(tmp_path / "train.jsonl", distinct=distinct)
-    train = TrainConfig(steps=steps, batch_size=4, lr=5e-3, warmup_steps=1, checkpoint_every=2, max_length=16, lora_r=4, lora_alpha=8)
-    return TuneOptions(protocol=protocol, model="tiny", data=str(data), out=str(tmp_path / f"run-{protocol}"), train=train,
-                       progress=False, timeout=1.0, retries=0, eval_batch_size=8, **kw)
+    train = TrainConfig(
+        steps=steps, batch_size=4, lr=5e-3, warmup_steps=1, checkpoint_every=2, max_length=16, lora_r=4, lora_alpha=8
+    )
+    return TuneOptions(
+        protocol=protocol,
+        model="tiny",
+        data=str(data),
+        out=str(tmp_path / f"run-{protocol}"),
+        train=train,
+        progress=False,
+        timeout=1.0,
+        retries=0,
+        eval_batch_size=8,
+        **kw,
+    )
 
 
 def _client(model, opts):
@@ -56,7 +68,10 @@ def test_adapter_loads_with_stock_peft_and_gives_the_same_eval_loss(tmp_path):
     s = tune(opts, lambda: InProcClientChannel(app), client=client)
     full = PeftModel.from_pretrained(copy.deepcopy(model), s["adapter_dir"]).eval()
     tok = tiny_tokenizer()
-    b = collate([{"input_ids": tok("w1 w2 w3 w4 w5")["input_ids"], "labels": tok("w1 w2 w3 w4 w5")["input_ids"]}], tok.pad_token_id)
+    b = collate(
+        [{"input_ids": tok("w1 w2 w3 w4 w5")["input_ids"], "labels": tok("w1 w2 w3 w4 w5")["input_ids"]}],
+        tok.pad_token_id,
+    )
     with torch.no_grad():
         ref = full(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
         h2 = app_trunk_forward(model, client.bottom(b["input_ids"], b["attention_mask"]), b["attention_mask"])
@@ -101,7 +116,12 @@ def test_provider_death_checkpoints_and_resume_continues_without_lost_or_repeate
 
 
 def _lora(client):
-    return {f"{i}.{n}": p.detach() for i, part in enumerate((client.bottom, client.top)) for n, p in part.named_parameters() if p.requires_grad}
+    return {
+        f"{i}.{n}": p.detach()
+        for i, part in enumerate((client.bottom, client.top))
+        for n, p in part.named_parameters()
+        if p.requires_grad
+    }
 
 
 def test_gradfree_sends_no_gradient_bytes_and_epoch_two_is_served_from_cache(tmp_path):
@@ -121,15 +141,21 @@ def test_gradfree_sends_no_gradient_bytes_and_epoch_two_is_served_from_cache(tmp
 
 
 def test_gradfree_provider_rejects_gradient_messages(tmp_path):
-    from guardedp2p.wire.messages import MsgType
     from guardedp2p.wire.framing import Message, decode, encode
+    from guardedp2p.wire.messages import MsgType
     from tests.protocol_helpers import client_parts, open_session
 
     model = tiny_model("llama")
     app = provider_app(model)
     _, fp = client_parts(model, lora=False)
     session = open_session(app, fp, protocol="gradfree")
-    msg = Message(MsgType.GRAD_UP, session=session.sid, step=1, tensors={"g": torch.zeros(1, 2, model.config.hidden_size)}, codecs={"g": "fp32"})
+    msg = Message(
+        MsgType.GRAD_UP,
+        session=session.sid,
+        step=1,
+        tensors={"g": torch.zeros(1, 2, model.config.hidden_size)},
+        codecs={"g": "fp32"},
+    )
     reply = decode(app.handle("inproc:client", encode(msg)))
     assert reply.type == MsgType.ERROR and reply.meta["code"] == "not-allowed"
     assert MsgType.GRAD_UP not in app.sessions[session.sid].handler.handlers

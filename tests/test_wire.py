@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardedp2p.errors import WireError
-from guardedp2p.wire.messages import WIRE_VERSION, MsgType
 from guardedp2p.wire.framing import (
     BadTensorSpec,
     FrameLengthMismatch,
@@ -22,8 +21,19 @@ from guardedp2p.wire.framing import (
     decode,
     encode,
 )
+from guardedp2p.wire.messages import WIRE_VERSION, MsgType
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+]
 
 
 def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -43,7 +53,10 @@ def test_raw_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
     out = decode(encode(msg))
     assert out.type == MsgType.ACT_UP and out.session == "abc" and out.step == 42 and out.meta == {"train": True}
     assert out.tensors["h"].dtype == dtype
-    assert torch.equal(out.tensors["h"].view(torch.uint8) if dtype != torch.bool else out.tensors["h"], t.view(torch.uint8) if dtype != torch.bool else t)
+    assert torch.equal(
+        out.tensors["h"].view(torch.uint8) if dtype != torch.bool else out.tensors["h"],
+        t.view(torch.uint8) if dtype != torch.bool else t,
+    )
 
 
 def test_empty_and_scalar_tensors() -> None:
@@ -169,8 +182,15 @@ shapes = st.lists(st.integers(0, 6), min_size=0, max_size=4).map(tuple)
 
 
 @settings(max_examples=60, deadline=None)
-@given(dtype=st.sampled_from(DTYPES), shape=shapes, step=st.integers(0, 1 << 40), sid=st.text(max_size=32),
-       meta=st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-1000, 1000), st.text(max_size=8), st.booleans()), max_size=4))
+@given(
+    dtype=st.sampled_from(DTYPES),
+    shape=shapes,
+    step=st.integers(0, 1 << 40),
+    sid=st.text(max_size=32),
+    meta=st.dictionaries(
+        st.text(max_size=8), st.one_of(st.integers(-1000, 1000), st.text(max_size=8), st.booleans()), max_size=4
+    ),
+)
 def test_property_round_trip(dtype: torch.dtype, shape: tuple, step: int, sid: str, meta: dict) -> None:
     t = _sample(dtype, shape)
     out = decode(encode(Message(MsgType.GRAD_UP, session=sid, step=step, meta=meta, tensors={"x": t})))
@@ -182,7 +202,17 @@ def test_property_round_trip(dtype: torch.dtype, shape: tuple, step: int, sid: s
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_property_mutations_raise_only_wire_errors(data: st.DataObject) -> None:
-    frames = [bytearray(f) for f in encode(Message(MsgType.ACT_UP, session="s", step=3, tensors={"h": torch.ones(2, 4), "mask": torch.ones(2, 4, dtype=torch.int8)}))]
+    frames = [
+        bytearray(f)
+        for f in encode(
+            Message(
+                MsgType.ACT_UP,
+                session="s",
+                step=3,
+                tensors={"h": torch.ones(2, 4), "mask": torch.ones(2, 4, dtype=torch.int8)},
+            )
+        )
+    ]
     n = data.draw(st.integers(1, 8))
     for _ in range(n):
         i = data.draw(st.integers(0, len(frames) - 1))

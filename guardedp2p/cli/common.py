@@ -6,7 +6,8 @@ import functools
 import json
 import logging
 import sys
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,7 +23,12 @@ err_console = Console(stderr=True)
 
 def setup_logging(verbose: int = 0, *, quiet: bool = False) -> None:
     level = logging.WARNING if quiet else (logging.INFO if verbose <= 0 else logging.DEBUG)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False, markup=False)], force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, markup=False)],
+        force=True,
+    )
     for noisy in ("transformers", "peft", "accelerate", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -36,7 +42,9 @@ def friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except GuardedP2PError as exc:
             # the message is plain text (it may contain z85 keys with brackets): never parse it as markup
-            err_console.print(f"[bold red]error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -35,11 +35,20 @@ class ProviderProcess:
     def __init__(self, args: list[str], workdir: Path, *, ready_timeout: float = 300.0) -> None:
         self.ready = workdir / f"provider-ready-{os.getpid()}-{time.monotonic_ns()}"
         self.log_path = workdir / "provider.log"
-        self.args = [sys.executable, "-m", "guardedp2p.cli.main", "provider", "serve", *args, "--ready-file", str(self.ready)]
+        self.args = [
+            sys.executable,
+            "-m",
+            "guardedp2p.cli.main",
+            "provider",
+            "serve",
+            *args,
+            "--ready-file",
+            str(self.ready),
+        ]
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> "ProviderProcess":
+    def __enter__(self) -> ProviderProcess:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.ready_timeout
@@ -85,20 +94,42 @@ def demo(
     codec_down: str = typer.Option("fp32", help="Codec for trunk outputs sent down."),
     codec_grad: str = typer.Option("fp32", help="Codec for gradients (online)."),
     dcor: float = typer.Option(0.0, help="Distance-correlation penalty weight (online)."),
-    noise: Optional[str] = typer.Option(None, help="gaussian:SCALE or laplace:SCALE on what is sent."),
-    out: Optional[Path] = typer.Option(None, help="Keep the run's outputs here (default: a temporary folder)."),
+    noise: str | None = typer.Option(None, help="gaussian:SCALE or laplace:SCALE on what is sent."),
+    out: Path | None = typer.Option(None, help="Keep the run's outputs here (default: a temporary folder)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on the last line."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True),
 ) -> None:
     """Run a provider and a client on this machine over CURVE-encrypted ZeroMQ and tune on synthetic private records."""
-    run_demo(protocol=protocol, steps=steps, model=model, batch_size=batch_size, lr=lr,
-             codecs={"up": codec_up, "down": codec_down, "grad_up": codec_grad, "grad_down": codec_grad},
-             dcor=dcor, noise=noise, out=out, json_out=json_out, verbose=verbose)
+    run_demo(
+        protocol=protocol,
+        steps=steps,
+        model=model,
+        batch_size=batch_size,
+        lr=lr,
+        codecs={"up": codec_up, "down": codec_down, "grad_up": codec_grad, "grad_down": codec_grad},
+        dcor=dcor,
+        noise=noise,
+        out=out,
+        json_out=json_out,
+        verbose=verbose,
+    )
 
 
 @friendly_errors
-def run_demo(*, protocol: str, steps: int, model: str, batch_size: int, lr: float, codecs: dict[str, str], dcor: float,
-             noise: Optional[str], out: Optional[Path], json_out: bool, verbose: int) -> dict[str, Any]:
+def run_demo(
+    *,
+    protocol: str,
+    steps: int,
+    model: str,
+    batch_size: int,
+    lr: float,
+    codecs: dict[str, str],
+    dcor: float,
+    noise: str | None,
+    out: Path | None,
+    json_out: bool,
+    verbose: int,
+) -> dict[str, Any]:
     setup_logging(verbose, quiet=verbose == 0)
     # a SIGTERM must unwind like Ctrl-C so the provider subprocess is stopped, not orphaned
     signal.signal(signal.SIGTERM, _interrupt)
@@ -117,7 +148,18 @@ def run_demo(*, protocol: str, steps: int, model: str, batch_size: int, lr: floa
         generate_keypair(keys, "client")
         port = free_port()
         endpoint = f"tcp://127.0.0.1:{port}"
-        provider_args = ["--model", model, "--bind", endpoint, "--keys", str(keys), "--name", "provider", "--allow", str(keys / "client.key")]
+        provider_args = [
+            "--model",
+            model,
+            "--bind",
+            endpoint,
+            "--keys",
+            str(keys),
+            "--name",
+            "provider",
+            "--allow",
+            str(keys / "client.key"),
+        ]
         if protocol == "offline":
             from guardedp2p.designs.offline.build import build_demo_emulator
 
@@ -126,16 +168,28 @@ def run_demo(*, protocol: str, steps: int, model: str, batch_size: int, lr: floa
         console.print(f"[bold]guardedp2p demo[/]: {protocol} design, provider on {endpoint} (CURVE), model {model}")
         console.print("starting the provider process (loading the model)…")
         t0 = time.perf_counter()
-        with ProviderProcess(provider_args, tmp) as provider:
+        with ProviderProcess(provider_args, tmp):
             console.print(f"provider ready in {time.perf_counter() - t0:.1f} s; the client loads its parts and trains")
-            train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, dcor_alpha=dcor, checkpoint_every=max(10, steps))
+            train = TrainConfig(
+                steps=steps, batch_size=batch_size, lr=lr, dcor_alpha=dcor, checkpoint_every=max(10, steps)
+            )
             # both parties share this machine's cores: a generous reply timeout avoids retrying a merely busy provider
-            opts = TuneOptions(protocol=protocol, model=model, out=str(run_dir), train=train, codecs=codecs, noise=parse_noise(noise), timeout=600.0)
+            opts = TuneOptions(
+                protocol=protocol,
+                model=model,
+                out=str(run_dir),
+                train=train,
+                codecs=codecs,
+                noise=parse_noise(noise),
+                timeout=600.0,
+            )
             connect = client_channel_factory(endpoint, keys / "provider.key", keys, "client", False)
             if protocol == "offline":
                 from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
 
-                off = OfflineOptions(provider_verify_key=str(keys / "provider.sign.pub"), client_keys=str(keys), client_key_name="client")
+                off = OfflineOptions(
+                    provider_verify_key=str(keys / "provider.sign.pub"), client_keys=str(keys), client_key_name="client"
+                )
                 summary = tune_offline(opts, connect, console=console, offline=off)
             else:
                 summary = tune(opts, connect, console=console)

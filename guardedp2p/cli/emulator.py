@@ -3,34 +3,56 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from guardedp2p.cli.common import friendly_errors, print_json, setup_logging
 
-emulator_app = typer.Typer(help="Offline design: build and sign the emulator a client tunes on; verify and plug in its adapters.", no_args_is_help=True)
+emulator_app = typer.Typer(
+    help="Offline design: build and sign the emulator a client tunes on; verify and plug in its adapters.",
+    no_args_is_help=True,
+)
 
 
 @emulator_app.command("build")
 @friendly_errors
 def build(
-    model: str = typer.Option("default", help="Hugging Face model folder, or 'default' for the embedded SmolLM2-135M-Instruct."),
+    model: str = typer.Option(
+        "default", help="Hugging Face model folder, or 'default' for the embedded SmolLM2-135M-Instruct."
+    ),
     out: Path = typer.Option(Path("emulator"), help="Folder to write the signed emulator into."),
-    keys: Path = typer.Option(..., help="Folder holding the provider's signing key NAME.sign.key (from `guardedp2p keys generate`)."),
+    keys: Path = typer.Option(
+        ..., help="Folder holding the provider's signing key NAME.sign.key (from `guardedp2p keys generate`)."
+    ),
     name: str = typer.Option("provider", help="Key name inside --keys."),
     bottom_layers: int = typer.Option(2, help="Blocks at the start the client adapts (shipped exactly)."),
     top_layers: int = typer.Option(2, help="Blocks at the end the client adapts (shipped exactly)."),
-    emulator_layers: Optional[int] = typer.Option(None, help="Middle blocks kept by uniform layer drop (default: half of them)."),
-    keep_fraction: Optional[float] = typer.Option(None, help="Instead of --emulator-layers: keep this fraction of the middle blocks (e.g. 0.7)."),
-    distill_kd_only: bool = typer.Option(False, "--distill-kd-only", help="Distil on hidden states only (no LM loss), e.g. on text close to a client's task."),
-    distill_data: Optional[Path] = typer.Option(None, help="Provider text for distillation: .txt (a passage per line), .jsonl or .csv with 'text'."),
-    distill_steps: int = typer.Option(0, help="Distillation steps (0: layer drop only). Loss: LM + 30 x normalised hidden MSE."),
+    emulator_layers: int | None = typer.Option(
+        None, help="Middle blocks kept by uniform layer drop (default: half of them)."
+    ),
+    keep_fraction: float | None = typer.Option(
+        None, help="Instead of --emulator-layers: keep this fraction of the middle blocks (e.g. 0.7)."
+    ),
+    distill_kd_only: bool = typer.Option(
+        False,
+        "--distill-kd-only",
+        help="Distil on hidden states only (no LM loss), e.g. on text close to a client's task.",
+    ),
+    distill_data: Path | None = typer.Option(
+        None, help="Provider text for distillation: .txt (a passage per line), .jsonl or .csv with 'text'."
+    ),
+    distill_steps: int = typer.Option(
+        0, help="Distillation steps (0: layer drop only). Loss: LM + 30 x normalised hidden MSE."
+    ),
     distill_lr: float = typer.Option(1e-4, help="Distillation learning rate (AdamW, cosine)."),
     distill_batch_size: int = typer.Option(4, help="Distillation sequences per step."),
     distill_max_length: int = typer.Option(128, help="Distillation sequence length in tokens."),
-    quantize: str = typer.Option("none", help="Weight codes for the kept middle blocks: none, int8, int4 or nf4 (adapters always ship exact)."),
-    middle_dtype: str = typer.Option("float32", help="Float storage of unquantized middle tensors: float32, float16 or bfloat16."),
+    quantize: str = typer.Option(
+        "none", help="Weight codes for the kept middle blocks: none, int8, int4 or nf4 (adapters always ship exact)."
+    ),
+    middle_dtype: str = typer.Option(
+        "float32", help="Float storage of unquantized middle tensors: float32, float16 or bfloat16."
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True),
@@ -39,24 +61,42 @@ def build(
     setup_logging(verbose)
     from rich.console import Console
 
-    from guardedp2p.designs.offline.emulator import DistillConfig, EmulatorConfig
     from guardedp2p.designs.offline.build import EmulatorBuildOptions, build_emulator_folder
+    from guardedp2p.designs.offline.emulator import DistillConfig, EmulatorConfig
 
     opts = EmulatorBuildOptions(
-        model=model, out=str(out), keys=str(keys), key_name=name,
-        emulator=EmulatorConfig(bottom_layers=bottom_layers, top_layers=top_layers, emulator_layers=emulator_layers, keep_fraction=keep_fraction,
-                                quantize=quantize, middle_dtype=middle_dtype),
-        distill=DistillConfig(steps=distill_steps, lr=distill_lr, batch_size=distill_batch_size, max_length=distill_max_length,
-                              w_lm=0.0 if distill_kd_only else 1.0),
-        distill_data=str(distill_data) if distill_data else None, device=device, progress=not json_out,
+        model=model,
+        out=str(out),
+        keys=str(keys),
+        key_name=name,
+        emulator=EmulatorConfig(
+            bottom_layers=bottom_layers,
+            top_layers=top_layers,
+            emulator_layers=emulator_layers,
+            keep_fraction=keep_fraction,
+            quantize=quantize,
+            middle_dtype=middle_dtype,
+        ),
+        distill=DistillConfig(
+            steps=distill_steps,
+            lr=distill_lr,
+            batch_size=distill_batch_size,
+            max_length=distill_max_length,
+            w_lm=0.0 if distill_kd_only else 1.0,
+        ),
+        distill_data=str(distill_data) if distill_data else None,
+        device=device,
+        progress=not json_out,
     )
     m = build_emulator_folder(opts, console=Console(stderr=True))
     summary = _summary(out, m)
     if json_out:
         print_json(summary)
     else:
-        typer.echo(f"emulator written to {out}: {summary['emulator_bytes']} bytes, {100 * (summary['param_fraction'] or 0):.1f}% of the parameters, "
-                   f"middle blocks kept {summary['middle_kept']}, signed by {summary['signer']}")
+        typer.echo(
+            f"emulator written to {out}: {summary['emulator_bytes']} bytes, {100 * (summary['param_fraction'] or 0):.1f}% of the parameters, "
+            f"middle blocks kept {summary['middle_kept']}, signed by {summary['signer']}"
+        )
 
 
 @emulator_app.command("verify")
@@ -74,7 +114,9 @@ def verify(
     if json_out:
         print_json(summary)
     else:
-        typer.echo(f"OK: {m.kind} {folder}, {len(m.files)} files, {m.total_bytes} bytes, signed by {m['signer']['fingerprint']}")
+        typer.echo(
+            f"OK: {m.kind} {folder}, {len(m.files)} files, {m.total_bytes} bytes, signed by {m['signer']['fingerprint']}"
+        )
 
 
 @emulator_app.command("plug-in")
@@ -82,10 +124,16 @@ def verify(
 def plug_in_cmd(
     bundle: Path = typer.Option(..., help="The client's adapter bundle folder (as received by `provider serve`)."),
     model: str = typer.Option("default", help="The full model the emulator was built from."),
-    client_key: list[Path] = typer.Option([], help="Trusted client signing key NAME.sign.pub (repeatable). Without it only integrity is checked."),
+    client_key: list[Path] = typer.Option(
+        [], help="Trusted client signing key NAME.sign.pub (repeatable). Without it only integrity is checked."
+    ),
     out: Path = typer.Option(Path("plugged"), help="Output folder."),
-    merge: bool = typer.Option(True, "--merge/--peft", help="Write a merged model (LoRA folded in) or just the PEFT adapter folder."),
-    eval_data: Optional[Path] = typer.Option(None, help="Evaluate the plugged model on this data (multiple choice or text)."),
+    merge: bool = typer.Option(
+        True, "--merge/--peft", help="Write a merged model (LoRA folded in) or just the PEFT adapter folder."
+    ),
+    eval_data: Path | None = typer.Option(
+        None, help="Evaluate the plugged model on this data (multiple choice or text)."
+    ),
     device: str = typer.Option("auto"),
     json_out: bool = typer.Option(False, "--json"),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True),
@@ -94,9 +142,9 @@ def plug_in_cmd(
     setup_logging(verbose)
     import copy
 
+    from guardedp2p.designs.offline.plugin import export_merged, export_peft, plug_in, verify_adapter_bundle
     from guardedp2p.engine.device import pick_device
     from guardedp2p.engine.loading import load_causal_lm
-    from guardedp2p.designs.offline.plugin import export_merged, export_peft, plug_in, verify_adapter_bundle
 
     keys = [str(k) for k in client_key] or None
     vb = verify_adapter_bundle(bundle, keys)
@@ -116,7 +164,10 @@ def plug_in_cmd(
     if json_out:
         print_json(result)
     else:
-        typer.echo(f"plugged-in model written to {out} (signer {vb.signer}, pinned={vb.signer_pinned})" + (f"; eval {result['eval']}" if "eval" in result else ""))
+        typer.echo(
+            f"plugged-in model written to {out} (signer {vb.signer}, pinned={vb.signer_pinned})"
+            + (f"; eval {result['eval']}" if "eval" in result else "")
+        )
 
 
 def _evaluate_plugged(model, tok, bundle: Path, keys, eval_data: Path) -> dict:
@@ -141,7 +192,14 @@ def _summary(folder: Path, m) -> dict:
     params = m.get("params") or {}
     layers = m.get("layers") or {}
     return {
-        "folder": str(folder), "kind": m.kind, "files": {n: e.size for n, e in m.files.items()}, "emulator_bytes": m.total_bytes,
-        "manifest_sha256": m.sha256, "signer": m["signer"]["fingerprint"], "fingerprint": m.get("fingerprint") or m.get("base_fingerprint"),
-        "middle_kept": layers.get("middle_kept"), "compression": m.get("compression"), "param_fraction": params.get("fraction_of_full"),
+        "folder": str(folder),
+        "kind": m.kind,
+        "files": {n: e.size for n, e in m.files.items()},
+        "emulator_bytes": m.total_bytes,
+        "manifest_sha256": m.sha256,
+        "signer": m["signer"]["fingerprint"],
+        "fingerprint": m.get("fingerprint") or m.get("base_fingerprint"),
+        "middle_kept": layers.get("middle_kept"),
+        "compression": m.get("compression"),
+        "param_fraction": params.get("fraction_of_full"),
     }

@@ -11,7 +11,6 @@ from pathlib import Path
 import typer
 
 from guardedp2p.cli.common import friendly_errors, print_json
-from guardedp2p.errors import ConfigError
 from guardedp2p.crypto.keys import (
     fingerprint,
     generate_keypair,
@@ -20,6 +19,7 @@ from guardedp2p.crypto.keys import (
     load_verify_key,
     verify_key_fingerprint,
 )
+from guardedp2p.errors import ConfigError
 
 keys_app = typer.Typer(
     name="keys",
@@ -36,10 +36,23 @@ keys_app = typer.Typer(
 @keys_app.command("generate")
 @friendly_errors
 def generate(
-    out: Path = typer.Option(..., "--out", "-o", help="Directory for the key files (created with mode 0700 if missing)."),
-    name: str = typer.Option(..., "--name", "-n", help="Identity name, e.g. 'provider' or 'alice'; files are NAME.key, NAME.key_secret, NAME.sign.pub, NAME.sign.key."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing files. The old key stops working everywhere it was allowed or pinned."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (public key, fingerprint, public file paths) instead of text."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Directory for the key files (created with mode 0700 if missing)."
+    ),
+    name: str = typer.Option(
+        ...,
+        "--name",
+        "-n",
+        help="Identity name, e.g. 'provider' or 'alice'; files are NAME.key, NAME.key_secret, NAME.sign.pub, NAME.sign.key.",
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Overwrite existing files. The old key stops working everywhere it was allowed or pinned.",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object (public key, fingerprint, public file paths) instead of text."
+    ),
 ) -> None:
     """Generate a CURVE transport keypair and an Ed25519 signing keypair.
 
@@ -93,7 +106,9 @@ def show(
         print_json(info)
         return
     typer.echo(f"File         {info['file']}")
-    typer.echo(f"Type         {'CURVE transport public key' if info['type'] == 'curve' else 'Ed25519 signing public key'}")
+    typer.echo(
+        f"Type         {'CURVE transport public key' if info['type'] == 'curve' else 'Ed25519 signing public key'}"
+    )
     if "public_key" in info:
         typer.echo(f"Public key   {info['public_key']}")
     typer.echo(f"Fingerprint  {info['fingerprint']}")

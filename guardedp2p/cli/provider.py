@@ -6,14 +6,16 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from guardedp2p.cli.common import friendly_errors, print_json, setup_logging
 from guardedp2p.errors import ConfigError
 
-provider_app = typer.Typer(help="Provider side: holds the proprietary model, serves its frozen middle (trunk) or an emulator.", no_args_is_help=True)
+provider_app = typer.Typer(
+    help="Provider side: holds the proprietary model, serves its frozen middle (trunk) or an emulator.",
+    no_args_is_help=True,
+)
 
 
 def _mount_emulator() -> None:
@@ -33,29 +35,77 @@ def _split_csv(value: str) -> tuple[str, ...]:
 @provider_app.command("serve")
 @friendly_errors
 def serve(
-    model: str = typer.Option("default", help="Hugging Face model folder, or 'default' for the embedded SmolLM2-135M-Instruct."),
+    model: str = typer.Option(
+        "default", help="Hugging Face model folder, or 'default' for the embedded SmolLM2-135M-Instruct."
+    ),
     bind: str = typer.Option("tcp://127.0.0.1:5555", help="ZeroMQ endpoint to listen on, e.g. tcp://0.0.0.0:5555."),
-    keys: Optional[Path] = typer.Option(None, help="Folder holding this provider's key pair (from `guardedp2p keys generate`)."),
+    keys: Path | None = typer.Option(
+        None, help="Folder holding this provider's key pair (from `guardedp2p keys generate`)."
+    ),
     name: str = typer.Option("provider", help="Key name inside --keys (NAME.key / NAME.key_secret)."),
     allow: list[Path] = typer.Option([], help="A client's public key file to accept (repeatable)."),
-    allow_dir: list[Path] = typer.Option([], help="Accept every client public key (*.key) in this folder (repeatable)."),
+    allow_dir: list[Path] = typer.Option(
+        [], help="Accept every client public key (*.key) in this folder (repeatable)."
+    ),
     protocols: str = typer.Option("online,gradfree,offline", help="Comma-separated designs to offer."),
     bottom_layers: int = typer.Option(2, help="Blocks the client runs before the trunk (must match the client)."),
     top_layers: int = typer.Option(2, help="Blocks the client runs after the trunk (must match the client)."),
-    emulator: Optional[Path] = typer.Option(None, help="Emulator folder (from `provider emulator build`) to serve for the offline design."),
-    record: Optional[Path] = typer.Option(None, help="Record what the provider observes per step into this folder (for the attack harness). Announced to clients in the handshake."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (one device; see --device-map for several GPUs)."),
-    device_map: Optional[str] = typer.Option(None, help="Where the trunk's blocks go: auto (GPUs when present, as few as hold the trunk; else CPU), balanced (split evenly over all GPUs), cpu, cuda or cuda:N. Default: --device. See docs/big-models.md."),
-    dtype: Optional[str] = typer.Option(None, help="Trunk precision: fp32 (default), bf16, fp16, or auto (the checkpoint's own). Does not change the model fingerprint."),
-    load_in: Optional[str] = typer.Option(None, help="Quantize the trunk's weights with bitsandbytes: 8bit or 4bit (needs `pip install bitsandbytes`; the client-side modules stay unquantized)."),
-    idle_timeout: float = typer.Option(600.0, help="Seconds of silence after which a session and its state are dropped."),
-    max_batch: int = typer.Option(8, min=1, help="Forward-only requests (gradfree, evaluation) of up to N clients that arrive together share one trunk call. 1 disables batching."),
-    batch_wait_ms: float = typer.Option(2.0, min=0.0, max=1000.0, help="How long to wait for other clients' requests to join a batch, in ms (only while more than one session is open). Higher: bigger batches, more latency."),
-    max_mb_per_s: Optional[float] = typer.Option(None, min=0.001, help="Per-client limit on the bytes it sends, in MB/s (10^6 bytes; bursts of one second's worth). Over it, a request is refused with 'rate-limited' and the client waits and sends it again. Default: no limit."),
-    shutdown_grace: float = typer.Option(2.0, min=0.0, max=600.0, help="On Ctrl-C: seconds to keep answering clients 'provider-shutting-down' (so they checkpoint and say how to resume) before closing; ends early once every session is told. Ctrl-C again stops at once."),
-    insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated ZeroMQ. For debugging only: anyone can connect and read the traffic."),
-    ready_file: Optional[Path] = typer.Option(None, hidden=True, help="Write this file once listening (used by the demo)."),
-    max_messages: Optional[int] = typer.Option(None, hidden=True, help="Stop after this many messages (tests)."),
+    emulator: Path | None = typer.Option(
+        None, help="Emulator folder (from `provider emulator build`) to serve for the offline design."
+    ),
+    record: Path | None = typer.Option(
+        None,
+        help="Record what the provider observes per step into this folder (for the attack harness). Announced to clients in the handshake.",
+    ),
+    device: str = typer.Option(
+        "auto", help="auto, cpu, cuda or cuda:N (one device; see --device-map for several GPUs)."
+    ),
+    device_map: str | None = typer.Option(
+        None,
+        help="Where the trunk's blocks go: auto (GPUs when present, as few as hold the trunk; else CPU), balanced (split evenly over all GPUs), cpu, cuda or cuda:N. Default: --device. See docs/big-models.md.",
+    ),
+    dtype: str | None = typer.Option(
+        None,
+        help="Trunk precision: fp32 (default), bf16, fp16, or auto (the checkpoint's own). Does not change the model fingerprint.",
+    ),
+    load_in: str | None = typer.Option(
+        None,
+        help="Quantize the trunk's weights with bitsandbytes: 8bit or 4bit (needs `pip install bitsandbytes`; the client-side modules stay unquantized).",
+    ),
+    idle_timeout: float = typer.Option(
+        600.0, help="Seconds of silence after which a session and its state are dropped."
+    ),
+    max_batch: int = typer.Option(
+        8,
+        min=1,
+        help="Forward-only requests (gradfree, evaluation) of up to N clients that arrive together share one trunk call. 1 disables batching.",
+    ),
+    batch_wait_ms: float = typer.Option(
+        2.0,
+        min=0.0,
+        max=1000.0,
+        help="How long to wait for other clients' requests to join a batch, in ms (only while more than one session is open). Higher: bigger batches, more latency.",
+    ),
+    max_mb_per_s: float | None = typer.Option(
+        None,
+        min=0.001,
+        help="Per-client limit on the bytes it sends, in MB/s (10^6 bytes; bursts of one second's worth). Over it, a request is refused with 'rate-limited' and the client waits and sends it again. Default: no limit.",
+    ),
+    shutdown_grace: float = typer.Option(
+        2.0,
+        min=0.0,
+        max=600.0,
+        help="On Ctrl-C: seconds to keep answering clients 'provider-shutting-down' (so they checkpoint and say how to resume) before closing; ends early once every session is told. Ctrl-C again stops at once.",
+    ),
+    insecure: bool = typer.Option(
+        False,
+        "--insecure",
+        help="Plaintext, unauthenticated ZeroMQ. For debugging only: anyone can connect and read the traffic.",
+    ),
+    ready_file: Path | None = typer.Option(
+        None, hidden=True, help="Write this file once listening (used by the demo)."
+    ),
+    max_messages: int | None = typer.Option(None, hidden=True, help="Stop after this many messages (tests)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
 ) -> None:
     """Serve the model to allowed clients until Ctrl-C. Logs sessions, never data."""
@@ -66,22 +116,40 @@ def serve(
     from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
 
     if not insecure and keys is None:
-        raise ConfigError("--keys DIR is required (make keys with `guardedp2p keys generate --out DIR --name provider`), or pass --insecure for a plaintext debug run")
+        raise ConfigError(
+            "--keys DIR is required (make keys with `guardedp2p keys generate --out DIR --name provider`), or pass --insecure for a plaintext debug run"
+        )
     if not insecure and not allow and not allow_dir:
-        raise ConfigError("no client is allowed: pass --allow CLIENT.key or --allow-dir DIR with the clients' public keys")
+        raise ConfigError(
+            "no client is allowed: pass --allow CLIENT.key or --allow-dir DIR with the clients' public keys"
+        )
     opts = ProviderOptions(
-        model=model, bottom_layers=bottom_layers, top_layers=top_layers, protocols=_split_csv(protocols), device=device,
-        record_dir=str(record) if record else None, emulator_dir=str(emulator) if emulator else None,
-        device_map=device_map, dtype=dtype, load_in=load_in,
+        model=model,
+        bottom_layers=bottom_layers,
+        top_layers=top_layers,
+        protocols=_split_csv(protocols),
+        device=device,
+        record_dir=str(record) if record else None,
+        emulator_dir=str(emulator) if emulator else None,
+        device_map=device_map,
+        dtype=dtype,
+        load_in=load_in,
         config=ProviderConfig(
-            session_idle_timeout=idle_timeout, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000.0,
-            max_bytes_per_s=max_mb_per_s * 1e6 if max_mb_per_s else None, shutdown_grace_s=shutdown_grace,
+            session_idle_timeout=idle_timeout,
+            max_batch=max_batch,
+            batch_wait_s=batch_wait_ms / 1000.0,
+            max_bytes_per_s=max_mb_per_s * 1e6 if max_mb_per_s else None,
+            shutdown_grace_s=shutdown_grace,
         ),
     )
     app = build_provider_app(opts)
     cfg = ServerConfig(
-        bind=bind, secret_key_file=str(keys) if keys else None, key_name=name, allow=[str(a) for a in allow],
-        allow_dirs=[str(d) for d in allow_dir], insecure=insecure,
+        bind=bind,
+        secret_key_file=str(keys) if keys else None,
+        key_name=name,
+        allow=[str(a) for a in allow],
+        allow_dirs=[str(d) for d in allow_dir],
+        insecure=insecure,
     )
     channel = ZmqServerChannel(cfg)
     stop = threading.Event()
@@ -92,7 +160,11 @@ def serve(
             log.info("stopping now (signal %d again)", signum)
             abort.set()
             return
-        log.info("stopping (signal %d): finishing the current message, then telling clients for up to %g s (again to stop at once)", signum, shutdown_grace)
+        log.info(
+            "stopping (signal %d): finishing the current message, then telling clients for up to %g s (again to stop at once)",
+            signum,
+            shutdown_grace,
+        )
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)

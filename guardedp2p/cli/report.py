@@ -23,8 +23,14 @@ def print_summary(s: dict[str, Any], console: Console) -> None:
     metric = s.get("eval_metric", "eval")
     rows = [
         ("steps", f"{s.get('steps')}"),
-        ("train loss first → last", f"{s.get('loss_first', float('nan')):.3f} → {s.get('loss_last', float('nan')):.3f}"),
-        (f"eval {metric} before → after", f"{s.get('eval_before', float('nan')):.3f} → {s.get('eval_after', float('nan')):.3f}"),
+        (
+            "train loss first → last",
+            f"{s.get('loss_first', float('nan')):.3f} → {s.get('loss_last', float('nan')):.3f}",
+        ),
+        (
+            f"eval {metric} before → after",
+            f"{s.get('eval_before', float('nan')):.3f} → {s.get('eval_after', float('nan')):.3f}",
+        ),
         ("bytes up / down (total)", f"{_fmt_bytes(s.get('bytes_up', 0))} / {_fmt_bytes(s.get('bytes_down', 0))}"),
         ("bytes per training step", _fmt_bytes(s.get("bytes_per_step", 0))),
     ]
@@ -35,11 +41,17 @@ def print_summary(s: dict[str, Any], console: Console) -> None:
         rows.append(("trunk cache hits / misses", f"{s['cache_hits']} / {s['cache_misses']}"))
     ts = s.get("time_split") or {}
     if ts:
-        rows.append(("time client / provider / wire / codec", f"{ts.get('client_compute_s')} / {ts.get('provider_compute_s')} / {ts.get('wire_s')} / {ts.get('serialisation_s')} s"))
+        rows.append(
+            (
+                "time client / provider / wire / codec",
+                f"{ts.get('client_compute_s')} / {ts.get('provider_compute_s')} / {ts.get('wire_s')} / {ts.get('serialisation_s')} s",
+            )
+        )
     rows.append(("wall time", f"{s.get('wall_s', 0):.1f} s"))
     if s.get("codecs"):
         rows.append(("codecs", ", ".join(f"{k}={v}" for k, v in s["codecs"].items())))
     if "plug_in" in s:  # offline: the five numbers, as offsite-tuning reports them
+
         def _n(key: str) -> str:
             v = s.get(key)
             return f"{v:.3f}" if isinstance(v, (int, float)) else "–"

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
-from zmq.utils import z85
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from zmq.utils import z85
 
 from guardedp2p.errors import ConfigError
 
@@ -138,7 +138,9 @@ def _parse_curve_file(path: Path) -> dict[str, str]:
     Accepts our format (comments + one bare z85 line for public files) and pyzmq's ZPL certificates.
     """
     if not path.exists():
-        raise KeyFileError(f"Key file {path} does not exist. Create one with: guardedp2p keys generate --out DIR --name NAME")
+        raise KeyFileError(
+            f"Key file {path} does not exist. Create one with: guardedp2p keys generate --out DIR --name NAME"
+        )
     if path.is_dir():
         raise KeyFileError(f"{path} is a directory, but a key file was expected (e.g. {path}/NAME.key).")
     try:
@@ -150,7 +152,9 @@ def _parse_curve_file(path: Path) -> dict[str, str]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise KeyFileError(f"{path} is not a text file; expected a CURVE key file written by 'guardedp2p keys generate'.") from None
+        raise KeyFileError(
+            f"{path} is not a text file; expected a CURVE key file written by 'guardedp2p keys generate'."
+        ) from None
     if "-----BEGIN" in text:
         raise KeyFileError(
             f"{path} is a PEM file (an Ed25519 signing key, NAME.sign.pub / NAME.sign.key), not a CURVE transport key. "
@@ -180,7 +184,9 @@ def _parse_curve_file(path: Path) -> dict[str, str]:
             raise KeyFileError(f"{path} holds more than one {kind} key (line {lineno}); keep exactly one.")
         found[kind] = validate_z85_key(value, what=f"{kind} key", source=f"{path}, line {lineno}")
     if not found:
-        raise KeyFileError(f"{path} contains no key. Regenerate it with: guardedp2p keys generate --out DIR --name NAME --force")
+        raise KeyFileError(
+            f"{path} contains no key. Regenerate it with: guardedp2p keys generate --out DIR --name NAME --force"
+        )
     return found
 
 
@@ -190,7 +196,9 @@ def _warn_if_exposed(path: Path) -> None:
     except OSError:
         return
     if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("Secret key file %s is readable by other users (mode %o); run: chmod 600 %s", path, mode & 0o777, path)
+        log.warning(
+            "Secret key file %s is readable by other users (mode %o); run: chmod 600 %s", path, mode & 0o777, path
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,7 +292,9 @@ def load_allow_list(files: list | tuple = (), dirs: list | tuple = ()) -> set[st
     for d in dirs or ():
         dp = Path(d).expanduser()
         if not dp.is_dir():
-            raise KeyFileError(f"Allow directory {dp} does not exist or is not a directory; create it and put client NAME.key files in it.")
+            raise KeyFileError(
+                f"Allow directory {dp} does not exist or is not a directory; create it and put client NAME.key files in it."
+            )
         n = 0
         for f in sorted(dp.glob(f"*{PUBLIC_SUFFIX}")):
             if f.name.endswith(SIGN_SECRET_SUFFIX) or not f.is_file():
@@ -334,7 +344,8 @@ def generate_keypair(out_dir: str | os.PathLike, name: str, force: bool = False)
     existing = [p for p in paths.all() if p.exists()]
     if existing and not force:
         raise KeyExistsError(
-            "Refusing to overwrite existing key files: " + ", ".join(str(p) for p in existing)
+            "Refusing to overwrite existing key files: "
+            + ", ".join(str(p) for p in existing)
             + ". Replacing them invalidates the old key everywhere it is allowed or pinned; pass --force if you mean it, "
             "or choose another --name."
         )
@@ -380,7 +391,9 @@ def generate_keypair(out_dir: str | os.PathLike, name: str, force: bool = False)
 
 def _read_pem(path: Path, what: str) -> bytes:
     if not path.exists():
-        raise KeyFileError(f"{what} file {path} does not exist. Create it with: guardedp2p keys generate --out DIR --name NAME")
+        raise KeyFileError(
+            f"{what} file {path} does not exist. Create it with: guardedp2p keys generate --out DIR --name NAME"
+        )
     if path.is_dir():
         raise KeyFileError(f"{path} is a directory, but a {what} file was expected.")
     data = path.read_bytes()
@@ -412,7 +425,9 @@ def load_verify_key(path: str | os.PathLike) -> Ed25519PublicKey:
     p = Path(path).expanduser()
     data = _read_pem(p, "verify key")
     if b"PRIVATE KEY" in data:
-        raise KeyFileError(f"{p} is a PRIVATE signing key; verification needs the public NAME.sign.pub file. Never share the private one.")
+        raise KeyFileError(
+            f"{p} is a PRIVATE signing key; verification needs the public NAME.sign.pub file. Never share the private one."
+        )
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as e:

@@ -20,9 +20,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -105,7 +106,9 @@ def safe_name(name: Any) -> str:
         raise ManifestFormatError(f"unsafe file name in manifest: {str(name)[:60]!r}")
     p = PurePosixPath(name)
     if p.is_absolute() or len(p.parts) > 3 or any(not _NAME_RE.match(part) or part in (".", "..") for part in p.parts):
-        raise ManifestFormatError(f"unsafe file name in manifest: {name[:60]!r} (relative names of [A-Za-z0-9_.-] only)")
+        raise ManifestFormatError(
+            f"unsafe file name in manifest: {name[:60]!r} (relative names of [A-Za-z0-9_.-] only)"
+        )
     if str(p) != name or name in (MANIFEST_NAME, SIGNATURE_NAME):
         raise ManifestFormatError(f"file name {name[:60]!r} is not in canonical form or is reserved")
     return name
@@ -149,7 +152,9 @@ def load_key(key: Ed25519PublicKey | str | os.PathLike) -> Ed25519PublicKey:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def sign_folder(folder: str | Path, body: Mapping[str, Any], files: Iterable[str], signing_key: Ed25519PrivateKey) -> Manifest:
+def sign_folder(
+    folder: str | Path, body: Mapping[str, Any], files: Iterable[str], signing_key: Ed25519PrivateKey
+) -> Manifest:
     """Hash ``files`` (names relative to ``folder``), write ``manifest.json`` + ``manifest.sig``; return the manifest.
 
     ``body`` must carry ``kind``; ``format``, ``version``, ``created``, ``files`` and the signer are added here.
@@ -165,13 +170,15 @@ def sign_folder(folder: str | Path, body: Mapping[str, Any], files: Iterable[str
         table[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     pub = signing_key.public_key()
     data = dict(body)
-    data.update({
-        "format": FORMAT,
-        "version": VERSION,
-        "created": data.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": table,
-        "signer": {"fingerprint": key_fingerprint(pub), "public_key": public_key_hex(pub)},
-    })
+    data.update(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "created": data.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": table,
+            "signer": {"fingerprint": key_fingerprint(pub), "public_key": public_key_hex(pub)},
+        }
+    )
     raw = canonical_json(data)
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestFormatError(f"manifest of {len(raw)} bytes exceeds {MAX_MANIFEST_BYTES}; ship fewer files")
@@ -198,7 +205,9 @@ def _check_shape(data: Any, kind: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ManifestFormatError("the manifest is not a JSON object")
     if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise ManifestFormatError(f"not a {FORMAT} v{VERSION} manifest (format={data.get('format')!r}, version={data.get('version')!r})")
+        raise ManifestFormatError(
+            f"not a {FORMAT} v{VERSION} manifest (format={data.get('format')!r}, version={data.get('version')!r})"
+        )
     if not isinstance(data.get("kind"), str):
         raise ManifestFormatError("the manifest has no kind")
     if kind is not None and data["kind"] != kind:
@@ -208,7 +217,12 @@ def _check_shape(data: Any, kind: str | None) -> dict[str, Any]:
         raise ManifestFormatError("the manifest lists no files")
     for name, entry in files.items():
         safe_name(name)
-        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or isinstance(entry.get("size"), bool) or entry["size"] < 0:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or isinstance(entry.get("size"), bool)
+            or entry["size"] < 0
+        ):
             raise ManifestFormatError(f"bad size for {name!r} in the manifest")
         if not isinstance(entry.get("sha256"), str) or not _HEX64.match(entry["sha256"]):
             raise ManifestFormatError(f"bad sha256 for {name!r} in the manifest")
@@ -216,7 +230,11 @@ def _check_shape(data: Any, kind: str | None) -> dict[str, Any]:
 
 
 def verify_manifest_bytes(
-    raw: bytes, signature: bytes, verify_key: Ed25519PublicKey | str | os.PathLike | None, *, kind: str | None = None,
+    raw: bytes,
+    signature: bytes,
+    verify_key: Ed25519PublicKey | str | os.PathLike | None,
+    *,
+    kind: str | None = None,
 ) -> Manifest:
     """Verify ``signature`` over ``raw`` (before parsing it), then check the manifest's shape.
 
@@ -248,7 +266,9 @@ def verify_manifest_bytes(
     return Manifest(data, bytes(raw), bytes(signature))
 
 
-def read_manifest(folder: str | Path, verify_key: Ed25519PublicKey | str | os.PathLike | None, *, kind: str | None = None) -> Manifest:
+def read_manifest(
+    folder: str | Path, verify_key: Ed25519PublicKey | str | os.PathLike | None, *, kind: str | None = None
+) -> Manifest:
     """Read and verify the signature of ``folder``'s manifest (files are not checked: see :func:`verify_files`)."""
     folder = Path(folder)
     mpath, spath = folder / MANIFEST_NAME, folder / SIGNATURE_NAME
@@ -271,15 +291,21 @@ def verify_files(folder: str | Path, manifest: Manifest) -> None:
             raise MissingFileError(f"{name} is listed in the signed manifest but missing from {folder}")
         size = path.stat().st_size
         if size != e.size:
-            raise DigestMismatchError(f"{name} has {size} bytes, the signed manifest says {e.size}: incomplete or tampered")
+            raise DigestMismatchError(
+                f"{name} has {size} bytes, the signed manifest says {e.size}: incomplete or tampered"
+            )
         paths[name] = path
     for name, e in entries.items():
         digest = sha256_file(paths[name])
         if digest != e.sha256:
-            raise DigestMismatchError(f"{name} has SHA-256 {digest[:16]}…, the signed manifest says {e.sha256[:16]}…: corrupted or tampered")
+            raise DigestMismatchError(
+                f"{name} has SHA-256 {digest[:16]}…, the signed manifest says {e.sha256[:16]}…: corrupted or tampered"
+            )
 
 
-def verify_artifact(folder: str | Path, verify_key: Ed25519PublicKey | str | os.PathLike | None, *, kind: str | None = None) -> Manifest:
+def verify_artifact(
+    folder: str | Path, verify_key: Ed25519PublicKey | str | os.PathLike | None, *, kind: str | None = None
+) -> Manifest:
     """Signature, shape and every file digest; returns the verified manifest. Loads nothing."""
     manifest = read_manifest(folder, verify_key, kind=kind)
     verify_files(folder, manifest)

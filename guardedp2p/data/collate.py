@@ -12,7 +12,8 @@ integers; a run restored from a checkpoint continues with exactly the batch that
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -79,9 +80,7 @@ class BatchIterator:
         if not examples:
             raise ConfigError("BatchIterator needs at least one example")
         if drop_last and len(examples) < batch_size:
-            raise ConfigError(
-                f"drop_last=True with {len(examples)} examples < batch_size={batch_size} yields no batch"
-            )
+            raise ConfigError(f"drop_last=True with {len(examples)} examples < batch_size={batch_size} yields no batch")
         self.examples = list(examples)
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -121,7 +120,7 @@ class BatchIterator:
         self.position += 1
         return idx
 
-    def __iter__(self) -> "BatchIterator":
+    def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:

@@ -95,7 +95,7 @@ def _validate(record: dict[str, Any], kind: TaskKind, where: str) -> dict[str, A
                 choices = json.loads(choices)
             except json.JSONDecodeError:
                 raise DataFormatError(
-                    f"{where}: field 'choices' must be a JSON array of strings, e.g. [\"yes\", \"no\"]"
+                    f'{where}: field \'choices\' must be a JSON array of strings, e.g. ["yes", "no"]'
                 ) from None
         if (
             not isinstance(choices, (list, tuple))

@@ -14,7 +14,8 @@ tensors, right-padded; moving them to a device is the function's job), so the sa
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 

@@ -9,8 +9,9 @@ prompt. Padding is added later by :func:`guardedp2p.data.collate.collate`, which
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from guardedp2p.data.loaders import DataFormatError, TaskKind, detect_kind
 

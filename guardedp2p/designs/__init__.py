@@ -12,8 +12,9 @@ session factories are imported lazily, by a fixed "module:function" string from 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

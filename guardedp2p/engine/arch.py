@@ -10,8 +10,9 @@ split parts, which keep HF naming on purpose (see ``split.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ class LayerContext:
         kind = self.layer_types[layer_idx] if self.layer_types else "full_attention"
         return self.masks[kind]
 
-    def to(self, device: torch.device) -> "LayerContext":
+    def to(self, device: torch.device) -> LayerContext:
         """A copy with every tensor on ``device``: a trunk spread over several GPUs (``--device-map``) runs each
         block where its weights are, so the masks and rotary tables must follow the hidden states."""
         return LayerContext(

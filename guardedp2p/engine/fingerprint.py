@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ def _shared_weights(parts: Iterable[nn.Module]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _update_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
+def _update_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
     if t.is_meta:
         raise ConfigError(f"weight {name} is not materialized (meta device); load the model fully before hashing")
     t = t.detach()

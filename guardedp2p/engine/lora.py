@@ -10,9 +10,10 @@ documented in ecosystem.md section 7).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -218,7 +219,9 @@ def read_adapter(adapter_dir: str | Path) -> tuple[Any, dict[str, torch.Tensor]]
 
     d = Path(adapter_dir)
     if not (d / ADAPTER_CONFIG).is_file():
-        raise AdapterError(f"{d} has no {ADAPTER_CONFIG}; pass a folder written by save_adapter or PEFT save_pretrained")
+        raise AdapterError(
+            f"{d} has no {ADAPTER_CONFIG}; pass a folder written by save_adapter or PEFT save_pretrained"
+        )
     if not (d / ADAPTER_WEIGHTS).is_file():
         raise AdapterError(
             f"{d} has no {ADAPTER_WEIGHTS} (pickled adapter_model.bin files are refused); re-save with safetensors"
@@ -250,13 +253,15 @@ def load_adapter_into_parts(
     in the file (it would silently stay at its init value). Keys for layers the client does not own (a
     full-model adapter that also touched the trunk) are reported in ``ignored_keys``.
     """
-    from peft import set_peft_model_state_dict, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     cfg, tensors = read_adapter(adapter_dir)
     parts = _client_parts(bottom, top)
     n = bottom.n_layers
-    wanted = set(range(n)) if cfg.layers_to_transform is None else set(
-        [cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else cfg.layers_to_transform
+    wanted = (
+        set(range(n))
+        if cfg.layers_to_transform is None
+        else set([cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else cfg.layers_to_transform)
     )
     report = AdapterLoadReport()
     claimed: set[str] = set()

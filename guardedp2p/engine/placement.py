@@ -24,8 +24,9 @@ import gc
 import importlib.util
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -178,9 +179,7 @@ def count_parts(model: nn.Module, split: SplitConfig) -> PartCounts:
     top = count([blocks[i] for i in range(b, n)])
     head = count([get_path(model, p) for p in arch.head_paths])
     per_block = [sum(p.numel() for p in blocks[i].parameters()) for i in range(a, b)]
-    per_block_q = [
-        sum(m.weight.numel() for m in blocks[i].modules() if _is_quantizable(m)) for i in range(a, b)
-    ]
+    per_block_q = [sum(m.weight.numel() for m in blocks[i].modules() if _is_quantizable(m)) for i in range(a, b)]
     return PartCounts(embed, bottom, trunk, top, head, trunk_q, b - a, max(per_block), max(per_block_q))
 
 
@@ -229,7 +228,9 @@ def plan_trunk_devices(
     if strategy in STRATEGIES:
         if not free:
             if strategy == "balanced":
-                raise PlacementError("--device-map balanced spreads the trunk over GPUs, but CUDA is not available; use --device-map cpu or auto")
+                raise PlacementError(
+                    "--device-map balanced spreads the trunk over GPUs, but CUDA is not available; use --device-map cpu or auto"
+                )
             return cpu
         budgets = [int(f * fraction) for f in free]
         budgets[0] -= first_extra_bytes
@@ -246,7 +247,9 @@ def plan_trunk_devices(
     dev = _parse_device(strategy)
     if dev.type == "cuda":
         if not free:
-            raise PlacementError(f"--device-map {strategy} asks for a GPU but CUDA is not available; use --device-map cpu or auto")
+            raise PlacementError(
+                f"--device-map {strategy} asks for a GPU but CUDA is not available; use --device-map cpu or auto"
+            )
         idx = dev.index if dev.index is not None else torch.cuda.current_device() if torch.cuda.is_available() else 0
         if idx >= len(free):
             raise PlacementError(f"--device-map {strategy}: only {len(free)} CUDA device(s) are visible")
@@ -333,7 +336,9 @@ def check_quantization(load_in: str, device_types: Sequence[str]) -> None:
             warnings.simplefilter("ignore")
             import bitsandbytes as bnb
     except Exception as exc:  # noqa: BLE001 - a broken install raises anything (OSError, RuntimeError, ...)
-        raise QuantizationError(f"bitsandbytes is installed but does not import ({type(exc).__name__}: {exc}); reinstall it or drop --load-in") from exc
+        raise QuantizationError(
+            f"bitsandbytes is installed but does not import ({type(exc).__name__}: {exc}); reinstall it or drop --load-in"
+        ) from exc
     for dev in sorted(set(device_types)):
         try:
             with warnings.catch_warnings():
@@ -350,8 +355,9 @@ def check_quantization(load_in: str, device_types: Sequence[str]) -> None:
             where = "the CPU" if dev == "cpu" else dev
             hint = (
                 "put the trunk on a GPU (--device-map auto or cuda), or install a bitsandbytes release with the CPU "
-                "backend (>= 0.47)" if dev == "cpu" else "check that bitsandbytes was built for this CUDA version "
-                "(`python -m bitsandbytes`)"
+                "backend (>= 0.47)"
+                if dev == "cpu"
+                else "check that bitsandbytes was built for this CUDA version (`python -m bitsandbytes`)"
             )
             raise QuantizationError(
                 f"bitsandbytes {getattr(bnb, '__version__', '?')} cannot run {load_in} layers on {where} "
@@ -492,9 +498,15 @@ def load_provider_trunk(name_or_path: str, split: SplitConfig, loading: TrunkLoa
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        kwargs: dict[str, Any] = {"local_files_only": True, "dtype": "auto", "device_map": module_device_map(skeleton, split, devices)}
+        kwargs: dict[str, Any] = {
+            "local_files_only": True,
+            "dtype": "auto",
+            "device_map": module_device_map(skeleton, split, devices),
+        }
         if loading.load_in:
-            kwargs["quantization_config"] = _bnb_config(loading.load_in, client_module_paths(skeleton, split), final_dtype)
+            kwargs["quantization_config"] = _bnb_config(
+                loading.load_in, client_module_paths(skeleton, split), final_dtype
+            )
         del skeleton
         try:
             model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
@@ -506,7 +518,9 @@ def load_provider_trunk(name_or_path: str, split: SplitConfig, loading: TrunkLoa
                 "--device-map balanced over more GPUs, or --device-map cpu"
             ) from exc
         model.train(False)
-    loaded = trunk_from_model(model, split, dtype=target, devices=devices if gguf is not None else None, load_in=loading.load_in)
+    loaded = trunk_from_model(
+        model, split, dtype=target, devices=devices if gguf is not None else None, load_in=loading.load_in
+    )
     del model  # the trunk holds only its blocks: embeddings, head and the client's blocks are freed here
     _free_memory()
     log.info("trunk loaded: %s", loaded.describe())
@@ -538,7 +552,9 @@ def trunk_from_model(
         p.requires_grad_(False)
     trunk.train(False)
     placed = [str(_block_device_or_cpu(trunk.blocks[i])) for i in trunk.layer_range]
-    return LoadedTrunk(trunk, fingerprint, model.config, placed, trunk.compute_dtype, load_in, _trunk_weight_bytes(trunk))
+    return LoadedTrunk(
+        trunk, fingerprint, model.config, placed, trunk.compute_dtype, load_in, _trunk_weight_bytes(trunk)
+    )
 
 
 def _block_device_or_cpu(block: nn.Module) -> torch.device:

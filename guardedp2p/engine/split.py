@@ -12,8 +12,9 @@ object share its modules (no copies), so attaching LoRA to a part also patches t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F

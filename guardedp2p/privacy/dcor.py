@@ -76,8 +76,12 @@ def _u_center(a: torch.Tensor, mm: torch.Tensor, n: torch.Tensor, off: torch.Ten
     nn_ = n.unsqueeze(-1)
     row = a.sum(dim=-1)
     total = row.sum(dim=-1, keepdim=True)
-    c = (a - row.unsqueeze(-1) / (nn_ - 2).unsqueeze(-1) - row.unsqueeze(-2) / (nn_ - 2).unsqueeze(-1)
-         + (total / ((nn_ - 1) * (nn_ - 2))).unsqueeze(-1))
+    c = (
+        a
+        - row.unsqueeze(-1) / (nn_ - 2).unsqueeze(-1)
+        - row.unsqueeze(-2) / (nn_ - 2).unsqueeze(-1)
+        + (total / ((nn_ - 1) * (nn_ - 2))).unsqueeze(-1)
+    )
     return c * mm * off
 
 
@@ -142,7 +146,9 @@ def distance_correlation(
     ``(..., n)`` selecting the rows that take part (pad tokens are not rows).
     """
     if x.dim() < 2 or z.dim() < 2:
-        raise ValueError(f"distance_correlation needs (n, p) and (n, q) inputs, got {tuple(x.shape)} and {tuple(z.shape)}")
+        raise ValueError(
+            f"distance_correlation needs (n, p) and (n, q) inputs, got {tuple(x.shape)} and {tuple(z.shape)}"
+        )
     if x.shape[:-1] != z.shape[:-1]:
         raise ValueError(f"x and z must have the same rows, got {tuple(x.shape)} and {tuple(z.shape)}")
     val, _ = _dcor_sqr(x, z, mask, bias_corrected, eps)
@@ -187,7 +193,9 @@ def dcor_penalty(
     """
     global _warned_small_batch
     if embeds.dim() != 3 or h1.dim() != 3 or embeds.shape[:2] != h1.shape[:2]:
-        raise ValueError(f"embeds and h1 must be (B, L, d) with equal B, L; got {tuple(embeds.shape)} and {tuple(h1.shape)}")
+        raise ValueError(
+            f"embeds and h1 must be (B, L, d) with equal B, L; got {tuple(embeds.shape)} and {tuple(h1.shape)}"
+        )
     x = embeds.detach()
     m = _valid_mask(attention_mask, h1.shape, h1.device)
     zero = h1.sum() * 0.0

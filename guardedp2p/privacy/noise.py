@@ -59,8 +59,16 @@ NOISE_KINDS = ("none", "gaussian", "laplace", "dx")
 def _pos(name: str, v: float | None, *, allow_zero: bool = False) -> None:
     if v is None:
         return
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise ConfigError(f"noise {name} must be a {'non-negative' if allow_zero else 'positive'} finite number, got {v!r}")
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or not math.isfinite(v)
+        or v < 0
+        or (v == 0 and not allow_zero)
+    ):
+        raise ConfigError(
+            f"noise {name} must be a {'non-negative' if allow_zero else 'positive'} finite number, got {v!r}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- calibration
@@ -176,7 +184,9 @@ class NoiseConfig:
             if self.scale:
                 raise ConfigError("give either a noise scale or epsilon (to calibrate it), not both")
             if self.clip is None:
-                raise ConfigError(f"calibrated {self.kind} noise needs a clip norm C (the per-sample sensitivity bound)")
+                raise ConfigError(
+                    f"calibrated {self.kind} noise needs a clip norm C (the per-sample sensitivity bound)"
+                )
             if self.kind == "gaussian":
                 _check_eps_delta(self.epsilon, self.delta, self.clip)
         if self.kind == "laplace" and self.delta is not None:

@@ -11,13 +11,14 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from guardedp2p.errors import HandshakeRejected, ProtocolError, ProviderShuttingDown, RateLimited, RemoteError
+from guardedp2p.wire.framing import DEFAULT_LIMITS, Message, WireLimits, decode, encode, frames_nbytes
 from guardedp2p.wire.handshake import Hello
 from guardedp2p.wire.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
-from guardedp2p.wire.framing import DEFAULT_LIMITS, Message, WireLimits, decode, encode, frames_nbytes
 
 log = logging.getLogger("guardedp2p.client")
 
@@ -72,8 +73,14 @@ class ClientSession:
     """
 
     def __init__(
-        self, channel: Any, *, timeout: float = 30.0, limits: WireLimits = DEFAULT_LIMITS, stats: WireStats | None = None,
-        rate_limit_wait_s: float = 300.0, sleep: Callable[[float], None] = time.sleep,
+        self,
+        channel: Any,
+        *,
+        timeout: float = 30.0,
+        limits: WireLimits = DEFAULT_LIMITS,
+        stats: WireStats | None = None,
+        rate_limit_wait_s: float = 300.0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.channel = channel
         self.timeout = timeout
@@ -105,7 +112,11 @@ class ClientSession:
         waited = 0.0
         while True:
             reply = self._exchange(msg, frames)
-            if reply.type != MsgType.ERROR or reply.meta.get("code") != ERROR_RATE_LIMITED or waited >= self.rate_limit_wait_s:
+            if (
+                reply.type != MsgType.ERROR
+                or reply.meta.get("code") != ERROR_RATE_LIMITED
+                or waited >= self.rate_limit_wait_s
+            ):
                 break
             delay = min(_retry_after(reply.meta), self.rate_limit_wait_s - waited)
             log.debug("rate-limited by the provider; sending %s again in %.3f s", msg.type.value, delay)
@@ -122,17 +133,24 @@ class ClientSession:
                 raise ProviderShuttingDown(text, remote_code=code, meta=reply.meta)
             if code == ERROR_RATE_LIMITED:
                 limit = reply.meta.get("limit_bytes_per_s")
-                rate = f" of {limit / 1e6:g} MB/s" if isinstance(limit, (int, float)) and not isinstance(limit, bool) else ""
+                rate = (
+                    f" of {limit / 1e6:g} MB/s"
+                    if isinstance(limit, (int, float)) and not isinstance(limit, bool)
+                    else ""
+                )
                 raise RateLimited(
                     f"{text}. Still over the provider's per-client rate limit{rate} after waiting {waited:.0f} s: send less per "
                     "step (smaller --batch-size or --max-length, a smaller --codec) or ask the operator to raise --max-mb-per-s",
-                    remote_code=code, meta=reply.meta,
+                    remote_code=code,
+                    meta=reply.meta,
                 )
             raise RemoteError(text, remote_code=code, meta=reply.meta)
         if reply.type != expect:
             raise ProtocolError(f"expected {expect.value} in reply to {msg.type.value}, got {reply.type.value}")
         if msg.type != MsgType.HELLO and (reply.session != self.sid or reply.step != msg.step):
-            raise ProtocolError(f"reply is for session/step {reply.session[:8]}/{reply.step}, expected {self.sid[:8]}/{msg.step}")
+            raise ProtocolError(
+                f"reply is for session/step {reply.session[:8]}/{reply.step}, expected {self.sid[:8]}/{msg.step}"
+            )
         return reply
 
     def _exchange(self, msg: Message, frames: list[Any]) -> Message:

@@ -20,14 +20,15 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Protocol, Sequence
+from typing import Any, Protocol
 
-from guardedp2p.errors import ConfigError, GuardedP2PError, HandshakeRejected, ProtocolError, WireError
-from guardedp2p.wire.handshake import Hello, ProviderPolicy, negotiate
 from guardedp2p.designs import DESIGNS
-from guardedp2p.wire.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
+from guardedp2p.errors import ConfigError, GuardedP2PError, HandshakeRejected, ProtocolError, WireError
 from guardedp2p.wire.framing import DEFAULT_LIMITS, Frame, Message, WireLimits, decode, encode, error_message
+from guardedp2p.wire.handshake import Hello, ProviderPolicy, negotiate
+from guardedp2p.wire.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
 
 log = logging.getLogger("guardedp2p.provider")
 
@@ -115,7 +116,9 @@ class ProviderConfig:
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1 (1 disables batching), got {self.max_batch}")
         if not 0.0 <= self.batch_wait_s <= 1.0:
-            raise ConfigError(f"batch_wait_s must be between 0 and 1 second (a few ms is typical), got {self.batch_wait_s}")
+            raise ConfigError(
+                f"batch_wait_s must be between 0 and 1 second (a few ms is typical), got {self.batch_wait_s}"
+            )
 
 
 @dataclass
@@ -129,7 +132,7 @@ class Deferred:
     """
 
     key: Hashable
-    run: Callable[[list["Deferred"]], list[Message | BaseException]]
+    run: Callable[[list[Deferred]], list[Message | BaseException]]
     data: Any
 
 
@@ -179,7 +182,14 @@ class ProviderApp:
         self.clock = clock
         self.resources = resources or {}
         self.sessions: dict[str, SessionState] = {}
-        self.stats = {"messages": 0, "errors": 0, "sessions_opened": 0, "batched_calls": 0, "batched_requests": 0, "rate_limited": 0}
+        self.stats = {
+            "messages": 0,
+            "errors": 0,
+            "sessions_opened": 0,
+            "batched_calls": 0,
+            "batched_requests": 0,
+            "rate_limited": 0,
+        }
         self.buckets: dict[str, TokenBucket] = {}
         self._rate_warned: dict[str, float] = {}
         self.draining = False
@@ -192,7 +202,12 @@ class ProviderApp:
         return encode(reply)
 
     def _process(
-        self, peer: str, frames: Sequence[Frame], *, defer: bool, on_decoded: Callable[[str, Message], None] | None = None,
+        self,
+        peer: str,
+        frames: Sequence[Frame],
+        *,
+        defer: bool,
+        on_decoded: Callable[[str, Message], None] | None = None,
     ) -> tuple[Message | Deferred, str, int]:
         """Charge, decode and dispatch one message (``on_decoded`` runs between decoding and dispatch); every
         failure becomes the ERROR reply for this peer only. Returns the reply (or deferred work) with the
@@ -237,9 +252,14 @@ class ProviderApp:
             else:
                 replies[i] = encode(out)
         self._run_deferred(pending, replies)
-        return [r if r is not None else encode(error_message(ProtocolError("internal provider error: no reply"))) for r in replies]
+        return [
+            r if r is not None else encode(error_message(ProtocolError("internal provider error: no reply")))
+            for r in replies
+        ]
 
-    def _run_deferred(self, pending: list[tuple[int, Deferred, str, str, int]], replies: list[list[Frame] | None]) -> None:
+    def _run_deferred(
+        self, pending: list[tuple[int, Deferred, str, str, int]], replies: list[list[Frame] | None]
+    ) -> None:
         """Run postponed requests, grouped by key in chunks of ``max_batch``; fill in their replies."""
         groups: dict[Hashable, list[tuple[int, Deferred, str, str, int]]] = {}
         for entry in pending:
@@ -266,7 +286,12 @@ class ProviderApp:
         except Exception as exc:  # noqa: BLE001
             if len(chunk) == 1:
                 return [exc]
-            log.warning("a batched computation of %d requests failed (%s: %s); running them one by one", len(chunk), type(exc).__name__, exc)
+            log.warning(
+                "a batched computation of %d requests failed (%s: %s); running them one by one",
+                len(chunk),
+                type(exc).__name__,
+                exc,
+            )
         results: list[Message | BaseException] = []
         for d in chunk:
             try:
@@ -290,7 +315,8 @@ class ProviderApp:
             raise RateLimitExceeded(
                 f"this client sends more than the provider's limit of {rate / 1e6:g} MB/s; send the request again in "
                 f"{wait:.3f} s (the client does this by itself)",
-                retry_after_s=wait, limit_bytes_per_s=rate,
+                retry_after_s=wait,
+                limit_bytes_per_s=rate,
             )
 
     def _error_reply(self, peer: str, exc: BaseException, sid: str, step: int) -> Message:
@@ -318,7 +344,9 @@ class ProviderApp:
             state = self.sessions.get(msg.session)
             if state is not None and state.peer == peer:
                 self.close_session(state.sid, "provider shutting down (client told)")
-            raise ShuttingDown("the provider is shutting down (its operator stopped it); no new work is accepted. Resume later.")
+            raise ShuttingDown(
+                "the provider is shutting down (its operator stopped it); no new work is accepted. Resume later."
+            )
         if msg.type == MsgType.HELLO:
             return self._open(peer, msg)
         state = self.sessions.get(msg.session)

@@ -15,17 +15,25 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from guardedp2p.errors import ConfigError, GuardedP2PError, HandshakeRejected, ProviderShuttingDown, RateLimited, RemoteError, TransportError
-from guardedp2p.wire.handshake import CODEC_DIRECTIONS, Hello
+from guardedp2p.errors import (
+    ConfigError,
+    HandshakeRejected,
+    ProviderShuttingDown,
+    RateLimited,
+    RemoteError,
+    TransportError,
+)
 from guardedp2p.protocol.client import ClientSession, WireStats
 from guardedp2p.train.config import TrainConfig
 from guardedp2p.transport.base import MechanismMismatch, PeerRejected, ProviderKeyMismatch
+from guardedp2p.wire.handshake import CODEC_DIRECTIONS, Hello
 
 log = logging.getLogger("guardedp2p.client")
 
@@ -112,7 +120,9 @@ def prepare_client(opts: TuneOptions, *, model: Any = None, tokenizer: Any = Non
         if loaded_here:
             part.to(device)
     cfg = opts.train
-    settings = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_targets)
+    settings = LoraSettings(
+        r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_targets
+    )
     train_bottom = opts.protocol != "gradfree"
     torch.manual_seed(cfg.seed)
     for p in attach_lora(parts.bottom, parts.top, settings, bottom=train_bottom, top=True):
@@ -150,14 +160,18 @@ def prepare_data(opts: TuneOptions, tokenizer: Any) -> PreparedData:
         if ev.kind == "mc":
             eval_kind, eval_items = "mc", ev.records[: opts.eval_max_items] if opts.eval_max_items else ev.records
         else:
-            eval_examples = encode_records(ev.records, tokenizer, DataConfig(max_length=opts.train.max_length), kind=ev.kind)
+            eval_examples = encode_records(
+                ev.records, tokenizer, DataConfig(max_length=opts.train.max_length), kind=ev.kind
+            )
     if eval_kind == "loss" and not eval_examples:
         n_hold = max(1, min(32, len(examples) // 10))
         eval_examples, examples = examples[-n_hold:], examples[:-n_hold]
     return PreparedData(examples, eval_kind, eval_items, eval_examples)
 
 
-def _evaluate(trainer: Any, data: PreparedData, tokenizer: Any, opts: TuneOptions, device: torch.device) -> dict[str, float]:
+def _evaluate(
+    trainer: Any, data: PreparedData, tokenizer: Any, opts: TuneOptions, device: torch.device
+) -> dict[str, float]:
     from guardedp2p.data.collate import collate
     from guardedp2p.data.mc_eval import evaluate_loss, evaluate_mc
 
@@ -166,12 +180,17 @@ def _evaluate(trainer: Any, data: PreparedData, tokenizer: Any, opts: TuneOption
 
     out: dict[str, float] = {}
     if data.eval_kind == "mc":
-        res = evaluate_mc(logits_fn, tokenizer, data.eval_items, batch_size=opts.eval_batch_size, max_length=opts.train.max_length)
+        res = evaluate_mc(
+            logits_fn, tokenizer, data.eval_items, batch_size=opts.eval_batch_size, max_length=opts.train.max_length
+        )
         out["acc"] = float(res["acc"])
         out["acc_norm"] = float(res["acc_norm"])
     if data.eval_examples:
         bs = opts.eval_batch_size
-        batches = [collate(data.eval_examples[i : i + bs], tokenizer.pad_token_id) for i in range(0, len(data.eval_examples), bs)]
+        batches = [
+            collate(data.eval_examples[i : i + bs], tokenizer.pad_token_id)
+            for i in range(0, len(data.eval_examples), bs)
+        ]
         out["loss"] = float(evaluate_loss(logits_fn, batches))
     return out
 
@@ -222,7 +241,14 @@ def _hello(opts: TuneOptions, client: ClientModel, start_step: int) -> Hello:
         from guardedp2p.privacy.noise import NoiseConfig
 
         privacy["noise"] = NoiseConfig(**opts.noise).describe()  # never the seed: it would let anyone remove the noise
-    return Hello(opts.protocol, client.fingerprint, (opts.bottom_layers, opts.top_layers), codecs, privacy, resume_from_step=start_step)
+    return Hello(
+        opts.protocol,
+        client.fingerprint,
+        (opts.bottom_layers, opts.top_layers),
+        codecs,
+        privacy,
+        resume_from_step=start_step,
+    )
 
 
 def _noise_transform(opts: TuneOptions) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -284,7 +310,9 @@ def tune(
         if terms.get("record"):
             if opts.refuse_recording:
                 session.close()
-                raise HandshakeRejected("the provider announced that it records what it observes (transcripts), and --refuse-recording is set")
+                raise HandshakeRejected(
+                    "the provider announced that it records what it observes (transcripts), and --refuse-recording is set"
+                )
             log.warning("the provider RECORDS what it observes in this session (activations, gradients) for analysis")
         state["session"] = session
         state["trunk"] = build_trunk_fn(opts, session, client)
@@ -299,8 +327,14 @@ def tune(
         return state["trunk"](h1, mask, train=train, input_ids=input_ids)
 
     trainer = SplitTrainer(
-        client.bottom, client.top, trunk_proxy, opts.train, loss_fn=loss_fn,
-        train_bottom=opts.protocol == "online", transform_sent=_noise_transform(opts), dcor_fn=dcor_fn,
+        client.bottom,
+        client.top,
+        trunk_proxy,
+        opts.train,
+        loss_fn=loss_fn,
+        train_bottom=opts.protocol == "online",
+        transform_sent=_noise_transform(opts),
+        dcor_fn=dcor_fn,
     )
     trainer_ref["t"] = trainer
     resumed_from = 0
@@ -308,7 +342,9 @@ def tune(
     if opts.resume and has_checkpoint(ckpt_dir):
         trainable, tstate, meta = load_checkpoint(ckpt_dir)
         if meta.get("protocol") != opts.protocol or meta.get("fingerprint") != client.fingerprint:
-            raise ConfigError(f"the checkpoint in {ckpt_dir} is for another protocol or model; use a new --out or drop --resume")
+            raise ConfigError(
+                f"the checkpoint in {ckpt_dir} is for another protocol or model; use a new --out or drop --resume"
+            )
         trainer.load_trainable_state(trainable)
         trainer.load_state_dict(tstate)
         iterator.load_state_dict(meta["data"])
@@ -319,10 +355,18 @@ def tune(
         log.info("no checkpoint in %s: starting fresh", ckpt_dir)
 
     def checkpoint(data_state: dict[str, Any]) -> None:
-        save_checkpoint(ckpt_dir, trainer.trainable_state(), trainer.state_dict(), {
-            "protocol": opts.protocol, "fingerprint": client.fingerprint, "data": data_state,
-            "history": history, "train": opts.train.to_dict(),
-        })
+        save_checkpoint(
+            ckpt_dir,
+            trainer.trainable_state(),
+            trainer.state_dict(),
+            {
+                "protocol": opts.protocol,
+                "fingerprint": client.fingerprint,
+                "data": data_state,
+                "history": history,
+                "train": opts.train.to_dict(),
+            },
+        )
 
     def with_retries(fn: Callable[[], Any], what: str, data_state: dict[str, Any]) -> Any:
         delay = 0.5
@@ -341,7 +385,11 @@ def tune(
             except (ProviderShuttingDown, RateLimited) as exc:
                 # the provider said why it cannot serve us now: retrying within seconds cannot help, stop and say so
                 state["session"] = None
-                why = "the provider is shutting down (its operator stopped it)" if isinstance(exc, ProviderShuttingDown) else str(exc)
+                why = (
+                    "the provider is shutting down (its operator stopped it)"
+                    if isinstance(exc, ProviderShuttingDown)
+                    else str(exc)
+                )
                 log.warning("%s: %s", what, why)
                 if trainer.step == 0 and resumed_from == 0:
                     raise TrainingInterrupted(
@@ -372,30 +420,47 @@ def tune(
     eval_before: dict[str, float] = {}
     if not opts.skip_eval and resumed_from == 0:
         with _status(opts, console, "evaluating the untuned model (forward passes through the provider)…"):
-            eval_before = with_retries(lambda: _evaluate(trainer, data, tok, opts, client.device), "evaluation", iterator.state_dict())
+            eval_before = with_retries(
+                lambda: _evaluate(trainer, data, tok, opts, client.device), "evaluation", iterator.state_dict()
+            )
 
     from contextlib import nullcontext
 
     progress_ctx: Any = nullcontext()
     task = None
     if opts.progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         progress_ctx = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
         )
     t_train0 = time.perf_counter()
     wait0, codec0, prov0 = wire_stats.wait_s, wire_stats.codec_s, wire_stats.provider_s
     train_bytes_up = train_bytes_down = 0
     with progress_ctx as progress:
         if progress is not None:
-            task = progress.add_task(f"{opts.protocol} tuning", total=opts.train.steps, completed=trainer.step, loss="-")
+            task = progress.add_task(
+                f"{opts.protocol} tuning", total=opts.train.steps, completed=trainer.step, loss="-"
+            )
         while trainer.step < opts.train.steps:
             data_state = iterator.state_dict()
             micro = [{k: v.to(client.device) for k, v in next(iterator).items()} for _ in range(opts.train.grad_accum)]
 
-            def one_step() -> Any:
+            def one_step(micro: list[dict[str, torch.Tensor]] = micro) -> Any:
                 u, d = wire_stats.total_up, wire_stats.total_down
                 r = trainer.train_step(micro)
                 return r, wire_stats.total_up - u, wire_stats.total_down - d
@@ -403,19 +468,41 @@ def tune(
             res, bu, bd = with_retries(one_step, f"step {trainer.step + 1}", data_state)
             train_bytes_up += bu
             train_bytes_down += bd
-            history.append({"step": res.step, "loss": round(res.loss, 5), "task_loss": round(res.task_loss, 5), "dcor": round(res.dcor, 5), "lr": res.lr, "bytes_up": bu, "bytes_down": bd})
+            history.append(
+                {
+                    "step": res.step,
+                    "loss": round(res.loss, 5),
+                    "task_loss": round(res.task_loss, 5),
+                    "dcor": round(res.dcor, 5),
+                    "lr": res.lr,
+                    "bytes_up": bu,
+                    "bytes_down": bd,
+                }
+            )
             if progress is not None:
                 progress.update(task, completed=trainer.step, loss=f"{res.task_loss:.3f}")
             if opts.train.checkpoint_every and trainer.step % opts.train.checkpoint_every == 0:
                 checkpoint(iterator.state_dict())
             if opts.train.eval_every and trainer.step % opts.train.eval_every == 0 and trainer.step < opts.train.steps:
-                m = with_retries(lambda: _evaluate(trainer, data, tok, opts, client.device), "evaluation", iterator.state_dict())
+                m = with_retries(
+                    lambda: _evaluate(trainer, data, tok, opts, client.device), "evaluation", iterator.state_dict()
+                )
                 history[-1]["eval"] = m
     train_s = time.perf_counter() - t_train0
-    train_wait, train_codec, train_prov = wire_stats.wait_s - wait0, wire_stats.codec_s - codec0, wire_stats.provider_s - prov0
+    train_wait, train_codec, train_prov = (
+        wire_stats.wait_s - wait0,
+        wire_stats.codec_s - codec0,
+        wire_stats.provider_s - prov0,
+    )
     checkpoint(iterator.state_dict())
     with _status(opts, console, "evaluating the tuned model…"):
-        eval_after = {} if opts.skip_eval else with_retries(lambda: _evaluate(trainer, data, tok, opts, client.device), "evaluation", iterator.state_dict())
+        eval_after = (
+            {}
+            if opts.skip_eval
+            else with_retries(
+                lambda: _evaluate(trainer, data, tok, opts, client.device), "evaluation", iterator.state_dict()
+            )
+        )
     adapter_dir = out / "adapter"
     save_adapter(client.bottom, client.top, adapter_dir, base_model_name_or_path=opts.model)
     cache_obj = getattr(state["trunk"], "cache", None)

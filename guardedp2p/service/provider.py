@@ -10,8 +10,8 @@ import torch
 
 from guardedp2p.designs import DESIGN_NAMES, get_design
 from guardedp2p.errors import ConfigError
-from guardedp2p.wire.handshake import FLOAT_CODECS, ProviderPolicy
 from guardedp2p.protocol.provider import ProviderApp, ProviderConfig
+from guardedp2p.wire.handshake import FLOAT_CODECS, ProviderPolicy
 
 log = logging.getLogger("guardedp2p.provider")
 
@@ -36,8 +36,12 @@ class ProviderOptions:
         from guardedp2p.engine.placement import TrunkLoading
 
         if self.device_map is not None and self.device not in ("auto", self.device_map):
-            raise ConfigError(f"--device {self.device} and --device-map {self.device_map} disagree; pass only --device-map")
-        loading = TrunkLoading(device_map=self.device_map or self.device, dtype=self.dtype or "fp32", load_in=self.load_in)
+            raise ConfigError(
+                f"--device {self.device} and --device-map {self.device_map} disagree; pass only --device-map"
+            )
+        loading = TrunkLoading(
+            device_map=self.device_map or self.device, dtype=self.dtype or "fp32", load_in=self.load_in
+        )
         loading.validate()
         return loading
 
@@ -53,7 +57,9 @@ def _trunk_of_given_model(model: Any, split: Any, opts: ProviderOptions, loading
     from guardedp2p.engine.placement import count_parts, plan_trunk_devices, trunk_from_model
 
     if opts.load_in:
-        raise ConfigError("load_in quantizes while loading from disk: pass the model path in ProviderOptions.model instead of a model object")
+        raise ConfigError(
+            "load_in quantizes while loading from disk: pass the model path in ProviderOptions.model instead of a model object"
+        )
     devices = None
     if opts.device_map is not None:
         counts = count_parts(model, split)
@@ -74,13 +80,19 @@ def build_provider_app(opts: ProviderOptions, *, model: Any = None) -> ProviderA
     else:
         loaded = _trunk_of_given_model(model, split, opts, loading)
     fingerprint, trunk = loaded.fingerprint, loaded.trunk
-    resources: dict[str, Any] = {"trunk": trunk, "hidden_size": int(loaded.config.hidden_size), "model_config": loaded.config}
+    resources: dict[str, Any] = {
+        "trunk": trunk,
+        "hidden_size": int(loaded.config.hidden_size),
+        "model_config": loaded.config,
+    }
     protocols = tuple(opts.protocols)
     if "offline" in protocols:
         if opts.emulator_dir:
             resources["emulator_dir"] = opts.emulator_dir
         else:
-            log.warning("the offline design is not served: no --emulator folder was given (build one with `provider emulator build`)")
+            log.warning(
+                "the offline design is not served: no --emulator folder was given (build one with `provider emulator build`)"
+            )
             protocols = tuple(p for p in protocols if p != "offline")
     if opts.record_dir:
         from guardedp2p.attacks.transcript import TranscriptRecorder
@@ -94,6 +106,13 @@ def build_provider_app(opts: ProviderOptions, *, model: Any = None) -> ProviderA
         record=bool(opts.record_dir),
         model_name=opts.model,
     )
-    log.info("provider ready: model %s, split %d/%d, fingerprint %s…, protocols %s", opts.model, opts.bottom_layers, opts.top_layers, fingerprint[:12], ",".join(protocols))
+    log.info(
+        "provider ready: model %s, split %d/%d, fingerprint %s…, protocols %s",
+        opts.model,
+        opts.bottom_layers,
+        opts.top_layers,
+        fingerprint[:12],
+        ",".join(protocols),
+    )
     torch.set_grad_enabled(True)
     return ProviderApp(policy, session_factories(protocols), opts.config, resources=resources)

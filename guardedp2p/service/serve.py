@@ -29,7 +29,12 @@ log = logging.getLogger("guardedp2p.serve")
 
 
 def serve_forever(
-    app: Any, channel: Any, stop: threading.Event, *, poll_s: float = 0.5, max_messages: int | None = None,
+    app: Any,
+    channel: Any,
+    stop: threading.Event,
+    *,
+    poll_s: float = 0.5,
+    max_messages: int | None = None,
     abort: threading.Event | None = None,
 ) -> int:
     """Serve until ``stop`` is set (then wind down, see the module docstring) or ``max_messages`` are handled.
@@ -40,7 +45,9 @@ def serve_forever(
         if incoming is None:
             app.expire()
             continue
-        limit = app.config.max_batch if max_messages is None else max(1, min(app.config.max_batch, max_messages - handled))
+        limit = (
+            app.config.max_batch if max_messages is None else max(1, min(app.config.max_batch, max_messages - handled))
+        )
         batch = gather(channel, incoming, limit, app.config.batch_wait_s, app.active_peers())
         replies = app.handle_many([(m.peer, m.frames) for m in batch])
         for m, reply in zip(batch, replies):
@@ -83,7 +90,9 @@ def _reply(channel: Any, incoming: Any, frames: Any) -> None:
         log.warning("could not reply to %s: %s", incoming.peer[:12], exc)
 
 
-def gather(channel: Any, first: Any, limit: int, wait_s: float, expected_peers: set[str] | frozenset[str] = frozenset()) -> list[Any]:
+def gather(
+    channel: Any, first: Any, limit: int, wait_s: float, expected_peers: set[str] | frozenset[str] = frozenset()
+) -> list[Any]:
     """``first`` plus what the channel delivers within ``wait_s``, up to ``limit`` messages in all.
 
     Messages already queued are always taken; the wait ends early once every peer in ``expected_peers`` has

@@ -28,7 +28,9 @@ class CheckpointError(ConfigError):
     """A checkpoint is missing, incomplete or was made for another run."""
 
 
-def save_checkpoint(directory: str | Path, trainable: dict[str, torch.Tensor], trainer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+def save_checkpoint(
+    directory: str | Path, trainable: dict[str, torch.Tensor], trainer_state: dict[str, Any], meta: dict[str, Any]
+) -> Path:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(directory.name + ".tmp")
@@ -36,7 +38,14 @@ def save_checkpoint(directory: str | Path, trainable: dict[str, torch.Tensor], t
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / TRAINABLE))
-    torch.save({"optimizer": trainer_state["optimizer"], "scheduler": trainer_state["scheduler"], "rng": torch.get_rng_state()}, tmp / OPTIM)
+    torch.save(
+        {
+            "optimizer": trainer_state["optimizer"],
+            "scheduler": trainer_state["scheduler"],
+            "rng": torch.get_rng_state(),
+        },
+        tmp / OPTIM,
+    )
     meta = dict(meta)
     meta["step"] = int(trainer_state["step"])
     (tmp / STATE).write_text(json.dumps(meta, indent=2, sort_keys=True))

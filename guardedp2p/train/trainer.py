@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -20,7 +21,9 @@ from guardedp2p.train.config import TrainConfig
 
 
 class TrunkFn(Protocol):
-    def __call__(self, h1: torch.Tensor, mask: torch.Tensor, *, train: bool, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def __call__(
+        self, h1: torch.Tensor, mask: torch.Tensor, *, train: bool, input_ids: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -159,7 +162,9 @@ class SplitTrainer:
         if missing:
             from guardedp2p.errors import ConfigError
 
-            raise ConfigError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was it made with other LoRA settings?")
+            raise ConfigError(
+                f"checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was it made with other LoRA settings?"
+            )
         with torch.no_grad():
             for n, p in self.named_params.items():
                 p.copy_(state[n].to(p.device, p.dtype))

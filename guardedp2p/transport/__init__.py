@@ -23,8 +23,10 @@ from guardedp2p.transport.base import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
-    from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
+    from guardedp2p.transport.zmq_client import ClientConfig as ClientConfig
+    from guardedp2p.transport.zmq_client import ZmqClientChannel as ZmqClientChannel
+    from guardedp2p.transport.zmq_server import ServerConfig as ServerConfig
+    from guardedp2p.transport.zmq_server import ZmqServerChannel as ZmqServerChannel
 
 _LAZY = {
     "ClientConfig": "guardedp2p.transport.zmq_client",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from guardedp2p.transport.base import ChannelClosed, Incoming, PeerTimeout
 
@@ -63,7 +64,7 @@ class InProcServerChannel:
         self._lock = threading.Lock()
         self.closed = False
 
-    def connect(self, peer: str) -> "InProcQueueClient":
+    def connect(self, peer: str) -> InProcQueueClient:
         """A new client connection whose messages arrive as coming from ``peer`` (its authenticated key)."""
         with self._lock:
             route = len(self._outboxes).to_bytes(4, "big")

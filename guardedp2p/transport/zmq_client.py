@@ -29,8 +29,8 @@ from pathlib import Path
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from guardedp2p.crypto.keys import PUBLIC_SUFFIX, SECRET_SUFFIX, load_keypair, load_public_key, validate_z85_key
 from guardedp2p.errors import ConfigError, TransportError
-from guardedp2p.crypto.keys import SECRET_SUFFIX, PUBLIC_SUFFIX, load_keypair, load_public_key, validate_z85_key
 from guardedp2p.transport.base import (
     ChannelClosed,
     ClientChannel,
@@ -144,7 +144,7 @@ class ZmqClientChannel(ClientChannel):
         return load_keypair(config.secret_key_file, config.key_name)
 
     @classmethod
-    def open(cls, config: ClientConfig) -> "ZmqClientChannel":
+    def open(cls, config: ClientConfig) -> ZmqClientChannel:
         """Create a channel and wait for the authenticated handshake (see :meth:`connect`)."""
         ch = cls(config)
         ch.connect()
@@ -335,7 +335,9 @@ class ZmqClientChannel(ClientChannel):
                     f"{self.config.send_timeout:g} s: it is not reading (busy, stuck or unreachable). Retry later."
                 ) from None
             except zmq.ZMQError as e:
-                raise TransportError(f"Sending to the provider at {self.config.connect} failed: {e.strerror}.") from None
+                raise TransportError(
+                    f"Sending to the provider at {self.config.connect} failed: {e.strerror}."
+                ) from None
         self.bytes_sent += frames_nbytes(frames)
 
     def recv(self, timeout: float) -> list[memoryview | bytes]:
@@ -358,7 +360,9 @@ class ZmqClientChannel(ClientChannel):
                         self.bytes_received += frames_nbytes(frames)
                         return frames
                 if time.monotonic() >= deadline:
-                    state = "" if self._link_up else " The connection is currently down (provider stopped or restarting?)."
+                    state = (
+                        "" if self._link_up else " The connection is currently down (provider stopped or restarting?)."
+                    )
                     raise PeerTimeout(
                         f"No reply from the provider at {self.config.connect} within {timeout:g} s.{state} "
                         "It may be busy or gone; retry, or raise the timeout for slow steps."
@@ -388,7 +392,7 @@ class ZmqClientChannel(ClientChannel):
             self._connected = False
             self._release()
 
-    def __enter__(self) -> "ZmqClientChannel":
+    def __enter__(self) -> ZmqClientChannel:
         return self
 
     def __exit__(self, *exc) -> None:

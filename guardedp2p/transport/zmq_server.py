@@ -19,13 +19,12 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from guardedp2p.errors import ConfigError, TransportError
 from guardedp2p.crypto.keys import is_z85_key, load_allow_list, load_keypair, validate_z85_key
+from guardedp2p.errors import ConfigError, TransportError
 from guardedp2p.transport.base import (
     INSECURE_PEER_PREFIX,
     ChannelClosed,
@@ -99,7 +98,8 @@ class _AllowList:
             if not ok:
                 log.warning(
                     "Rejected client key %s (not on the allow-list). If this client should connect, add its public "
-                    "key file with --allow.", k,
+                    "key file with --allow.",
+                    k,
                 )
             return ok
         except Exception:  # pragma: no cover - defensive
@@ -188,7 +188,9 @@ class ZmqServerChannel(ServerChannel):
             "Provider listening on %s (%s)%s",
             self.endpoint,
             "INSECURE plaintext" if config.insecure else "CURVE",
-            "" if config.insecure else f", public key {self.public_key}, {len(self._allow.snapshot())} allowed client(s)",
+            ""
+            if config.insecure
+            else f", public key {self.public_key}, {len(self._allow.snapshot())} allowed client(s)",
         )
 
     @staticmethod
@@ -329,7 +331,7 @@ class ZmqServerChannel(ServerChannel):
         if ctx is not None:
             ctx.term()
 
-    def __enter__(self) -> "ZmqServerChannel":
+    def __enter__(self) -> ZmqServerChannel:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,8 +9,9 @@ message types, codecs and dtypes are looked up in fixed tables. The full specifi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 import torch
@@ -128,7 +129,13 @@ def _encode_tensor(t: torch.Tensor, codec_name: str, stochastic: bool) -> tuple[
     codec = get_codec(codec_name)
     enc = codec.encode(t.detach(), stochastic=stochastic)
     parts = [[dtype_name(p.dtype), list(p.shape)] for p in enc.parts]
-    spec = {"codec": codec_name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "params": dict(enc.params), "parts": parts}
+    spec = {
+        "codec": codec_name,
+        "dtype": dtype_name(t.dtype),
+        "shape": list(t.shape),
+        "params": dict(enc.params),
+        "parts": parts,
+    }
     return spec, [_raw_view(p) for p in enc.parts]
 
 
@@ -277,7 +284,9 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
                 raise BadTensorSpec(f"tensor {name!r}: a part must be [dtype, shape]")
             got.append((p[0], _check_shape(p[1], limits, name)))
         if got != expected:
-            raise BadTensorSpec(f"tensor {name!r}: parts {got} do not match codec {codec_name!r} for shape {list(shape)}")
+            raise BadTensorSpec(
+                f"tensor {name!r}: parts {got} do not match codec {codec_name!r} for shape {list(shape)}"
+            )
         parts: list[torch.Tensor] = []
         for pdtype_name, pshape in got:
             if cursor >= len(frames):

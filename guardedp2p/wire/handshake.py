@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardedp2p import __version__
-from guardedp2p.errors import HandshakeRejected
 from guardedp2p.designs import DESIGN_NAMES, DESIGNS
+from guardedp2p.errors import HandshakeRejected
 from guardedp2p.wire.messages import WIRE_VERSION
 
 CODEC_DIRECTIONS = ("up", "down", "grad_up", "grad_down")
@@ -44,7 +44,7 @@ class Hello:
         }
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "Hello":
+    def from_meta(cls, meta: dict[str, Any]) -> Hello:
         """Parse a received HELLO; every field is type-checked because it comes from the network."""
 
         def need(key: str, kind: type | tuple[type, ...]) -> Any:
@@ -55,7 +55,9 @@ class Hello:
 
         version = need("wire_version", int)
         if version != WIRE_VERSION:
-            raise HandshakeRejected(f"wire version mismatch: client speaks {version}, provider speaks {WIRE_VERSION}; upgrade the older side")
+            raise HandshakeRejected(
+                f"wire version mismatch: client speaks {version}, provider speaks {WIRE_VERSION}; upgrade the older side"
+            )
         split = need("split", list)
         if len(split) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in split):
             raise HandshakeRejected("HELLO field 'split' must be [bottom_layers, top_layers]")
@@ -69,7 +71,9 @@ class Hello:
             codecs=dict(codecs),
             privacy=need("privacy", dict),
             software=str(meta.get("software", "unknown"))[:100],
-            resume_from_step=int(meta.get("resume_from_step", 0)) if isinstance(meta.get("resume_from_step", 0), int) else 0,
+            resume_from_step=int(meta.get("resume_from_step", 0))
+            if isinstance(meta.get("resume_from_step", 0), int)
+            else 0,
         )
 
 
@@ -89,7 +93,9 @@ def negotiate(hello: Hello, policy: ProviderPolicy) -> dict[str, Any]:
     """Check a HELLO against the provider's policy; return the agreed terms or raise HandshakeRejected."""
     design = DESIGNS.get(hello.protocol)
     if design is None:
-        raise HandshakeRejected(f"unknown protocol {hello.protocol[:40]!r}; this provider knows {', '.join(DESIGN_NAMES)}")
+        raise HandshakeRejected(
+            f"unknown protocol {hello.protocol[:40]!r}; this provider knows {', '.join(DESIGN_NAMES)}"
+        )
     if hello.protocol not in policy.protocols:
         raise HandshakeRejected(
             f"protocol {hello.protocol!r} is not offered by this provider (it serves: {', '.join(policy.protocols)})"

@@ -46,7 +46,9 @@ def __getattr__(name: str) -> object:
     if name in ("PROTOCOLS", "SESSION_TYPES"):
         from guardedp2p.designs import DESIGN_NAMES, DESIGNS
 
-        warnings.warn(f"guardedp2p.wire.messages.{name} moved to guardedp2p.designs.DESIGNS", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"guardedp2p.wire.messages.{name} moved to guardedp2p.designs.DESIGNS", DeprecationWarning, stacklevel=2
+        )
         if name == "PROTOCOLS":
             return DESIGN_NAMES
         return {n: frozenset(MsgType[m] for m in d.session_types) for n, d in DESIGNS.items()}

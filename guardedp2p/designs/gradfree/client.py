@@ -21,8 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from guardedp2p.designs.online.client import RemoteTrunk
 from guardedp2p.designs.gradfree.provider import gradfree_session
+from guardedp2p.designs.online.client import RemoteTrunk
 
 __all__ = ["TrunkOutputCache", "CachedRemoteTrunk", "gradfree_session"]
 
@@ -61,7 +61,9 @@ class TrunkOutputCache:
                 parts = [f.get_tensor(f"p{i}") for i in range(int(meta["nparts"]))]
             shape = tuple(json.loads(meta["shape"]))
             params = json.loads(meta["params"])
-            out = get_codec(meta["codec"]).decode(Encoded(parts=parts, params=params), shape, torch.float32, torch.device("cpu"))
+            out = get_codec(meta["codec"]).decode(
+                Encoded(parts=parts, params=params), shape, torch.float32, torch.device("cpu")
+            )
         except Exception:  # noqa: BLE001 - a damaged cache entry is just a miss
             path.unlink(missing_ok=True)
             return None
@@ -74,7 +76,12 @@ class TrunkOutputCache:
         enc = get_codec(self.codec).encode(value.detach().cpu().float().contiguous())
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"codec": self.codec, "shape": json.dumps(list(value.shape)), "params": json.dumps(enc.params), "nparts": str(len(enc.parts))}
+        meta = {
+            "codec": self.codec,
+            "shape": json.dumps(list(value.shape)),
+            "params": json.dumps(enc.params),
+            "nparts": str(len(enc.parts)),
+        }
         tmp = path.with_suffix(".tmp")
         save_file({f"p{i}": p.contiguous() for i, p in enumerate(enc.parts)}, str(tmp), metadata=meta)
         os.replace(tmp, path)

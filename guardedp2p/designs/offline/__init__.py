@@ -10,6 +10,13 @@ Modules: :mod:`~guardedp2p.designs.offline.emulator` (layer selection, build, di
 resumable download and bundle upload) and :mod:`~guardedp2p.designs.offline.plugin` (provider-side plug-in).
 """
 
+from guardedp2p.crypto.manifest import (
+    BadSignatureError,
+    DigestMismatchError,
+    ManifestFormatError,
+    MissingFileError,
+    verify_artifact,
+)
 from guardedp2p.designs.offline.emulator import (
     DistillConfig,
     Emulator,
@@ -21,13 +28,6 @@ from guardedp2p.designs.offline.emulator import (
     load_emulator,
     save_emulator,
     uniform_drop_indices,
-)
-from guardedp2p.crypto.manifest import (
-    BadSignatureError,
-    DigestMismatchError,
-    ManifestFormatError,
-    MissingFileError,
-    verify_artifact,
 )
 
 __all__ = [

@@ -12,9 +12,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guardedp2p.errors import ConfigError
-from guardedp2p.designs.offline.emulator import DistillConfig, EmulatorConfig, build_emulator, distill_emulator, load_text_examples, save_emulator
 from guardedp2p.crypto.manifest import Manifest, key_fingerprint
+from guardedp2p.designs.offline.emulator import (
+    DistillConfig,
+    EmulatorConfig,
+    build_emulator,
+    distill_emulator,
+    load_text_examples,
+    save_emulator,
+)
+from guardedp2p.errors import ConfigError
 
 log = logging.getLogger("guardedp2p.provider")
 
@@ -33,18 +40,27 @@ class EmulatorBuildOptions:
     include_tokenizer: bool = True
 
 
-def build_emulator_folder(opts: EmulatorBuildOptions, *, model: Any = None, tokenizer: Any = None, signing_key: Any = None, console: Any = None) -> Manifest:
+def build_emulator_folder(
+    opts: EmulatorBuildOptions,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    signing_key: Any = None,
+    console: Any = None,
+) -> Manifest:
     """Load the model (unless given), build the emulator, distil it if asked, write and sign the folder."""
+    from guardedp2p.crypto.keys import load_signing_key
     from guardedp2p.engine.device import pick_device
     from guardedp2p.engine.loading import load_causal_lm
-    from guardedp2p.crypto.keys import load_signing_key
 
     t0 = time.perf_counter()
     opts.emulator.validate()
     opts.distill.validate()
     if signing_key is None:
         if not opts.keys:
-            raise ConfigError("the emulator must be signed: pass --keys DIR holding NAME.sign.key (from `guardedp2p keys generate`)")
+            raise ConfigError(
+                "the emulator must be signed: pass --keys DIR holding NAME.sign.key (from `guardedp2p keys generate`)"
+            )
         signing_key = load_signing_key(opts.keys, opts.key_name)
     if opts.distill.steps > 0 and not opts.distill_data:
         raise ConfigError("--distill-steps needs --distill-data FILE (the provider's own text: .txt, .jsonl, .csv)")
@@ -55,13 +71,33 @@ def build_emulator_folder(opts: EmulatorBuildOptions, *, model: Any = None, toke
         if tokenizer is None:
             raise ConfigError("distillation needs the model's tokenizer")
         examples = load_text_examples(str(opts.distill_data), tokenizer, opts.distill.max_length)
-        distill_emulator(emu, model, examples, opts.distill, pad_id=int(tokenizer.pad_token_id or 0),
-                         checkpoint_dir=Path(opts.out).with_name(Path(opts.out).name + ".distill-ckpt"), console=console, progress=opts.progress)
-    manifest = save_emulator(emu, opts.out, signing_key, tokenizer=tokenizer if opts.include_tokenizer else None, model_name=opts.model,
-                             extra={"built_s": round(time.perf_counter() - t0, 2)})
-    log.info("emulator written to %s: %d of %d middle blocks, %s, %.1f%% of the parameters, signed by %s",
-             opts.out, len(emu.layer_map.middle_kept), len(emu.layer_map.middle), opts.emulator.quantize,
-             100 * (manifest["params"]["fraction_of_full"] or 0), key_fingerprint(signing_key.public_key()))
+        distill_emulator(
+            emu,
+            model,
+            examples,
+            opts.distill,
+            pad_id=int(tokenizer.pad_token_id or 0),
+            checkpoint_dir=Path(opts.out).with_name(Path(opts.out).name + ".distill-ckpt"),
+            console=console,
+            progress=opts.progress,
+        )
+    manifest = save_emulator(
+        emu,
+        opts.out,
+        signing_key,
+        tokenizer=tokenizer if opts.include_tokenizer else None,
+        model_name=opts.model,
+        extra={"built_s": round(time.perf_counter() - t0, 2)},
+    )
+    log.info(
+        "emulator written to %s: %d of %d middle blocks, %s, %.1f%% of the parameters, signed by %s",
+        opts.out,
+        len(emu.layer_map.middle_kept),
+        len(emu.layer_map.middle),
+        opts.emulator.quantize,
+        100 * (manifest["params"]["fraction_of_full"] or 0),
+        key_fingerprint(signing_key.public_key()),
+    )
     return manifest
 
 
@@ -69,7 +105,9 @@ DEMO_KEEP_FRACTION = 0.7
 DEMO_QUANTIZE = "int8"
 
 
-def build_demo_emulator(model: str, out_dir: Path, keys_dir: Path, *, console: Any = None, distill_steps: int = 0) -> Path:
+def build_demo_emulator(
+    model: str, out_dir: Path, keys_dir: Path, *, console: Any = None, distill_steps: int = 0
+) -> Path:
     """The demo's emulator, signed with ``keys_dir/provider.sign.key``: fast, layer drop only by default.
 
     It keeps 70 % of the middle blocks (18 of 26 for SmolLM2-135M; dropping half of them leaves a 135M model
@@ -78,15 +116,24 @@ def build_demo_emulator(model: str, out_dir: Path, keys_dir: Path, *, console: A
     the emulator would learn the demo task's hidden rule from that text, and its zero-shot number would no
     longer be the model's.
     """
-    distill = DistillConfig(steps=distill_steps, batch_size=4, max_length=96, lr=1e-4, w_lm=0.0, warmup_steps=max(0, distill_steps // 10))
+    distill = DistillConfig(
+        steps=distill_steps, batch_size=4, max_length=96, lr=1e-4, w_lm=0.0, warmup_steps=max(0, distill_steps // 10)
+    )
     data = None
     if distill_steps:
         from guardedp2p.data.demo import demo_paths
 
         data = _demo_path(demo_paths(), "aux")
-    opts = EmulatorBuildOptions(model=model, out=str(out_dir), keys=str(keys_dir), key_name="provider",
-                                emulator=EmulatorConfig(keep_fraction=DEMO_KEEP_FRACTION, quantize=DEMO_QUANTIZE),
-                                distill=distill, distill_data=data, progress=console is not None)
+    opts = EmulatorBuildOptions(
+        model=model,
+        out=str(out_dir),
+        keys=str(keys_dir),
+        key_name="provider",
+        emulator=EmulatorConfig(keep_fraction=DEMO_KEEP_FRACTION, quantize=DEMO_QUANTIZE),
+        distill=distill,
+        distill_data=data,
+        progress=console is not None,
+    )
     if console is not None:
         console.print("building the signed emulator for the offline design (layer drop, int8 middle)…")
     build_emulator_folder(opts, console=console)
@@ -98,4 +145,10 @@ def _demo_path(paths: Any, key: str) -> str:
 
 
 def options_summary(opts: EmulatorBuildOptions) -> dict[str, Any]:
-    return {"model": opts.model, "out": opts.out, "emulator": asdict(opts.emulator), "distill": asdict(opts.distill), "distill_data": opts.distill_data}
+    return {
+        "model": opts.model,
+        "out": opts.out,
+        "emulator": asdict(opts.emulator),
+        "distill": asdict(opts.distill),
+        "distill_data": opts.distill_data,
+    }

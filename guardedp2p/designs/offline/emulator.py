@@ -27,20 +27,21 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from guardedp2p.crypto.manifest import Manifest, resolve_in, sign_folder, verify_artifact
+from guardedp2p.designs.offline.quantize import check_scheme, dequantize_state, quantize_state, stored_nbytes
 from guardedp2p.engine.arch import get_arch, get_path, num_layers
 from guardedp2p.engine.split import ClientBottom, ClientTop, ProviderTrunk, SplitConfig, loss_fn
 from guardedp2p.errors import ArtifactError, ConfigError
-from guardedp2p.crypto.manifest import Manifest, resolve_in, sign_folder, verify_artifact
-from guardedp2p.designs.offline.quantize import check_scheme, dequantize_state, quantize_state, stored_nbytes
 
 log = logging.getLogger("guardedp2p.designs.offline")
 
@@ -112,26 +113,37 @@ class LayerMap:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LayerMap":
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerMap:
         try:
             n = int(d["n_layers"])
-            lm = cls(n, tuple(int(i) for i in d["adapter_bottom"]), tuple(int(i) for i in d["adapter_top"]), tuple(int(i) for i in d["middle_kept"]))
+            lm = cls(
+                n,
+                tuple(int(i) for i in d["adapter_bottom"]),
+                tuple(int(i) for i in d["adapter_top"]),
+                tuple(int(i) for i in d["middle_kept"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise EmulatorError(f"the manifest's layer map is incomplete: {exc}") from None
         lm.validate()
         return lm
 
     def validate(self) -> None:
-        n, l, r = self.n_layers, len(self.bottom), len(self.top)
-        if self.bottom != tuple(range(l)) or self.top != tuple(range(n - r, n)) or l < 1:
-            raise EmulatorError(f"adapters must be blocks [0, l) and [N - r, N) with l >= 1, got {self.bottom} / {self.top}")
+        n, k, r = self.n_layers, len(self.bottom), len(self.top)
+        if self.bottom != tuple(range(k)) or self.top != tuple(range(n - r, n)) or k < 1:
+            raise EmulatorError(
+                f"adapters must be blocks [0, l) and [N - r, N) with l >= 1, got {self.bottom} / {self.top}"
+            )
         mk = self.middle_kept
-        if not mk or list(mk) != sorted(set(mk)) or mk[0] < l or mk[-1] >= n - r:
-            raise EmulatorError(f"kept middle blocks {mk} are not increasing indices inside [{l}, {n - r})")
+        if not mk or list(mk) != sorted(set(mk)) or mk[0] < k or mk[-1] >= n - r:
+            raise EmulatorError(f"kept middle blocks {mk} are not increasing indices inside [{k}, {n - r})")
 
 
 def layer_map(
-    n_layers: int, bottom_layers: int = 2, top_layers: int = 2, emulator_layers: int | None = None, keep_fraction: float | None = None,
+    n_layers: int,
+    bottom_layers: int = 2,
+    top_layers: int = 2,
+    emulator_layers: int | None = None,
+    keep_fraction: float | None = None,
 ) -> LayerMap:
     """Uniform layer drop: adapters ``[0, l)`` and ``[N - r, N)`` and ``k`` middle blocks.
 
@@ -347,11 +359,18 @@ def build_emulator(full_model: nn.Module, cfg: EmulatorConfig | None = None) -> 
     skel.to(first.device)
     full_params = count_model_parameters(base)
     emu = Emulator(skel, lmap)
-    middle_all = sum(p.numel() for name, p in base.named_parameters() if _is_block(name, get_arch(base).blocks_path, lmap.middle))
+    middle_all = sum(
+        p.numel() for name, p in base.named_parameters() if _is_block(name, get_arch(base).blocks_path, lmap.middle)
+    )
     emu.info = {
         "full_parameters": full_params,
         "middle_parameters_full": middle_all,
-        "compression": {"method": "uniform-layer-drop", "k": len(lmap.middle_kept), "quantize": cfg.quantize, "middle_dtype": cfg.middle_dtype},
+        "compression": {
+            "method": "uniform-layer-drop",
+            "k": len(lmap.middle_kept),
+            "quantize": cfg.quantize,
+            "middle_dtype": cfg.middle_dtype,
+        },
     }
     return emu
 
@@ -434,8 +453,12 @@ def distill_emulator(
         p.requires_grad_(True)
     decay = [p for p in student.values() if p.ndim >= 2]
     no_decay = [p for p in student.values() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(TrainConfig(steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule="cosine", lr=cfg.lr)))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(TrainConfig(steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule="cosine", lr=cfg.lr))
+    )
     torch.manual_seed(cfg.seed)
     it = BatchIterator(list(examples), cfg.batch_size, seed=cfg.seed, pad_id=pad_id)
     step, history = 0, []
@@ -456,17 +479,40 @@ def distill_emulator(
     def save() -> None:
         if ckpt is None:
             return
-        save_checkpoint(ckpt, {n: p.detach().cpu() for n, p in student.items()},
-                        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
-                        {"kind": "distill", "layers": emu.layer_map.to_dict(), "data": it.state_dict(), "history": history, "config": asdict(cfg)})
+        save_checkpoint(
+            ckpt,
+            {n: p.detach().cpu() for n, p in student.items()},
+            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+            {
+                "kind": "distill",
+                "layers": emu.layer_map.to_dict(),
+                "data": it.state_dict(),
+                "history": history,
+                "config": asdict(cfg),
+            },
+        )
 
     device = next(emu.model.parameters()).device
     ctx: Any = nullcontext()
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        ctx = Progress(TextColumn("[bold]distilling the emulator"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("lm {task.fields[lm]} kd {task.fields[kd]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        ctx = Progress(
+            TextColumn("[bold]distilling the emulator"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("lm {task.fields[lm]} kd {task.fields[kd]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
     t0 = time.perf_counter()
     emu.model.train(False)
     with ctx as bar:
@@ -500,9 +546,16 @@ def distill_emulator(
         p.requires_grad_(False)
         p.grad = None
     summary = {
-        "steps": step, "lr": cfg.lr, "w_lm": cfg.w_lm, "w_kd": cfg.w_kd, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
-        "lm_first": history[0]["lm"] if history else None, "lm_last": history[-1]["lm"] if history else None,
-        "kd_first": history[0]["kd"] if history else None, "kd_last": history[-1]["kd"] if history else None,
+        "steps": step,
+        "lr": cfg.lr,
+        "w_lm": cfg.w_lm,
+        "w_kd": cfg.w_kd,
+        "batch_size": cfg.batch_size,
+        "max_length": cfg.max_length,
+        "lm_first": history[0]["lm"] if history else None,
+        "lm_last": history[-1]["lm"] if history else None,
+        "kd_first": history[0]["kd"] if history else None,
+        "kd_last": history[-1]["kd"] if history else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     emu.info["distillation"] = summary
@@ -517,7 +570,11 @@ def load_text_examples(path: str | Path, tokenizer: Any, max_length: int = 128) 
     if not p.is_file() and not p.is_dir():
         raise ConfigError(f"distillation data {p} does not exist")
     if p.suffix.lower() == ".txt":
-        records = [{"text": line.strip()} for line in p.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        records = [
+            {"text": line.strip()}
+            for line in p.read_text(encoding="utf-8", errors="replace").splitlines()
+            if line.strip()
+        ]
         kind = "lm"
     else:
         from guardedp2p.data.loaders import load_data
@@ -584,22 +641,38 @@ def save_emulator(
     n_mid = sum(t.numel() for t in middle.values())
     body: dict[str, Any] = {
         "kind": EMULATOR_KIND,
-        "model": {"name": model_name, "model_type": cfg.model_type, "num_hidden_layers": num_layers(cfg),
-                  "hidden_size": int(cfg.hidden_size), "vocab_size": int(cfg.vocab_size)},
+        "model": {
+            "name": model_name,
+            "model_type": cfg.model_type,
+            "num_hidden_layers": num_layers(cfg),
+            "hidden_size": int(cfg.hidden_size),
+            "vocab_size": int(cfg.vocab_size),
+        },
         "fingerprint": fp,
         "split": {"bottom_layers": emu.split.bottom_layers, "top_layers": emu.split.top_layers},
         "layers": emu.layer_map.to_dict(),
-        "compression": {"method": "uniform-layer-drop", "k": len(emu.layer_map.middle_kept), "quantize": quantize,
-                        "middle_dtype": middle_dtype, "distillation": emu.info.get("distillation") or None},
+        "compression": {
+            "method": "uniform-layer-drop",
+            "k": len(emu.layer_map.middle_kept),
+            "quantize": quantize,
+            "middle_dtype": middle_dtype,
+            "distillation": emu.info.get("distillation") or None,
+        },
         "params": {
-            "full_model": full, "adapters": n_adapt, "middle_kept": n_mid,
+            "full_model": full,
+            "adapters": n_adapt,
+            "middle_kept": n_mid,
             "middle_full": int(emu.info.get("middle_parameters_full") or 0),
             "shipped": n_adapt + n_mid,
             "fraction_of_full": round((n_adapt + n_mid) / full, 6) if full else None,
             "middle_bytes_stored": stored_nbytes(stored),
         },
-        "files_role": {"config": CONFIG_FILE, "adapters": ADAPTERS_FILE, "middle": MIDDLE_FILE,
-                       "tokenizer": TOKENIZER_DIR if tokenizer is not None else None},
+        "files_role": {
+            "config": CONFIG_FILE,
+            "adapters": ADAPTERS_FILE,
+            "middle": MIDDLE_FILE,
+            "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
+        },
     }
     if extra:
         body["extra"] = dict(extra)
@@ -662,7 +735,9 @@ def load_emulator(
     tensors.update(middle)
     _load_exact(model, {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}, str(folder))
     model.to(device)
-    emu = Emulator(model, lmap, info={"compression": dict(manifest["compression"]), "params": dict(manifest.get("params") or {})})
+    emu = Emulator(
+        model, lmap, info={"compression": dict(manifest["compression"]), "params": dict(manifest.get("params") or {})}
+    )
     fp = model_fingerprint(model, emu.split)
     if fp != manifest["fingerprint"]:
         raise EmulatorError("the received adapters do not match the fingerprint in the signed manifest")

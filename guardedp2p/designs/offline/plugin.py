@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from guardedp2p.errors import ArtifactError
 from guardedp2p.crypto.manifest import (
     MANIFEST_NAME,
     BadSignatureError,
@@ -37,6 +37,7 @@ from guardedp2p.crypto.manifest import (
     read_manifest,
     verify_files,
 )
+from guardedp2p.errors import ArtifactError
 
 BUNDLE_KIND = "adapter-bundle"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -94,11 +95,15 @@ def verify_adapter_bundle(
             raise BadSignatureError("the bundle manifest names no signer key") from None
         key = next((k for k in trusted if public_key_hex(k) == embedded), None)
         if key is None:
-            raise BadSignatureError("the adapter bundle is signed by a key this provider does not trust; add the client's NAME.sign.pub")
+            raise BadSignatureError(
+                "the adapter bundle is signed by a key this provider does not trust; add the client's NAME.sign.pub"
+            )
         manifest = read_manifest(folder, key, kind=BUNDLE_KIND)
         pinned = True
     if sorted(manifest.files) != sorted(ADAPTER_FILES):
-        raise ManifestFormatError(f"an adapter bundle lists exactly {', '.join(ADAPTER_FILES)}; got {', '.join(sorted(manifest.files))}")
+        raise ManifestFormatError(
+            f"an adapter bundle lists exactly {', '.join(ADAPTER_FILES)}; got {', '.join(sorted(manifest.files))}"
+        )
     verify_files(folder, manifest)
     if emulator_manifest_sha256 is not None and manifest.get("emulator_manifest_sha256") != emulator_manifest_sha256:
         raise BundleMismatchError("the adapters were trained on another emulator than the one this provider serves")
@@ -117,7 +122,9 @@ class PluggedModel:
     loaded: dict[str, int]
 
 
-def plug_in(full_model: Any, bundle_dir: str | Path, trusted_keys: Any = None, *, check_fingerprint: bool = True) -> PluggedModel:
+def plug_in(
+    full_model: Any, bundle_dir: str | Path, trusted_keys: Any = None, *, check_fingerprint: bool = True
+) -> PluggedModel:
     """Verify the bundle, then load its LoRA into ``full_model``'s client blocks **in place**.
 
     Pass a copy if the pristine model is still needed. Refuses a bundle made for another base model (the
@@ -135,7 +142,9 @@ def plug_in(full_model: Any, bundle_dir: str | Path, trusted_keys: Any = None, *
     parts = build_client_parts(full_model, split)
     report = load_adapter_into_parts(parts.bottom, parts.top, bundle.folder)
     if report.ignored_keys:
-        raise BundleMismatchError(f"the adapter carries {len(report.ignored_keys)} tensors outside the client blocks, e.g. {report.ignored_keys[0]!r}")
+        raise BundleMismatchError(
+            f"the adapter carries {len(report.ignored_keys)} tensors outside the client blocks, e.g. {report.ignored_keys[0]!r}"
+        )
     full_model.train(False)
     return PluggedModel(full_model, bundle, dict(report.loaded))
 
@@ -150,7 +159,9 @@ def export_peft(bundle_dir: str | Path, out_dir: str | Path, trusted_keys: Any =
     return out
 
 
-def export_merged(pristine_model: Any, bundle_dir: str | Path, out_dir: str | Path, trusted_keys: Any = None, *, tokenizer: Any = None) -> Path:
+def export_merged(
+    pristine_model: Any, bundle_dir: str | Path, out_dir: str | Path, trusted_keys: Any = None, *, tokenizer: Any = None
+) -> Path:
     """Fold the verified LoRA into a copy-free ``pristine_model`` and save a standalone HF folder (safetensors)."""
     from peft import PeftModel
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from guardedp2p.errors import ArtifactError, ConfigError, ProtocolError
-from guardedp2p.wire.messages import MsgType
 from guardedp2p.crypto.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, parse_signature, resolve_in
+from guardedp2p.errors import ArtifactError, ConfigError, ProtocolError
 from guardedp2p.wire.framing import Message
+from guardedp2p.wire.messages import MsgType
 
 log = logging.getLogger("guardedp2p.provider")
 
@@ -89,7 +89,9 @@ def load_catalog(folder: str | Path) -> EmulatorCatalog:
         sig = parse_signature((folder / SIGNATURE_NAME).read_bytes()[:300])
         data = json.loads(raw)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{folder} is not a signed emulator folder ({exc}); build one with `guardedp2p provider emulator build`") from None
+        raise ConfigError(
+            f"{folder} is not a signed emulator folder ({exc}); build one with `guardedp2p provider emulator build`"
+        ) from None
     if not isinstance(data, dict) or data.get("kind") != "emulator" or not isinstance(data.get("files"), dict):
         raise ConfigError(f"{folder / MANIFEST_NAME} is not an emulator manifest")
     files: dict[str, tuple[Path, FileEntry]] = {}
@@ -140,15 +142,27 @@ class OfflineSession:
         self.staging: Path | None = None
         self.received: dict[str, int] = {}
         self.bytes_served = 0
-        self.handlers = {MsgType.MANIFEST_REQ: self.on_manifest_req, MsgType.CHUNK_REQ: self.on_chunk_req, MsgType.UPLOAD: self.on_upload}
+        self.handlers = {
+            MsgType.MANIFEST_REQ: self.on_manifest_req,
+            MsgType.CHUNK_REQ: self.on_chunk_req,
+            MsgType.UPLOAD: self.on_upload,
+        }
 
     # ------------------------------------------------------------------ download
     def on_manifest_req(self, msg: Message) -> Message:
         c = self.catalog
-        return Message(MsgType.MANIFEST, session=self.sid, step=msg.step, meta={
-            "kind": "emulator", "manifest": c.manifest_raw.decode("ascii"), "signature": c.signature.hex(),
-            "total_bytes": c.total_bytes, "max_chunk": MAX_CHUNK,
-        })
+        return Message(
+            MsgType.MANIFEST,
+            session=self.sid,
+            step=msg.step,
+            meta={
+                "kind": "emulator",
+                "manifest": c.manifest_raw.decode("ascii"),
+                "signature": c.signature.hex(),
+                "total_bytes": c.total_bytes,
+                "max_chunk": MAX_CHUNK,
+            },
+        )
 
     def on_chunk_req(self, msg: Message) -> Message:
         t0 = time.perf_counter()
@@ -163,10 +177,21 @@ class OfflineSession:
             data = fh.read(min(length, entry.size - offset))
         self.bytes_served += len(data)
         tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        return Message(MsgType.CHUNK, session=self.sid, step=msg.step, tensors={"data": tensor}, meta={
-            "file": name, "offset": offset, "length": len(data), "size": entry.size, "eof": offset + len(data) >= entry.size,
-            "sha256": hashlib.sha256(data).hexdigest(), "compute_s": time.perf_counter() - t0,
-        })
+        return Message(
+            MsgType.CHUNK,
+            session=self.sid,
+            step=msg.step,
+            tensors={"data": tensor},
+            meta={
+                "file": name,
+                "offset": offset,
+                "length": len(data),
+                "size": entry.size,
+                "eof": offset + len(data) >= entry.size,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "compute_s": time.perf_counter() - t0,
+            },
+        )
 
     # ------------------------------------------------------------------ upload
     def _upload_root(self) -> Path:
@@ -184,14 +209,18 @@ class OfflineSession:
             raise UploadRefused(f"an adapter bundle holds only {', '.join(BUNDLE_FILES)}; got {str(name)[:80]!r}")
         total = _int(msg.meta, "total", 0, 1 << 50)
         if total > self.max_upload:
-            raise UploadRefused(f"{name} of {total} bytes exceeds this provider's upload limit of {self.max_upload} bytes")
+            raise UploadRefused(
+                f"{name} of {total} bytes exceeds this provider's upload limit of {self.max_upload} bytes"
+            )
         offset = _int(msg.meta, "offset", 0, total)
         digest = msg.meta.get("sha256")
         if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX64:
             raise BadRequest("meta field 'sha256' must be 64 lowercase hex digits")
         data = _bytes_tensor(msg)
         if hashlib.sha256(data).hexdigest() != digest:
-            raise UploadRefused(f"chunk of {name} at offset {offset} does not match its SHA-256 (corrupted); send it again")
+            raise UploadRefused(
+                f"chunk of {name} at offset {offset} does not match its SHA-256 (corrupted); send it again"
+            )
         if offset + len(data) > total:
             raise UploadRefused(f"chunk runs past the declared size of {name} ({total} bytes)")
         have = self.received.get(name, 0)
@@ -222,7 +251,8 @@ class OfflineSession:
             raise UploadRefused(f"commit before the whole bundle arrived (missing {', '.join(missing)})")
         try:
             verified = verify_adapter_bundle(
-                self.staging, self.app.resources.get("client_verify_keys"),
+                self.staging,
+                self.app.resources.get("client_verify_keys"),
                 emulator_manifest_sha256=self.catalog.manifest_sha256,
             )
         except ArtifactError as exc:
@@ -234,15 +264,27 @@ class OfflineSession:
         shutil.rmtree(final, ignore_errors=True)
         self.staging.rename(final)
         self.staging, self.received = None, {}
-        log.info("session %s: adapter bundle %s accepted (signer %s, pinned=%s)", self.sid[:8], bundle_id, verified.signer, verified.signer_pinned)
+        log.info(
+            "session %s: adapter bundle %s accepted (signer %s, pinned=%s)",
+            self.sid[:8],
+            bundle_id,
+            verified.signer,
+            verified.signer_pinned,
+        )
         hook = self.app.resources.get("on_adapter_bundle")
         if callable(hook):
             try:
                 hook(final, verified)
             except Exception:  # noqa: BLE001 - a failing local hook must not fail the client's upload
                 log.exception("the on_adapter_bundle hook failed for %s", final)
-        return {"committed": True, "bundle_id": bundle_id, "verified": True, "signer": verified.signer,
-                "signer_pinned": verified.signer_pinned, "bundle_sha256": verified.manifest.sha256}
+        return {
+            "committed": True,
+            "bundle_id": bundle_id,
+            "verified": True,
+            "signer": verified.signer,
+            "signer_pinned": verified.signer_pinned,
+            "bundle_sha256": verified.manifest.sha256,
+        }
 
     # ------------------------------------------------------------------ lifecycle
     def expire(self, now: float) -> None:

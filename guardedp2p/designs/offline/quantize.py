@@ -22,7 +22,7 @@ suffixes; anything else in the file is an error.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -35,10 +35,22 @@ _SUFFIXES = (".__qcodes", ".__qscale", ".__qmin", ".__qshape")
 #: The 16 NF4 levels of QLoRA (Dettmers et al., 2023), quantiles of N(0, 1) rescaled to [-1, 1].
 NF4_LEVELS = torch.tensor(
     [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-        0.7229568362236023, 1.0,
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
     ],
     dtype=torch.float32,
 )
@@ -88,7 +100,12 @@ def quantize_tensor(w: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
             s = 1.0  # constant tensor: every code is 0, w^ = min exactly
         q = torch.round((x - lo) / s).clamp_(0, levels).to(torch.uint8)
         codes = q if bits == 8 else _pack4(q)
-        return {".__qcodes": codes, ".__qscale": torch.tensor([s], dtype=torch.float32), ".__qmin": torch.tensor([lo], dtype=torch.float32), ".__qshape": shape}
+        return {
+            ".__qcodes": codes,
+            ".__qscale": torch.tensor([s], dtype=torch.float32),
+            ".__qmin": torch.tensor([lo], dtype=torch.float32),
+            ".__qshape": shape,
+        }
     if scheme == "nf4":
         n = x.numel()
         pad = (-n) % NF4_BLOCK
@@ -102,7 +119,9 @@ def quantize_tensor(w: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
     raise ConfigError("scheme 'none' stores tensors as they are")
 
 
-def dequantize_tensor(parts: Mapping[str, torch.Tensor], scheme: str, dtype: torch.dtype, name: str = "tensor") -> torch.Tensor:
+def dequantize_tensor(
+    parts: Mapping[str, torch.Tensor], scheme: str, dtype: torch.dtype, name: str = "tensor"
+) -> torch.Tensor:
     """Rebuild the float tensor from its stored parts, checking every size first."""
     try:
         codes, scale, shape_t = parts[".__qcodes"], parts[".__qscale"], parts[".__qshape"]
@@ -127,7 +146,9 @@ def dequantize_tensor(parts: Mapping[str, torch.Tensor], scheme: str, dtype: tor
     if scheme == "nf4":
         blocks = -(-n // NF4_BLOCK)
         if codes.numel() != (n + 1) // 2 or scale.numel() != blocks:
-            raise QuantizedFormatError(f"{name}: nf4 sizes do not fit shape {shape} ({codes.numel()} bytes, {scale.numel()} scales)")
+            raise QuantizedFormatError(
+                f"{name}: nf4 sizes do not fit shape {shape} ({codes.numel()} bytes, {scale.numel()} scales)"
+            )
         q = _unpack4(codes.reshape(-1), n).long()
         vals = NF4_LEVELS[q]
         pad = blocks * NF4_BLOCK - n
@@ -136,7 +157,9 @@ def dequantize_tensor(parts: Mapping[str, torch.Tensor], scheme: str, dtype: tor
     raise QuantizedFormatError(f"{name}: unknown quantization scheme {scheme!r}")
 
 
-def quantize_state(state: Mapping[str, torch.Tensor], scheme: str, float_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def quantize_state(
+    state: Mapping[str, torch.Tensor], scheme: str, float_dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Tensors as stored on disk: quantized parts for weight matrices, ``float_dtype`` copies of the rest."""
     check_scheme(scheme)
     out: dict[str, torch.Tensor] = {}
@@ -152,7 +175,9 @@ def quantize_state(state: Mapping[str, torch.Tensor], scheme: str, float_dtype: 
     return out
 
 
-def dequantize_state(stored: Mapping[str, torch.Tensor], scheme: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def dequantize_state(
+    stored: Mapping[str, torch.Tensor], scheme: str, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Inverse of :func:`quantize_state`; float tensors come back as ``dtype``."""
     check_scheme(scheme)
     groups: dict[str, dict[str, torch.Tensor]] = {}

@@ -18,19 +18,20 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from guardedp2p.errors import ConfigError, ProviderShuttingDown, RateLimited, RemoteError, TransportError
-from guardedp2p.wire.handshake import Hello
 from guardedp2p.crypto.manifest import DigestMismatchError
+from guardedp2p.errors import ConfigError, ProviderShuttingDown, RateLimited, RemoteError, TransportError
 from guardedp2p.protocol.client import ClientSession, WireStats
 from guardedp2p.service.client import TrainingInterrupted, TuneOptions, _evaluate, _primary, prepare_data
+from guardedp2p.wire.handshake import Hello
 
 log = logging.getLogger("guardedp2p.client")
 
@@ -64,7 +65,13 @@ def _signing_key(off: OfflineOptions) -> tuple[Any, bool]:
     return Ed25519PrivateKey.generate(), False
 
 
-def _metrics_of(logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], data: Any, tok: Any, opts: TuneOptions, device: torch.device) -> dict[str, float]:
+def _metrics_of(
+    logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    data: Any,
+    tok: Any,
+    opts: TuneOptions,
+    device: torch.device,
+) -> dict[str, float]:
     return _evaluate(SimpleNamespace(logits_fn=logits_fn), data, tok, opts, device)
 
 
@@ -74,21 +81,47 @@ def _full_logits_fn(model: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.
     return logits_fn_of(model)
 
 
-def _train(trainer: Any, iterator: Any, steps: int, device: torch.device, *, label: str, progress: bool, console: Any,
-           on_step: Callable[[Any], None] | None = None, history: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def _train(
+    trainer: Any,
+    iterator: Any,
+    steps: int,
+    device: torch.device,
+    *,
+    label: str,
+    progress: bool,
+    console: Any,
+    on_step: Callable[[Any], None] | None = None,
+    history: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     history = [] if history is None else history
     ctx: Any = nullcontext()
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        ctx = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                       TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        ctx = Progress(
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
     with ctx as bar:
         task = bar.add_task(label, total=steps, completed=trainer.step, loss="-") if bar is not None else None
         while trainer.step < steps:
             micro = [{k: v.to(device) for k, v in next(iterator).items()} for _ in range(trainer.cfg.grad_accum)]
             res = trainer.train_step(micro)
-            history.append({"step": res.step, "loss": round(res.loss, 5), "task_loss": round(res.task_loss, 5), "lr": res.lr})
+            history.append(
+                {"step": res.step, "loss": round(res.loss, 5), "task_loss": round(res.task_loss, 5), "lr": res.lr}
+            )
             if bar is not None:
                 bar.update(task, completed=trainer.step, loss=f"{res.task_loss:.3f}")
             if on_step is not None:
@@ -115,7 +148,13 @@ def _attach(bottom: Any, top: Any, opts: TuneOptions) -> None:
 
     cfg = opts.train
     torch.manual_seed(cfg.seed)  # same LoRA init for the emulator run and the full-model baseline
-    attach_lora(bottom, top, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_targets), bottom=True, top=True)
+    attach_lora(
+        bottom,
+        top,
+        LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_targets),
+        bottom=True,
+        top=True,
+    )
 
 
 def tune_offline(
@@ -132,12 +171,12 @@ def tune_offline(
     ``base_model``/``base_tokenizer``: the public base model for the baselines (loaded from ``opts.model``
     when not given; never handed to the emulator code).
     """
+    from guardedp2p.crypto.manifest import key_fingerprint
     from guardedp2p.data.collate import BatchIterator
+    from guardedp2p.designs.offline.emulator import load_emulator
+    from guardedp2p.designs.offline.transfer import TransferStats, download_emulator, make_adapter_bundle, upload_bundle
     from guardedp2p.engine.lora import save_adapter
     from guardedp2p.engine.split import loss_fn
-    from guardedp2p.designs.offline.emulator import load_emulator
-    from guardedp2p.crypto.manifest import key_fingerprint
-    from guardedp2p.designs.offline.transfer import TransferStats, download_emulator, make_adapter_bundle, upload_bundle
     from guardedp2p.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
     from guardedp2p.train.trainer import SplitTrainer
 
@@ -177,7 +216,11 @@ def tune_offline(
             except (ProviderShuttingDown, RateLimited) as exc:
                 # the provider said why it cannot serve us now: retrying within seconds cannot help
                 state["session"] = None
-                why = "the provider is shutting down (its operator stopped it)" if isinstance(exc, ProviderShuttingDown) else str(exc)
+                why = (
+                    "the provider is shutting down (its operator stopped it)"
+                    if isinstance(exc, ProviderShuttingDown)
+                    else str(exc)
+                )
                 raise TrainingInterrupted(
                     f"{what} stopped: {why}. What was done is kept in {out}; run the same command again (with --resume) "
                     "once the provider is back."
@@ -197,7 +240,15 @@ def tune_offline(
     # ---------------------------------------------------------------- 1. the emulator (one-off download)
     tstats = TransferStats()
     manifest, tstats = with_retries(
-        lambda s: download_emulator(s, emu_dir, off.provider_verify_key, chunk_size=off.chunk_size, progress=opts.progress, console=console, stats=tstats),
+        lambda s: download_emulator(
+            s,
+            emu_dir,
+            off.provider_verify_key,
+            chunk_size=off.chunk_size,
+            progress=opts.progress,
+            console=console,
+            stats=tstats,
+        ),
         "downloading the emulator",
     )
     download_wire = stats.total_down
@@ -211,7 +262,13 @@ def tune_offline(
     emu = loaded.emulator
     split = emu.split
     if (split.bottom_layers, split.top_layers) != (opts.bottom_layers, opts.top_layers):
-        log.warning("the emulator fixes the split at %d/%d blocks (asked for %d/%d)", split.bottom_layers, split.top_layers, opts.bottom_layers, opts.top_layers)
+        log.warning(
+            "the emulator fixes the split at %d/%d blocks (asked for %d/%d)",
+            split.bottom_layers,
+            split.top_layers,
+            opts.bottom_layers,
+            opts.top_layers,
+        )
     tok = loaded.tokenizer
     if tok is None:
         from guardedp2p.engine.loading import load_causal_lm
@@ -232,17 +289,28 @@ def tune_offline(
     if opts.resume and has_checkpoint(ckpt_dir):
         trainable, tstate, meta = load_checkpoint(ckpt_dir)
         if meta.get("protocol") != "offline" or meta.get("emulator") != manifest.sha256:
-            raise ConfigError(f"the checkpoint in {ckpt_dir} is for another run or emulator; use a new --out or drop --resume")
+            raise ConfigError(
+                f"the checkpoint in {ckpt_dir} is for another run or emulator; use a new --out or drop --resume"
+            )
         trainer.load_trainable_state(trainable)
         trainer.load_state_dict(tstate)
         iterator.load_state_dict(meta["data"])
         history, resumed_from = list(meta.get("history", [])), trainer.step
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt_dir, trainer.trainable_state(), trainer.state_dict(), {
-            "protocol": "offline", "emulator": manifest.sha256, "fingerprint": manifest["fingerprint"],
-            "data": iterator.state_dict(), "history": history, "train": opts.train.to_dict(),
-        })
+        save_checkpoint(
+            ckpt_dir,
+            trainer.trainable_state(),
+            trainer.state_dict(),
+            {
+                "protocol": "offline",
+                "emulator": manifest.sha256,
+                "fingerprint": manifest["fingerprint"],
+                "data": iterator.state_dict(),
+                "history": history,
+                "train": opts.train.to_dict(),
+            },
+        )
 
     def on_step(res: Any) -> None:
         if opts.train.checkpoint_every and trainer.step % opts.train.checkpoint_every == 0:
@@ -252,8 +320,17 @@ def tune_offline(
     if not opts.skip_eval and resumed_from == 0:
         emu_before = _metrics_of(trainer.logits_fn, data, tok, opts, device)
     t_train = time.perf_counter()
-    _train(trainer, iterator, opts.train.steps, device, label="offline tuning (emulator)", progress=opts.progress, console=console,
-           on_step=on_step, history=history)
+    _train(
+        trainer,
+        iterator,
+        opts.train.steps,
+        device,
+        label="offline tuning (emulator)",
+        progress=opts.progress,
+        console=console,
+        on_step=on_step,
+        history=history,
+    )
     train_s = time.perf_counter() - t_train
     checkpoint()
     emu_after = {} if opts.skip_eval else _metrics_of(trainer.logits_fn, data, tok, opts, device)
@@ -263,23 +340,39 @@ def tune_offline(
     # ---------------------------------------------------------------- 3. signed upload of the adapters
     sk, pinned_key = _signing_key(off)
     bundle_dir = out / "bundle"
-    bundle = make_adapter_bundle(adapter_dir, bundle_dir, sk, emulator_manifest=manifest, extra={
-        "steps": trainer.step, "lr": opts.train.lr, "batch_size": opts.train.batch_size, "lora_r": opts.train.lora_r, "seed": opts.train.seed,
-    })
+    bundle = make_adapter_bundle(
+        adapter_dir,
+        bundle_dir,
+        sk,
+        emulator_manifest=manifest,
+        extra={
+            "steps": trainer.step,
+            "lr": opts.train.lr,
+            "batch_size": opts.train.batch_size,
+            "lora_r": opts.train.lora_r,
+            "seed": opts.train.seed,
+        },
+    )
     up0 = stats.total_up
-    ack = with_retries(lambda s: upload_bundle(s, bundle_dir, chunk_size=off.chunk_size), "uploading the adapter bundle")
+    ack = with_retries(
+        lambda s: upload_bundle(s, bundle_dir, chunk_size=off.chunk_size), "uploading the adapter bundle"
+    )
     upload_wire = stats.total_up - up0
     if state["session"] is not None:
         state["session"].close()
 
     # ---------------------------------------------------------------- 4. the five numbers
-    five: dict[str, Any] = {"emulator_zero_shot": _primary(emu_before) if emu_before else math.nan,
-                            "emulator_finetune": _primary(emu_after) if emu_after else math.nan}
+    five: dict[str, Any] = {
+        "emulator_zero_shot": _primary(emu_before) if emu_before else math.nan,
+        "emulator_finetune": _primary(emu_after) if emu_after else math.nan,
+    }
     all_metrics: dict[str, Any] = {"emulator_zero_shot": emu_before, "emulator_finetune": emu_after}
     baseline_note = PLUG_IN_NOTE
     full_history: list[dict[str, Any]] = []
     if off.baselines and not opts.skip_eval:
-        five_more, more_metrics, full_history, baseline_note = _baselines(opts, manifest, bundle_dir, sk, data, device, console, base_model, base_tokenizer, tok)
+        five_more, more_metrics, full_history, baseline_note = _baselines(
+            opts, manifest, bundle_dir, sk, data, device, console, base_model, base_tokenizer, tok
+        )
         five.update(five_more)
         all_metrics.update(more_metrics)
     else:
@@ -300,7 +393,10 @@ def tune_offline(
         "eval_after": five["emulator_finetune"],
         "eval_before_all": emu_before,
         "eval_after_all": emu_after,
-        **{k: five[k] for k in ("zero_shot_full", "full_finetune", "emulator_zero_shot", "emulator_finetune", "plug_in")},
+        **{
+            k: five[k]
+            for k in ("zero_shot_full", "full_finetune", "emulator_zero_shot", "emulator_finetune", "plug_in")
+        },
         "five_numbers_all": all_metrics,
         "utility_gap": five["plug_in"] - five["full_finetune"],  # utility claim: ~ 0
         "ip_gap": five["plug_in"] - five["emulator_finetune"],  # IP claim: plug-in clearly better than the emulator
@@ -321,8 +417,13 @@ def tune_offline(
         "gradient_bytes": 0,
         "param_fraction": params.get("fraction_of_full"),
         "params": params,
-        "emulator": {"layers": manifest["layers"], "compression": manifest["compression"], "fingerprint": manifest["fingerprint"],
-                     "manifest_sha256": manifest.sha256, "signer": manifest["signer"]["fingerprint"]},
+        "emulator": {
+            "layers": manifest["layers"],
+            "compression": manifest["compression"],
+            "fingerprint": manifest["fingerprint"],
+            "manifest_sha256": manifest.sha256,
+            "signer": manifest["signer"]["fingerprint"],
+        },
         "upload_ack": {k: ack.get(k) for k in ("bundle_id", "verified", "signer", "signer_pinned")},
         "client_signer": key_fingerprint(sk.public_key()),
         "client_signer_persistent": pinned_key,
@@ -346,14 +447,24 @@ def _ppl_gap(metrics: dict[str, Any]) -> float:
         return math.nan
 
 
-def _baselines(opts: TuneOptions, manifest: Any, bundle_dir: Path, sk: Any, data: Any, device: torch.device, console: Any,
-               base_model: Any, base_tokenizer: Any, tok: Any) -> tuple[dict[str, float], dict[str, Any], list[dict[str, Any]], str]:
+def _baselines(
+    opts: TuneOptions,
+    manifest: Any,
+    bundle_dir: Path,
+    sk: Any,
+    data: Any,
+    device: torch.device,
+    console: Any,
+    base_model: Any,
+    base_tokenizer: Any,
+    tok: Any,
+) -> tuple[dict[str, float], dict[str, Any], list[dict[str, Any]], str]:
     """zero_shot_full, full_finetune (same adapters, seed, data order and steps on the full model) and plug_in."""
     from guardedp2p.data.collate import BatchIterator
+    from guardedp2p.designs.offline.plugin import plug_in
     from guardedp2p.engine.fingerprint import model_fingerprint
     from guardedp2p.engine.loading import load_causal_lm
     from guardedp2p.engine.split import SplitConfig, build_client_parts, build_trunk, loss_fn
-    from guardedp2p.designs.offline.plugin import plug_in
     from guardedp2p.train.trainer import SplitTrainer
 
     if base_model is None:
@@ -362,7 +473,12 @@ def _baselines(opts: TuneOptions, manifest: Any, bundle_dir: Path, sk: Any, data
     if model_fingerprint(base_model, split) != manifest["fingerprint"]:
         log.warning("the local base model is not the provider's: baselines skipped")
         nan = math.nan
-        return {"zero_shot_full": nan, "full_finetune": nan, "plug_in": nan}, {}, [], "baselines skipped: the local model is not the provider's base model"
+        return (
+            {"zero_shot_full": nan, "full_finetune": nan, "plug_in": nan},
+            {},
+            [],
+            "baselines skipped: the local model is not the provider's base model",
+        )
     pristine = copy.deepcopy(base_model)
     for p in pristine.parameters():
         p.requires_grad_(False)
@@ -377,9 +493,24 @@ def _baselines(opts: TuneOptions, manifest: Any, bundle_dir: Path, sk: Any, data
     parts = build_client_parts(ft_model, split)
     trunk = build_trunk(ft_model, split)
     _attach(parts.bottom, parts.top, opts)
-    trainer = SplitTrainer(parts.bottom, parts.top, lambda h1, mask, *, train, input_ids: trunk(h1, mask), opts.train, loss_fn=loss_fn, train_bottom=True)
+    trainer = SplitTrainer(
+        parts.bottom,
+        parts.top,
+        lambda h1, mask, *, train, input_ids: trunk(h1, mask),
+        opts.train,
+        loss_fn=loss_fn,
+        train_bottom=True,
+    )
     iterator = BatchIterator(data.train_examples, opts.train.batch_size, seed=opts.train.seed, pad_id=tok.pad_token_id)
-    hist = _train(trainer, iterator, opts.train.steps, device, label="baseline: tuning the full model", progress=opts.progress, console=console)
+    hist = _train(
+        trainer,
+        iterator,
+        opts.train.steps,
+        device,
+        label="baseline: tuning the full model",
+        progress=opts.progress,
+        console=console,
+    )
     ft = _metrics_of(trainer.logits_fn, data, tok, opts, device)
     five = {"zero_shot_full": _primary(zs), "full_finetune": _primary(ft), "plug_in": _primary(pi)}
     return five, {"zero_shot_full": zs, "full_finetune": ft, "plug_in": pi}, hist, PLUG_IN_NOTE

@@ -19,15 +19,14 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from guardedp2p.errors import ProtocolError
-from guardedp2p.wire.messages import MsgType
 from guardedp2p.crypto.manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -41,7 +40,9 @@ from guardedp2p.crypto.manifest import (
     verify_manifest_bytes,
 )
 from guardedp2p.designs.offline.plugin import ADAPTER_FILES, BUNDLE_KIND
+from guardedp2p.errors import ProtocolError
 from guardedp2p.wire.framing import Message
+from guardedp2p.wire.messages import MsgType
 
 log = logging.getLogger("guardedp2p.client")
 
@@ -66,8 +67,14 @@ class TransferStats:
     by_file: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"files": self.files, "chunks": self.chunks, "bytes_fetched": self.bytes_fetched, "bytes_resumed": self.bytes_resumed,
-                "bytes_total": self.bytes_total, "seconds": round(self.seconds, 3)}
+        return {
+            "files": self.files,
+            "chunks": self.chunks,
+            "bytes_fetched": self.bytes_fetched,
+            "bytes_resumed": self.bytes_resumed,
+            "bytes_total": self.bytes_total,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 class _Steps:
@@ -88,7 +95,9 @@ def fetch_manifest(session: Any, verify_key: Any, steps: _Steps | None = None) -
     text, sig = reply.meta.get("manifest"), reply.meta.get("signature")
     if not isinstance(text, str) or not isinstance(sig, str):
         raise ProtocolError("the MANIFEST reply carries no manifest text and signature")
-    return verify_manifest_bytes(text.encode("ascii", errors="strict"), parse_signature(sig), verify_key, kind="emulator")
+    return verify_manifest_bytes(
+        text.encode("ascii", errors="strict"), parse_signature(sig), verify_key, kind="emulator"
+    )
 
 
 def _progress(enabled: bool, console: Any, total: int, done: int, label: str) -> tuple[Any, Any]:
@@ -96,7 +105,14 @@ def _progress(enabled: bool, console: Any, total: int, done: int, label: str) ->
         return nullcontext(), None
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=console)
+    bar = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
     return bar, (total, done)
 
 
@@ -156,7 +172,10 @@ def download_emulator(
             with open(part, "ab") as fh:
                 while offset < e.size:
                     want = min(chunk_size, e.size - offset)
-                    reply = session.request(Message(MsgType.CHUNK_REQ, step=steps(), meta={"file": name, "offset": offset, "length": want}), expect=MsgType.CHUNK)
+                    reply = session.request(
+                        Message(MsgType.CHUNK_REQ, step=steps(), meta={"file": name, "offset": offset, "length": want}),
+                        expect=MsgType.CHUNK,
+                    )
                     data = _chunk_bytes(reply, name, offset, want)
                     fh.write(data)
                     fh.flush()
@@ -169,7 +188,9 @@ def download_emulator(
                 os.fsync(fh.fileno())
             if sha256_file(part) != e.sha256:
                 part.unlink()
-                raise DigestMismatchError(f"{name} does not hash to the signed SHA-256 after download; it will be fetched again")
+                raise DigestMismatchError(
+                    f"{name} does not hash to the signed SHA-256 after download; it will be fetched again"
+                )
             os.replace(part, final)
             stats.files += 1
     (dest / MANIFEST_NAME).write_bytes(manifest.raw)
@@ -212,7 +233,11 @@ def make_adapter_bundle(
         "base_fingerprint": emulator_manifest["fingerprint"],
         "split": dict(emulator_manifest["split"]),
         "emulator_manifest_sha256": emulator_manifest.sha256,
-        "adapter": {"format": "peft-lora", "client_layers": list(emulator_manifest["layers"]["adapter_bottom"]) + list(emulator_manifest["layers"]["adapter_top"])},
+        "adapter": {
+            "format": "peft-lora",
+            "client_layers": list(emulator_manifest["layers"]["adapter_bottom"])
+            + list(emulator_manifest["layers"]["adapter_top"]),
+        },
     }
     if extra:
         body["training"] = dict(extra)
@@ -232,13 +257,26 @@ def upload_bundle(session: Any, bundle_dir: str | Path, *, chunk_size: int = CHU
             piece = data[offset : offset + chunk_size]
             last = offset + len(piece) >= len(data)
             commit = last and i == len(order) - 1
-            tensor = torch.frombuffer(bytearray(piece), dtype=torch.uint8) if piece else torch.empty(0, dtype=torch.uint8)
-            msg = Message(MsgType.UPLOAD, step=steps(), tensors={"data": tensor}, meta={
-                "file": name, "offset": offset, "total": len(data), "sha256": hashlib.sha256(piece).hexdigest(), "commit": commit,
-            })
+            tensor = (
+                torch.frombuffer(bytearray(piece), dtype=torch.uint8) if piece else torch.empty(0, dtype=torch.uint8)
+            )
+            msg = Message(
+                MsgType.UPLOAD,
+                step=steps(),
+                tensors={"data": tensor},
+                meta={
+                    "file": name,
+                    "offset": offset,
+                    "total": len(data),
+                    "sha256": hashlib.sha256(piece).hexdigest(),
+                    "commit": commit,
+                },
+            )
             reply = session.request(msg, expect=MsgType.UPLOAD_ACK)
             if reply.meta.get("received") != offset + len(piece):
-                raise TransferError(f"the provider acknowledged {reply.meta.get('received')} bytes of {name}, expected {offset + len(piece)}")
+                raise TransferError(
+                    f"the provider acknowledged {reply.meta.get('received')} bytes of {name}, expected {offset + len(piece)}"
+                )
             offset += len(piece)
             if commit:
                 result = dict(reply.meta)

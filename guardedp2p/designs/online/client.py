@@ -13,8 +13,8 @@ import torch
 
 from guardedp2p.designs.online.provider import CodecMismatch, _lossy
 from guardedp2p.errors import ProtocolError
-from guardedp2p.wire.messages import MsgType
 from guardedp2p.wire.framing import Message
+from guardedp2p.wire.messages import MsgType
 
 
 class RemoteTrunk:

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from guardedp2p.errors import ProtocolError
-from guardedp2p.wire.messages import MsgType
 from guardedp2p.protocol.provider import Deferred
 from guardedp2p.wire.framing import Message
+from guardedp2p.wire.messages import MsgType
 
 
 class ReplayedStep(ProtocolError):
@@ -47,7 +47,7 @@ class _Pending:
 class ActRequest:
     """An ACT_UP that passed every check and owns its step: all that computing and answering it needs."""
 
-    session: "TrunkSession"
+    session: TrunkSession
     step: int
     h: torch.Tensor  # as received (this is what the recorder stores)
     mask: torch.Tensor  # int64, 0/1
@@ -107,16 +107,25 @@ class TrunkSession:
         Everything that can be refused is refused here, before any compute, so that a batch of requests can only
         fail as a whole for reasons that are the provider's, never one peer's."""
         if msg.step <= self.last_step:
-            raise ReplayedStep(f"step {msg.step} is not after the last step {self.last_step} (replayed or out of order)")
+            raise ReplayedStep(
+                f"step {msg.step} is not after the last step {self.last_step} (replayed or out of order)"
+            )
         h = msg.tensors.get("h")
         mask = msg.tensors.get("mask")
         if h is None or mask is None:
             raise BadActivation("ACT_UP must carry tensors 'h' (activations) and 'mask' (attention mask)")
         if msg.codec_of("h") != self.codecs["up"]:
-            raise CodecMismatch(f"activations arrived as {msg.codec_of('h')!r}, the session negotiated {self.codecs['up']!r}")
+            raise CodecMismatch(
+                f"activations arrived as {msg.codec_of('h')!r}, the session negotiated {self.codecs['up']!r}"
+            )
         if h.dim() != 3 or h.shape[-1] != self.hidden_size:
             raise BadActivation(f"activations must have shape [batch, seq, {self.hidden_size}], got {list(h.shape)}")
-        if tuple(mask.shape) != tuple(h.shape[:2]) or mask.dtype not in (torch.bool, torch.int8, torch.uint8, torch.int64):
+        if tuple(mask.shape) != tuple(h.shape[:2]) or mask.dtype not in (
+            torch.bool,
+            torch.int8,
+            torch.uint8,
+            torch.int64,
+        ):
             raise BadActivation(f"mask must be [batch, seq] of 0/1, got {list(mask.shape)} {mask.dtype}")
         if h.shape[0] * h.shape[1] > self.app.config.max_tokens_per_step:
             raise BadActivation(f"{h.shape[0] * h.shape[1]} tokens exceed this provider's limit per step")
@@ -127,7 +136,9 @@ class TrunkSession:
             raise BadActivation("mask values must be 0 or 1")
         train = bool(msg.meta.get("train", False)) and self.keep_graph
         if train and len(self.pending) >= self.app.config.max_inflight_steps:
-            raise ProtocolError(f"too many steps in flight (limit {self.app.config.max_inflight_steps}); send GRAD_UP first")
+            raise ProtocolError(
+                f"too many steps in flight (limit {self.app.config.max_inflight_steps}); send GRAD_UP first"
+            )
         self.last_step = msg.step
         return ActRequest(self, msg.step, h, mask, msg.meta, train)
 
@@ -148,7 +159,9 @@ class TrunkSession:
     def reply_act_up(self, req: ActRequest, out_cpu: torch.Tensor, compute_s: float, batched: int = 1) -> Message:
         """Record what this session's provider observed (per session, also when batched) and build ACT_DOWN."""
         if self.recorder is not None:
-            self.recorder.record(self.sid, req.step, "forward", {"h1": req.h, "mask": req.mask, "h2": out_cpu}, req.meta)
+            self.recorder.record(
+                self.sid, req.step, "forward", {"h1": req.h, "mask": req.mask, "h2": out_cpu}, req.meta
+            )
         meta: dict[str, Any] = {"compute_s": compute_s}
         if batched > 1:
             meta["batched"] = batched  # compute_s is then the shared trunk call's time
@@ -170,9 +183,13 @@ class TrunkSession:
         if g is None:
             raise BadActivation("GRAD_UP must carry tensor 'g'")
         if msg.codec_of("g") != self.codecs["grad_up"]:
-            raise CodecMismatch(f"gradient arrived as {msg.codec_of('g')!r}, the session negotiated {self.codecs['grad_up']!r}")
+            raise CodecMismatch(
+                f"gradient arrived as {msg.codec_of('g')!r}, the session negotiated {self.codecs['grad_up']!r}"
+            )
         if tuple(g.shape) != tuple(pending.outputs.shape):
-            raise BadActivation(f"gradient shape {list(g.shape)} does not match the trunk output {list(pending.outputs.shape)}")
+            raise BadActivation(
+                f"gradient shape {list(g.shape)} does not match the trunk output {list(pending.outputs.shape)}"
+            )
         if not torch.isfinite(g).all():
             raise BadActivation("gradient contains NaN or Inf")
         t0 = time.perf_counter()
@@ -215,7 +232,9 @@ def run_deferred_forwards(items: list[Deferred]) -> list[Message | BaseException
     reqs: list[ActRequest] = [d.data for d in items]
     first = reqs[0].session
     t0 = time.perf_counter()
-    outs = forward_batch(first.trunk, reqs, device=first.device, dtype=first.dtype, max_tokens=first.app.config.max_tokens_per_step)
+    outs = forward_batch(
+        first.trunk, reqs, device=first.device, dtype=first.dtype, max_tokens=first.app.config.max_tokens_per_step
+    )
     compute_s = time.perf_counter() - t0
     results: list[Message | BaseException] = []
     for req, out in zip(reqs, outs):
@@ -226,7 +245,9 @@ def run_deferred_forwards(items: list[Deferred]) -> list[Message | BaseException
     return results
 
 
-def forward_batch(trunk: torch.nn.Module, reqs: list[ActRequest], *, device: torch.device, dtype: torch.dtype, max_tokens: int) -> list[torch.Tensor]:
+def forward_batch(
+    trunk: torch.nn.Module, reqs: list[ActRequest], *, device: torch.device, dtype: torch.dtype, max_tokens: int
+) -> list[torch.Tensor]:
     """Trunk outputs of forward-only requests, in as few calls as ``max_tokens`` (padded tokens per call) allows.
 
     Requests are stacked along the batch axis and right-padded along the sequence to the longest, with mask 0
@@ -259,7 +280,9 @@ def _token_chunks(reqs: list[ActRequest], max_tokens: int) -> list[list[ActReque
     return chunks
 
 
-def _forward_padded(trunk: torch.nn.Module, chunk: list[ActRequest], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+def _forward_padded(
+    trunk: torch.nn.Module, chunk: list[ActRequest], device: torch.device, dtype: torch.dtype
+) -> list[torch.Tensor]:
     with torch.inference_mode():
         if len(chunk) == 1:
             return [chunk[0].session.compute(chunk[0])]  # forward-only: the unbatched path, no padding

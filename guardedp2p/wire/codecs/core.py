@@ -586,9 +586,7 @@ class _CodebookCodec(Codec):
         flat = t.reshape(-1).float()
         y, absmax = self._scale(flat, self.blocksize)
         if absmax.numel() and not bool(torch.isfinite(absmax).all()):
-            raise CodecInputError(
-                f"tensor contains NaN or inf; {self.name} cannot encode it (did training diverge?)"
-            )
+            raise CodecInputError(f"tensor contains NaN or inf; {self.name} cannot encode it (did training diverge?)")
         codes = self._quantize(y, stochastic, generator)
         return Encoded([self._pack(codes), absmax], {"blocksize": self.blocksize})
 
