@@ -1,9 +1,12 @@
 """Fuzz a live provider over real CURVE with mutated frames while a good client keeps training.
 
 Prints JSON lines: frames sent, crashes (the serve thread died or the good client failed) and hangs (a request
-with no reply within the timeout). Both must be 0.
+with no reply within the timeout). Both must be 0. The good client also takes a training step after the last
+mutated frame, so a provider that stopped serving counts as a crash even on a short run.
 
-    python -m benchmarks.bench_fuzz [--frames 100000]
+    python -m benchmarks.bench_fuzz [--frames 100000] [--seconds S] [--good-every 5000]
+
+CI runs a short budget (tests/wire/test_fuzz_bench.py: a few hundred frames).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -24,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--frames", type=int, default=100_000, help="mutated messages to send")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds before a request counts as a hang")
+    ap.add_argument("--seconds", type=float, default=0.0, help="stop fuzzing after this many seconds (0: no limit)")
+    ap.add_argument("--good-every", type=int, default=5000, help="frames between two steps of the good client")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -82,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parts, fp = client_parts(model)
     fp32 = {d: "fp32" for d in ("up", "down", "grad_up", "grad_down")}
-    good = ClientSession(channel("good"), timeout=args.timeout)
+    good_channel = channel("good")
+    good = ClientSession(good_channel, timeout=args.timeout)
     good.open(Hello("online", fp, (2, 2), fp32))
     remote = RemoteTrunk(good, fp32, gradients=True)
     b = batch(model.config.vocab_size)
@@ -138,10 +145,24 @@ def main(argv: list[str] | None = None) -> int:
 
     fuzzer = channel("fuzzer")
     hangs = crashes = errors_replied = other_replies = 0
-    good_steps = 0
+    good_steps = sent = 0
+
+    def good_step() -> None:
+        nonlocal good_steps, crashes
+        try:
+            h1 = parts.bottom(b["input_ids"], b["attention_mask"])
+            loss_fn(parts.top(remote(h1, b["attention_mask"], train=True), b["attention_mask"]), b["labels"]).backward()
+            good_steps += 1
+        except Exception as exc:  # noqa: BLE001
+            crashes += 1
+            print(json.dumps({"bench": "fuzz", "good_client_error": str(exc)[:200]}), flush=True)
+
     t0 = time.perf_counter()
     for i in range(args.frames):
+        if args.seconds and time.perf_counter() - t0 > args.seconds:
+            break
         fuzzer.send(mutate(rng.choice(seeds)))
+        sent += 1
         try:
             reply = fuzzer.recv(timeout=args.timeout)
             if b"ERROR" in bytes(reply[0])[:64] or b"REJECT" in bytes(reply[0])[:64]:
@@ -152,41 +173,41 @@ def main(argv: list[str] | None = None) -> int:
             hangs += 1
             fuzzer.close()
             fuzzer = channel("fuzzer")
-        if i % 5000 == 0:
-            try:
-                h1 = parts.bottom(b["input_ids"], b["attention_mask"])
-                loss_fn(
-                    parts.top(remote(h1, b["attention_mask"], train=True), b["attention_mask"]), b["labels"]
-                ).backward()
-                good_steps += 1
-            except Exception as exc:  # noqa: BLE001
-                crashes += 1
-                print(json.dumps({"bench": "fuzz", "good_client_error": str(exc)[:200]}), flush=True)
+        if args.good_every > 0 and i % args.good_every == 0:
+            good_step()
         if died:
             crashes += 1
             break
     elapsed = time.perf_counter() - t0
+    if not died:
+        good_step()  # the provider still serves the good client after the last mutated frame
+    serving = thread.is_alive() and not died
+    good.close()  # BYE while the provider still serves
     stop.set()
     thread.join(timeout=5)
+    fuzzer.close()
+    good_channel.close()
     server.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     print(
         json.dumps(
             {
                 "bench": "fuzz",
-                "frames": i + 1,
+                "frames": sent,
                 "crashes": crashes + len(died),
                 "hangs": hangs,
                 "error_replies": errors_replied,
                 "other_replies": other_replies,
                 "good_client_steps": good_steps,
+                "provider_serving": serving,
                 "provider_errors_counted": app.stats["errors"],
                 "seconds": round(elapsed, 1),
-                "msgs_per_s": round((i + 1) / elapsed, 1),
+                "msgs_per_s": round(sent / max(elapsed, 1e-9), 1),
             }
         ),
         flush=True,
     )
-    return 0 if not (crashes or died or hangs) else 1
+    return 0 if not (crashes or died or hangs) and serving else 1
 
 
 if __name__ == "__main__":
