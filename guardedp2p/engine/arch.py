@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from guardedp2p.errors import ConfigError
+
+if TYPE_CHECKING:  # transformers is imported lazily: the wire and protocol layers import this module
+    from transformers import PretrainedConfig
 
 
 class UnsupportedArchitectureError(ConfigError):
@@ -77,7 +80,7 @@ class ArchSpec:
     lora_targets: tuple[str, ...]
     fan_in_fan_out: bool  # GPT-2 uses Conv1D (weights stored transposed)
     embed: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
-    context: Callable[[nn.Module, Any, torch.Tensor, torch.Tensor | None, Iterable[int]], LayerContext]
+    context: Callable[[nn.Module, PretrainedConfig, torch.Tensor, torch.Tensor | None, Iterable[int]], LayerContext]
     call_block: Callable[[nn.Module, torch.Tensor, LayerContext, int], torch.Tensor]
     head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -88,6 +91,21 @@ def get_path(root: nn.Module, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def module_at(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path`` (see ``get_path``), typed; a model without that layout gets a clear error."""
+    obj = get_path(root, path)
+    if not isinstance(obj, nn.Module):
+        raise UnsupportedArchitectureError(
+            f"{path} is a {type(obj).__name__}, not a module: the model does not have the layout of its model_type"
+        )
+    return obj
+
+
+def optional_module_at(root: nn.Module, path: str) -> nn.Module | None:
+    """Like ``module_at`` for slots HF sets to None when unused (OPT ``project_in`` / ``project_out``)."""
+    return None if get_path(root, path) is None else module_at(root, path)
 
 
 def _unwrap(out: Any) -> torch.Tensor:
@@ -110,11 +128,15 @@ def _arange_positions(h: torch.Tensor) -> torch.Tensor:
 
 
 def _llama_embed(root: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    return root.model.embed_tokens(input_ids)
+    return module_at(root, "model.embed_tokens")(input_ids)
 
 
 def _llama_context(
-    root: nn.Module, config: Any, h: torch.Tensor, attention_mask: torch.Tensor | None, layers: Iterable[int]
+    root: nn.Module,
+    config: PretrainedConfig,
+    h: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layers: Iterable[int],
 ) -> LayerContext:
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -134,7 +156,7 @@ def _llama_context(
         masks["full_attention"] = create_sliding_window_causal_mask(**kw)  # MistralModel: one mask, sliding
     else:
         masks["full_attention"] = create_causal_mask(**kw)
-    position_embeddings = root.model.rotary_emb(h, position_ids=position_ids)
+    position_embeddings = module_at(root, "model.rotary_emb")(h, position_ids=position_ids)
     return LayerContext(masks, position_ids, position_embeddings, layer_types)
 
 
@@ -150,7 +172,7 @@ def _llama_block(block: nn.Module, h: torch.Tensor, ctx: LayerContext, idx: int)
 
 
 def _llama_head(root: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return root.lm_head(root.model.norm(h))
+    return module_at(root, "lm_head")(module_at(root, "model.norm")(h))
 
 
 # ---------------------------------------------------------------- OPT
@@ -163,17 +185,21 @@ def _opt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _opt_embed(root: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    dec = root.model.decoder
-    inputs_embeds = dec.embed_tokens(input_ids)
+    inputs_embeds = module_at(root, "model.decoder.embed_tokens")(input_ids)
     mask = _ones_mask(input_ids.unsqueeze(-1), attention_mask)
-    pos_embeds = dec.embed_positions(mask, 0, position_ids=_opt_positions(mask))
-    if dec.project_in is not None:
-        inputs_embeds = dec.project_in(inputs_embeds)
+    pos_embeds = module_at(root, "model.decoder.embed_positions")(mask, 0, position_ids=_opt_positions(mask))
+    project_in = optional_module_at(root, "model.decoder.project_in")
+    if project_in is not None:
+        inputs_embeds = project_in(inputs_embeds)
     return inputs_embeds + pos_embeds.to(inputs_embeds.device)
 
 
 def _opt_context(
-    root: nn.Module, config: Any, h: torch.Tensor, attention_mask: torch.Tensor | None, layers: Iterable[int]
+    root: nn.Module,
+    config: PretrainedConfig,
+    h: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layers: Iterable[int],
 ) -> LayerContext:
     from transformers.masking_utils import create_causal_mask
 
@@ -187,26 +213,30 @@ def _opt_block(block: nn.Module, h: torch.Tensor, ctx: LayerContext, idx: int) -
 
 
 def _opt_head(root: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    dec = root.model.decoder
-    if dec.final_layer_norm is not None:
-        h = dec.final_layer_norm(h)
-    if dec.project_out is not None:
-        h = dec.project_out(h)
-    return root.lm_head(h).contiguous()
+    final_layer_norm = optional_module_at(root, "model.decoder.final_layer_norm")
+    if final_layer_norm is not None:
+        h = final_layer_norm(h)
+    project_out = optional_module_at(root, "model.decoder.project_out")
+    if project_out is not None:
+        h = project_out(h)
+    return module_at(root, "lm_head")(h).contiguous()
 
 
 # ---------------------------------------------------------------- GPT-2
 
 
 def _gpt2_embed(root: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    t = root.transformer
-    inputs_embeds = t.wte(input_ids)
-    position_embeds = t.wpe(_arange_positions(inputs_embeds))
-    return t.drop(inputs_embeds + position_embeds.to(inputs_embeds.device))
+    inputs_embeds = module_at(root, "transformer.wte")(input_ids)
+    position_embeds = module_at(root, "transformer.wpe")(_arange_positions(inputs_embeds))
+    return module_at(root, "transformer.drop")(inputs_embeds + position_embeds.to(inputs_embeds.device))
 
 
 def _gpt2_context(
-    root: nn.Module, config: Any, h: torch.Tensor, attention_mask: torch.Tensor | None, layers: Iterable[int]
+    root: nn.Module,
+    config: PretrainedConfig,
+    h: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layers: Iterable[int],
 ) -> LayerContext:
     from transformers.masking_utils import create_causal_mask
 
@@ -224,7 +254,7 @@ def _gpt2_block(block: nn.Module, h: torch.Tensor, ctx: LayerContext, idx: int) 
 
 
 def _gpt2_head(root: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return root.lm_head(root.transformer.ln_f(h))
+    return module_at(root, "lm_head")(module_at(root, "transformer.ln_f")(h))
 
 
 # ---------------------------------------------------------------- registry
@@ -287,13 +317,21 @@ def supported_model_types() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
-def _config_of(model_or_config: Any) -> Any:
-    return getattr(model_or_config, "config", model_or_config)
+def config_of(model_or_config: nn.Module | PretrainedConfig) -> PretrainedConfig:
+    """The HF config of a model or split part (``.config``), or the config itself."""
+    if not isinstance(model_or_config, nn.Module):
+        return model_or_config
+    config = getattr(model_or_config, "config", None)
+    if config is None:
+        raise UnsupportedArchitectureError(
+            f"{type(model_or_config).__name__} has no .config; pass a Hugging Face causal LM or a split part"
+        )
+    return config
 
 
-def get_arch(model_or_config: Any) -> ArchSpec:
+def get_arch(model_or_config: nn.Module | PretrainedConfig) -> ArchSpec:
     """Look up the spec by ``config.model_type``; unknown types get an error naming the supported ones."""
-    config = _config_of(model_or_config)
+    config = config_of(model_or_config)
     model_type = getattr(config, "model_type", None)
     spec = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
     if spec is None:
@@ -304,5 +342,5 @@ def get_arch(model_or_config: Any) -> ArchSpec:
     return spec
 
 
-def num_layers(model_or_config: Any) -> int:
-    return int(_config_of(model_or_config).num_hidden_layers)
+def num_layers(model_or_config: nn.Module | PretrainedConfig) -> int:
+    return int(config_of(model_or_config).num_hidden_layers)

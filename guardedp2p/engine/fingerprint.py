@@ -69,7 +69,8 @@ def _update_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
         t = t.to(device="cpu")
     t = t.contiguous()
     h.update(f"{name}|{list(t.shape)}|{str(t.dtype)}\n".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy())
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12; the buffer protocol works on 3.11 too.
+    h.update(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _as_client_parts(model_or_parts: Any, cfg: SplitConfig) -> tuple[ClientBottom, ClientTop]:

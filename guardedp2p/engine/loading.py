@@ -100,7 +100,7 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _gguf_cache_dir(folder: Path, gguf: str, dtype: torch.dtype) -> Path | None:
+def _gguf_cache_dir(folder: Path, gguf: str, dtype: torch.dtype | str) -> Path | None:
     """Where the de-quantized copy of a GGUF model is kept (None: caching disabled).
 
     Why: de-quantizing and converting the GGUF tokenizer costs tens of seconds on a small CPU at every start of
@@ -177,6 +177,8 @@ def load_causal_lm(
         raise ModelLoadError(f"could not load model from {str(folder)!r}: {exc}") from exc
     if cache is not None and gguf is not None:
         _save_gguf_copy(model, tokenizer, cache)
-    model.to(pick_device(device))
+    # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to); the typeshed _Wrapped type then
+    # expects the unbound self as the first argument.
+    model.to(pick_device(device))  # type: ignore[arg-type]
     model.train(False)  # inference mode for dropout etc. (nn.Module.eval)
     return model, prepare_tokenizer(tokenizer)

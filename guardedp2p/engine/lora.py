@@ -13,7 +13,7 @@ import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from torch import nn
@@ -21,10 +21,15 @@ from torch import nn
 from guardedp2p.engine.split import ClientBottom, ClientTop, _SplitPart
 from guardedp2p.errors import ConfigError
 
+if TYPE_CHECKING:  # peft is imported lazily (it pulls transformers)
+    from peft import LoraConfig
+    from torch.nn.modules.module import _IncompatibleKeys
+
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_BIAS_CHOICES = ("none", "all", "lora_only")
+LoraBias = Literal["none", "all", "lora_only"]
+_BIAS_CHOICES: tuple[LoraBias, ...] = ("none", "all", "lora_only")
 
 
 class AdapterError(ConfigError):
@@ -39,7 +44,7 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: Sequence[str] | None = None
-    bias: str = "none"
+    bias: LoraBias = "none"
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
@@ -63,7 +68,9 @@ class AdapterLoadReport:
     ignored_keys: list[str] = field(default_factory=list)
 
 
-def _peft_config(part: _SplitPart, settings: LoraSettings, layers: Sequence[int], base: str | None = None):
+def _peft_config(
+    part: _SplitPart, settings: LoraSettings, layers: Sequence[int], base: str | None = None
+) -> LoraConfig:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -86,11 +93,17 @@ def _client_parts(bottom: ClientBottom, top: ClientTop) -> list[_SplitPart]:
     return [bottom, top]
 
 
+def _adapter_configs(part: nn.Module) -> dict[str, LoraConfig]:
+    """The ``peft_config`` table that ``inject_adapter_in_model`` sets on a module (empty before any LoRA)."""
+    configs: dict[str, LoraConfig] = getattr(part, "peft_config", {})
+    return configs
+
+
 def _has_adapter(part: nn.Module, adapter_name: str) -> bool:
-    return adapter_name in getattr(part, "peft_config", {})
+    return adapter_name in _adapter_configs(part)
 
 
-def _inject(part: _SplitPart, peft_cfg: Any, layers: Iterable[int], adapter_name: str) -> bool:
+def _inject(part: _SplitPart, peft_cfg: LoraConfig, layers: Iterable[int], adapter_name: str) -> bool:
     """Inject LoRA into the part's own layers among ``layers``; return False if it owns none of them."""
     from peft import inject_adapter_in_model
 
@@ -179,12 +192,20 @@ def lora_state_dict(bottom: ClientBottom, top: ClientTop, *, adapter_name: str =
     return out
 
 
-def _adapter_config_for_save(bottom: ClientBottom, top: ClientTop, adapter_name: str, base: str | None):
-    cfgs = [p.peft_config[adapter_name] for p in (bottom, top) if _has_adapter(p, adapter_name)]
+def _layers_of(cfg: LoraConfig, default: Iterable[int]) -> Iterable[int]:
+    """``layers_to_transform`` as indices: PEFT allows None (every layer: ``default``), one int or a list."""
+    layers = cfg.layers_to_transform
+    if layers is None:
+        return default
+    return [layers] if isinstance(layers, int) else layers
+
+
+def _adapter_config_for_save(bottom: ClientBottom, top: ClientTop, adapter_name: str, base: str | None) -> LoraConfig:
+    cfgs = [_adapter_configs(p)[adapter_name] for p in (bottom, top) if _has_adapter(p, adapter_name)]
     cfg = copy.deepcopy(cfgs[0])
     layers: set[int] = set()
     for c in cfgs:
-        layers.update(c.layers_to_transform or [])
+        layers.update(_layers_of(c, default=()))
     cfg.layers_to_transform = sorted(layers)
     cfg.base_model_name_or_path = base
     cfg.inference_mode = True
@@ -212,7 +233,7 @@ def save_adapter(
     return out
 
 
-def read_adapter(adapter_dir: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
+def read_adapter(adapter_dir: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Return (LoraConfig, tensors with the ``base_model.model.`` prefix stripped). Safetensors only, never pickle."""
     from peft import LoraConfig, PeftType
     from safetensors.torch import load_file
@@ -258,11 +279,7 @@ def load_adapter_into_parts(
     cfg, tensors = read_adapter(adapter_dir)
     parts = _client_parts(bottom, top)
     n = bottom.n_layers
-    wanted = (
-        set(range(n))
-        if cfg.layers_to_transform is None
-        else set([cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else cfg.layers_to_transform)
-    )
+    wanted = set(_layers_of(cfg, default=range(n)))
     report = AdapterLoadReport()
     claimed: set[str] = set()
     for part in parts:
@@ -279,7 +296,8 @@ def load_adapter_into_parts(
             )
         sub = {k: tensors[k] for k in expected}
         try:
-            result = set_peft_model_state_dict(part, sub, adapter_name=adapter_name)
+            # peft annotates the result as a bare ``namedtuple``; it is torch's load_state_dict result.
+            result = cast("_IncompatibleKeys", set_peft_model_state_dict(part, sub, adapter_name=adapter_name))
         except RuntimeError as exc:
             raise AdapterError(f"adapter {adapter_dir} does not fit the {part.role}: {exc}") from exc
         if result.unexpected_keys:

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guardedp2p.engine.arch import ArchSpec, get_arch, get_path, num_layers
+from guardedp2p.engine.arch import ArchSpec, config_of, get_arch, get_path, num_layers
 from guardedp2p.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 IGNORE_INDEX = -100
 
@@ -84,6 +87,15 @@ def _base_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _child_container(parent: nn.Module, name: str) -> nn.Module:
+    """``parent.<name>``, created as an empty ``nn.Module`` when the skeleton does not have it yet."""
+    child = parent._modules.get(name)
+    if child is None:
+        child = nn.Module()
+        parent.add_module(name, child)
+    return child
+
+
 def _graft(dst: nn.Module, src: nn.Module, path: str) -> None:
     """Make ``dst.<path>`` the very same module as ``src.<path>``, creating empty containers on the way."""
     *parents, leaf = path.split(".")
@@ -91,9 +103,7 @@ def _graft(dst: nn.Module, src: nn.Module, path: str) -> None:
     d: nn.Module = dst
     for p in parents:
         s = getattr(s, p)
-        if p not in d._modules:
-            d.add_module(p, nn.Module())
-        d = d._modules[p]
+        d = _child_container(d, p)
     value = getattr(s, leaf)
     if value is None:
         setattr(d, leaf, None)  # e.g. OPT project_in when word_embed_proj_dim == hidden_size
@@ -109,9 +119,7 @@ def _graft_blocks(dst: nn.Module, src: nn.Module, path: str, owned: range, n: in
     *parents, leaf = path.split(".")
     d: nn.Module = dst
     for p in parents:
-        if p not in d._modules:
-            d.add_module(p, nn.Module())
-        d = d._modules[p]
+        d = _child_container(d, p)
     d.add_module(leaf, nn.ModuleList([blocks[i] if i in keep else nn.Identity() for i in range(n)]))
 
 
@@ -126,7 +134,7 @@ class _SplitPart(nn.Module):
         arch = get_arch(model)
         n = num_layers(model)
         cfg.validate(n)
-        self.config = model.config
+        self.config: PretrainedConfig = config_of(model)
         self.arch: ArchSpec = arch
         self.split_config = cfg
         self.n_layers = n
