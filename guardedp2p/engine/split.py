@@ -81,8 +81,8 @@ class SplitConfig:
         return list(self.bottom_range(n_layers)) + list(self.top_range(n_layers))
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    # Accept a PeftModel wrapping the HF model too.
+def base_model(model: nn.Module) -> nn.Module:
+    """The HF model itself when ``model`` is a PeftModel wrapping it (``get_base_model``), else ``model``."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
@@ -130,7 +130,7 @@ class _SplitPart(nn.Module):
 
     def __init__(self, model: nn.Module, cfg: SplitConfig, owned: range, *, embed: bool, head: bool) -> None:
         super().__init__()
-        model = _base_model(model)
+        model = base_model(model)
         arch = get_arch(model)
         n = num_layers(model)
         cfg.validate(n)
@@ -216,7 +216,7 @@ class ClientBottom(_SplitPart):
     role = "client bottom"
 
     def __init__(self, model: nn.Module, cfg: SplitConfig) -> None:
-        super().__init__(model, cfg, cfg.bottom_range(num_layers(_base_model(model))), embed=True, head=False)
+        super().__init__(model, cfg, cfg.bottom_range(num_layers(base_model(model))), embed=True, head=False)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """E(x): the input of block 0 (token embedding, learned positions, projection, dropout as in HF)."""
@@ -243,7 +243,7 @@ class ProviderTrunk(_SplitPart):
     role = "provider trunk"
 
     def __init__(self, model: nn.Module, cfg: SplitConfig) -> None:
-        super().__init__(model, cfg, cfg.trunk_range(num_layers(_base_model(model))), embed=False, head=False)
+        super().__init__(model, cfg, cfg.trunk_range(num_layers(base_model(model))), embed=False, head=False)
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         h, attention_mask = self._inputs(h, attention_mask)
@@ -256,7 +256,7 @@ class ClientTop(_SplitPart):
     role = "client top"
 
     def __init__(self, model: nn.Module, cfg: SplitConfig) -> None:
-        super().__init__(model, cfg, cfg.top_range(num_layers(_base_model(model))), embed=False, head=True)
+        super().__init__(model, cfg, cfg.top_range(num_layers(base_model(model))), embed=False, head=True)
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         h, attention_mask = self._inputs(h, attention_mask)

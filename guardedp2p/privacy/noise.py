@@ -144,7 +144,7 @@ def gaussian_scale(epsilon: float, delta: float, clip: float, method: str = "aut
     raise ConfigError(f"unknown Gaussian calibration {method!r}: use auto, classical or analytic")
 
 
-def _check_eps_delta(epsilon: float, delta: float, clip: float) -> None:
+def _check_eps_delta(epsilon: float, delta: float | None, clip: float) -> None:
     _pos("epsilon", epsilon)
     _pos("clip", clip)
     if delta is None or isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
@@ -198,13 +198,22 @@ class NoiseConfig:
     def calibrated(self) -> bool:
         return self.kind in ("gaussian", "laplace") and self.epsilon is not None
 
+    def _required(self, name: str, value: float | None) -> float:
+        """A parameter ``__post_init__`` guarantees for this kind; re-checked because the dataclass is mutable."""
+        if value is None:
+            raise ConfigError(f"{self.kind} noise with epsilon={self.epsilon!r} needs {name}; set it")
+        return value
+
     def effective_scale(self) -> float:
         """σ (Gaussian) or b (Laplace) actually used; 0 for none; for dx, E[‖η‖] = d/ε is dimension-dependent."""
+        if self.kind not in ("gaussian", "laplace"):
+            return 0.0
+        if self.epsilon is None:
+            return float(self.scale)
+        clip = self._required("clip", self.clip)
         if self.kind == "gaussian":
-            return gaussian_scale(self.epsilon, self.delta, self.clip) if self.calibrated else float(self.scale)
-        if self.kind == "laplace":
-            return laplace_scale(self.epsilon, self.clip) if self.calibrated else float(self.scale)
-        return 0.0
+            return gaussian_scale(self.epsilon, self._required("delta", self.delta), clip)
+        return laplace_scale(self.epsilon, clip)
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator for this run: seeded with ``seed`` if set, else from the OS entropy pool."""
@@ -222,18 +231,19 @@ class NoiseConfig:
         if self.kind == "dx":
             out.update(
                 mechanism="dx-privacy (Feyisetan et al. 2020): eta = r*v, r ~ Gamma(d, rate eps), nearest token by L2",
-                epsilon=float(self.epsilon),
+                epsilon=float(self._required("epsilon", self.epsilon)),
                 guarantee="metric dx-privacy: Pr[M(w)=y] <= exp(eps*||phi(w)-phi(w')||) Pr[M(w')=y], per token",
             )
             return out
         out["scale"] = self.effective_scale()
         out["clip"] = self.clip
         out["clip_norm"] = ("l2" if self.kind == "gaussian" else "l1") if self.clip is not None else None
-        if self.calibrated:
-            out["epsilon"] = float(self.epsilon)
+        epsilon = self.epsilon if self.calibrated else None
+        if epsilon is not None:
+            out["epsilon"] = float(epsilon)
             if self.kind == "gaussian":
-                out["delta"] = float(self.delta)
-                out["calibration"] = "classical" if self.epsilon < 1 else "analytic (Balle & Wang 2018)"
+                out["delta"] = float(self._required("delta", self.delta))
+                out["calibration"] = "classical" if epsilon < 1 else "analytic (Balle & Wang 2018)"
                 out["guarantee"] = "(epsilon, delta)-LDP per sample per release; releases compose"
             else:
                 out["calibration"] = "b = 2C/epsilon"

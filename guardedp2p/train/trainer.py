@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from guardedp2p.engine.split import ClientBottom, ClientTop
 from guardedp2p.train.config import TrainConfig
 
 
@@ -64,8 +65,8 @@ class SplitTrainer:
 
     def __init__(
         self,
-        bottom: torch.nn.Module,
-        top: torch.nn.Module,
+        bottom: ClientBottom,
+        top: ClientTop,
         trunk: TrunkFn,
         cfg: TrainConfig,
         *,
@@ -135,7 +136,7 @@ class SplitTrainer:
         params = list(self.named_params.values())
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1

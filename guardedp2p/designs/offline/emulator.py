@@ -39,8 +39,8 @@ from torch import nn
 
 from guardedp2p.crypto.manifest import Manifest, resolve_in, sign_folder, verify_artifact
 from guardedp2p.designs.offline.quantize import check_scheme, dequantize_state, quantize_state, stored_nbytes
-from guardedp2p.engine.arch import get_arch, get_path, num_layers
-from guardedp2p.engine.split import ClientBottom, ClientTop, ProviderTrunk, SplitConfig, loss_fn
+from guardedp2p.engine.arch import config_of, get_arch, get_path, num_layers
+from guardedp2p.engine.split import ClientBottom, ClientTop, ProviderTrunk, SplitConfig, base_model, loss_fn
 from guardedp2p.errors import ArtifactError, ConfigError
 
 log = logging.getLogger("guardedp2p.designs.offline")
@@ -345,11 +345,11 @@ def build_emulator(full_model: nn.Module, cfg: EmulatorConfig | None = None) -> 
     """Uniform layer drop: copy the adapters and the kept middle blocks out of ``full_model`` (left untouched)."""
     cfg = cfg or EmulatorConfig()
     cfg.validate()
-    base = full_model.get_base_model() if callable(getattr(full_model, "get_base_model", None)) else full_model
+    base = base_model(full_model)
     n = num_layers(base)
     lmap = layer_map(n, cfg.bottom_layers, cfg.top_layers, cfg.emulator_layers, cfg.keep_fraction)
     first = next(base.parameters())
-    skel = emulator_skeleton(base.config, lmap, dtype=first.dtype)
+    skel = emulator_skeleton(config_of(base), lmap, dtype=first.dtype)
     full_sd = _plain_state(base)
     wanted = skel.state_dict()
     missing = [k for k in wanted if k not in full_sd]
@@ -398,10 +398,15 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end (when a checkpoint folder is given)
+    # constant (after warm-up): a run of N steps is the first N steps of any longer run with the same settings,
+    # so a cached distillation can be continued to a longer one (:func:`distill_cached`); cosine decays to 0.
+    schedule: str = "constant"
 
     def validate(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.max_length < 2 or self.lr <= 0:
             raise ConfigError("distillation needs steps >= 0, batch size >= 1, max length >= 2 and a positive lr")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"distillation schedule must be constant or cosine, got {self.schedule!r}")
 
 
 def kd_loss(h_teacher: torch.Tensor, h_student: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -457,7 +462,7 @@ def distill_emulator(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(TrainConfig(steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule="cosine", lr=cfg.lr))
+        opt, lr_lambda(TrainConfig(steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, lr=cfg.lr))
     )
     torch.manual_seed(cfg.seed)
     it = BatchIterator(list(examples), cfg.batch_size, seed=cfg.seed, pad_id=pad_id)
@@ -564,11 +569,13 @@ def distill_emulator(
 
 def load_text_examples(path: str | Path, tokenizer: Any, max_length: int = 128) -> list[dict[str, list[int]]]:
     """Token ids of a provider corpus: ``.txt`` (one passage per non-empty line) or any format the data loaders read."""
+    from guardedp2p.data.loaders import TaskKind
     from guardedp2p.data.tokenize import DataConfig, encode_records
 
     p = Path(path)
     if not p.is_file() and not p.is_dir():
         raise ConfigError(f"distillation data {p} does not exist")
+    kind: TaskKind
     if p.suffix.lower() == ".txt":
         records = [
             {"text": line.strip()}
@@ -634,7 +641,7 @@ def save_emulator(
         tdir = out / TOKENIZER_DIR
         tokenizer.save_pretrained(str(tdir))
         files += sorted(f"{TOKENIZER_DIR}/{p.relative_to(tdir).as_posix()}" for p in tdir.rglob("*") if p.is_file())
-    cfg = emu.model.config
+    cfg = config_of(emu.model)
     fp = model_fingerprint(emu.model, emu.split)
     full = int(emu.info.get("full_parameters") or 0)
     n_adapt = _unique_numel(adapters)
