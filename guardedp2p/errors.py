@@ -2,6 +2,10 @@
 
 Every error a user can meet is a subclass of :class:`GuardedP2PError` and carries a message that says
 what happened and what to do, so the CLI can print it and exit with a clean code instead of a traceback.
+
+``code`` is what an ERROR reply carries (``docs/wire.md`` section 7). Every code is a row of
+:class:`guardedp2p.wire.codes.ErrorCode`; this module spells the four below as plain strings because the wire
+package imports it (``tests/wire/test_codes.py`` checks that they are rows of the table).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ class ConfigError(GuardedP2PError):
 class WireError(GuardedP2PError):
     """A received message violates the wire format; the peer gets an ERROR reply, the process keeps running."""
 
-    code: str = "wire"
+    code: str = "wire"  # ErrorCode.WIRE
     exit_code = 3
 
 
@@ -37,21 +41,21 @@ class TransportError(GuardedP2PError):
 class ProtocolError(GuardedP2PError):
     """A well-formed message arrived in a state where the protocol does not allow it."""
 
-    code: str = "protocol"
+    code: str = "protocol"  # ErrorCode.PROTOCOL
     exit_code = 5
 
 
 class HandshakeRejected(ProtocolError):
     """The peer refused the session (version, protocol, model fingerprint, codec or privacy mismatch)."""
 
-    code = "rejected"
+    code: str = "rejected"  # ErrorCode.REJECTED
     exit_code = 6
 
 
 class RemoteError(ProtocolError):
     """The peer replied with an ERROR message; its text is in the message, its code in ``remote_code``."""
 
-    code = "remote"
+    code: str = "remote"  # ErrorCode.REMOTE
     exit_code = 7
 
     def __init__(self, message: str, *, remote_code: str = "", meta: dict[str, Any] | None = None) -> None:

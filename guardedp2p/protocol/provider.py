@@ -26,29 +26,30 @@ from typing import Any, Protocol
 
 from guardedp2p.designs import DESIGNS
 from guardedp2p.errors import ConfigError, GuardedP2PError, HandshakeRejected, ProtocolError, WireError
+from guardedp2p.wire.codes import ErrorCode
 from guardedp2p.wire.framing import DEFAULT_LIMITS, Frame, Message, WireLimits, decode, encode, error_message
 from guardedp2p.wire.handshake import Hello, ProviderPolicy, negotiate
-from guardedp2p.wire.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
+from guardedp2p.wire.messages import MsgType
 
 log = logging.getLogger("guardedp2p.provider")
 
 
 class SessionOwnershipError(ProtocolError):
-    code = "not-your-session"
+    code = ErrorCode.NOT_YOUR_SESSION
 
 
 class UnknownSession(ProtocolError):
-    code = "unknown-session"
+    code = ErrorCode.UNKNOWN_SESSION
 
 
 class MessageNotAllowed(ProtocolError):
-    code = "not-allowed"
+    code = ErrorCode.NOT_ALLOWED
 
 
 class RateLimitExceeded(ProtocolError):
     """This peer sent more bytes than its share; it may send the same message again after ``retry_after_s``."""
 
-    code = ERROR_RATE_LIMITED
+    code = ErrorCode.RATE_LIMITED
 
     def __init__(self, message: str, retry_after_s: float, limit_bytes_per_s: float) -> None:
         super().__init__(message)
@@ -57,7 +58,7 @@ class RateLimitExceeded(ProtocolError):
 
 
 class ShuttingDown(ProtocolError):
-    code = ERROR_SHUTTING_DOWN
+    code = ErrorCode.PROVIDER_SHUTTING_DOWN
 
 
 @dataclass
@@ -438,7 +439,7 @@ class ProviderApp:
 
 def _reject_or_error(exc: GuardedP2PError, sid: str, step: int) -> Message:
     if isinstance(exc, HandshakeRejected):
-        return Message(MsgType.REJECT, session=sid, step=step, meta={"code": "rejected", "message": str(exc)[:2000]})
+        return Message(MsgType.REJECT, session=sid, step=step, meta={"code": str(exc.code), "message": str(exc)[:2000]})
     if isinstance(exc, (WireError, ProtocolError)):
         return error_message(exc, sid, step)
     return error_message(exc, sid, step)

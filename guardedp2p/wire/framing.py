@@ -17,6 +17,7 @@ import msgpack
 import torch
 
 from guardedp2p.errors import WireError
+from guardedp2p.wire.codes import ErrorCode
 from guardedp2p.wire.messages import WIRE_VERSION, MsgType
 
 Frame = bytes | bytearray | memoryview
@@ -24,27 +25,27 @@ Frame = bytes | bytearray | memoryview
 
 # --------------------------------------------------------------------------------------------- errors
 class MalformedHeader(WireError):
-    code = "malformed-header"
+    code = ErrorCode.MALFORMED_HEADER
 
 
 class VersionMismatch(WireError):
-    code = "version"
+    code = ErrorCode.VERSION
 
 
 class UnknownMessageType(WireError):
-    code = "unknown-type"
+    code = ErrorCode.UNKNOWN_TYPE
 
 
 class BadTensorSpec(WireError):
-    code = "bad-tensor"
+    code = ErrorCode.BAD_TENSOR
 
 
 class FrameLengthMismatch(WireError):
-    code = "frame-length"
+    code = ErrorCode.FRAME_LENGTH
 
 
 class MessageTooLarge(WireError):
-    code = "too-large"
+    code = ErrorCode.TOO_LARGE
 
 
 # --------------------------------------------------------------------------------------------- dtypes
@@ -322,5 +323,5 @@ def frames_nbytes(frames: Sequence[Frame]) -> int:
 
 def error_message(exc: Exception, session: str = "", step: int = 0) -> Message:
     """The ERROR reply sent to a peer whose message was refused (never includes local tracebacks)."""
-    code = getattr(type(exc), "code", "error")  # attribute of our own exception class, not of received data
+    code = getattr(type(exc), "code", ErrorCode.ERROR)  # attribute of our own exception class, not of received data
     return Message(MsgType.ERROR, session=session, step=step, meta={"code": str(code), "message": str(exc)[:2000]})

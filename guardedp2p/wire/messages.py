@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from guardedp2p.wire.codes import ErrorCode
+
 WIRE_VERSION = 1
 
 
@@ -34,9 +36,9 @@ class MsgType(str, Enum):
     UPLOAD_ACK = "UPLOAD_ACK"  # P->C
 
 
-#: ERROR codes a client acts on (the rest it only shows). Why constants: both sides must spell them the same.
-ERROR_RATE_LIMITED = "rate-limited"  # meta["retry_after_s"]: when the same request will be accepted
-ERROR_SHUTTING_DOWN = "provider-shutting-down"  # the provider stops; resume later
+#: ERROR codes a client acts on (the rest it only shows); short names for rows of :mod:`guardedp2p.wire.codes`.
+ERROR_RATE_LIMITED = ErrorCode.RATE_LIMITED  # meta["retry_after_s"]: when the same request will be accepted
+ERROR_SHUTTING_DOWN = ErrorCode.PROVIDER_SHUTTING_DOWN  # the provider stops; resume later
 
 
 def __getattr__(name: str) -> object:

@@ -32,6 +32,7 @@ import torch
 
 from guardedp2p.crypto.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, parse_signature, resolve_in
 from guardedp2p.errors import ArtifactError, ConfigError, ProtocolError
+from guardedp2p.wire.codes import ErrorCode
 from guardedp2p.wire.framing import Message
 from guardedp2p.wire.messages import MsgType
 
@@ -44,19 +45,19 @@ _HEX64 = frozenset("0123456789abcdef")
 
 
 class BadRequest(ProtocolError):
-    code = "bad-request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class UnknownFile(ProtocolError):
-    code = "unknown-file"
+    code = ErrorCode.UNKNOWN_FILE
 
 
 class UploadRefused(ProtocolError):
-    code = "upload-refused"
+    code = ErrorCode.UPLOAD_REFUSED
 
 
 class EmulatorUnavailable(ProtocolError):
-    code = "no-emulator"
+    code = ErrorCode.NO_EMULATOR
 
 
 @dataclass(frozen=True)

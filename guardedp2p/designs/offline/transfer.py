@@ -41,6 +41,7 @@ from guardedp2p.crypto.manifest import (
 )
 from guardedp2p.designs.offline.plugin import ADAPTER_FILES, BUNDLE_KIND
 from guardedp2p.errors import ProtocolError
+from guardedp2p.wire.codes import ErrorCode
 from guardedp2p.wire.framing import Message
 from guardedp2p.wire.messages import MsgType
 
@@ -53,7 +54,7 @@ PARTIAL_MANIFEST = ".manifest.partial"
 class TransferError(ProtocolError):
     """A chunk arrived damaged or not as requested (the transfer can be resumed)."""
 
-    code = "transfer"
+    code = ErrorCode.TRANSFER
 
 
 @dataclass

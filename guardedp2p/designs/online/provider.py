@@ -16,24 +16,25 @@ import torch
 
 from guardedp2p.errors import ProtocolError
 from guardedp2p.protocol.provider import Deferred
+from guardedp2p.wire.codes import ErrorCode
 from guardedp2p.wire.framing import Message
 from guardedp2p.wire.messages import MsgType
 
 
 class ReplayedStep(ProtocolError):
-    code = "replayed-step"
+    code = ErrorCode.REPLAYED_STEP
 
 
 class NoPendingStep(ProtocolError):
-    code = "no-pending-step"
+    code = ErrorCode.NO_PENDING_STEP
 
 
 class BadActivation(ProtocolError):
-    code = "bad-activation"
+    code = ErrorCode.BAD_ACTIVATION
 
 
 class CodecMismatch(ProtocolError):
-    code = "codec-mismatch"
+    code = ErrorCode.CODEC_MISMATCH
 
 
 @dataclass

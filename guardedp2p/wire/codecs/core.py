@@ -80,6 +80,7 @@ from typing import Any
 import torch
 
 from guardedp2p.errors import GuardedP2PError, WireError
+from guardedp2p.wire.codes import ErrorCode
 
 __all__ = [
     "RAW_DTYPES",
@@ -136,19 +137,19 @@ def dtype_name(dtype: torch.dtype) -> str:
 class CodecError(WireError):
     """Base class of codec errors that concern received data."""
 
-    code = "codec"
+    code = ErrorCode.CODEC
 
 
 class UnknownCodec(CodecError):
     """The codec name is not one of :data:`CODECS`."""
 
-    code = "unknown_codec"
+    code = ErrorCode.UNKNOWN_CODEC
 
 
 class MalformedEncoding(CodecError):
     """Parts or params of a received tensor do not match what the codec expects for the announced shape."""
 
-    code = "malformed_encoding"
+    code = ErrorCode.MALFORMED_ENCODING
 
 
 class CodecInputError(GuardedP2PError):
