@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS_WITH_COMMANDS = [
     "docs/user-guide.md",
     "docs/troubleshooting.md",

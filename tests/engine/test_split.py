@@ -419,7 +419,11 @@ def test_fingerprint_deterministic_across_processes():
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}  # different str hashing than here
     out = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True, check=True, env=env
+        [sys.executable, "-c", code, str(Path(__file__).resolve().parents[1])],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     )
     assert out.stdout.strip().splitlines()[-1] == fp
 

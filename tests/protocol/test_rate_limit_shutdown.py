@@ -21,7 +21,7 @@ from guardedp2p.wire.framing import Message, decode, encode
 from guardedp2p.wire.handshake import Hello
 from guardedp2p.wire.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
 from tests.protocol_helpers import SPLIT, client_parts, open_session, provider_app
-from tests.test_tune import _client, _opts
+from tests.service.test_tune import _client, _opts
 from tests.tiny_models import tiny_model
 
 GF = {"up": "fp32", "down": "fp32"}

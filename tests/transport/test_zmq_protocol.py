@@ -16,8 +16,8 @@ from guardedp2p.service.serve import serve_forever
 from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
 from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
 from guardedp2p.wire.handshake import Hello
+from tests.designs.online.test_online import FP32, _unsplit_reference
 from tests.protocol_helpers import SPLIT, batch, client_parts, provider_app
-from tests.test_protocol_online import FP32, _unsplit_reference
 from tests.tiny_models import tiny_model
 
 
