@@ -97,8 +97,8 @@ class ZmqClientChannel(ClientChannel):
         self.bytes_received = 0
         self._lock = threading.RLock()
         self._ctx: zmq.Context | None = None
-        self._sock: zmq.Socket | None = None
-        self._mon: zmq.Socket | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self._mon: zmq.Socket[bytes] | None = None
         self._poller: zmq.Poller | None = None
         self._connected = False
         self._link_up = False
@@ -142,6 +142,12 @@ class ZmqClientChannel(ClientChannel):
                 "and send the matching NAME.key to the provider operator."
             )
         return load_keypair(config.secret_key_file, config.key_name)
+
+    def _curve_keys(self) -> tuple[str, str, str]:
+        """(provider public, own public, own secret): loaded in ``__init__`` whenever ``insecure`` is off."""
+        if self.provider_public_key is None or self.public_key is None or self._secret is None:
+            raise ConfigError("CURVE keys are missing: pass --keys and --provider-key, or --insecure (test only).")
+        return self.provider_public_key, self.public_key, self._secret
 
     @classmethod
     def open(cls, config: ClientConfig) -> ZmqClientChannel:
@@ -203,9 +209,10 @@ class ZmqClientChannel(ClientChannel):
                 if cfg.insecure:
                     warn_insecure(cfg.connect)
                 else:
-                    sock.curve_serverkey = self.provider_public_key.encode("ascii")
-                    sock.curve_publickey = self.public_key.encode("ascii")
-                    sock.curve_secretkey = self._secret.encode("ascii")
+                    server_key, public_key, secret_key = self._curve_keys()
+                    sock.curve_serverkey = server_key.encode("ascii")
+                    sock.curve_publickey = public_key.encode("ascii")
+                    sock.curve_secretkey = secret_key.encode("ascii")
                 mon_addr = f"inproc://guardedp2p-monitor-{uuid.uuid4().hex}"
                 sock.monitor(mon_addr, _MONITOR_EVENTS)
                 mon = ctx.socket(zmq.PAIR)
@@ -218,10 +225,11 @@ class ZmqClientChannel(ClientChannel):
                     raise ConfigError(
                         f"Cannot connect to {cfg.connect!r}: {e.strerror}. Use tcp://HOST:PORT with a resolvable host."
                     ) from None
-                self._poller = zmq.Poller()
-                self._poller.register(sock, zmq.POLLIN)
-                self._poller.register(mon, zmq.POLLIN)
-                self._wait_handshake(time.monotonic() + cfg.handshake_timeout)
+                poller = zmq.Poller()
+                self._poller = poller
+                poller.register(sock, zmq.POLLIN)
+                poller.register(mon, zmq.POLLIN)
+                self._wait_handshake(mon, time.monotonic() + cfg.handshake_timeout)
             except BaseException:
                 self._release()
                 raise
@@ -232,7 +240,7 @@ class ZmqClientChannel(ClientChannel):
                 "INSECURE plaintext" if cfg.insecure else f"CURVE, provider key {self.provider_public_key}",
             )
 
-    def _wait_handshake(self, deadline: float) -> None:
+    def _wait_handshake(self, mon: zmq.Socket[bytes], deadline: float) -> None:
         seen_connect = False
         while True:
             remaining = deadline - time.monotonic()
@@ -246,9 +254,9 @@ class ZmqClientChannel(ClientChannel):
                     "Check the address and port, that the provider is running ('guardedp2p provider serve ...'), and that no "
                     "firewall blocks the port."
                 )
-            if not self._mon.poll(min(_POLL_SLICE_MS, max(1, int(remaining * 1000)))):
+            if not mon.poll(min(_POLL_SLICE_MS, max(1, int(remaining * 1000)))):
                 continue
-            event, value = self._read_event()
+            event, value = self._read_event(mon)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._link_up = True
                 return
@@ -257,8 +265,8 @@ class ZmqClientChannel(ClientChannel):
             if event & _FATAL_EVENTS:
                 raise self._fatal_error(event, value)
 
-    def _read_event(self) -> tuple[int, int]:
-        m = recv_monitor_message(self._mon)
+    def _read_event(self, mon: zmq.Socket[bytes]) -> tuple[int, int]:
+        m = recv_monitor_message(mon)
         event, value = int(m["event"]), int(m["value"])  # pyzmq 27 decodes value as a bogus Event flag
         log.debug("monitor event %s value %#x", _event_name(event), value)
         return event, value
@@ -293,8 +301,8 @@ class ZmqClientChannel(ClientChannel):
 
     def _drain_monitor(self) -> None:
         """Handle pending monitor events without blocking; raise (and close) on a fatal handshake failure."""
-        while self._mon is not None and self._mon.poll(0):
-            event, value = self._read_event()
+        while (mon := self._mon) is not None and mon.poll(0):
+            event, value = self._read_event(mon)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if not self._link_up:
                     log.info("Reconnected to provider at %s", self.config.connect)
@@ -310,13 +318,17 @@ class ZmqClientChannel(ClientChannel):
                 self._release()
                 raise err
 
-    def _ensure_ready(self) -> None:
+    def _ensure_ready(self) -> tuple[zmq.Socket[bytes], zmq.Poller]:
+        """Connect if needed; return the live DEALER socket and its poller."""
         if self._closed:
             raise ChannelClosed("This client channel is closed; create a new one to talk to the provider again.")
         if self._fatal is not None:
             raise ChannelClosed(f"The channel was closed after a fatal error: {self._fatal}")
         if not self._connected:
             self.connect()
+        if self._sock is None or self._poller is None:
+            raise ChannelClosed("The connection to the provider was released; create a new channel.")
+        return self._sock, self._poller
 
     # -- messaging ------------------------------------------------------------------------------------------------
 
@@ -325,10 +337,10 @@ class ZmqClientChannel(ClientChannel):
         if not frames:
             raise ValueError("a message needs at least one frame")
         with self._lock:
-            self._ensure_ready()
+            sock, _ = self._ensure_ready()
             self._drain_monitor()
             try:
-                self._sock.send_multipart(frames, copy=not self.config.zero_copy)
+                sock.send_multipart(frames, copy=not self.config.zero_copy)
             except zmq.Again:
                 raise PeerTimeout(
                     f"Could not hand a message to the provider at {self.config.connect} within "
@@ -343,20 +355,20 @@ class ZmqClientChannel(ClientChannel):
     def recv(self, timeout: float) -> list[memoryview | bytes]:
         """Wait up to ``timeout`` seconds for the next message; raise :class:`PeerTimeout` if none arrives."""
         with self._lock:
-            self._ensure_ready()
+            sock, poller = self._ensure_ready()
             deadline = time.monotonic() + max(0.0, timeout)
             while True:
                 remaining = deadline - time.monotonic()
-                events = dict(self._poller.poll(max(0, min(_POLL_SLICE_MS, int(remaining * 1000)))))
+                events = dict(poller.poll(max(0, min(_POLL_SLICE_MS, int(remaining * 1000)))))
                 if self._mon in events:
-                    self._drain_monitor()
-                if self._sock in events:
+                    self._drain_monitor()  # raises (and releases the sockets) on a fatal handshake failure
+                if sock in events:
                     try:
-                        parts = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         parts = None
                     if parts is not None:
-                        frames = [f.buffer for f in parts]
+                        frames: Frames = [f.buffer for f in parts]
                         self.bytes_received += frames_nbytes(frames)
                         return frames
                 if time.monotonic() >= deadline:
@@ -408,7 +420,7 @@ class ZmqClientChannel(ClientChannel):
 
 def _event_name(event: int) -> str:
     try:
-        return zmq.Event(event).name
+        return zmq.Event(event).name or hex(event)  # a composite flag value has no name
     except ValueError:
         return hex(event)
 

@@ -139,9 +139,10 @@ class ZmqServerChannel(ServerChannel):
         if config.max_message_bytes <= 0:
             raise ConfigError("max_message_bytes must be positive (bytes per message, e.g. 1073741824 for 1 GiB).")
 
-        secret: str | None = None
+        keys: tuple[str, str] | None = None  # (public, secret); None exactly when config.insecure
         if not config.insecure:
-            self.public_key, secret = self._load_server_keys(config)
+            keys = self._load_server_keys(config)
+            self.public_key = keys[0]
             allowed = load_allow_list([*config.allow], [*config.allow_dirs])
             if not allowed:
                 log.warning(
@@ -161,14 +162,14 @@ class ZmqServerChannel(ServerChannel):
             sock.maxmsgsize = int(config.max_message_bytes)
             sock.sndtimeo = max(0, int(config.send_timeout * 1000))
             sock.router_mandatory = True  # sending to a vanished client raises instead of dropping silently
-            if config.insecure:
+            if keys is None:
                 warn_insecure(config.bind)
             else:
                 sock.zap_domain = config.zap_domain.encode("utf-8")
-                sock.curve_secretkey = secret.encode("ascii")
-                sock.curve_publickey = self.public_key.encode("ascii")
+                sock.curve_secretkey = keys[1].encode("ascii")
+                sock.curve_publickey = keys[0].encode("ascii")
                 sock.curve_server = True
-            del secret
+            del keys
             try:
                 sock.bind(config.bind)
             except zmq.ZMQError as e:
@@ -188,9 +189,7 @@ class ZmqServerChannel(ServerChannel):
             "Provider listening on %s (%s)%s",
             self.endpoint,
             "INSECURE plaintext" if config.insecure else "CURVE",
-            ""
-            if config.insecure
-            else f", public key {self.public_key}, {len(self._allow.snapshot())} allowed client(s)",
+            "" if config.insecure else f", public key {self.public_key}, {len(self.allowed)} allowed client(s)",
         )
 
     @staticmethod
@@ -265,15 +264,16 @@ class ZmqServerChannel(ServerChannel):
             peer = INSECURE_PEER_PREFIX + route.hex()
         else:
             try:
-                peer = payload[0].get("User-Id")
+                user_id = payload[0].get("User-Id")
             except zmq.ZMQError:
-                peer = ""
+                user_id = ""
+            peer = user_id if isinstance(user_id, str) else ""
             # libzmq authenticates once per connection, so a key revoked after its handshake keeps its open
             # connection; here we only refuse a message that carries no key at all (cannot happen with ZAP on).
             if not is_z85_key(peer):
                 log.error("Dropping a message without a valid authenticated User-Id (%r)", peer)
                 return None
-        frames = [f.buffer for f in payload]
+        frames: Frames = [f.buffer for f in payload]
         self.bytes_received += frames_nbytes(frames)
         return Incoming(peer=peer, route=route, frames=frames)
 
