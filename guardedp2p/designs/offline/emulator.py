@@ -1,4 +1,4 @@
-"""The Offline design's emulator: the provider's model with its middle compressed (algorithms.md section 3).
+"""The Offline design's emulator: the provider's model with its middle compressed (offsite-tuning, arXiv 2302.04870).
 
 The client receives the *adapters* (embedding step, the first ``l`` and last ``r`` blocks, final norm, LM head)
 exactly, and in place of the ``M = N - l - r`` middle blocks only ``k`` of them, chosen by uniform layer drop
@@ -38,7 +38,15 @@ import torch
 from torch import nn
 
 from guardedp2p.crypto.manifest import Manifest, resolve_in, sign_folder, verify_artifact
-from guardedp2p.designs.offline.quantize import check_scheme, dequantize_state, quantize_state, stored_nbytes
+from guardedp2p.designs.offline.quantize import (
+    LEGACY_NIBBLE_ORDER,
+    NIBBLE_ORDER,
+    PACKED_SCHEMES,
+    check_scheme,
+    dequantize_state,
+    quantize_state,
+    stored_nbytes,
+)
 from guardedp2p.engine.arch import config_of, get_arch, get_path, num_layers
 from guardedp2p.engine.split import ClientBottom, ClientTop, ProviderTrunk, SplitConfig, base_model, loss_fn
 from guardedp2p.errors import ArtifactError, ConfigError
@@ -681,6 +689,8 @@ def save_emulator(
             "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
         },
     }
+    if quantize in PACKED_SCHEMES:  # absent in emulators written before the packing was shared: low nibble first
+        body["compression"]["nibble_order"] = NIBBLE_ORDER
     if extra:
         body["extra"] = dict(extra)
     return sign_folder(out, body, files, signing_key)
@@ -730,12 +740,13 @@ def load_emulator(
         if required not in names:
             raise EmulatorError(f"the signed manifest does not list {required}")
     scheme = check_scheme(str(manifest["compression"].get("quantize", "none")))
+    nibble_order = str(manifest["compression"].get("nibble_order", LEGACY_NIBBLE_ORDER))
     config = _read_config(folder)
     if num_layers(config) != lmap.n_layers:
         raise EmulatorError(f"config.json has {num_layers(config)} blocks, the layer map {lmap.n_layers}")
     model = emulator_skeleton(config, lmap, dtype=dtype)
     tensors = dict(_read_tensors(resolve_in(folder, ADAPTERS_FILE)))
-    middle = dequantize_state(_read_tensors(resolve_in(folder, MIDDLE_FILE)), scheme, dtype)
+    middle = dequantize_state(_read_tensors(resolve_in(folder, MIDDLE_FILE)), scheme, dtype, nibble_order)
     overlap = set(tensors) & set(middle)
     if overlap:
         raise EmulatorError(f"{sorted(overlap)[0]} is in both tensor files")

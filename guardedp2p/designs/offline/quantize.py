@@ -1,7 +1,7 @@
 """Weight quantization of the emulator's middle blocks, shipped as integer codes plus per-tensor scales.
 
-Offsite-tuning only *simulates* quantization (weights stay float on disk); guardedp2p must save bytes on the
-download, so it ships the codes (algorithms.md section 3.3). Pure torch, no bitsandbytes needed.
+Offsite-tuning (Xiao, Lin, Han, arXiv 2302.04870) only *simulates* quantization (weights stay float on disk);
+guardedp2p must save bytes on the download, so it ships the codes. Pure torch, no bitsandbytes needed.
 
 Schemes (only floating tensors with ``dim >= 2`` are quantized; norms and biases stay float):
 
@@ -11,8 +11,13 @@ Schemes (only floating tensors with ``dim >= 2`` are quantized; norms and biases
     rather than at the mid-point ``(max + min) / 2``, because the reference's mid-point grid needs ``2^b + 1``
     levels and so does not fit in ``b`` bits. int4 codes are packed two per byte.
 ``nf4``
-    NormalFloat-4 (QLoRA): blocks of 64 values, each scaled by its absolute maximum and rounded to the nearest
-    of 16 normal-quantile levels; two codes per byte plus one fp32 scale per block.
+    NormalFloat-4 (QLoRA): exactly the ``nf4`` wire codec (:mod:`guardedp2p.wire.codecs.core`) with blocks of 64:
+    each block scaled by its absolute maximum, rounded to the nearest of the 16 levels of ``NF4_CODE``; two
+    codes per byte plus one fp32 absmax per block.
+
+Two codes per byte are packed by :mod:`guardedp2p.wire.codecs.nibbles` (element 2i in the high nibble). Emulators
+written before that (their manifest has no ``compression.nibble_order``) hold the low nibble first; the loader
+passes ``nibble_order="low-first"`` for them and they keep loading.
 
 Stored keys for a quantized tensor ``W``: ``W.__qcodes`` (uint8), ``W.__qscale`` and, for int8/int4,
 ``W.__qmin`` (float32), and ``W.__qshape`` (int64, the original shape). A reader accepts exactly these
@@ -27,33 +32,18 @@ from collections.abc import Mapping
 import torch
 
 from guardedp2p.errors import ArtifactError, ConfigError
+from guardedp2p.wire.codecs import CodecInputError, Encoded, FourBitCodec, MalformedEncoding
+from guardedp2p.wire.codecs.nibbles import pack_nibbles, packed_len, swap_nibbles, unpack_nibbles
 
 SCHEMES = ("none", "int8", "int4", "nf4")
 NF4_BLOCK = 64
 _SUFFIXES = (".__qcodes", ".__qscale", ".__qmin", ".__qshape")
-
-#: The 16 NF4 levels of QLoRA (Dettmers et al., 2023), quantiles of N(0, 1) rescaled to [-1, 1].
-NF4_LEVELS = torch.tensor(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ],
-    dtype=torch.float32,
-)
+#: How int4/nf4 codes share a byte: what this version writes, and what emulators before it wrote.
+NIBBLE_ORDER = "high-first"
+LEGACY_NIBBLE_ORDER = "low-first"
+NIBBLE_ORDERS = (NIBBLE_ORDER, LEGACY_NIBBLE_ORDER)
+PACKED_SCHEMES = ("int4", "nf4")  # the schemes whose codes share a byte
+_NF4 = FourBitCodec("nf4", blocksize=NF4_BLOCK)  # fixed here: the blocksize is part of the stored format
 
 
 class QuantizedFormatError(ArtifactError):
@@ -70,18 +60,15 @@ def should_quantize(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.dim() >= 2 and t.numel() > 0
 
 
-def _pack4(codes: torch.Tensor) -> torch.Tensor:
-    flat = codes.reshape(-1).to(torch.uint8)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    pairs = flat.view(-1, 2)
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
+def check_nibble_order(order: str) -> str:
+    if order not in NIBBLE_ORDERS:
+        raise QuantizedFormatError(f"unknown nibble order {order!r}; this version reads {', '.join(NIBBLE_ORDERS)}")
+    return order
 
 
-def _unpack4(packed: torch.Tensor, n: int) -> torch.Tensor:
-    lo = packed & 0x0F
-    hi = packed >> 4
-    return torch.stack([lo, hi], dim=1).reshape(-1)[:n]
+def _codes4(codes: torch.Tensor, n: int, nibble_order: str) -> torch.Tensor:
+    """Stored 4-bit codes in the packing of :mod:`~guardedp2p.wire.codecs.nibbles` (legacy bytes swapped first)."""
+    return codes if check_nibble_order(nibble_order) == NIBBLE_ORDER else swap_nibbles(codes)
 
 
 def quantize_tensor(w: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
@@ -99,7 +86,7 @@ def quantize_tensor(w: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
         if s == 0.0:
             s = 1.0  # constant tensor: every code is 0, w^ = min exactly
         q = torch.round((x - lo) / s).clamp_(0, levels).to(torch.uint8)
-        codes = q if bits == 8 else _pack4(q)
+        codes = q if bits == 8 else pack_nibbles(q)
         return {
             ".__qcodes": codes,
             ".__qscale": torch.tensor([s], dtype=torch.float32),
@@ -107,20 +94,20 @@ def quantize_tensor(w: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
             ".__qshape": shape,
         }
     if scheme == "nf4":
-        n = x.numel()
-        pad = (-n) % NF4_BLOCK
-        xb = torch.cat([x, x.new_zeros(pad)]).view(-1, NF4_BLOCK)
-        absmax = xb.abs().amax(dim=1)
-        scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        normed = (xb / scale[:, None]).clamp_(-1.0, 1.0)
-        mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
-        q = torch.bucketize(normed, mids).to(torch.uint8).reshape(-1)[:n]
-        return {".__qcodes": _pack4(q), ".__qscale": scale.to(torch.float32), ".__qshape": shape}
+        try:
+            packed, absmax = _NF4.encode(x).parts
+        except CodecInputError:
+            raise ConfigError("cannot quantize a tensor holding NaN or Inf") from None
+        return {".__qcodes": packed, ".__qscale": absmax, ".__qshape": shape}
     raise ConfigError("scheme 'none' stores tensors as they are")
 
 
 def dequantize_tensor(
-    parts: Mapping[str, torch.Tensor], scheme: str, dtype: torch.dtype, name: str = "tensor"
+    parts: Mapping[str, torch.Tensor],
+    scheme: str,
+    dtype: torch.dtype,
+    name: str = "tensor",
+    nibble_order: str = NIBBLE_ORDER,
 ) -> torch.Tensor:
     """Rebuild the float tensor from its stored parts, checking every size first."""
     try:
@@ -137,23 +124,24 @@ def dequantize_tensor(
         lo_t = parts.get(".__qmin")
         if lo_t is None or lo_t.numel() != 1 or scale.numel() != 1:
             raise QuantizedFormatError(f"{name}: {scheme} needs one scale and one minimum per tensor")
-        want = n if scheme == "int8" else (n + 1) // 2
+        want = n if scheme == "int8" else packed_len(n)
         if codes.numel() != want:
             raise QuantizedFormatError(f"{name}: {codes.numel()} code bytes, shape {shape} needs {want}")
-        q = codes.reshape(-1) if scheme == "int8" else _unpack4(codes.reshape(-1), n)
+        flat = codes.reshape(-1)
+        q = flat if scheme == "int8" else unpack_nibbles(_codes4(flat, n, nibble_order), n)
         out = q.to(torch.float32) * float(scale) + float(lo_t)
         return out.view(shape).to(dtype)
     if scheme == "nf4":
         blocks = -(-n // NF4_BLOCK)
-        if codes.numel() != (n + 1) // 2 or scale.numel() != blocks:
+        if codes.numel() != packed_len(n) or scale.numel() != blocks or scale.dtype != torch.float32:
             raise QuantizedFormatError(
                 f"{name}: nf4 sizes do not fit shape {shape} ({codes.numel()} bytes, {scale.numel()} scales)"
             )
-        q = _unpack4(codes.reshape(-1), n).long()
-        vals = NF4_LEVELS[q]
-        pad = blocks * NF4_BLOCK - n
-        vals = torch.cat([vals, vals.new_zeros(pad)]).view(blocks, NF4_BLOCK) * scale.to(torch.float32)[:, None]
-        return vals.reshape(-1)[:n].view(shape).to(dtype)
+        enc = Encoded([_codes4(codes.reshape(-1), n, nibble_order), scale.reshape(-1)], _NF4.default_params())
+        try:
+            return _NF4.decode(enc, tuple(shape), torch.float32, "cpu").to(dtype)
+        except MalformedEncoding as exc:
+            raise QuantizedFormatError(f"{name}: {exc}") from None
     raise QuantizedFormatError(f"{name}: unknown quantization scheme {scheme!r}")
 
 
@@ -176,10 +164,17 @@ def quantize_state(
 
 
 def dequantize_state(
-    stored: Mapping[str, torch.Tensor], scheme: str, dtype: torch.dtype = torch.float32
+    stored: Mapping[str, torch.Tensor],
+    scheme: str,
+    dtype: torch.dtype = torch.float32,
+    nibble_order: str = NIBBLE_ORDER,
 ) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`quantize_state`; float tensors come back as ``dtype``."""
+    """Inverse of :func:`quantize_state`; float tensors come back as ``dtype``.
+
+    ``nibble_order``: how the stored int4/nf4 bytes are packed (``LEGACY_NIBBLE_ORDER`` for emulators whose
+    manifest does not record it)."""
     check_scheme(scheme)
+    check_nibble_order(nibble_order)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     for key, t in stored.items():
@@ -193,7 +188,7 @@ def dequantize_state(
     for name, parts in groups.items():
         if name in out:
             raise QuantizedFormatError(f"{name} is stored both plain and quantized")
-        out[name] = dequantize_tensor(parts, scheme, dtype, name)
+        out[name] = dequantize_tensor(parts, scheme, dtype, name, nibble_order)
     return out
 
 

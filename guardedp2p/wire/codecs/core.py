@@ -42,7 +42,8 @@ Registered codecs (``CODECS``) and their wire format, fixed here so that every p
     permutation ``FP4_SORT_ORDER``; this reproduces bitsandbytes' reference kernel (which picks code 8 for
     tiny positive and code 0 for tiny negative values; both decode to 0).
     Packing: two codes per byte, **element 2i in the high nibble, element 2i+1 in the low nibble** (the
-    bitsandbytes order); an odd element count is padded with the code of 0.0 in the last low nibble.
+    bitsandbytes order, :mod:`~guardedp2p.wire.codecs.nibbles`); an odd element count is padded with the code
+    of 0.0 in the last low nibble.
     Parts: ``packed`` uint8 (ceil(n / 2),), ``absmax`` float32 (ceil(n / blocksize),).
     Params: ``{"blocksize": int}`` (power of two, 16..4096).
 
@@ -80,6 +81,7 @@ from typing import Any
 import torch
 
 from guardedp2p.errors import GuardedP2PError, WireError
+from guardedp2p.wire.codecs.nibbles import pack_nibbles, packed_len, unpack_nibbles
 from guardedp2p.wire.codes import ErrorCode
 
 __all__ = [
@@ -653,18 +655,13 @@ class FourBitCodec(_CodebookCodec):
         self._pad_code = int(self._order[zero_pos])
 
     def _pack(self, codes):
-        if codes.numel() % 2:
-            codes = torch.cat([codes, codes.new_full((1,), self._pad_code)])
-        return (codes[0::2] << 4) | codes[1::2]
+        return pack_nibbles(codes, self._pad_code)
 
     def _unpack(self, packed, n):
-        out = torch.empty(packed.numel() * 2, dtype=torch.uint8, device=packed.device)
-        out[0::2] = packed >> 4
-        out[1::2] = packed & 0x0F
-        return out[:n]
+        return unpack_nibbles(packed, n)
 
     def _packed_len(self, n):
-        return (n + 1) // 2
+        return packed_len(n)
 
 
 # ----------------------------------------------------------------------------------------------------- registry

@@ -28,7 +28,7 @@ from tests.tiny_models import tiny_batch, tiny_model
 
 # ------------------------------------------------------------------------------------------------ layer selection
 def test_uniform_drop_matches_the_reference_table():
-    # algorithms.md 3.1: OPT-1.3B (N=24, l=r=2, M=20, k=8) and OPT-6.7B (N=32, M=28, k=18)
+    # offsite-tuning (arXiv 2302.04870) layer-drop table: OPT-1.3B (N=24, l=r=2, M=20, k=8) and OPT-6.7B (N=32, M=28, k=18)
     assert uniform_drop_indices(20, 8) == [0, 3, 5, 8, 11, 14, 16, 19]
     assert uniform_drop_indices(28, 18) == [0, 2, 3, 5, 6, 8, 10, 11, 13, 14, 16, 17, 19, 21, 22, 24, 25, 27]
     lm = layer_map(24, 2, 2, 8)
@@ -144,6 +144,51 @@ def test_quantize_state_keeps_vectors_float_and_refuses_inconsistent_parts():
         dequantize_state(bad, "int8")
     with pytest.raises(QuantizedFormatError):
         dequantize_state(stored, "none")
+
+
+def test_weight_codes_share_the_wire_codecs_nf4_table_and_packing():
+    from guardedp2p.wire.codecs import CODECS
+
+    w = torch.randn(7, 37)  # 259 values: a partial last block and an odd count
+    parts = quantize_tensor(w, "nf4")
+    enc = CODECS["nf4"].encode(w.reshape(-1))
+    assert torch.equal(parts[".__qcodes"], enc.parts[0]) and torch.equal(parts[".__qscale"], enc.parts[1])
+    # int4: element 2i in the high nibble, as on the wire
+    assert quantize_tensor(torch.tensor([[0.0, 15.0], [1.0, 0.0]]), "int4")[".__qcodes"].tolist() == [0x0F, 0x10]
+
+
+@pytest.mark.parametrize("scheme", ["int4", "nf4"])
+def test_legacy_low_nibble_first_emulator_still_loads(tmp_path, scheme):
+    """Emulators written before the packing was shared hold the low nibble first and no compression.nibble_order."""
+    from safetensors.torch import load_file, save_file
+
+    from guardedp2p.crypto.manifest import sign_folder
+    from guardedp2p.designs.offline.quantize import QuantizedFormatError
+    from guardedp2p.wire.codecs.nibbles import swap_nibbles
+
+    model = tiny_model("llama")
+    generate_keypair(tmp_path / "k", "p")
+    sk = load_signing_key(tmp_path / "k", "p")
+    emu = build_emulator(model, EmulatorConfig(emulator_layers=2, quantize=scheme))
+    m = save_emulator(emu, tmp_path / "e", sk)
+    assert m["compression"]["nibble_order"] == "high-first"
+    current = load_emulator(tmp_path / "e", tmp_path / "k" / "p.sign.pub", load_tokenizer=False).emulator
+
+    middle = tmp_path / "e" / "emulator.safetensors"
+    stored = load_file(str(middle))
+    legacy = {k: swap_nibbles(v) if k.endswith(".__qcodes") else v for k, v in stored.items()}
+    save_file(legacy, str(middle), metadata={"format": "pt", "quantize": scheme})
+    body = {k: v for k, v in m.data.items() if k not in ("format", "version", "files", "signer")}
+    body["compression"] = {k: v for k, v in body["compression"].items() if k != "nibble_order"}
+    sign_folder(tmp_path / "e", body, list(m.files), sk)
+    old = load_emulator(tmp_path / "e", tmp_path / "k" / "p.sign.pub", load_tokenizer=False).emulator
+    for k, v in current.middle_state().items():
+        assert torch.equal(old.middle_state()[k], v), k
+
+    body["compression"]["nibble_order"] = "sideways"
+    sign_folder(tmp_path / "e", body, list(m.files), sk)
+    with pytest.raises(QuantizedFormatError, match="nibble order"):
+        load_emulator(tmp_path / "e", tmp_path / "k" / "p.sign.pub", load_tokenizer=False)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "nf4"])
