@@ -78,8 +78,8 @@ def main() -> dict:
         )
         # Where received bundles land and whose signatures are trusted. ProviderOptions has no field for these
         # yet, so they go straight into the app's resources (without them: a temporary folder, integrity only).
-        app.resources["upload_dir"] = str(work / "uploads")
-        app.resources["client_verify_keys"] = [keys / "client.sign.pub"]
+        app.resources.upload_dir = str(work / "uploads")
+        app.resources.client_verify_keys = [keys / "client.sign.pub"]
 
         # --- client: download + verify the emulator, tune locally, upload the signed adapters
         opts = TuneOptions(

@@ -13,7 +13,7 @@ from guardedp2p.engine.fingerprint import model_fingerprint
 from guardedp2p.engine.lora import LoraSettings, attach_lora
 from guardedp2p.engine.split import SplitConfig, build_client_parts, build_trunk
 from guardedp2p.protocol.client import ClientSession
-from guardedp2p.protocol.provider import ProviderApp, ProviderConfig
+from guardedp2p.protocol.provider import ProviderApp, ProviderConfig, ProviderResources
 from guardedp2p.transport.inproc import InProcClientChannel
 from guardedp2p.wire.handshake import Hello, ProviderPolicy
 
@@ -38,9 +38,7 @@ def provider_app(
         fingerprint=model_fingerprint(mine, split),
         split=(split.bottom_layers, split.top_layers),
     )
-    resources: dict[str, Any] = {"trunk": trunk, "hidden_size": model.config.hidden_size}
-    if recorder is not None:
-        resources["recorder"] = recorder
+    resources = ProviderResources(trunk=trunk, hidden_size=model.config.hidden_size, recorder=recorder)
     kwargs = {"clock": clock} if clock is not None else {}
     return ProviderApp(
         policy, {"online": online_session, "gradfree": gradfree_session}, config, resources=resources, **kwargs

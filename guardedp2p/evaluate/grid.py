@@ -420,8 +420,8 @@ def _run_offline_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, A
     app = build_provider_app(ProviderOptions(model=cfg.model, bottom_layers=cfg.bottom_layers, top_layers=cfg.top_layers,
                                              protocols=("offline",), emulator_dir=str(emu_dir), device=cfg.device),
                              model=copy.deepcopy(ctx.base))
-    app.resources["upload_dir"] = str(row_dir / "uploads")
-    app.resources["client_verify_keys"] = [keys / "client.sign.pub"]
+    app.resources.upload_dir = str(row_dir / "uploads")
+    app.resources.client_verify_keys = [keys / "client.sign.pub"]
     opts = _tune_options(ctx, spec, row_dir, 0.0)
     off = OfflineOptions(provider_verify_key=keys / "provider.sign.pub", client_keys=str(keys), client_key_name="client", baselines=False)
     summary = tune_offline(opts, lambda: InProcClientChannel(app), console=ctx.console, offline=off, base_tokenizer=ctx.tok)

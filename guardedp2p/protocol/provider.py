@@ -18,11 +18,13 @@ bucket. Shutdown: after :meth:`ProviderApp.begin_shutdown` every request but BYE
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from guardedp2p.designs import DESIGNS
 from guardedp2p.errors import ConfigError, GuardedP2PError, HandshakeRejected, ProtocolError, WireError
@@ -30,6 +32,14 @@ from guardedp2p.wire.codes import ErrorCode
 from guardedp2p.wire.framing import DEFAULT_LIMITS, Frame, Message, WireLimits, decode, encode, error_message
 from guardedp2p.wire.handshake import Hello, ProviderPolicy, negotiate
 from guardedp2p.wire.messages import MsgType
+
+if TYPE_CHECKING:
+    import torch
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from torch import nn
+    from transformers import PretrainedConfig
+
+    from guardedp2p.designs.offline.plugin import VerifiedBundle
 
 log = logging.getLogger("guardedp2p.provider")
 
@@ -165,6 +175,47 @@ class SessionState:
 SessionFactory = Callable[["ProviderApp", str, dict[str, Any]], SessionHandler]
 
 
+class TranscriptSink(Protocol):
+    """Where a recording provider writes what it observes (``guardedp2p.attacks.transcript.TranscriptRecorder``).
+
+    A protocol, not that class, so this layer does not depend on the attack code that reads the transcripts.
+    """
+
+    def record(
+        self, sid: str, step: int, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
+    ) -> object: ...
+
+
+@dataclass
+class ProviderResources:
+    """What the provider process lends to the sessions of every design.
+
+    Written by whoever assembles the app (``guardedp2p.service.provider.build_provider_app``, the evaluation
+    grid, tests), read by the design session factories in ``guardedp2p.designs.*.provider``. A field a design
+    does not use keeps its default; a design that needs a missing one refuses the session with an actionable
+    error (e.g. Offline without ``emulator_dir``).
+    """
+
+    # Online and Gradfree: the frozen trunk, called as ``trunk(h, attention_mask)``, and its hidden width.
+    trunk: nn.Module | None = None
+    hidden_size: int | None = None
+    model_config: PretrainedConfig | None = None
+    # ``--record DIR``: every activation / gradient the provider sees, for the attack benches.
+    recorder: TranscriptSink | None = None
+    # Offline: the signed emulator folder served to clients.
+    emulator_dir: str | os.PathLike[str] | None = None
+    # Offline: where accepted adapter bundles land; None makes the first upload pick a temporary folder.
+    upload_dir: str | os.PathLike[str] | None = None
+    # Offline: the clients' verify keys (objects or NAME.sign.pub paths); None checks integrity only.
+    client_verify_keys: Sequence[Ed25519PublicKey | str | os.PathLike[str]] | None = None
+    # Offline: the largest adapter bundle accepted; None is the design's default.
+    max_upload_bytes: int | None = None
+    # Offline: called with (bundle folder, verification result) after each accepted bundle.
+    on_adapter_bundle: Callable[[Path, VerifiedBundle], None] | None = None
+    # Design-private caches keyed by design name (e.g. the parsed emulator catalog); not configuration.
+    caches: dict[str, object] = field(default_factory=dict)
+
+
 class ProviderApp:
     """Holds the sessions of all peers and routes each message through a fixed handler table."""
 
@@ -175,13 +226,13 @@ class ProviderApp:
         config: ProviderConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
-        resources: dict[str, Any] | None = None,
+        resources: ProviderResources | None = None,
     ) -> None:
         self.policy = policy
         self.factories = dict(factories)
         self.config = config or ProviderConfig()
         self.clock = clock
-        self.resources = resources or {}
+        self.resources = resources if resources is not None else ProviderResources()
         self.sessions: dict[str, SessionState] = {}
         self.stats = {
             "messages": 0,
@@ -293,13 +344,13 @@ class ProviderApp:
                 type(exc).__name__,
                 exc,
             )
-        results: list[Message | BaseException] = []
+        singles: list[Message | BaseException] = []
         for d in chunk:
             try:
-                results.extend(d.run([d]))
+                singles.extend(d.run([d]))
             except Exception as exc:  # noqa: BLE001
-                results.append(exc)
-        return results
+                singles.append(exc)
+        return singles
 
     def _admit(self, peer: str, frames: Sequence[Frame]) -> None:
         """Charge the peer's byte bucket; raise :class:`RateLimitExceeded` (nothing charged) when it is empty."""

@@ -10,7 +10,7 @@ import torch
 
 from guardedp2p.designs import DESIGN_NAMES, get_design
 from guardedp2p.errors import ConfigError
-from guardedp2p.protocol.provider import ProviderApp, ProviderConfig
+from guardedp2p.protocol.provider import ProviderApp, ProviderConfig, ProviderResources
 from guardedp2p.wire.handshake import FLOAT_CODECS, ProviderPolicy
 
 log = logging.getLogger("guardedp2p.provider")
@@ -80,15 +80,11 @@ def build_provider_app(opts: ProviderOptions, *, model: Any = None) -> ProviderA
     else:
         loaded = _trunk_of_given_model(model, split, opts, loading)
     fingerprint, trunk = loaded.fingerprint, loaded.trunk
-    resources: dict[str, Any] = {
-        "trunk": trunk,
-        "hidden_size": int(loaded.config.hidden_size),
-        "model_config": loaded.config,
-    }
+    resources = ProviderResources(trunk=trunk, hidden_size=int(loaded.config.hidden_size), model_config=loaded.config)
     protocols = tuple(opts.protocols)
     if "offline" in protocols:
         if opts.emulator_dir:
-            resources["emulator_dir"] = opts.emulator_dir
+            resources.emulator_dir = opts.emulator_dir
         else:
             log.warning(
                 "the offline design is not served: no --emulator folder was given (build one with `provider emulator build`)"
@@ -97,7 +93,7 @@ def build_provider_app(opts: ProviderOptions, *, model: Any = None) -> ProviderA
     if opts.record_dir:
         from guardedp2p.attacks.transcript import TranscriptRecorder
 
-        resources["recorder"] = TranscriptRecorder(opts.record_dir)
+        resources.recorder = TranscriptRecorder(opts.record_dir)
     policy = ProviderPolicy(
         protocols=protocols,
         fingerprint=fingerprint,

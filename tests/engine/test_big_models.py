@@ -262,7 +262,7 @@ def test_given_model_with_dtype_and_device_map(tiny_llama):
     fp = model_fingerprint(tiny_llama, SPLIT)
     app = build_provider_app(ProviderOptions(protocols=("online",), device_map="cpu", dtype="bf16"), model=tiny_llama)
     assert app.policy.fingerprint == fp
-    assert app.resources["trunk"].compute_dtype == torch.bfloat16
+    assert app.resources.trunk.compute_dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="load_in quantizes while loading"):
         build_provider_app(ProviderOptions(protocols=("online",), load_in="8bit"), model=tiny_model("llama"))
 

@@ -46,8 +46,9 @@ def _app(
     model, *, config: ProviderConfig | None = None, fail_above_rows: int | None = None
 ) -> tuple[ProviderApp, CountingTrunk]:
     app = provider_app(model, config=config)
-    counting = CountingTrunk(app.resources["trunk"], fail_above_rows=fail_above_rows)
-    app.resources["trunk"] = counting  # sessions opened from now on use it
+    assert app.resources.trunk is not None
+    counting = CountingTrunk(app.resources.trunk, fail_above_rows=fail_above_rows)
+    app.resources.trunk = counting  # sessions opened from now on use it
     return app, counting
 
 
@@ -76,7 +77,8 @@ def _act_up(sid: str, step: int, h: torch.Tensor, mask: torch.Tensor, *, train: 
 def _reference(model, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The trunk output for one request on its own (a fresh provider: the per-request path)."""
     app = provider_app(model)
-    return app.resources["trunk"](h, mask.to(torch.long)).detach()
+    assert app.resources.trunk is not None
+    return app.resources.trunk(h, mask.to(torch.long)).detach()
 
 
 def _sessions(app: ProviderApp, fp: str, n: int, protocol: str = "gradfree") -> list[ClientSession]:

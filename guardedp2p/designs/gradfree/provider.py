@@ -6,10 +6,13 @@ gradient message is refused with ``not-allowed``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardedp2p.designs.online.provider import TrunkSession
 
+if TYPE_CHECKING:
+    from guardedp2p.protocol.provider import ProviderApp
 
-def gradfree_session(app: Any, sid: str, terms: dict[str, Any]) -> TrunkSession:
+
+def gradfree_session(app: ProviderApp, sid: str, terms: dict[str, Any]) -> TrunkSession:
     return TrunkSession(app, sid, terms, keep_graph=False)

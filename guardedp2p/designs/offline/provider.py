@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +36,9 @@ from guardedp2p.errors import ArtifactError, ConfigError, ProtocolError
 from guardedp2p.wire.codes import ErrorCode
 from guardedp2p.wire.framing import Message
 from guardedp2p.wire.messages import MsgType
+
+if TYPE_CHECKING:
+    from guardedp2p.protocol.provider import ProviderApp
 
 log = logging.getLogger("guardedp2p.provider")
 
@@ -78,7 +82,7 @@ class EmulatorCatalog:
         return sum(e.size for _, e in self.files.values())
 
 
-def load_catalog(folder: str | Path) -> EmulatorCatalog:
+def load_catalog(folder: str | os.PathLike[str]) -> EmulatorCatalog:
     """Read the provider's own emulator manifest and map its file names to paths inside ``folder``.
 
     Sizes are checked (cheap); digests are not re-hashed on every start (they were computed when signing, and
@@ -105,16 +109,25 @@ def load_catalog(folder: str | Path) -> EmulatorCatalog:
     return EmulatorCatalog(folder, raw, sig, files)
 
 
-def _catalog(app: Any) -> EmulatorCatalog:
-    folder = app.resources.get("emulator_dir")
+@dataclass(frozen=True)
+class _CachedCatalog:
+    """The parsed catalog of one emulator folder, valid while its manifest's mtime is unchanged."""
+
+    key: tuple[str, int | None]
+    catalog: EmulatorCatalog
+
+
+def _catalog(app: ProviderApp) -> EmulatorCatalog:
+    folder = app.resources.emulator_dir
     if not folder:
         raise EmulatorUnavailable("this provider serves no emulator (start it with --emulator DIR)")
-    cached = app.resources.get("_offline_catalog")
+    cached = app.resources.caches.get("offline")
     mtime = (Path(folder) / MANIFEST_NAME).stat().st_mtime_ns if (Path(folder) / MANIFEST_NAME).exists() else None
-    if isinstance(cached, tuple) and cached[0] == (str(folder), mtime):
-        return cached[1]
+    key = (str(folder), mtime)
+    if isinstance(cached, _CachedCatalog) and cached.key == key:
+        return cached.catalog
     cat = load_catalog(folder)
-    app.resources["_offline_catalog"] = ((str(folder), mtime), cat)
+    app.resources.caches["offline"] = _CachedCatalog(key, cat)
     return cat
 
 
@@ -135,11 +148,12 @@ def _bytes_tensor(msg: Message) -> bytes:
 class OfflineSession:
     """Provider side of one Offline session."""
 
-    def __init__(self, app: Any, sid: str, terms: dict[str, Any]) -> None:
+    def __init__(self, app: ProviderApp, sid: str, terms: dict[str, Any]) -> None:
         self.app = app
         self.sid = sid
         self.catalog = _catalog(app)
-        self.max_upload = int(app.resources.get("max_upload_bytes", DEFAULT_MAX_UPLOAD))
+        limit = app.resources.max_upload_bytes
+        self.max_upload = DEFAULT_MAX_UPLOAD if limit is None else int(limit)
         self.staging: Path | None = None
         self.received: dict[str, int] = {}
         self.bytes_served = 0
@@ -196,10 +210,10 @@ class OfflineSession:
 
     # ------------------------------------------------------------------ upload
     def _upload_root(self) -> Path:
-        root = self.app.resources.get("upload_dir")
+        root = self.app.resources.upload_dir
         if not root:
             root = tempfile.mkdtemp(prefix="guardedp2p-uploads-")
-            self.app.resources["upload_dir"] = root
+            self.app.resources.upload_dir = root
         p = Path(root)
         p.mkdir(parents=True, exist_ok=True)
         return p
@@ -253,7 +267,7 @@ class OfflineSession:
         try:
             verified = verify_adapter_bundle(
                 self.staging,
-                self.app.resources.get("client_verify_keys"),
+                self.app.resources.client_verify_keys,
                 emulator_manifest_sha256=self.catalog.manifest_sha256,
             )
         except ArtifactError as exc:
@@ -272,8 +286,8 @@ class OfflineSession:
             verified.signer,
             verified.signer_pinned,
         )
-        hook = self.app.resources.get("on_adapter_bundle")
-        if callable(hook):
+        hook = self.app.resources.on_adapter_bundle
+        if hook is not None:
             try:
                 hook(final, verified)
             except Exception:  # noqa: BLE001 - a failing local hook must not fail the client's upload
@@ -297,5 +311,5 @@ class OfflineSession:
             self.staging = None
 
 
-def offline_session(app: Any, sid: str, terms: dict[str, Any]) -> OfflineSession:
+def offline_session(app: ProviderApp, sid: str, terms: dict[str, Any]) -> OfflineSession:
     return OfflineSession(app, sid, terms)

@@ -70,7 +70,7 @@ class RemoteTrunk:
 
 class _RemoteTrunkFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, h1: torch.Tensor, mask: torch.Tensor, remote: RemoteTrunk) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, h1: torch.Tensor, mask: torch.Tensor, remote: RemoteTrunk) -> torch.Tensor:
         step = remote.next_step()
         ctx.remote = remote
         ctx.step = step
@@ -78,6 +78,6 @@ class _RemoteTrunkFn(torch.autograd.Function):
         return remote.forward(h1, mask, train=True, step=step)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (h1,) = ctx.saved_tensors
         return ctx.remote.backward(grad_out, ctx.step, h1), None, None

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from guardedp2p.errors import ProtocolError
+from guardedp2p.errors import ConfigError, ProtocolError
 from guardedp2p.protocol.provider import Deferred
+
+if TYPE_CHECKING:
+    from guardedp2p.protocol.provider import ProviderApp
 from guardedp2p.wire.codes import ErrorCode
 from guardedp2p.wire.framing import Message
 from guardedp2p.wire.messages import MsgType
@@ -63,12 +66,18 @@ def _lossy(codec: str) -> bool:
 class TrunkSession:
     """Provider side of one Online or Gradfree session."""
 
-    def __init__(self, app: Any, sid: str, terms: dict[str, Any], *, keep_graph: bool) -> None:
+    def __init__(self, app: ProviderApp, sid: str, terms: dict[str, Any], *, keep_graph: bool) -> None:
+        res = app.resources
+        if res.trunk is None or res.hidden_size is None:
+            raise ConfigError(
+                "this provider app has no trunk: set ProviderResources.trunk and hidden_size "
+                "(guardedp2p.service.provider.build_provider_app does)"
+            )
         self.app = app
         self.sid = sid
-        self.trunk: torch.nn.Module = app.resources["trunk"]
-        self.hidden_size: int = app.resources["hidden_size"]
-        self.recorder = app.resources.get("recorder")
+        self.trunk: torch.nn.Module = res.trunk
+        self.hidden_size: int = res.hidden_size
+        self.recorder = res.recorder
         self.codecs: dict[str, str] = terms["codecs"]
         self.keep_graph = keep_graph
         self.pending: dict[int, _Pending] = {}
@@ -308,5 +317,5 @@ def _forward_padded(
         return parts
 
 
-def online_session(app: Any, sid: str, terms: dict[str, Any]) -> TrunkSession:
+def online_session(app: ProviderApp, sid: str, terms: dict[str, Any]) -> TrunkSession:
     return TrunkSession(app, sid, terms, keep_graph=True)

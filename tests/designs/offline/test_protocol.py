@@ -20,7 +20,7 @@ from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
 from guardedp2p.designs.offline.transfer import TransferStats, download_emulator, make_adapter_bundle, upload_bundle
 from guardedp2p.errors import RemoteError
 from guardedp2p.protocol.client import ClientSession
-from guardedp2p.protocol.provider import ProviderApp
+from guardedp2p.protocol.provider import ProviderApp, ProviderResources
 from guardedp2p.service.client import TuneOptions
 from guardedp2p.train.config import TrainConfig
 from guardedp2p.transport.base import PeerTimeout
@@ -44,7 +44,7 @@ def world(tmp_path):
 
 
 def _app(tmp_path, **resources):
-    res = {"emulator_dir": str(tmp_path / "emu"), "upload_dir": str(tmp_path / "uploads"), **resources}
+    res = ProviderResources(emulator_dir=str(tmp_path / "emu"), upload_dir=str(tmp_path / "uploads"), **resources)
     return ProviderApp(ProviderPolicy(protocols=("offline",)), {"offline": offline_session}, resources=res)
 
 
