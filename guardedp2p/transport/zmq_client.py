@@ -41,6 +41,7 @@ from guardedp2p.transport.base import (
     ProviderKeyMismatch,
     frames_nbytes,
 )
+from guardedp2p.transport.endpoints import check_endpoint
 from guardedp2p.transport.zmq_server import DEFAULT_MAX_MESSAGE_BYTES, warn_insecure
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,7 @@ class ZmqClientChannel(ClientChannel):
         self._secret: str | None = None
         self.provider_public_key: str | None = None
 
-        endpoint = config.connect
-        if not isinstance(endpoint, str) or not endpoint.startswith(("tcp://", "ipc://")):
-            raise ConfigError(
-                f"Invalid provider address {endpoint!r}: use tcp://HOST:PORT (e.g. tcp://10.0.0.5:5555) or ipc://PATH."
-            )
+        check_endpoint(config.connect, "connect", resolve=True)
         if config.handshake_timeout <= 0:
             raise ConfigError("handshake_timeout must be positive (seconds to wait for the provider, e.g. 2).")
         if config.insecure:

@@ -33,6 +33,7 @@ from guardedp2p.transport.base import (
     ServerChannel,
     frames_nbytes,
 )
+from guardedp2p.transport.endpoints import bind_error, check_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class ZmqServerChannel(ServerChannel):
         self._allow: _AllowList | None = None
         self.public_key: str | None = None
 
+        check_endpoint(config.bind, "bind")
         if config.max_message_bytes <= 0:
             raise ConfigError("max_message_bytes must be positive (bytes per message, e.g. 1073741824 for 1 GiB).")
 
@@ -174,10 +176,7 @@ class ZmqServerChannel(ServerChannel):
                 sock.bind(config.bind)
             except zmq.ZMQError as e:
                 sock.close(linger=0)
-                raise TransportError(
-                    f"Cannot listen on {config.bind}: {e.strerror}. Pick a free port or another address "
-                    "(e.g. tcp://0.0.0.0:5555), or stop the process already using it."
-                ) from None
+                raise bind_error(config.bind, e.errno, e.strerror) from None
             self._sock = sock
             self._poller = zmq.Poller()
             self._poller.register(sock, zmq.POLLIN)
