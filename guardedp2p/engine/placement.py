@@ -69,13 +69,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[key]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    for k, v in DTYPES.items():
-        if v == dtype:
-            return k
-    return str(dtype).replace("torch.", "")
-
-
 @dataclass(frozen=True)
 class TrunkLoading:
     """How the provider loads its trunk: placement strategy, compute precision, optional weight quantization."""
@@ -439,7 +432,8 @@ class LoadedTrunk:
                 runs.append(f"blocks {a + start}-{a + i - 1} on {self.devices[start]}")
                 start = i
         quant = f", {self.load_in} weights" if self.load_in else ""
-        return f"{'; '.join(runs)}; {dtype_name(self.dtype)}{quant}; {_gib(self.weight_bytes)} of weights"
+        dtype = str(self.dtype).removeprefix("torch.")  # torch's own name, the wire's name for the same dtype
+        return f"{'; '.join(runs)}; {dtype}{quant}; {_gib(self.weight_bytes)} of weights"
 
 
 def _trunk_weight_bytes(trunk: ProviderTrunk) -> int:

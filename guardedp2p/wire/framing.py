@@ -50,8 +50,7 @@ class MessageTooLarge(WireError):
 
 # --------------------------------------------------------------------------------------------- dtypes
 from guardedp2p.wire.codecs import DTYPES as _DTYPES  # noqa: E402 - the one allow-list of wire dtypes
-
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+from guardedp2p.wire.codecs import dtype_name  # noqa: E402 - re-exported: the name of a local tensor's dtype
 
 
 def dtype_from_name(name: Any) -> torch.dtype:
@@ -59,12 +58,6 @@ def dtype_from_name(name: Any) -> torch.dtype:
     if not isinstance(name, str) or name not in _DTYPES:
         raise BadTensorSpec(f"dtype {name!r} is not allowed on the wire (allowed: {', '.join(_DTYPES)})")
     return _DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    if dtype not in _DTYPE_NAMES:
-        raise BadTensorSpec(f"dtype {dtype} cannot be sent (allowed: {', '.join(_DTYPES)})")
-    return _DTYPE_NAMES[dtype]
 
 
 # --------------------------------------------------------------------------------------------- limits

@@ -129,8 +129,14 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """Wire name of a torch dtype (one of :data:`RAW_DTYPES`); raises ``KeyError`` for others."""
-    return _NAMES[dtype]
+    """Wire name of a torch dtype (one of :data:`RAW_DTYPES`, torch's own name); the one such helper of the package.
+
+    Raises :class:`CodecInputError` for a dtype the wire cannot carry (only local tensors are named here: received
+    names go through ``guardedp2p.wire.framing.dtype_from_name``)."""
+    name = _NAMES.get(dtype)
+    if name is None:
+        raise CodecInputError(f"dtype {dtype} cannot be sent (allowed: {', '.join(DTYPES)}); cast the tensor first")
+    return name
 
 
 # ----------------------------------------------------------------------------------------------------- errors
