@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from guardedp2p.errors import ConfigError
@@ -75,9 +76,12 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dic
         meta = json.loads((d / STATE).read_text())
         trainable = load_file(str(d / TRAINABLE))
         opt = torch.load(d / OPTIM, weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint in {d} is unreadable ({exc}); delete it or run without --resume") from None
+        state = {"step": int(meta["step"]), "optimizer": opt["optimizer"], "scheduler": opt["scheduler"]}
+    except (OSError, ValueError, RuntimeError, SafetensorError, KeyError, TypeError) as exc:
+        # a truncated tensor file raises SafetensorError, a state file without its fields KeyError/TypeError
+        raise CheckpointError(
+            f"checkpoint in {d} is unreadable ({type(exc).__name__}: {exc}); delete it or run without --resume"
+        ) from None
     if isinstance(opt.get("rng"), torch.Tensor):
         torch.set_rng_state(opt["rng"])
-    state = {"step": meta["step"], "optimizer": opt["optimizer"], "scheduler": opt["scheduler"]}
     return trainable, state, meta
