@@ -2,6 +2,7 @@
 
 from guardedp2p.data.collate import BatchIterator, collate
 from guardedp2p.data.demo import DemoPaths, demo_paths, make_demo_mc_items, make_demo_records
+from guardedp2p.data.fields import KIND_CHOICES, FieldMapping
 from guardedp2p.data.loaders import (
     SCHEMAS,
     DataFormatError,
@@ -15,7 +16,9 @@ from guardedp2p.data.loaders import (
 from guardedp2p.data.mc_eval import evaluate_loss, evaluate_mc, score_continuations
 from guardedp2p.data.tokenize import (
     IGNORE_INDEX,
+    SIMPLE_CHAT_TEMPLATE,
     DataConfig,
+    encode_chat,
     encode_instruction,
     encode_lm,
     encode_records,
@@ -23,17 +26,21 @@ from guardedp2p.data.tokenize import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "KIND_CHOICES",
     "SCHEMAS",
+    "SIMPLE_CHAT_TEMPLATE",
     "BatchIterator",
     "DataConfig",
     "DataFormatError",
     "DemoPaths",
+    "FieldMapping",
     "LoadedData",
     "MissingDependencyError",
     "TaskKind",
     "collate",
     "demo_paths",
     "detect_kind",
+    "encode_chat",
     "encode_instruction",
     "encode_lm",
     "encode_records",

@@ -3,7 +3,12 @@
 Labels follow the Hugging Face causal-LM convention: ``labels`` is aligned with ``input_ids`` (the model
 shifts them by one internally) and ``-100`` marks a position that carries no loss. For instruction records the
 prompt part is masked, so the client trains on what the assistant should say, not on re-predicting the user's
-prompt. Padding is added later by :func:`guardedp2p.data.collate.collate`, which also masks it.
+prompt; for chat records every turn but the assistant's is masked. ``DataConfig.loss_on = "all"`` trains on every
+token instead. Padding is added later by :func:`guardedp2p.data.collate.collate`, which also masks it.
+
+Chat records are rendered with the tokenizer's own chat template when it has one, so the adapters learn the
+exact layout the model is prompted with at inference; a tokenizer without one gets :data:`SIMPLE_CHAT_TEMPLATE`
+(``role: content`` lines, EOS after each assistant turn), documented in the user guide ("Your data").
 """
 
 from __future__ import annotations
@@ -11,11 +16,22 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from guardedp2p.data.loaders import DataFormatError, TaskKind, detect_kind
+from guardedp2p.data.errors import DataFormatError
+from guardedp2p.data.fields import TaskKind, detect_kind
 
 IGNORE_INDEX = -100
+
+#: Chat layout for tokenizers without a chat template: one ``role: content`` line per turn, the EOS token right
+#: after each assistant turn (so the model learns where its answer ends), and ``assistant: `` as the generation
+#: prompt. Prompt a model tuned this way with the same layout.
+SIMPLE_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+LossOn = Literal["assistant", "all"]
 
 
 @dataclass
@@ -26,9 +42,13 @@ class DataConfig:
         response is cut, the prompt kept; a prompt that leaves no room for any response token drops the record).
     add_eos: append the tokenizer's EOS to LM text (and to an instruction response without a chat template),
         so the model learns where a record ends.
-    use_chat_template: format instruction records with the tokenizer's chat template when it has one.
-    system_prompt: a system turn to put before the user turn; None keeps the template's own default.
-    prompt_format / response_format: plain-text layout used when no chat template is applied.
+    use_chat_template: format instruction and chat records with the tokenizer's chat template when it has one
+        (otherwise instruction records use prompt_format/response_format and chat records SIMPLE_CHAT_TEMPLATE).
+    system_prompt: a system turn to put before the user turn (and before a conversation that has none); None
+        keeps the template's own default.
+    prompt_format / response_format: plain-text layout of instruction records when no chat template is applied.
+    loss_on: ``assistant`` (default) puts the loss on the output of instruction records and on the assistant
+        turns of chat records; ``all`` trains on every token, the prompt and the user turns included.
     """
 
     max_length: int = 128
@@ -37,10 +57,13 @@ class DataConfig:
     system_prompt: str | None = None
     prompt_format: str = "{prompt}\n"
     response_format: str = "{response}"
+    loss_on: LossOn = "assistant"
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
             raise DataFormatError(f"DataConfig.max_length must be >= 2, got {self.max_length}")
+        if self.loss_on not in ("assistant", "all"):
+            raise DataFormatError(f"loss_on must be 'assistant' or 'all', got {self.loss_on!r}")
 
 
 Example = dict[str, list[int]]
@@ -128,7 +151,7 @@ def encode_instruction(
     for rec in records:
         prompt_ids, response_ids = _instruction_ids(rec, tokenizer, config)
         ids = (prompt_ids + response_ids)[: config.max_length]
-        n_prompt = min(len(prompt_ids), len(ids))
+        n_prompt = 0 if config.loss_on == "all" else min(len(prompt_ids), len(ids))
         if n_prompt >= len(ids):
             dropped += 1
             continue
@@ -143,13 +166,117 @@ def encode_instruction(
     return out
 
 
+def _render(tokenizer: Any, messages: list[dict[str, str]], template: str | None, generation: bool) -> str:
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation
+    )
+    return str(text)
+
+
+def _chat_spans(messages: list[dict[str, str]], tokenizer: Any, template: str | None) -> tuple[str, list[int]]:
+    """The rendered conversation and the character offsets where trained (assistant) and masked text alternate.
+
+    Each assistant turn starts where the conversation before it, rendered with the generation prompt, ends, and
+    stops where the conversation up to and including it ends. Both renderings must be prefixes of the full one;
+    templates that rewrite earlier turns (e.g. drop past reasoning) break that and are refused with advice.
+    """
+    full = _render(tokenizer, messages, template, False)
+    cuts: list[int] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        start = _render(tokenizer, messages[:i], template, True) if i else ""
+        end = _render(tokenizer, messages[: i + 1], template, False)
+        if not (full.startswith(start) and full.startswith(end)) or len(end) < len(start):
+            raise DataFormatError(
+                "the chat template does not render a conversation's beginning as a prefix of the whole, so the "
+                "assistant turns cannot be located; use the plain layout (DataConfig.use_chat_template=False, "
+                "--no-chat-template) or train on every token (--loss-on all)"
+            )
+        if cuts and len(start) < cuts[-1]:
+            raise DataFormatError("the chat template renders overlapping assistant turns; use --no-chat-template")
+        cuts += [len(start), len(end)]
+    return full, cuts
+
+
+def _segment_ids(text: str, cuts: list[int], tokenizer: Any, special: bool) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and the token index of each character cut.
+
+    The whole text is tokenized at once when every cut falls on a token boundary of it (the common case, and
+    the tokens the model sees at inference); otherwise the pieces are tokenized separately and concatenated,
+    so the mask always falls exactly on the cut.
+    """
+    full = _ids(tokenizer, text, add_special_tokens=special)
+    bounds: list[int] = []
+    for c in cuts:
+        prefix = _ids(tokenizer, text[:c], add_special_tokens=special) if c else []
+        if full[: len(prefix)] != prefix:
+            break
+        bounds.append(len(prefix))
+    else:
+        return full, bounds
+    ids: list[int] = []
+    bounds = []
+    edges = [0, *cuts, len(text)]
+    for k, (a, b) in enumerate(zip(edges, edges[1:])):
+        if k:
+            bounds.append(len(ids))
+        if b > a or k == 0:  # the first piece, even empty, carries the special tokens (BOS) when wanted
+            ids += _ids(tokenizer, text[a:b], add_special_tokens=special and k == 0)
+    return ids, bounds
+
+
+def chat_example(messages: list[dict[str, str]], tokenizer: Any, config: DataConfig) -> Example:
+    """One untruncated example for a conversation: labels on assistant turns (or everywhere with ``loss_on="all"``)."""
+    msgs = list(messages)
+    if config.system_prompt is not None and (not msgs or msgs[0]["role"] != "system"):
+        msgs.insert(0, {"role": "system", "content": config.system_prompt})
+    own = config.use_chat_template and has_chat_template(tokenizer)
+    template = None if own else SIMPLE_CHAT_TEMPLATE
+    if config.loss_on == "all":  # no turn boundaries needed, so any template works
+        ids = _ids(tokenizer, _render(tokenizer, msgs, template, False), add_special_tokens=not own)
+        return {"input_ids": ids, "labels": list(ids)}
+    text, cuts = _chat_spans(msgs, tokenizer, template)
+    ids, bounds = _segment_ids(text, cuts, tokenizer, special=not own)
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in zip(bounds[::2], bounds[1::2]):
+        labels[a:b] = ids[a:b]
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_chat(records: Sequence[dict[str, Any]], tokenizer: Any, config: DataConfig | None = None) -> list[Example]:
+    """Encode ``messages`` records; labels are ``-100`` outside assistant turns unless ``loss_on="all"``.
+
+    Sequences are cut to ``max_length``; a conversation whose assistant turns all fall beyond the cut would
+    carry no loss and is dropped with a warning.
+    """
+    config = config or DataConfig()
+    out: list[Example] = []
+    dropped = 0
+    for rec in records:
+        ex = chat_example(rec["messages"], tokenizer, config)
+        ids, labels = ex["input_ids"][: config.max_length], ex["labels"][: config.max_length]
+        if all(lab == IGNORE_INDEX for lab in labels):
+            dropped += 1
+            continue
+        out.append({"input_ids": ids, "labels": labels})
+    if dropped:
+        warnings.warn(
+            f"dropped {dropped} of {len(records)} chat records with no assistant token within max_length="
+            f"{config.max_length}; raise DataConfig.max_length (--max-length) or shorten the conversations",
+            stacklevel=2,
+        )
+    return out
+
+
 def encode_records(
     records: Sequence[dict[str, Any]],
     tokenizer: Any,
     config: DataConfig | None = None,
     kind: TaskKind | None = None,
 ) -> list[Example]:
-    """Encode training records of kind ``lm`` or ``instruction`` (detected from the first record if not given)."""
+    """Encode training records of kind ``lm``, ``chat`` or ``instruction`` (detected from the first record if not
+    given)."""
     if not records:
         return []
     kind = kind or detect_kind(records[0])
@@ -157,7 +284,9 @@ def encode_records(
         return encode_lm(records, tokenizer, config)
     if kind == "instruction":
         return encode_instruction(records, tokenizer, config)
+    if kind == "chat":
+        return encode_chat(records, tokenizer, config)
     raise DataFormatError(
         "multiple-choice records are for evaluation (guardedp2p.data.mc_eval.evaluate_mc), not for training; "
-        "give a file of 'text' or 'prompt'/'response' records to train on"
+        "give a file of text, chat or instruction records to train on"
     )
