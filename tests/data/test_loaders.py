@@ -153,9 +153,9 @@ def test_field_errors(tmp_path, line, pattern):
 def test_file_level_errors(tmp_path):
     with pytest.raises(DataFormatError, match="no such file"):
         load_records(str(tmp_path / "nope.jsonl"))
-    (tmp_path / "x.parquet").write_text("x")
+    (tmp_path / "x.xlsx").write_text("x")
     with pytest.raises(DataFormatError, match="unsupported file type"):
-        load_records(str(tmp_path / "x.parquet"))
+        load_records(str(tmp_path / "x.xlsx"))
     with pytest.raises(DataFormatError, match="no records"):
         load_records(write_jsonl(tmp_path / "empty.jsonl", []))
     (tmp_path / "empty.csv").write_text("")
