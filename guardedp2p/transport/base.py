@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from guardedp2p.errors import TransportError
+from guardedp2p.wire.framing import frames_nbytes  # counts bytes only; the transport never reads their meaning
 
 Frames = list[bytes | memoryview]
 """What a channel moves: one message is an ordered list of byte frames."""
@@ -42,14 +43,6 @@ class PeerTimeout(TransportError):
 
 class ChannelClosed(TransportError):
     """The channel was closed (by us) or the peer is gone, so it cannot carry messages any more."""
-
-
-def frames_nbytes(frames: Frames | list) -> int:
-    """Total payload size of a message, in bytes (used for the byte counters)."""
-    total = 0
-    for f in frames:
-        total += f.nbytes if isinstance(f, memoryview) else len(f)
-    return total
 
 
 @dataclass

@@ -215,7 +215,7 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
     """Parse and validate frames from an untrusted peer. Raises a :class:`WireError` subclass on any violation."""
     if not frames:
         raise MalformedHeader("empty message (no header frame)")
-    total = sum(len(f) for f in frames)
+    total = frames_nbytes(frames)
     if total > limits.max_message_bytes:
         raise MessageTooLarge(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
     header = _unpack_header(frames[0], limits)
@@ -311,7 +311,11 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
 
 
 def frames_nbytes(frames: Sequence[Frame]) -> int:
-    return sum(len(f) for f in frames)
+    """Total payload size of a message in bytes: what the size limit and every byte counter measure.
+
+    A ``memoryview`` counts its ``nbytes`` (``len`` would count items, fewer than bytes for a non-byte format).
+    The transport counts with this function too (``guardedp2p.transport.base`` re-exports it)."""
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
 
 
 def error_message(exc: Exception, session: str = "", step: int = 0) -> Message:
