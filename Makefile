@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test test-all bench setup clean docs-cli
+.PHONY: demo test test-all lint bench setup clean docs-cli
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,15 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/guardedp2p demo
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest
+
+# Style, types and layering (issue 14): ruff, mypy (config in pyproject.toml) and the import-linter contracts.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test-all: setup
 	$(BIN)/python -m pytest -m "slow or not slow"
