@@ -385,7 +385,7 @@ class ProviderApp:
             reply.meta["limit_bytes_per_s"] = exc.limit_bytes_per_s
             return reply
         if isinstance(exc, GuardedP2PError):
-            log.warning("refused a message from %s: %s", _short(peer), exc)
+            log.warning("refused a message from %s: %s", _short(peer), printable(exc))
             return _reject_or_error(exc, sid, step)
         log.error("internal error while handling a message from %s", _short(peer), exc_info=exc)
         return error_message(ProtocolError(f"internal provider error: {type(exc).__name__}"), sid, step)
@@ -439,7 +439,7 @@ class ProviderApp:
         handler = factory(self, sid, terms)
         self.sessions[sid] = SessionState(sid, peer, hello.protocol, terms, handler, self.clock())
         self.stats["sessions_opened"] += 1
-        log.info("session %s opened: %s for %s (%s)", sid[:8], hello.protocol, _short(peer), hello.software)
+        log.info("session %s opened: %s for %s (%s)", sid[:8], hello.protocol, _short(peer), printable(hello.software))
         meta = dict(terms)
         meta["session"] = sid
         meta["limits"] = {
@@ -498,3 +498,14 @@ def _reject_or_error(exc: GuardedP2PError, sid: str, step: int) -> Message:
 
 def _short(peer: str) -> str:
     return peer[:12] + "…" if len(peer) > 12 else peer
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """``text`` safe for one log line: control characters (newlines, ANSI escapes) escaped, length capped.
+
+    Client-chosen strings (``software``, error details quoting a request) reach the provider's log; unescaped, a
+    client could forge log lines or clear the operator's terminal.
+    """
+    s = str(text)
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s[:limit])
+    return out + "…" if len(s) > limit else out

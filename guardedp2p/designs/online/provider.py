@@ -137,6 +137,8 @@ class TrunkSession:
             torch.int64,
         ):
             raise BadActivation(f"mask must be [batch, seq] of 0/1, got {list(mask.shape)} {mask.dtype}")
+        if h.shape[0] == 0 or h.shape[1] == 0:
+            raise BadActivation(f"activations must hold at least one token, got shape {list(h.shape)}")
         if h.shape[0] * h.shape[1] > self.app.config.max_tokens_per_step:
             raise BadActivation(f"{h.shape[0] * h.shape[1]} tokens exceed this provider's limit per step")
         if not torch.isfinite(h).all():
@@ -172,9 +174,9 @@ class TrunkSession:
             self.recorder.record(
                 self.sid, req.step, "forward", {"h1": req.h, "mask": req.mask, "h2": out_cpu}, req.meta
             )
+        # compute_s of a batched call is the shared call's time; how many other clients shared it is not said
+        # (it would tell this client that another client is active)
         meta: dict[str, Any] = {"compute_s": compute_s}
-        if batched > 1:
-            meta["batched"] = batched  # compute_s is then the shared trunk call's time
         return Message(
             MsgType.ACT_DOWN,
             session=self.sid,
@@ -186,7 +188,8 @@ class TrunkSession:
 
     # ------------------------------------------------------------------ GRAD_UP (Online only)
     def on_grad_up(self, msg: Message) -> Message:
-        pending = self.pending.pop(msg.step, None)
+        # check the message before taking the kept graph: a malformed GRAD_UP leaves it for a corrected retry
+        pending = self.pending.get(msg.step)
         if pending is None:
             raise NoPendingStep(f"no forward pass is waiting for a gradient at step {msg.step} (expired or never sent)")
         g = msg.tensors.get("g")
@@ -202,6 +205,7 @@ class TrunkSession:
             )
         if not torch.isfinite(g).all():
             raise BadActivation("gradient contains NaN or Inf")
+        del self.pending[msg.step]
         t0 = time.perf_counter()
         pending.outputs.backward(g.to(pending.outputs.device, pending.outputs.dtype))
         grad_in = pending.inputs.grad

@@ -207,3 +207,49 @@ def test_wire_version_mismatch_is_rejected():
     meta["wire_version"] = 99
     reply = _raw_request(app, "inproc:client", Message(MsgType.HELLO, meta=meta))
     assert reply.type == MsgType.REJECT and "wire version" in reply.meta["message"]
+
+
+def test_empty_activation_and_wrong_gradient_shape_are_clean_errors_and_keep_the_graph():
+    model = tiny_model("llama")
+    app = provider_app(model)
+    parts, fp = client_parts(model)
+    session = open_session(app, fp)
+    d = model.config.hidden_size
+    for shape in ((0, 4, d), (1, 0, d)):
+        empty = Message(
+            MsgType.ACT_UP,
+            session=session.sid,
+            step=1,
+            tensors={"h": torch.zeros(shape), "mask": torch.ones(shape[:2], dtype=torch.int8)},
+            codecs={"h": "fp32"},
+        )
+        assert _raw_request(app, "inproc:client", empty).meta["code"] == "bad-activation"
+    h = torch.randn(1, 4, d)
+    fwd = Message(
+        MsgType.ACT_UP,
+        session=session.sid,
+        step=2,
+        meta={"train": True},
+        tensors={"h": h, "mask": torch.ones(1, 4, dtype=torch.int8)},
+        codecs={"h": "fp32"},
+    )
+    out = _raw_request(app, "inproc:client", fwd)
+    assert out.type == MsgType.ACT_DOWN
+    wrong = Message(
+        MsgType.GRAD_UP, session=session.sid, step=2, tensors={"g": torch.ones(1, 3, d)}, codecs={"g": "fp32"}
+    )
+    assert _raw_request(app, "inproc:client", wrong).meta["code"] == "bad-activation"
+    assert 2 in app.sessions[session.sid].handler.pending, "a malformed GRAD_UP must not discard the kept graph"
+    right = Message(
+        MsgType.GRAD_UP, session=session.sid, step=2, tensors={"g": torch.ones(1, 4, d)}, codecs={"g": "fp32"}
+    )
+    reply = _raw_request(app, "inproc:client", right)
+    assert reply.type == MsgType.GRAD_DOWN and tuple(reply.tensors["g"].shape) == (1, 4, d)
+    assert not app.sessions[session.sid].handler.pending
+
+
+def test_client_strings_are_escaped_in_the_provider_log():
+    from guardedp2p.protocol.provider import printable
+
+    assert printable("evil\x1b[2J\nFAKE LINE") == "evil\\x1b[2J\\nFAKE LINE"
+    assert printable("x" * 500, limit=10) == "x" * 10 + "…"
