@@ -4,6 +4,9 @@ A checkpoint holds everything needed to continue with no lost or repeated step: 
 (safetensors), optimizer and schedule state (``torch.save``, read back with ``weights_only=True``), the step,
 the data iterator's position and the configuration. It is written to a temporary folder and swapped in with
 renames, so a kill during saving leaves the previous checkpoint intact.
+
+The folder is 0700 and every file 0600: trained weights and optimizer moments are derived from the client's
+private data's gradients (SECURITY.md), so other users of the machine must not read them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,17 @@ def save_checkpoint(
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    tmp.chmod(0o700)  # not traversable by others while the files in it are written (mkdir's mode obeys umask)
+    _write(tmp, trainable, trainer_state, meta)
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _write(tmp: Path, trainable: dict[str, torch.Tensor], trainer_state: dict[str, Any], meta: dict[str, Any]) -> None:
     save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / TRAINABLE))
     torch.save(
         {
@@ -50,12 +64,8 @@ def save_checkpoint(
     meta = dict(meta)
     meta["step"] = int(trainer_state["step"])
     (tmp / STATE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
+    for f in tmp.iterdir():
+        f.chmod(0o600)
 
 
 def has_checkpoint(directory: str | Path) -> bool:
