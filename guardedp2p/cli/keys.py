@@ -17,7 +17,6 @@ from guardedp2p.crypto.keys import (
     key_paths,
     load_public_key,
     load_verify_key,
-    verify_key_fingerprint,
 )
 from guardedp2p.errors import ConfigError
 
@@ -67,7 +66,7 @@ def generate(
         "fingerprint": fingerprint(public),
         "public_key_file": str(public_path),
         "sign_public_key_file": str(paths.sign_public),
-        "sign_fingerprint": verify_key_fingerprint(load_verify_key(paths.sign_public)),
+        "sign_fingerprint": fingerprint(load_verify_key(paths.sign_public)),
     }
     if as_json:
         print_json(info)
@@ -98,7 +97,7 @@ def show(
     head = public_file.read_bytes()[:4096]
     if b"-----BEGIN" in head:
         vk = load_verify_key(public_file)
-        info = {"file": str(public_file), "type": "ed25519-signing", "fingerprint": verify_key_fingerprint(vk)}
+        info = {"file": str(public_file), "type": "ed25519-signing", "fingerprint": fingerprint(vk)}
     else:
         public = load_public_key(public_file)
         info = {"file": str(public_file), "type": "curve", "public_key": public, "fingerprint": fingerprint(public)}

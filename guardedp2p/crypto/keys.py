@@ -124,11 +124,15 @@ def _from(source: str | None) -> str:
     return f" from {source}" if source else ""
 
 
-def fingerprint(public_key: str | bytes) -> str:
-    """Short, human-comparable fingerprint of a public CURVE key: ``sha256:`` + 16 hex digits."""
-    if isinstance(public_key, str):
-        public_key = public_key.encode("ascii")
-    raw = z85.decode(public_key)
+def fingerprint(public_key: str | bytes | Ed25519PublicKey) -> str:
+    """Short, human-comparable fingerprint of a public key: ``sha256:`` + 16 hex digits of its raw bytes.
+
+    The one fingerprint of the package: a CURVE key given as z85 (str or bytes) or an Ed25519 verify key (the
+    ``signer.fingerprint`` of signed manifests); ``keys show`` prints the same value for either file."""
+    if isinstance(public_key, Ed25519PublicKey):
+        raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    else:
+        raw = z85.decode(public_key.encode("ascii") if isinstance(public_key, str) else public_key)
     return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
@@ -438,9 +442,11 @@ def load_verify_key(path: str | os.PathLike) -> Ed25519PublicKey:
 
 
 def verify_key_fingerprint(key: Ed25519PublicKey) -> str:
-    """``sha256:`` + 16 hex digits of the raw 32-byte Ed25519 public key, for humans to compare."""
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
+    """Deprecated alias of :func:`fingerprint` (which takes Ed25519 keys too); goes away in 0.3."""
+    import warnings
+
+    warnings.warn("verify_key_fingerprint is deprecated: use fingerprint", DeprecationWarning, stacklevel=2)
+    return fingerprint(key)
 
 
 __all__ = [

@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from guardedp2p.crypto.keys import fingerprint
 from guardedp2p.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
@@ -139,8 +140,15 @@ def public_key_hex(key: Ed25519PublicKey) -> str:
 
 
 def key_fingerprint(key: Ed25519PublicKey) -> str:
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
+    """Deprecated alias of :func:`guardedp2p.crypto.keys.fingerprint`; goes away in 0.3."""
+    import warnings
+
+    warnings.warn(
+        "guardedp2p.crypto.manifest.key_fingerprint is deprecated: use guardedp2p.crypto.keys.fingerprint",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return fingerprint(key)
 
 
 def load_key(key: Ed25519PublicKey | str | os.PathLike) -> Ed25519PublicKey:
@@ -176,7 +184,7 @@ def sign_folder(
             "version": VERSION,
             "created": data.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": table,
-            "signer": {"fingerprint": key_fingerprint(pub), "public_key": public_key_hex(pub)},
+            "signer": {"fingerprint": fingerprint(pub), "public_key": public_key_hex(pub)},
         }
     )
     raw = canonical_json(data)
@@ -255,7 +263,7 @@ def verify_manifest_bytes(
         key.verify(signature, raw)
     except InvalidSignature:
         raise BadSignatureError(
-            f"the manifest signature does not verify with the trusted key {key_fingerprint(key)}: the artifact was "
+            f"the manifest signature does not verify with the trusted key {fingerprint(key)}: the artifact was "
             "modified or signed by another key; do not use it, fetch it again from the right party"
         ) from None
     try:

@@ -262,3 +262,23 @@ def test_cli_show(tmp_path):
     assert res.exit_code == ConfigError.exit_code and secret not in res.output
     res = runner.invoke(keys_app, ["--help"])
     assert res.exit_code == 0 and "--allow" in res.stdout
+
+
+def test_one_fingerprint_for_curve_and_signing_keys(tmp_path):
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    from guardedp2p.crypto import manifest
+    from guardedp2p.crypto.keys import verify_key_fingerprint
+
+    generate_keypair(tmp_path, "p")
+    vk = load_verify_key(key_paths(tmp_path, "p").sign_public)
+    raw = vk.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert fingerprint(vk) == "sha256:" + hashlib.sha256(raw).hexdigest()[:16]  # what manifests already record
+    public = load_public_key(key_paths(tmp_path, "p").public)
+    assert fingerprint(public) == fingerprint(public.encode("ascii")) != fingerprint(vk)
+    with pytest.deprecated_call():
+        assert verify_key_fingerprint(vk) == fingerprint(vk)
+    with pytest.deprecated_call():
+        assert manifest.key_fingerprint(vk) == fingerprint(vk)

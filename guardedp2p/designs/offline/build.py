@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guardedp2p.crypto.manifest import Manifest, key_fingerprint
+from guardedp2p.crypto.keys import fingerprint
+from guardedp2p.crypto.manifest import Manifest
 from guardedp2p.designs.offline.emulator import (
     DistillConfig,
     EmulatorConfig,
@@ -96,7 +97,7 @@ def build_emulator_folder(
         len(emu.layer_map.middle),
         opts.emulator.quantize,
         100 * (manifest["params"]["fraction_of_full"] or 0),
-        key_fingerprint(signing_key.public_key()),
+        fingerprint(signing_key.public_key()),
     )
     return manifest
 
