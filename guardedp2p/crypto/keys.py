@@ -275,13 +275,39 @@ def load_keypair(dir_or_secret_file: str | os.PathLike, name: str | None = None)
         )
     _warn_if_exposed(path)
     secret = found["secret"]
-    public = zmq.curve_public(secret.encode("ascii")).decode("ascii")
+    public = _public_of(secret)
     if "public" in found and found["public"] != public:
         raise KeyFileError(
             f"{path} is inconsistent: its public-key line does not belong to its secret key. "
             "The file was edited or corrupted; regenerate it with 'guardedp2p keys generate --force'."
         )
     return public, secret
+
+
+def _public_of(secret: str) -> str:
+    """The CURVE public key that belongs to a z85 secret key."""
+    return zmq.curve_public(secret.encode("ascii")).decode("ascii")
+
+
+def own_keypair(
+    keys: tuple[str, str] | None,
+    secret_key_file: str | os.PathLike | None,
+    key_name: str | None,
+    *,
+    who: str,
+    missing: str,
+) -> tuple[str, str]:
+    """``(public_z85, secret_z85)`` of one end of a channel: the values given in ``keys`` (checked to be z85 and a
+    pair) or the NAME.key_secret file (:func:`load_keypair`); ``missing`` is the error when neither is given."""
+    if keys is not None:
+        pub = validate_z85_key(keys[0], f"{who} public key")
+        sec = validate_z85_key(keys[1], f"{who} secret key")
+        if _public_of(sec) != pub:
+            raise KeyFileError(f"The {who} public key does not belong to its secret key; pass a matching pair.")
+        return pub, sec
+    if secret_key_file is None:
+        raise ConfigError(missing)
+    return load_keypair(secret_key_file, key_name)
 
 
 def load_allow_list(files: list | tuple = (), dirs: list | tuple = ()) -> set[str]:
@@ -457,6 +483,7 @@ __all__ = [
     "generate_keypair",
     "load_public_key",
     "load_keypair",
+    "own_keypair",
     "load_allow_list",
     "load_signing_key",
     "load_verify_key",

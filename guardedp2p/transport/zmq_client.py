@@ -29,7 +29,7 @@ from pathlib import Path
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from guardedp2p.crypto.keys import PUBLIC_SUFFIX, SECRET_SUFFIX, load_keypair, load_public_key, validate_z85_key
+from guardedp2p.crypto.keys import PUBLIC_SUFFIX, SECRET_SUFFIX, load_public_key, own_keypair
 from guardedp2p.errors import ConfigError, TransportError
 from guardedp2p.transport.base import (
     ChannelClosed,
@@ -126,19 +126,14 @@ class ZmqClientChannel(ClientChannel):
 
     @staticmethod
     def _load_client_keys(config: ClientConfig) -> tuple[str, str]:
-        if config.keys is not None:
-            pub, sec = config.keys
-            pub = validate_z85_key(pub, "client public key")
-            sec = validate_z85_key(sec, "client secret key")
-            if zmq.curve_public(sec.encode("ascii")).decode("ascii") != pub:
-                raise ConfigError("The client public key does not belong to its secret key; pass a matching pair.")
-            return pub, sec
-        if config.secret_key_file is None:
-            raise ConfigError(
-                "The client needs its own keypair: pass --keys DIR --name NAME (the folder holding NAME.key_secret from 'guardedp2p keys generate'), "
-                "and send the matching NAME.key to the provider operator."
-            )
-        return load_keypair(config.secret_key_file, config.key_name)
+        return own_keypair(
+            config.keys,
+            config.secret_key_file,
+            config.key_name,
+            who="client",
+            missing="The client needs its own keypair: pass --keys DIR --name NAME (the folder holding NAME.key_secret from 'guardedp2p keys generate'), "
+            "and send the matching NAME.key to the provider operator.",
+        )
 
     def _curve_keys(self) -> tuple[str, str, str]:
         """(provider public, own public, own secret): loaded in ``__init__`` whenever ``insecure`` is off."""

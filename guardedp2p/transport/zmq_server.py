@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from guardedp2p.crypto.keys import is_z85_key, load_allow_list, load_keypair, validate_z85_key
+from guardedp2p.crypto.keys import is_z85_key, load_allow_list, own_keypair
 from guardedp2p.errors import ConfigError, TransportError
 from guardedp2p.transport.base import (
     INSECURE_PEER_PREFIX,
@@ -193,19 +193,14 @@ class ZmqServerChannel(ServerChannel):
 
     @staticmethod
     def _load_server_keys(config: ServerConfig) -> tuple[str, str]:
-        if config.keys is not None:
-            pub, sec = config.keys
-            pub = validate_z85_key(pub, "server public key")
-            sec = validate_z85_key(sec, "server secret key")
-            if zmq.curve_public(sec.encode("ascii")).decode("ascii") != pub:
-                raise ConfigError("The server public key does not belong to its secret key; pass a matching pair.")
-            return pub, sec
-        if config.secret_key_file is None:
-            raise ConfigError(
-                "The provider needs its secret key: pass --keys DIR --name NAME (the folder holding NAME.key_secret, from 'guardedp2p keys generate'), "
-                "or --insecure for a plaintext test run."
-            )
-        return load_keypair(config.secret_key_file, config.key_name)
+        return own_keypair(
+            config.keys,
+            config.secret_key_file,
+            config.key_name,
+            who="server",
+            missing="The provider needs its secret key: pass --keys DIR --name NAME (the folder holding NAME.key_secret, from 'guardedp2p keys generate'), "
+            "or --insecure for a plaintext test run.",
+        )
 
     # -- allow-list management ------------------------------------------------------------------------------------
 

@@ -282,3 +282,24 @@ def test_one_fingerprint_for_curve_and_signing_keys(tmp_path):
         assert verify_key_fingerprint(vk) == fingerprint(vk)
     with pytest.deprecated_call():
         assert manifest.key_fingerprint(vk) == fingerprint(vk)
+
+
+def test_own_keypair_checks_given_values_and_falls_back_to_the_file(tmp_path):
+    from guardedp2p.crypto.keys import own_keypair
+    from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
+    from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
+
+    a_pub, a_sec = (k.decode("ascii") for k in zmq.curve_keypair())
+    b_pub, _ = (k.decode("ascii") for k in zmq.curve_keypair())
+    assert own_keypair((a_pub, a_sec), None, None, who="client", missing="-") == (a_pub, a_sec)
+    with pytest.raises(KeyFileError, match="client public key does not belong"):
+        own_keypair((b_pub, a_sec), None, None, who="client", missing="-")
+    with pytest.raises(ConfigError, match="pass --keys"):
+        own_keypair(None, None, None, who="server", missing="pass --keys")
+    generate_keypair(tmp_path, "p")
+    assert own_keypair(None, tmp_path, "p", who="server", missing="-") == load_keypair(tmp_path, "p")
+    # both channel ends use it
+    with pytest.raises(KeyFileError, match="server public key does not belong"):
+        ZmqServerChannel._load_server_keys(ServerConfig(bind="tcp://127.0.0.1:*", keys=(b_pub, a_sec)))
+    with pytest.raises(KeyFileError, match="client public key does not belong"):
+        ZmqClientChannel._load_client_keys(ClientConfig(connect="tcp://127.0.0.1:5555", keys=(b_pub, a_sec)))
