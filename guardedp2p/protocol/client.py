@@ -11,16 +11,29 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from guardedp2p.errors import HandshakeRejected, ProtocolError, ProviderShuttingDown, RateLimited, RemoteError
-from guardedp2p.wire.framing import DEFAULT_LIMITS, Message, WireLimits, decode, encode, frames_nbytes
+from guardedp2p.wire.framing import DEFAULT_LIMITS, Frame, Message, WireLimits, decode, encode, frames_nbytes
 from guardedp2p.wire.handshake import Hello
 from guardedp2p.wire.messages import ERROR_RATE_LIMITED, ERROR_SHUTTING_DOWN, MsgType
 
 log = logging.getLogger("guardedp2p.client")
+
+
+class FrameChannel(Protocol):
+    """The two calls a session makes on its channel.
+
+    Every client channel of :mod:`guardedp2p.transport` (``ClientChannel``: in-process or ZeroMQ) has them; the
+    protocol is declared here so that this sans-I/O layer never imports the transports (the import contracts in
+    pyproject.toml check it).
+    """
+
+    def send(self, frames: Sequence[Frame]) -> None: ...
+
+    def recv(self, timeout: float) -> Sequence[Frame]: ...
 
 
 @dataclass
@@ -74,7 +87,7 @@ class ClientSession:
 
     def __init__(
         self,
-        channel: Any,
+        channel: FrameChannel,
         *,
         timeout: float = 30.0,
         limits: WireLimits = DEFAULT_LIMITS,
@@ -153,7 +166,7 @@ class ClientSession:
             )
         return reply
 
-    def _exchange(self, msg: Message, frames: list[Any]) -> Message:
+    def _exchange(self, msg: Message, frames: list[Frame]) -> Message:
         """One send and its reply, with the byte and time accounting."""
         t1 = time.perf_counter()
         self.channel.send(frames)

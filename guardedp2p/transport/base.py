@@ -12,14 +12,15 @@ Buffer ownership: ``send`` may hand buffers to the transport *without copying* (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from guardedp2p.errors import TransportError
-from guardedp2p.wire.framing import frames_nbytes  # counts bytes only; the transport never reads their meaning
+from guardedp2p.wire.framing import Frame, frames_nbytes  # bytes only; the transport never reads their meaning
 
-Frames = list[bytes | memoryview]
-"""What a channel moves: one message is an ordered list of byte frames."""
+Frames = Sequence[Frame]
+"""What a channel sends: one message is an ordered sequence of byte frames (what ``wire.framing.encode`` returns)."""
 
 INSECURE_PEER_PREFIX = "insecure:"
 """Peer ids of unauthenticated (``--insecure``) clients start with this, followed by the routing id in hex."""

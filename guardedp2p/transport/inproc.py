@@ -10,16 +10,18 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
-from guardedp2p.transport.base import ChannelClosed, Incoming, PeerTimeout
+from guardedp2p.transport.base import ChannelClosed, Frames, Incoming, PeerTimeout
+
+if TYPE_CHECKING:
+    from guardedp2p.protocol.provider import ProviderApp
 
 
 class InProcClientChannel:
     """A :class:`~guardedp2p.transport.base.ClientChannel` wired straight to a ``ProviderApp``."""
 
-    def __init__(self, app: Any, peer: str = "inproc:client") -> None:
+    def __init__(self, app: ProviderApp, peer: str = "inproc:client") -> None:
         self.app = app
         self.peer = peer
         self.replies: deque[list[bytes]] = deque()
@@ -28,7 +30,7 @@ class InProcClientChannel:
         self.closed = False
         self.fail_after: int | None = None  # tests: simulate a provider that dies after N requests
 
-    def send(self, frames: Sequence[Any]) -> None:
+    def send(self, frames: Frames) -> None:
         if self.closed:
             raise ChannelClosed("the in-process channel is closed")
         if self.fail_after is not None:
@@ -79,7 +81,7 @@ class InProcServerChannel:
         except queue.Empty:
             return None
 
-    def send(self, route: bytes, frames: Sequence[Any]) -> None:
+    def send(self, route: bytes, frames: Frames) -> None:
         if self.closed:
             raise ChannelClosed("the in-process server channel is closed")
         box = self._outboxes.get(route)
@@ -108,7 +110,7 @@ class InProcQueueClient:
         self.bytes_received = 0
         self.closed = False
 
-    def send(self, frames: Sequence[Any]) -> None:
+    def send(self, frames: Frames) -> None:
         if self.closed or self.server.closed:
             raise ChannelClosed("the in-process channel is closed")
         copied = [bytes(f) for f in frames]

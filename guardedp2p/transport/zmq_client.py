@@ -360,7 +360,7 @@ class ZmqClientChannel(ClientChannel):
                     except zmq.Again:
                         parts = None
                     if parts is not None:
-                        frames: Frames = [f.buffer for f in parts]
+                        frames: list[memoryview | bytes] = [f.buffer for f in parts]
                         self.bytes_received += frames_nbytes(frames)
                         return frames
                 if time.monotonic() >= deadline:

@@ -267,7 +267,7 @@ class ZmqServerChannel(ServerChannel):
             if not is_z85_key(peer):
                 log.error("Dropping a message without a valid authenticated User-Id (%r)", peer)
                 return None
-        frames: Frames = [f.buffer for f in payload]
+        frames: list[memoryview | bytes] = [f.buffer for f in payload]
         self.bytes_received += frames_nbytes(frames)
         return Incoming(peer=peer, route=route, frames=frames)
 
