@@ -1,8 +1,8 @@
 """Resumable checkpoints (guardedp2p/train/checkpoint.py): a round trip resumes the run exactly, a save killed
 half-way leaves the previous checkpoint usable, and nothing half-written or damaged is taken as a checkpoint.
 
-The code does not set file permissions (the files get the process umask); checkpoints hold the client's LoRA
-tensors and optimizer state, not keys, so no mode is asserted here.
+Owner-only permissions (folder 0700, files 0600) are checked in tests/service/test_checkpoint_permissions.py;
+here only the debris of a killed save is checked to be as closed as a finished checkpoint.
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def test_a_save_killed_while_writing_keeps_the_previous_checkpoint(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(d, *fake_state(6), {"n": 6})
     monkeypatch.undo()
-    assert d.with_name("ck.tmp").exists()  # the partial write went to the temporary folder only
+    debris = d.with_name("ck.tmp")
+    assert debris.exists()  # the partial write went to the temporary folder only
+    assert debris.stat().st_mode & 0o777 == 0o700  # and nobody else could look into it meanwhile
     assert has_checkpoint(d)
     _, state, meta = load_checkpoint(d)
     assert state["step"] == 3 and meta["n"] == 3
