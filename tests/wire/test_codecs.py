@@ -25,7 +25,6 @@ from guardedp2p.wire.codecs import (
     MalformedEncoding,
     UnknownCodec,
     get_codec,
-    quantize_ste,
 )
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -404,28 +403,6 @@ def test_nibble_order_high_first():
     assert enc.parts[0].tolist() == [0x30, 0xB0]  # fp4: 1.0 = 0b0011, -1.0 = 0b1011
 
 
-# ------------------------------------------------------------------------------------------- STE
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_quantize_ste(name):
-    x = torch.randn(3, 64, requires_grad=True)
-    y = quantize_ste(x, name)
-    c = get_codec(name)
-    expect = c.decode(c.encode(x.detach()), tuple(x.shape), torch.float32, "cpu")
-    assert torch.equal(y.detach(), expect)
-    w = torch.randn(3, 64)
-    (y * w).sum().backward()
-    assert torch.equal(x.grad, w)
-
-
-def test_quantize_ste_accepts_codec_object_and_stochastic():
-    x = torch.randn(2, 64, requires_grad=True)
-    y = quantize_ste(x, CODECS["int8"], stochastic=True, generator=torch.Generator().manual_seed(0))
-    y.sum().backward()
-    assert torch.equal(x.grad, torch.ones_like(x))
-
-
 # ------------------------------------------------------------------------------------------- properties
 
 finite = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False, width=32)
@@ -565,8 +542,6 @@ def test_cuda_cpu_bytes_equal(name):
         y = get_codec(name).decode(b, shape, torch.float32, "cuda")
         assert y.device.type == "cuda"
         assert torch.equal(y.cpu(), get_codec(name).decode(a, shape, torch.float32, "cpu"))
-        ste = quantize_ste(x.cuda(), name)
-        assert torch.equal(ste.cpu(), y.cpu())
 
 
 @pytest.mark.gpu

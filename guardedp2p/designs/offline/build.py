@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,13 +143,3 @@ def build_demo_emulator(
 
 def _demo_path(paths: Any, key: str) -> str:
     return str(paths[key]) if isinstance(paths, dict) else str(getattr(paths, key))
-
-
-def options_summary(opts: EmulatorBuildOptions) -> dict[str, Any]:
-    return {
-        "model": opts.model,
-        "out": opts.out,
-        "emulator": asdict(opts.emulator),
-        "distill": asdict(opts.distill),
-        "distill_data": opts.distill_data,
-    }

@@ -23,11 +23,9 @@ from guardedp2p.wire.codecs.core import (
     Int8BlockCodec,
     Int8RowCodec,
     MalformedEncoding,
-    StraightThroughQuantize,
     UnknownCodec,
     dtype_name,
     get_codec,
-    quantize_ste,
 )
 
 __all__ = [
@@ -49,9 +47,7 @@ __all__ = [
     "Int8BlockCodec",
     "Int8RowCodec",
     "MalformedEncoding",
-    "StraightThroughQuantize",
     "UnknownCodec",
     "dtype_name",
     "get_codec",
-    "quantize_ste",
 ]

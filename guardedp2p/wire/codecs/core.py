@@ -102,8 +102,6 @@ __all__ = [
     "CODECS",
     "get_codec",
     "dtype_name",
-    "quantize_ste",
-    "StraightThroughQuantize",
     "DYNAMIC8_CODE",
     "NF4_CODE",
     "FP4_CODE",
@@ -695,36 +693,3 @@ def get_codec(name: str | Codec) -> Codec:
         if codec is not None:
             return codec
     raise UnknownCodec(f"unknown codec {name!r}; valid codecs: {', '.join(CODECS)}")
-
-
-# ----------------------------------------------------------------------------------------------------- STE
-
-
-class StraightThroughQuantize(torch.autograd.Function):
-    """Forward: ``decode(encode(t))``; backward: the identity (straight-through estimator).
-
-    Rounding has zero derivative almost everywhere, so backpropagating through it would kill every gradient.
-    The straight-through estimator (Bengio et al. 2013) treats the quantizer as the identity in the backward
-    pass: the loss is computed on exactly what the receiving peer sees (x̂), while the gradient w.r.t. x̂ is
-    applied to x unchanged. That is how the sender trains through a lossy uplink.
-    """
-
-    @staticmethod
-    def forward(ctx, t, codec, stochastic, generator):  # type: ignore[override]
-        enc = codec._encode_local(t, stochastic=stochastic, generator=generator)
-        return codec._decode(enc.parts, enc.params, tuple(t.shape)).to(t.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return grad, None, None, None
-
-
-def quantize_ste(
-    t: torch.Tensor, codec: str | Codec, *, stochastic: bool = False, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """``t_hat`` with forward value ``decode(encode(t))`` and identity gradient (see :class:`StraightThroughQuantize`).
-
-    Runs on ``t``'s device without a round trip through the CPU. Lossless codecs return ``t`` itself cast to
-    the wire dtype and back, still with an identity gradient.
-    """
-    return StraightThroughQuantize.apply(t, get_codec(codec), bool(stochastic), generator)
