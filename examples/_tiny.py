@@ -4,7 +4,7 @@ Not an example itself (the leading underscore keeps it out of the list). ``--fas
 ``GUARDEDP2P_EXAMPLE_FAST=1``) replaces the embedded SmolLM2 model with a tiny random Llama saved as an ordinary
 Hugging Face folder, a word-level tokenizer over the words ``w0 … w119`` and a small JSONL file of sentences
 made of those words. The examples then exercise exactly the same code paths in a few seconds, which is how
-``tests/test_examples.py`` keeps them from rotting. The numbers a fast run prints mean nothing.
+``tests/cli/test_examples.py`` keeps them from rotting. The numbers a fast run prints mean nothing.
 """
 
 from __future__ import annotations
