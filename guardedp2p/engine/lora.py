@@ -3,8 +3,8 @@
 Because the split parts keep HF naming and global layer indices, the state dict of a LoRA-patched part has the
 same keys as a PEFT model built on the unsplit model (minus the ``base_model.model.`` prefix). ``save_adapter``
 writes exactly what ``PeftModel.from_pretrained(full_model, out_dir)`` expects, and ``load_adapter_into_parts``
-refuses an adapter that would leave any of the client's LoRA weights at their init values (the silent failure
-documented in ecosystem.md section 7).
+refuses an adapter that would leave any of the client's LoRA weights at their init values (the silent failure of
+``PeftModel.from_pretrained`` on renumbered layers, see :mod:`guardedp2p.engine.split`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""Bottom / trunk / top partition of a causal LM (seed.md section 2).
+"""Bottom / trunk / top partition of a causal LM (GuardedTuning, arXiv 2501.04323; docs/architecture.md "The split").
 
 The client keeps the embedding step + blocks [0, a) (``ClientBottom``) and blocks [b, n) + final norm + LM head
 (``ClientTop``); the provider runs blocks [a, b) (``ProviderTrunk``), with b = n - top_layers.
 
 Every part keeps the Hugging Face attribute layout and *global* layer indices: it holds e.g. ``model.layers`` as
 an ``nn.ModuleList`` of length n with ``nn.Identity`` placeholders at the indices it does not own. That is what
-lets a stock PEFT adapter saved from a part load into the unsplit model and vice versa (ecosystem.md section 7:
-renumbered layers make ``PeftModel.from_pretrained`` silently load nothing). Parts built from the same model
-object share its modules (no copies), so attaching LoRA to a part also patches that model's layers.
+lets a stock PEFT adapter saved from a part load into the unsplit model and vice versa (measured with peft 0.21:
+renumbered layers make ``PeftModel.from_pretrained`` silently load nothing; tests/engine/test_lora.py). Parts
+built from the same model object share its modules (no copies), so attaching LoRA to a part also patches that
+model's layers.
 """
 
 from __future__ import annotations

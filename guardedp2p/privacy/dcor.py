@@ -3,7 +3,7 @@
 ``dCor(X, Z)`` is 0 iff X and Z are independent (population) and is invariant to translations, orthogonal maps
 and global rescaling of either side, so a network cannot lower it by merely shrinking its activations.
 
-Definitions (algorithms.md section 1), for n paired rows:
+Definitions (Székely, Rizzo & Bakirov 2007; the NoPeek penalty: Vepakomma et al., arXiv 2008.09161), for n paired rows:
 
 * ``a_ij = ||x_i - x_j||_2`` -- Euclidean, **not squared**: squared distances turn the statistic into the RV
   coefficient / linear CKA, which sees only linear dependence.

@@ -1,6 +1,7 @@
 """Noise defences applied by the client before anything leaves it.
 
-Two families (algorithms.md section 7):
+Two families (the noise defences of the split-learning attacks literature, e.g. BiSR, Chen et al., CCS'24,
+arXiv 2409.00960; what they buy is measured in SECURITY.md):
 
 * **Activation noise** (:func:`add_activation_noise`): i.i.d. Gaussian or Laplace noise on the transmitted
   activation h (B, L, d). With only ``scale`` set it is a heuristic defence (no formal guarantee, like

@@ -5,7 +5,7 @@ forever; a client with the wrong pinned key retries forever). The monitor socket
 handshake within milliseconds on loopback, so :meth:`ZmqClientChannel.connect` turns it into an immediate,
 actionable error and closes the socket, which also stops the reconnect storm.
 
-Measured event mapping (pyzmq 27 / libzmq 4.3.5, docs/ecosystem.md and our own probes):
+Measured event mapping (pyzmq 27 / libzmq 4.3.5, our own probes; tests/transport/test_zmq_channels.py):
 - HANDSHAKE_SUCCEEDED                      -> authenticated, ready
 - HANDSHAKE_FAILED_AUTH (value = ZAP code) -> PeerRejected (400: our key is not on the provider's allow-list)
 - HANDSHAKE_FAILED_NO_DETAIL (EPIPE)       -> ProviderKeyMismatch (the server could not decrypt our HELLO)

@@ -5,7 +5,7 @@ Why this shape: CURVE gives each connection an encrypted, mutually authenticated
 set, which can be changed while serving. libzmq stamps every accepted message with the client's key
 ("User-Id" metadata), so the identity handed to protocol code is cryptographic, not a routing id a client chose.
 
-Notes from measurement (docs/ecosystem.md):
+Notes from measurement (pyzmq 27 / libzmq 4.3.5):
 - the ZAP domain given to ``configure_curve_callback`` must equal the socket's ``zap_domain``; "*" only matches an
   empty domain;
 - ROUTER routing ids are random and identify nobody; the User-Id of the first payload frame is the client key.

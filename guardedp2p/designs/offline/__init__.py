@@ -1,4 +1,4 @@
-"""Offline GuardedTuning (seed.md section 4.3): an enhanced offsite-tuning.
+"""Offline GuardedTuning (Shi, Ouyang, Wang, arXiv 2501.04323): an enhanced offsite-tuning (arXiv 2302.04870).
 
 The provider ships a signed *emulator* once (its model with the middle compressed by layer drop, optional
 distillation and weight quantization); the client fine-tunes its adapters on it locally, with no per-step

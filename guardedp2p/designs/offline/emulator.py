@@ -393,7 +393,7 @@ def _is_block(name: str, blocks_path: str, indices: range | Sequence[int]) -> bo
 # ============================================================================================ distillation
 @dataclass
 class DistillConfig:
-    """NeuralEmu distillation (algorithms.md 3.2): student = kept blocks, teacher = the full middle."""
+    """NeuralEmu distillation (offsite-tuning, arXiv 2302.04870): student = kept blocks, teacher = the full middle."""
 
     steps: int = 0
     lr: float = 1e-4

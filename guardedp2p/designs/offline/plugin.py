@@ -1,7 +1,7 @@
 """Provider side of the Offline design's last step: verify the client's adapter bundle and plug it in.
 
 Plug-in = the full model with the trained LoRA weights loaded into blocks ``[0, l)`` and ``[N - r, N)``
-(algorithms.md 3.5). Because the client trained on an emulator that keeps global block indices, its bundle is
+(offsite-tuning, Xiao, Lin, Han, arXiv 2302.04870). Because the client trained on an emulator that keeps global block indices, its bundle is
 a stock PEFT adapter of the full model: :func:`plug_in` loads it through the split engine's strict loader
 (every LoRA tensor of the client blocks must be present, none may be left over) and the result equals
 ``PeftModel.from_pretrained(full_model, bundle)`` (a test checks exactly that). Exports: a merged Hugging
