@@ -1,4 +1,4 @@
-"""Distance correlation: agreement with the `dcor` package and the pitfalls of algorithms.md 1.4."""
+"""Distance correlation: agreement with the `dcor` package and the pitfalls listed in guardedp2p/privacy/dcor.py."""
 
 from __future__ import annotations
 
