@@ -114,9 +114,12 @@ def check_records(
             if len(errors) >= max_errors:
                 break
     if errors:
-        shown = "\n".join(f"  {e}" for e in errors)
+        # the schema help is said once at the end, not after every record
+        short = [e.replace(f"; {SCHEMA_HELP}", "") for e in errors]
+        shown = "\n".join(f"  {e}" for e in short)
         more = " (stopped there)" if len(errors) >= max_errors else ""
-        raise DataFormatError(f"{path}: {len(errors)} bad record(s){more}:\n{shown}")
+        tail = f"\n{SCHEMA_HELP}" if short != errors else ""
+        raise DataFormatError(f"{path}: {len(errors)} bad record(s){more}:\n{shown}{tail}")
     return layout.kind, records, layout.describe(first_rec)
 
 

@@ -97,6 +97,7 @@ def test_check_lists_bad_records_with_lines(tmp_path):
     assert "line 2: unrecognised record" in msg and "lacks field(s) ['output']" in msg
     assert "line 3: field 'output' is empty" in msg
     assert "line 4: record with fields ['text'] is of kind 'lm'" in msg
+    assert msg.count("accepted schemas") == 1  # said once, at the end
     p = write_jsonl(tmp_path / "j.jsonl", [{"text": "w1"}, "{oops"])
     with pytest.raises(DataFormatError, match=r"line 2: invalid JSON .*each line must be one JSON object"):
         check_data(p)
