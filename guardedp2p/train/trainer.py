@@ -1,7 +1,7 @@
 """The client's training loop around any trunk.
 
 ``trunk(h1, mask, train=..., input_ids=...) -> h2`` is the only thing that differs between designs: a
-:class:`~guardedp2p.designs.online.provider.RemoteTrunk` (Online: gradients flow through it over the wire), a
+:class:`~guardedp2p.designs.online.client.RemoteTrunk` (Online: gradients flow through it over the wire), a
 cached forward-only remote trunk (Gradfree) or a local emulator module (Offline). The loss, the optional
 distance-correlation penalty, noise on what is sent, AdamW, the schedule, clipping and accumulation are the
 same code in all three, which is what makes their numbers comparable.

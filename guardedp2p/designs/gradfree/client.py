@@ -2,7 +2,7 @@
 
 With the client's bottom and the provider's trunk both frozen, the trunk output of an example is a fixed
 function of its tokens, so after the first epoch the client can answer from its cache: no traffic, no
-provider compute. The provider side is :func:`guardedp2p.designs.online.provider.gradfree_session`, whose handler
+provider compute. The provider side is :func:`guardedp2p.designs.gradfree.provider.gradfree_session`, whose handler
 table has no gradient message type at all.
 
 Why per example rather than per batch: with right padding and a causal mask, the outputs at an example's
