@@ -23,7 +23,6 @@ from guardedp2p.cli.data_options import (
     output_field_option,
     text_field_option,
 )
-from guardedp2p.errors import GuardedP2PError
 
 
 @friendly_errors
@@ -45,28 +44,20 @@ def check_cmd(
     chat_template: bool = chat_template_option(),
     allow_network: bool = allow_network_option(),
     as_json: bool = typer.Option(
-        False, "--json", help="Print one JSON object (the report, or the error) instead of text."
+        False,
+        "--json",
+        help="Print one JSON object (the report; on failure the error, as every --json does) instead of text.",
     ),
 ) -> None:
     """Check a data file before training: format, kind, fields, lengths, what --max-length cuts; bad records by line."""
     from guardedp2p.data.check import check_data, load_tokenizer
 
-    try:
-        mapping = field_mapping(data_kind, text_field, messages_field, instruction_field, input_field, output_field)
-        config = data_config(max_length, loss_on, chat_template)
-        tokenizer = load_tokenizer(model) if model else None
-        report = check_data(
-            file,
-            tokenizer=tokenizer,
-            mapping=mapping,
-            config=config,
-            allow_network=allow_network,
-            tokenizer_name=model,
-        )
-    except GuardedP2PError as exc:
-        if as_json:
-            print_json({"ok": False, "error": str(exc), "error_type": type(exc).__name__})
-        raise
+    mapping = field_mapping(data_kind, text_field, messages_field, instruction_field, input_field, output_field)
+    config = data_config(max_length, loss_on, chat_template)
+    tokenizer = load_tokenizer(model) if model else None
+    report = check_data(
+        file, tokenizer=tokenizer, mapping=mapping, config=config, allow_network=allow_network, tokenizer_name=model
+    )
     if as_json:
         print_json({"ok": True, **report.to_dict()})
     else:
