@@ -303,11 +303,10 @@ def test_chat_system_prompt_added_only_when_missing(tok_tpl):
     assert "w50" not in tok_tpl.convert_ids_to_tokens(ex["input_ids"])
 
 
-def test_single_turn_chat_equals_instruction(tok_tpl, tok):
-    for t in (tok_tpl,):
-        chat = encode_chat([{"messages": CHAT[1:3]}], t)[0]
-        ins = encode_instruction([{"prompt": "w1 w2", "response": "w3 w4"}], t)[0]
-        assert chat == ins
+def test_single_turn_chat_equals_instruction(tok_tpl):
+    chat = encode_chat([{"messages": CHAT[1:3]}], tok_tpl)[0]
+    ins = encode_instruction([{"prompt": "w1 w2", "response": "w3 w4"}], tok_tpl)[0]
+    assert chat == ins
 
 
 def test_instruction_loss_on_output_and_all(tmp_path, tok_tpl):
@@ -337,3 +336,31 @@ def test_template_that_rewrites_history_is_refused(tok):
         encode_chat([{"messages": CHAT}], tok)
     every = encode_chat([{"messages": CHAT}], tok, DataConfig(loss_on="all"))[0]
     assert every["labels"] == every["input_ids"] and every["input_ids"]
+
+
+@pytest.mark.slow
+def test_smollm2_chat_masks_assistant_turns():
+    """With the real SmolLM2-Instruct template, the trained spans are exactly each answer and its end-of-turn."""
+    from guardedp2p.data.check import load_tokenizer
+
+    try:
+        real = load_tokenizer("default")
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    msgs = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6, of course."},
+    ]
+    ex = encode_chat([{"messages": msgs}], real, DataConfig(max_length=512))[0]
+    spans, cur = [], []
+    for i, lab in zip(ex["input_ids"], ex["labels"]):
+        if lab != IGNORE_INDEX:
+            cur.append(i)
+        elif cur:
+            spans, cur = [*spans, real.decode(cur)], []
+    spans += [real.decode(cur)] if cur else []
+    assert spans == ["4.<|im_end|>\n", "6, of course.<|im_end|>\n"]
+    single = encode_chat([{"messages": msgs[:2]}], real, DataConfig())[0]
+    assert single == encode_instruction([{"prompt": "What is 2+2?", "response": "4."}], real, DataConfig())[0]
