@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,10 +24,16 @@ from guardedp2p.engine.arch import get_arch, num_layers
 from guardedp2p.engine.split import ClientBottom, ClientParts, ClientTop, SplitConfig, SplitParts, build_client_parts
 from guardedp2p.errors import ConfigError
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+ModelOrParts = nn.Module | SplitParts | ClientParts | Sequence[nn.Module]
+"""What ``model_fingerprint`` accepts: a HF model, split parts, or ``(bottom, top)`` / ``(bottom, trunk, top)``."""
+
 FINGERPRINT_VERSION = 1
 
 
-def _config_header(config: Any, cfg: SplitConfig) -> bytes:
+def _config_header(config: PretrainedConfig, cfg: SplitConfig) -> bytes:
     header = {
         "fingerprint_version": FINGERPRINT_VERSION,
         "model_type": str(config.model_type),
@@ -73,7 +79,7 @@ def _update_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-def _as_client_parts(model_or_parts: Any, cfg: SplitConfig) -> tuple[ClientBottom, ClientTop]:
+def _as_client_parts(model_or_parts: ModelOrParts, cfg: SplitConfig) -> tuple[ClientBottom, ClientTop]:
     if isinstance(model_or_parts, (SplitParts, ClientParts)):
         bottom, top = model_or_parts.bottom, model_or_parts.top
     elif isinstance(model_or_parts, (tuple, list)) and len(model_or_parts) in (2, 3):
@@ -93,7 +99,7 @@ def _as_client_parts(model_or_parts: Any, cfg: SplitConfig) -> tuple[ClientBotto
     return bottom, top
 
 
-def model_fingerprint(model_or_parts: Any, cfg: SplitConfig) -> str:
+def model_fingerprint(model_or_parts: ModelOrParts, cfg: SplitConfig) -> str:
     """SHA-256 hex digest of config subset + split + the client parts' pre-trained weights.
 
     The provider passes its full model, the client its (bottom, top) parts; equal inputs give equal digests in

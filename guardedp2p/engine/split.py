@@ -187,7 +187,7 @@ class _SplitPart(nn.Module):
             h = self.arch.call_block(blocks[i], h, contexts.get(h.device, ctx), i)
         return h
 
-    def _inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+    def _inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Move inputs to the part's first device; hidden states also take the part's compute dtype, so an fp32
         tensor from the wire can enter a bf16 or quantized part (the cast is part of the autograd graph)."""
         dev = self.device

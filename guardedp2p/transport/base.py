@@ -76,7 +76,7 @@ class ClientChannel(Protocol):
         """Queue one message for the provider. Do not modify the buffers afterwards."""
         ...
 
-    def recv(self, timeout: float) -> list[memoryview | bytes]:
+    def recv(self, timeout: float) -> Sequence[memoryview | bytes]:
         """Wait up to ``timeout`` seconds for the next message; raise :class:`PeerTimeout` if none came."""
         ...
 
