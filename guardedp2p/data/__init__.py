@@ -1,5 +1,6 @@
 """Data layer: load records, tokenize with loss masks, batch resumably, evaluate, and ship demo data."""
 
+from guardedp2p.data.check import DataFingerprint, DataReport, check_data, data_fingerprint
 from guardedp2p.data.collate import BatchIterator, collate
 from guardedp2p.data.demo import DemoPaths, demo_paths, make_demo_mc_items, make_demo_records
 from guardedp2p.data.fields import KIND_CHOICES, FieldMapping
@@ -31,13 +32,17 @@ __all__ = [
     "SIMPLE_CHAT_TEMPLATE",
     "BatchIterator",
     "DataConfig",
+    "DataFingerprint",
     "DataFormatError",
+    "DataReport",
     "DemoPaths",
     "FieldMapping",
     "LoadedData",
     "MissingDependencyError",
     "TaskKind",
+    "check_data",
     "collate",
+    "data_fingerprint",
     "demo_paths",
     "detect_kind",
     "encode_chat",
