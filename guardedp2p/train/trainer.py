@@ -27,6 +27,14 @@ class TrunkFn(Protocol):
     ) -> torch.Tensor: ...
 
 
+class DcorFn(Protocol):
+    """A privacy penalty on (embeddings, sent activations), e.g. :func:`guardedp2p.privacy.dcor.dcor_penalty`."""
+
+    def __call__(
+        self, embeds: torch.Tensor, h1: torch.Tensor, attention_mask: torch.Tensor | None, *, mode: str
+    ) -> torch.Tensor: ...
+
+
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     """Linear warm-up then cosine / linear decay to 0 over ``cfg.steps`` (the HF ``get_*_schedule`` shapes)."""
 
@@ -73,7 +81,7 @@ class SplitTrainer:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         train_bottom: bool = True,
         transform_sent: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        dcor_fn: Callable[..., torch.Tensor] | None = None,
+        dcor_fn: DcorFn | None = None,
     ) -> None:
         cfg.validate()
         self.bottom, self.top, self.trunk, self.cfg = bottom, top, trunk, cfg
