@@ -10,6 +10,7 @@ import typer
 
 from guardedp2p import __version__
 from guardedp2p.cli.client import client_app
+from guardedp2p.cli.data import data_app
 from guardedp2p.cli.demo import demo
 from guardedp2p.cli.evaluate import evaluate
 from guardedp2p.cli.keys import keys_app
@@ -69,6 +70,7 @@ def _root(
 app.add_typer(keys_app, name="keys")
 app.add_typer(provider_app, name="provider")
 app.add_typer(client_app, name="client")
+app.add_typer(data_app, name="data")
 app.command("demo")(demo)
 app.command("evaluate")(evaluate)
 
