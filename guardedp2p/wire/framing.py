@@ -110,7 +110,8 @@ def _raw_view(t: torch.Tensor) -> memoryview:
         t = t.view(torch.int16)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.numpy()).cast("B")
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12; the buffer protocol works on 3.11 too.
+    return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def _encode_tensor(t: torch.Tensor, codec_name: str, stochastic: bool) -> tuple[dict[str, Any], list[memoryview]]:
