@@ -136,10 +136,12 @@ def tune_cmd(
 ) -> None:
     """Fine-tune your adapters with the provider over an authenticated, encrypted channel."""
     setup_logging(verbose, quiet=json_out and verbose == 0)
+    from guardedp2p.designs import get_design
     from guardedp2p.engine.placement import parse_dtype
-    from guardedp2p.service.client import TuneOptions, tune
+    from guardedp2p.service.client import TuneOptions
     from guardedp2p.train.config import TrainConfig
 
+    run = get_design(protocol).load_run()  # an unknown --protocol fails here, naming the valid ones
     parse_dtype(dtype)  # a typo fails here, not after connecting and loading the model
     train = TrainConfig(
         steps=steps,
@@ -177,20 +179,18 @@ def tune_cmd(
         refuse_recording=refuse_recording,
     )
     connect_fn = client_channel_factory(connect, provider_key, keys, name, insecure, handshake_timeout=connect_timeout)
-    console = Console(stderr=True)
+    design_options: dict[str, Any] = {}
     if protocol == "offline":
-        from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
+        from guardedp2p.designs.offline.run import OfflineOptions
 
         if provider_sign_key is None:
             raise ConfigError(
                 "--protocol offline needs --provider-sign-key PROVIDER.sign.pub to verify the emulator's signature"
             )
-        off = OfflineOptions(
+        design_options["offline"] = OfflineOptions(
             provider_verify_key=str(provider_sign_key), client_keys=str(keys) if keys else None, client_key_name=name
         )
-        summary = tune_offline(opts, connect_fn, console=console, offline=off)
-    else:
-        summary = tune(opts, connect_fn, console=console)
+    summary = run(opts, connect_fn, console=Console(stderr=True), **design_options)
     if json_out:
         print_json({k: v for k, v in summary.items() if k != "history"})
     else:

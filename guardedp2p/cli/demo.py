@@ -136,9 +136,11 @@ def run_demo(
     from guardedp2p.cli.client import client_channel_factory, parse_noise
     from guardedp2p.cli.report import print_summary
     from guardedp2p.crypto.keys import generate_keypair
-    from guardedp2p.service.client import TuneOptions, tune
+    from guardedp2p.designs import get_design
+    from guardedp2p.service.client import TuneOptions
     from guardedp2p.train.config import TrainConfig
 
+    run = get_design(protocol).load_run()  # an unknown design fails before keys, emulator and provider
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="guardedp2p-demo-") as tmp_s:
         tmp = Path(tmp_s)
@@ -184,15 +186,14 @@ def run_demo(
                 timeout=600.0,
             )
             connect = client_channel_factory(endpoint, keys / "provider.key", keys, "client", False)
+            design_options: dict[str, Any] = {}
             if protocol == "offline":
-                from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
+                from guardedp2p.designs.offline.run import OfflineOptions
 
-                off = OfflineOptions(
+                design_options["offline"] = OfflineOptions(
                     provider_verify_key=str(keys / "provider.sign.pub"), client_keys=str(keys), client_key_name="client"
                 )
-                summary = tune_offline(opts, connect, console=console, offline=off)
-            else:
-                summary = tune(opts, connect, console=console)
+            summary = run(opts, connect, console=console, **design_options)
         summary["wall_s"] = round(time.perf_counter() - t0, 3)
         print_summary(summary, Console(stderr=json_out))
         if json_out:

@@ -1,0 +1,46 @@
+"""The Gradfree run: Online's split loop with a forward-only trunk and a trunk-output cache.
+
+The client trains only its top adapters, so nothing it sends depends on a gradient and no gradient crosses the
+wire (GuardedTuning, arXiv 2501.04323, Gradfree design); with the bottom frozen, the trunk output of an example
+never changes, and from the second epoch on the cache answers instead of the provider.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from guardedp2p.designs.gradfree.client import CachedRemoteTrunk, TrunkOutputCache
+from guardedp2p.designs.online.client import RemoteTrunk
+from guardedp2p.designs.online.run import SplitDesign, SplitTrunk, run_split
+from guardedp2p.protocol.client import ClientSession
+from guardedp2p.service.client import ChannelFactory, ClientModel, TuneOptions
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+GRADFREE_CODECS = ("up", "down")
+
+
+def gradfree_trunk(opts: TuneOptions, session: ClientSession, client: ClientModel) -> SplitTrunk:
+    """The forward-only remote trunk, cached unless noise makes every forward pass different."""
+    remote = RemoteTrunk(session, {k: v for k, v in opts.codecs.items() if k in GRADFREE_CODECS}, gradients=False)
+    noisy = bool(opts.noise) and opts.noise.get("kind", "none") != "none"
+    cache = None
+    if opts.cache and not noisy:
+        cache = TrunkOutputCache(Path(opts.out) / "trunk_cache", client.fingerprint, opts.codecs["down"])
+    trunk = CachedRemoteTrunk(remote, cache)
+    return SplitTrunk(trunk, cache.stats if cache is not None else dict)
+
+
+GRADFREE = SplitDesign("gradfree", GRADFREE_CODECS, train_bottom=False, build_trunk=gradfree_trunk)
+
+
+def tune_gradfree(
+    opts: TuneOptions, connect: ChannelFactory, *, client: ClientModel | None = None, console: Console | None = None
+) -> dict[str, Any]:
+    """Run the Gradfree design; return the run summary (also written to ``OUT/summary.json``)."""
+    return run_split(GRADFREE, opts, connect, client=client, console=console)
+
+
+__all__ = ["GRADFREE", "gradfree_trunk", "tune_gradfree"]
