@@ -13,8 +13,13 @@ from pathlib import Path
 import typer
 
 from guardedp2p.cli.common import friendly_errors, print_json
+from guardedp2p.cli.data_check import check_cmd
 
-data_app = typer.Typer(help="Data sets: generate the hidden-rules demo task.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Data sets: check your own data file before training, generate the hidden-rules demo task.",
+    no_args_is_help=True,
+)
+data_app.command("check")(check_cmd)
 
 
 
