@@ -43,9 +43,9 @@ from guardedp2p.errors import (
     RemoteError,
     TransportError,
 )
-from guardedp2p.protocol.client import ClientSession, WireStats
+from guardedp2p.protocol.client import ClientSession, FrameChannel, WireStats
 from guardedp2p.train.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
-from guardedp2p.transport.base import ChannelClosed, ClientChannel, MechanismMismatch, PeerRejected, ProviderKeyMismatch
+from guardedp2p.transport.base import ChannelClosed, MechanismMismatch, PeerRejected, ProviderKeyMismatch
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -60,7 +60,7 @@ T = TypeVar("T")
 Batch = dict[str, torch.Tensor]
 DataState = dict[str, Any]  # a BatchIterator position (plain ints and strings)
 HistoryRow = dict[str, Any]
-ChannelFactory = Callable[[], ClientChannel]
+ChannelFactory = Callable[[], FrameChannel]  # in-process or ZeroMQ: the run never knows which
 
 
 class TrainingInterrupted(TransportError):
@@ -270,7 +270,7 @@ class SessionLink:
         timeout: float,
         stats: WireStats,
         on_open: Callable[[ClientSession, dict[str, Any]], None] | None = None,
-        channel: ClientChannel | None = None,
+        channel: FrameChannel | None = None,
     ) -> None:
         self._connect = connect
         self._hello = hello

@@ -23,7 +23,7 @@ import torch
 
 from guardedp2p.designs.online.client import RemoteTrunk
 from guardedp2p.errors import ConfigError, HandshakeRejected
-from guardedp2p.protocol.client import ClientSession, WireStats
+from guardedp2p.protocol.client import ClientSession, FrameChannel, WireStats
 from guardedp2p.service.client import (
     ChannelFactory,
     ClientModel,
@@ -50,7 +50,6 @@ from guardedp2p.service.runner import (
     train_steps,
     write_summary,
 )
-from guardedp2p.transport.base import ClientChannel
 from guardedp2p.wire.handshake import CODEC_DIRECTIONS, Hello
 
 if TYPE_CHECKING:
@@ -185,7 +184,7 @@ class SplitRun:
         connect: ChannelFactory,
         client: ClientModel,
         *,
-        first_channel: ClientChannel | None = None,
+        first_channel: FrameChannel | None = None,
     ) -> None:
         from guardedp2p.data.collate import BatchIterator
         from guardedp2p.engine.split import loss_fn
