@@ -442,8 +442,10 @@ def distill_emulator(
 ) -> dict[str, Any]:
     """Train the kept middle blocks so that ``bottom -> student -> head`` imitates the full model.
 
-    Both stacks receive the frozen bottom adapter's output; only the student trains (AdamW, warm-up + cosine,
-    clipping). With ``checkpoint_dir`` the run saves the student and optimizer and resumes from there.
+    Both stacks receive the frozen bottom adapter's output; only the student trains (AdamW, warm-up then
+    constant or cosine, clipping). With ``checkpoint_dir`` the run saves the student, optimizer, schedule and
+    data position every ``checkpoint_every`` steps and resumes from there: an interrupted run that is resumed
+    ends in the same state as an uninterrupted one (same seed; tests/designs/offline/test_distill.py).
     """
     from guardedp2p.data.collate import BatchIterator
     from guardedp2p.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
@@ -575,11 +577,228 @@ def distill_emulator(
     return summary
 
 
-def load_text_examples(path: str | Path, tokenizer: Any, max_length: int = 128) -> list[dict[str, list[int]]]:
-    """Token ids of a provider corpus: ``.txt`` (one passage per non-empty line) or any format the data loaders read."""
-    from guardedp2p.data.loaders import TaskKind
-    from guardedp2p.data.tokenize import DataConfig, encode_records
+@torch.no_grad()
+def emulator_fidelity(
+    emu: Emulator,
+    teacher_model: nn.Module,
+    examples: Sequence[dict[str, list[int]]],
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> dict[str, float]:
+    """How closely the emulator imitates the full model on held-out text (both share the emulator's adapters).
 
+    ``kd``: the normalised hidden-state MSE at the top cut point (the distillation's target, :func:`kd_loss`,
+    averaged over batches); ``loss_emulator`` / ``loss_full``: token losses through the emulator's middle and
+    through the full middle; ``ppl_ratio`` = exp(loss_emulator - loss_full), the emulator's perplexity as a
+    multiple of the full model's. On public text that ratio is the provider's IP measure: the closer to 1,
+    the more of the full model's ability the shipped emulator gives away (offsite-tuning, arXiv 2302.04870).
+    """
+    from guardedp2p.data.collate import collate
+
+    if not examples:
+        raise ConfigError("fidelity needs at least one held-out example")
+    teacher = ProviderTrunk(teacher_model, emu.split)
+    device = next(emu.model.parameters()).device
+    emu.model.train(False)
+    teacher.train(False)
+    kd_sum = lm_e = lm_f = 0.0
+    n_batches = n_tok = 0
+    for start in range(0, len(examples), batch_size):
+        b = collate(list(examples[start : start + batch_size]), pad_id)
+        ids, mask, labels = (b[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        h1 = emu.bottom(ids, mask)
+        h_t = teacher(h1, mask)
+        h_s = emu.trunk(h1, mask)
+        kd_sum += float(kd_loss(h_t, h_s, mask))
+        n_batches += 1
+        ntok = int((labels[:, 1:] != -100).sum())
+        lm_e += float(loss_fn(emu.top(h_s, mask), labels)) * ntok
+        lm_f += float(loss_fn(emu.top(h_t, mask), labels)) * ntok
+        n_tok += ntok
+    le, lf = lm_e / max(n_tok, 1), lm_f / max(n_tok, 1)
+    return {
+        "kd": kd_sum / n_batches,
+        "loss_emulator": le,
+        "loss_full": lf,
+        "ppl_emulator": math.exp(min(le, 50.0)),
+        "ppl_full": math.exp(min(lf, 50.0)),
+        "ppl_ratio": math.exp(min(le - lf, 50.0)),
+        "tokens": n_tok,
+    }
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 over every weight of ``model`` (sorted names, float32 bytes): the identity of a full model.
+
+    The handshake fingerprint covers only the client parts; a distilled middle depends on the middle blocks too,
+    so the distillation cache is keyed by this digest instead.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for name, t in sorted(model.state_dict().items()):
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        t = t.detach().to("cpu")
+        t = t.float() if t.is_floating_point() else t
+        h.update(f"{name}|{list(t.shape)}\n".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+DISTILL_CACHE_VERSION = 1
+
+
+def distill_cache_key(full_model_digest: str, lmap: LayerMap, cfg: DistillConfig, data_digest: str) -> str:
+    """Cache folder name of a distillation: model, layer map, settings and data (steps left out when the schedule is
+    constant, since then a shorter run is a prefix of a longer one and both live in one folder)."""
+    import hashlib
+
+    settings = asdict(cfg)
+    settings.pop("checkpoint_every")
+    if cfg.schedule == "constant":
+        settings.pop("steps")
+    blob = json.dumps(
+        {
+            "version": DISTILL_CACHE_VERSION,
+            "model": full_model_digest,
+            "layers": lmap.to_dict(),
+            "distill": settings,
+            "data": data_digest,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    """``$GUARDEDP2P_CACHE/emulators`` (default ``~/.cache/guardedp2p/emulators``)."""
+    import os
+
+    return Path(os.environ.get("GUARDEDP2P_CACHE", Path.home() / ".cache" / "guardedp2p")) / "emulators"
+
+
+def distill_cached(
+    emu: Emulator,
+    teacher_model: nn.Module,
+    examples: Sequence[dict[str, list[int]]],
+    cfg: DistillConfig,
+    *,
+    cache_dir: str | Path | None = None,
+    pad_id: int = 0,
+    console: Any = None,
+    progress: bool = True,
+    full_model_digest: str | None = None,
+) -> dict[str, Any]:
+    """:func:`distill_emulator` behind a cache, so a provider distils once and serves many clients.
+
+    The folder ``cache_dir/<key>`` (:func:`distill_cache_key`) holds the resumable checkpoint (``ckpt/``,
+    written every ``cfg.checkpoint_every`` steps) and one snapshot of the distilled middle per finished length
+    (``middle-<steps>.safetensors`` + ``summary-<steps>.json``). A finished length is loaded, not recomputed;
+    an interrupted run resumes from its checkpoint; with the constant schedule a longer run continues from the
+    checkpoint of a shorter one. Returns the summary, with ``cached`` (loaded as is) and ``cache`` (the folder).
+    """
+    from safetensors.torch import load_file, save_file
+
+    from guardedp2p.data.collate import examples_digest
+    from guardedp2p.train.checkpoint import has_checkpoint, load_checkpoint
+
+    cfg.validate()
+    if cfg.steps == 0:
+        return {"steps": 0}
+    digest = full_model_digest or model_digest(teacher_model)
+    key = distill_cache_key(digest, emu.layer_map, cfg, examples_digest(list(examples)))
+    folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / key
+    folder.mkdir(parents=True, exist_ok=True)
+    snap, summ = folder / f"middle-{cfg.steps}.safetensors", folder / f"summary-{cfg.steps}.json"
+    if snap.is_file() and summ.is_file():
+        tensors = load_file(str(snap))
+        own = dict(emu.model.named_parameters())
+        if set(tensors) != {n for n in own if emu._is_middle(n)}:
+            raise EmulatorError(f"the cached distillation in {folder} does not fit this emulator; delete the folder")
+        with torch.no_grad():
+            for n, t in tensors.items():
+                own[n].copy_(t.to(own[n].device, own[n].dtype))
+        summary = json.loads(summ.read_text())
+        emu.info["distillation"] = summary
+        log.info("distilled middle loaded from the cache %s (%d steps)", folder, cfg.steps)
+        return {**summary, "cached": True, "cache": str(folder)}
+    ckpt = folder / "ckpt"
+    if has_checkpoint(ckpt) and int(load_checkpoint(ckpt)[1]["step"]) > cfg.steps:
+        # that checkpoint is past this length: run this one from the start without touching the longer run's state
+        ckpt = folder / f"ckpt-{cfg.steps}"
+    summary = distill_emulator(
+        emu, teacher_model, examples, cfg, pad_id=pad_id, checkpoint_dir=ckpt, console=console, progress=progress
+    )
+    middle = {n: p.detach().cpu().contiguous() for n, p in emu.model.named_parameters() if emu._is_middle(n)}
+    save_file(middle, str(snap))
+    summ.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return {**summary, "cached": False, "cache": str(folder)}
+
+
+# ============================================================================================ provider text
+#: The provider-owned public text the distillation uses by default (see :func:`public_text_passages`).
+PUBLIC_CORPUS = "builtin:python-docs"
+
+
+def public_text_passages(split: str = "train", *, max_chars: int = 600) -> list[str]:
+    """English passages of the Python language reference bundled with every CPython (``pydoc_data.topics``).
+
+    Why this text: distillation needs text the provider may use and that is *not* the client's (the shipped
+    demo_aux.jsonl is records of other people in the client's own house style, which would teach the emulator
+    the client's task). The reference ships inside the interpreter under the PSF licence, so it is on every
+    machine that runs this project, is the same bytes for a given Python version, and costs nothing to
+    produce (text sampled from the model would be closer to its distribution but takes CPU minutes per build).
+    It is technical prose with code; the emulator only has to imitate the full middle on generic text, and
+    offsite-tuning distils on a generic public corpus likewise (arXiv 2302.04870). ``split``: ``train`` (9 of
+    every 10 passages), ``heldout`` (the 10th), so public perplexity is measured on text the distillation never
+    saw, or ``all``. Passages are whole paragraphs packed up to ``max_chars`` characters.
+    """
+    import pydoc_data.topics as topics
+
+    if split not in ("train", "heldout", "all"):
+        raise ConfigError(f"split must be train, heldout or all, got {split!r}")
+    passages: list[str] = []
+    for name in sorted(topics.topics):
+        cur = ""
+        for para in topics.topics[name].split("\n\n"):
+            # drop the reST underlines of titles ("*****"), keep the words
+            para = " ".join(
+                w for line in para.splitlines() if not set(line.strip()) <= set("*=-~^") for w in line.split()
+            )
+            if not para:
+                continue
+            if cur and len(cur) + len(para) + 1 > max_chars:
+                passages.append(cur)
+                cur = ""
+            cur = f"{cur} {para}".strip()
+        if cur:
+            passages.append(cur)
+    if split == "all":
+        return passages
+    train = [p for i, p in enumerate(passages) if i % 10 != 9]
+    if split == "train":
+        return train
+    # some topics repeat paragraphs of others: a held-out passage must share no sentence with the train split
+    seen = {s.strip() for p in train for s in p.split(". ") if len(s.strip()) > 30}
+    return [p for i, p in enumerate(passages) if i % 10 == 9 and not any(s.strip() in seen for s in p.split(". "))]
+
+
+def load_text_examples(path: str | Path, tokenizer: Any, max_length: int = 128) -> list[dict[str, list[int]]]:
+    """Token ids of a provider corpus: ``.txt`` (one passage per non-empty line), any format the data loaders read,
+    or :data:`PUBLIC_CORPUS` (``builtin:python-docs``, its ``train`` split; ``builtin:python-docs:heldout`` for the
+    held-out passages)."""
+    from guardedp2p.data.loaders import TaskKind
+    from guardedp2p.data.tokenize import DataConfig, encode_lm, encode_records
+
+    if str(path).startswith(PUBLIC_CORPUS):
+        split = str(path)[len(PUBLIC_CORPUS) :].lstrip(":") or "train"
+        texts = [{"text": t} for t in public_text_passages(split)]
+        return encode_lm(texts, tokenizer, DataConfig(max_length=max_length))
     p = Path(path)
     if not p.is_file() and not p.is_dir():
         raise ConfigError(f"distillation data {p} does not exist")

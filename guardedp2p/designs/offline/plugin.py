@@ -1,11 +1,15 @@
 """Provider side of the Offline design's last step: verify the client's adapter bundle and plug it in.
 
-Plug-in = the full model with the trained LoRA weights loaded into blocks ``[0, l)`` and ``[N - r, N)``
-(offsite-tuning, Xiao, Lin, Han, arXiv 2302.04870). Because the client trained on an emulator that keeps global block indices, its bundle is
+Plug-in = the full model with the trained adapter loaded into blocks ``[0, l)`` and ``[N - r, N)``
+(offsite-tuning, Xiao, Lin, Han, arXiv 2302.04870). Two adapter types share the bundle's file names (so the wire and the provider's upload
+path are the same for both): ``lora`` (a stock PEFT LoRA adapter, the default) and ``full`` (offsite-tuning's
+adapters, arXiv 2302.04870: the client trains the bottom and top blocks *themselves*, and
+``adapter_model.safetensors`` carries those blocks' weights under their global names, described by an
+``adapter_config.json`` of type ``full-blocks``; see :func:`save_full_blocks`). Because the client trained on an emulator that keeps global block indices, its bundle is
 a stock PEFT adapter of the full model: :func:`plug_in` loads it through the split engine's strict loader
 (every LoRA tensor of the client blocks must be present, none may be left over) and the result equals
 ``PeftModel.from_pretrained(full_model, bundle)`` (a test checks exactly that). Exports: a merged Hugging
-Face folder (LoRA folded into the weights) or a plain PEFT folder.
+Face folder (adapter folded into the weights) or, for LoRA, a plain PEFT folder.
 
 Bundle layout (signed by the client's Ed25519 key, see :mod:`guardedp2p.crypto.manifest`)::
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +41,15 @@ from guardedp2p.crypto.manifest import (
     read_manifest,
     verify_files,
 )
-from guardedp2p.errors import ArtifactError
+from guardedp2p.engine.split import ClientBottom, ClientTop, _SplitPart
+from guardedp2p.errors import ArtifactError, ConfigError
 
 BUNDLE_KIND = "adapter-bundle"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: ``lora``: PEFT LoRA on the client blocks; ``full``: the client blocks themselves are trained and shipped.
+ADAPTER_TYPES = ("lora", "full")
+FULL_BLOCKS_TYPE = "full-blocks"  # adapter_config.json "adapter_type" of a full-block adapter
+FULL_BLOCKS_VERSION = 1
 
 
 class BundleMismatchError(ArtifactError):
@@ -115,6 +124,150 @@ def verify_adapter_bundle(
     return VerifiedBundle(folder, manifest, str(manifest["signer"]["fingerprint"]), pinned)
 
 
+# ============================================================================================ full-block adapters
+def check_adapter_type(kind: str) -> str:
+    if kind not in ADAPTER_TYPES:
+        raise ConfigError(f"adapter type must be one of {', '.join(ADAPTER_TYPES)}, got {kind!r}")
+    return kind
+
+
+def _owned_block_params(part: _SplitPart) -> dict[str, torch.nn.Parameter]:
+    """The parameters of the blocks ``part`` owns, by global HF name (``model.layers.28.mlp.up_proj.weight``)."""
+    prefix = part.arch.blocks_path + "."
+    owned = set(part.layer_range)
+    out: dict[str, torch.nn.Parameter] = {}
+    for name, p in part.named_parameters():
+        if name.startswith(prefix) and int(name[len(prefix) :].split(".", 1)[0]) in owned:
+            out[name] = p
+    return out
+
+
+def full_block_parameters(bottom: ClientBottom, top: ClientTop) -> dict[str, torch.nn.Parameter]:
+    """The client's blocks ``[0, l)`` and ``[N - r, N)``: what a ``full`` adapter trains (embedding, final norm and
+    head stay frozen, as in offsite-tuning)."""
+    params = _owned_block_params(bottom)
+    params.update(_owned_block_params(top))
+    if not params:
+        raise ConfigError("the client parts own no block to train (split 0/0?)")
+    if any("lora_" in n for n in params):
+        raise ConfigError("full-block adapters train the blocks themselves; do not attach LoRA to them as well")
+    return params
+
+
+def enable_full_blocks(bottom: ClientBottom, top: ClientTop) -> int:
+    """Freeze everything in the client parts except the client blocks; returns the number of trainable weights."""
+    for part in (bottom, top):
+        for p in part.parameters():
+            p.requires_grad_(False)
+    params = full_block_parameters(bottom, top)
+    for p in params.values():
+        p.requires_grad_(True)
+    return sum(p.numel() for p in params.values())
+
+
+def save_full_blocks(
+    bottom: ClientBottom, top: ClientTop, out_dir: str | Path, *, base_model_name_or_path: str = ""
+) -> Path:
+    """Write a full-block adapter folder: ``adapter_model.safetensors`` (the client blocks, global names, float32)
+    and ``adapter_config.json`` (type, version, block indices, parameter count)."""
+    from safetensors.torch import save_file
+
+    params = full_block_parameters(bottom, top)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in params.items()}
+    save_file(tensors, str(out / ADAPTER_FILES[1]), metadata={"format": "pt", "adapter_type": FULL_BLOCKS_TYPE})
+    blocks = sorted(set(bottom.layer_range) | set(top.layer_range))
+    cfg = {
+        "adapter_type": FULL_BLOCKS_TYPE,
+        "version": FULL_BLOCKS_VERSION,
+        "blocks_path": bottom.arch.blocks_path,
+        "blocks": blocks,
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "base_model_name_or_path": base_model_name_or_path,
+    }
+    (out / ADAPTER_FILES[0]).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def adapter_type_of(folder: str | Path) -> str:
+    """``full`` for a full-block adapter folder, ``lora`` for a PEFT one (read from ``adapter_config.json``)."""
+    try:
+        cfg = json.loads((Path(folder) / ADAPTER_FILES[0]).read_text())
+    except (OSError, ValueError) as exc:
+        raise ManifestFormatError(f"{folder}: unreadable {ADAPTER_FILES[0]} ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ManifestFormatError(f"{folder}: {ADAPTER_FILES[0]} is not a JSON object")
+    return "full" if cfg.get("adapter_type") == FULL_BLOCKS_TYPE else "lora"
+
+
+def make_full_block_bundle(
+    adapter_dir: str | Path,
+    bundle_dir: str | Path,
+    signing_key: Any,
+    *,
+    emulator_manifest: Manifest,
+    extra: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """Sign a full-block adapter folder as an adapter bundle (same files and manifest as the LoRA bundle of
+    :func:`guardedp2p.designs.offline.transfer.make_adapter_bundle`, ``adapter.format`` = ``full-blocks``)."""
+    from guardedp2p.crypto.manifest import sign_folder
+
+    src, out = Path(adapter_dir), Path(bundle_dir)
+    if adapter_type_of(src) != "full":
+        raise ConfigError(f"{src} is not a full-block adapter folder (see save_full_blocks)")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        if src != out:
+            shutil.copyfile(src / name, out / name)
+    body: dict[str, Any] = {
+        "kind": BUNDLE_KIND,
+        "base_fingerprint": emulator_manifest["fingerprint"],
+        "split": dict(emulator_manifest["split"]),
+        "emulator_manifest_sha256": emulator_manifest.sha256,
+        "adapter": {
+            "format": FULL_BLOCKS_TYPE,
+            "client_layers": list(emulator_manifest["layers"]["adapter_bottom"])
+            + list(emulator_manifest["layers"]["adapter_top"]),
+        },
+    }
+    if extra:
+        body["training"] = dict(extra)
+    return sign_folder(out, body, ADAPTER_FILES, signing_key)
+
+
+def _load_full_blocks(bottom: ClientBottom, top: ClientTop, folder: Path) -> dict[str, int]:
+    """Copy a verified full-block adapter into the client blocks; every block tensor must be there, nothing else."""
+    from safetensors.torch import load_file
+
+    params = full_block_parameters(bottom, top)
+    tensors = load_file(str(folder / ADAPTER_FILES[1]))
+    extra = sorted(set(tensors) - set(params))
+    if extra:
+        raise BundleMismatchError(
+            f"the full-block adapter carries {len(extra)} tensors outside the client blocks, e.g. {extra[0]!r}"
+        )
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise BundleMismatchError(
+            f"the full-block adapter lacks {len(missing)} tensors of the client blocks, e.g. {missing[0]!r}; "
+            "it was made for another model or split"
+        )
+    for n, t in tensors.items():
+        if tuple(t.shape) != tuple(params[n].shape):
+            raise BundleMismatchError(f"{n} has shape {list(t.shape)}, the model expects {list(params[n].shape)}")
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise BundleMismatchError(f"{n} is not a finite float tensor")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    bottom_names = _owned_block_params(bottom)
+    return {
+        "bottom": sum(1 for n in tensors if n in bottom_names),
+        "top": sum(1 for n in tensors if n not in bottom_names),
+    }
+
+
 @dataclass
 class PluggedModel:
     model: Any
@@ -125,11 +278,12 @@ class PluggedModel:
 def plug_in(
     full_model: Any, bundle_dir: str | Path, trusted_keys: Any = None, *, check_fingerprint: bool = True
 ) -> PluggedModel:
-    """Verify the bundle, then load its LoRA into ``full_model``'s client blocks **in place**.
+    """Verify the bundle, then load its adapter into ``full_model``'s client blocks **in place**.
 
     Pass a copy if the pristine model is still needed. Refuses a bundle made for another base model (the
-    fingerprint over the shared layers must match) and any adapter that leaves a client LoRA tensor unset or
-    carries tensors for blocks the client does not own.
+    fingerprint over the shared layers must match) and any adapter that leaves a client tensor unset or
+    carries tensors for blocks the client does not own. A LoRA bundle is injected as PEFT LoRA; a full-block
+    bundle overwrites the client blocks' weights.
     """
     from guardedp2p.engine.fingerprint import model_fingerprint
     from guardedp2p.engine.lora import load_adapter_into_parts
@@ -140,6 +294,10 @@ def plug_in(
     if check_fingerprint and model_fingerprint(full_model, split) != bundle.manifest.get("base_fingerprint"):
         raise BundleMismatchError("this model is not the base the adapters were trained for (fingerprint mismatch)")
     parts = build_client_parts(full_model, split)
+    if adapter_type_of(bundle.folder) == "full":
+        loaded = _load_full_blocks(parts.bottom, parts.top, bundle.folder)
+        full_model.train(False)
+        return PluggedModel(full_model, bundle, loaded)
     report = load_adapter_into_parts(parts.bottom, parts.top, bundle.folder)
     if report.ignored_keys:
         raise BundleMismatchError(
@@ -152,6 +310,8 @@ def plug_in(
 def export_peft(bundle_dir: str | Path, out_dir: str | Path, trusted_keys: Any = None) -> Path:
     """Copy the verified adapter as a plain PEFT folder (``PeftModel.from_pretrained(base, out_dir)``)."""
     bundle = verify_adapter_bundle(bundle_dir, trusted_keys)
+    if adapter_type_of(bundle.folder) == "full":
+        raise ConfigError("a full-block bundle is not a PEFT adapter: export it merged (--merge) instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in ADAPTER_FILES:
@@ -162,11 +322,14 @@ def export_peft(bundle_dir: str | Path, out_dir: str | Path, trusted_keys: Any =
 def export_merged(
     pristine_model: Any, bundle_dir: str | Path, out_dir: str | Path, trusted_keys: Any = None, *, tokenizer: Any = None
 ) -> Path:
-    """Fold the verified LoRA into a copy-free ``pristine_model`` and save a standalone HF folder (safetensors)."""
+    """Fold the verified adapter into ``pristine_model`` (changed in place) and save a standalone HF folder."""
     from peft import PeftModel
 
     bundle = verify_adapter_bundle(bundle_dir, trusted_keys)
-    merged = PeftModel.from_pretrained(pristine_model, str(bundle.folder)).merge_and_unload()
+    if adapter_type_of(bundle.folder) == "full":
+        merged = plug_in(pristine_model, bundle_dir, trusted_keys).model
+    else:
+        merged = PeftModel.from_pretrained(pristine_model, str(bundle.folder)).merge_and_unload()
     out = Path(out_dir)
     _save_float_model(merged, out)
     if tokenizer is not None:
@@ -207,8 +370,15 @@ def logits_fn_of(model: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Ten
 
 __all__ = [
     "ADAPTER_FILES",
+    "ADAPTER_TYPES",
     "BUNDLE_KIND",
     "BundleMismatchError",
+    "adapter_type_of",
+    "check_adapter_type",
+    "enable_full_blocks",
+    "full_block_parameters",
+    "make_full_block_bundle",
+    "save_full_blocks",
     "PluggedModel",
     "VerifiedBundle",
     "export_merged",

@@ -73,6 +73,10 @@ class OfflineOptions:
     emulator_dir: str | None = None  # download target (default: OUT/emulator)
     baselines: bool = True  # compute zero_shot_full, full_finetune and plug_in with a local copy of the base model
     chunk_size: int = 4 * 1024 * 1024
+    # lora: PEFT LoRA on the client blocks; full: train the client blocks themselves (offsite-tuning's adapters,
+    # guardedp2p.designs.offline.plugin), with block_lr in place of the LoRA learning rate when given
+    adapter: str = "lora"
+    block_lr: float | None = None
 
 
 def _signing_key(off: OfflineOptions) -> tuple[Any, bool]:
@@ -106,9 +110,13 @@ def _add_heldout_text(data: Any, tok: Any, opts: TuneOptions) -> None:
     data.eval_examples = encode_lm(texts, tok, DataConfig(max_length=opts.train.max_length))
 
 
-def _attach(bottom: Any, top: Any, opts: TuneOptions) -> None:
+def _attach(bottom: Any, top: Any, opts: TuneOptions, adapter: str = "lora") -> None:
+    from guardedp2p.designs.offline.plugin import check_adapter_type, enable_full_blocks
     from guardedp2p.engine.lora import LoraSettings, attach_lora
 
+    if check_adapter_type(adapter) == "full":
+        enable_full_blocks(bottom, top)
+        return
     cfg = opts.train
     torch.manual_seed(cfg.seed)  # same LoRA init for the emulator run and the full-model baseline
     attach_lora(
@@ -159,7 +167,7 @@ def _train_local(
 
 
 def _checked_options(opts: TuneOptions, off: OfflineOptions) -> TuneOptions:
-    """Refuse what can be refused before connecting."""
+    """Refuse what can be refused before connecting; full-block tuning trains at ``block_lr`` when given."""
     if off.provider_verify_key is None:
         raise ConfigError(
             "the offline design needs the provider's public signing key to verify the emulator: pass "
@@ -167,6 +175,10 @@ def _checked_options(opts: TuneOptions, off: OfflineOptions) -> TuneOptions:
         )
     if opts.protocol != "offline":
         raise ConfigError(f"tune_offline() runs the offline design; use tune() for {opts.protocol!r}")
+    if off.adapter == "full" and off.block_lr:
+        from dataclasses import replace
+
+        opts = replace(opts, train=replace(opts.train, lr=off.block_lr))
     opts.train.validate()
     return opts
 
@@ -235,7 +247,7 @@ def _tune_on_emulator(
     from guardedp2p.train.trainer import SplitTrainer
 
     out = Path(opts.out)
-    _attach(emu.bottom, emu.top, opts)
+    _attach(emu.bottom, emu.top, opts, off.adapter)
     trainer = SplitTrainer(emu.bottom, emu.top, emu.trunk_fn(), opts.train, loss_fn=loss_fn, train_bottom=True)
     iterator = BatchIterator(data.train_examples, opts.train.batch_size, seed=opts.train.seed, pad_id=tok.pad_token_id)
     ckpt = RunCheckpoint(
@@ -262,7 +274,12 @@ def _tune_on_emulator(
     save()
     after = {} if opts.skip_eval else evaluate()
     adapter_dir = out / "adapter"
-    save_adapter(emu.bottom, emu.top, adapter_dir, base_model_name_or_path=opts.model)
+    if off.adapter == "full":
+        from guardedp2p.designs.offline.plugin import save_full_blocks
+
+        save_full_blocks(emu.bottom, emu.top, adapter_dir, base_model_name_or_path=opts.model)
+    else:
+        save_adapter(emu.bottom, emu.top, adapter_dir, base_model_name_or_path=opts.model)
     return _LocalRun(trainer.step, resumed.step, history, before, after, train_s, adapter_dir)
 
 
@@ -364,11 +381,13 @@ def _sign_and_upload(
     local: _LocalRun, manifest: Manifest, opts: TuneOptions, off: OfflineOptions, link: SessionLink, ladder: RetryLadder
 ) -> _Upload:
     """Sign the adapter bundle with the client's key and upload it on a new session (under the retry ladder)."""
+    from guardedp2p.designs.offline.plugin import make_full_block_bundle
     from guardedp2p.designs.offline.transfer import make_adapter_bundle, upload_bundle
 
     sk, pinned_key = _signing_key(off)
     bundle_dir = Path(opts.out) / "bundle"
-    bundle = make_adapter_bundle(
+    make_bundle = make_full_block_bundle if off.adapter == "full" else make_adapter_bundle
+    bundle = make_bundle(
         local.adapter_dir,
         bundle_dir,
         sk,
@@ -378,6 +397,7 @@ def _sign_and_upload(
             "lr": opts.train.lr,
             "batch_size": opts.train.batch_size,
             "lora_r": opts.train.lora_r,
+            "adapter": off.adapter,
             "seed": opts.train.seed,
         },
     )
@@ -451,6 +471,7 @@ def _five_numbers(
             emu.base_model,
             emu.base_tokenizer,
             tok,
+            off.adapter,
         )
         five.update(five_more)
         all_metrics.update(more_metrics)
@@ -483,6 +504,7 @@ def _baselines(
     base_model: Any,
     base_tokenizer: Any,
     tok: Any,
+    adapter: str = "lora",
 ) -> tuple[dict[str, float], dict[str, Any], list[dict[str, Any]], str]:
     """zero_shot_full, full_finetune (same adapters, seed, data order and steps on the full model) and plug_in."""
     from guardedp2p.data.collate import BatchIterator
@@ -517,7 +539,7 @@ def _baselines(
     ft_model = pristine
     parts = build_client_parts(ft_model, split)
     trunk = build_trunk(ft_model, split)
-    _attach(parts.bottom, parts.top, opts)
+    _attach(parts.bottom, parts.top, opts, adapter)
     trainer = SplitTrainer(
         parts.bottom,
         parts.top,
