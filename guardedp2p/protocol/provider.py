@@ -116,6 +116,7 @@ class ProviderConfig:
     max_bytes_per_s: float | None = None  # per peer (client key): bytes it may send per second; None: no limit
     burst_bytes: float | None = None  # per peer: bytes it may send at once; None: one second's worth
     shutdown_grace_s: float = 2.0  # on Ctrl-C: how long to tell clients "provider-shutting-down" before closing
+    max_kv_bytes_per_session: int = 256 << 20  # generation: the most trunk KV-cache bytes one session may hold
 
     def __post_init__(self) -> None:
         if self.max_bytes_per_s is not None and not self.max_bytes_per_s > 0:

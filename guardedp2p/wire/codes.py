@@ -48,6 +48,8 @@ class ErrorCode(StrEnum):
     NO_PENDING_STEP = "no-pending-step"
     BAD_ACTIVATION = "bad-activation"
     CODEC_MISMATCH = "codec-mismatch"
+    CACHE_MISMATCH = "cache-mismatch"
+    CACHE_BUDGET = "cache-budget"
     # offline (guardedp2p.designs.offline)
     NO_EMULATOR = "no-emulator"
     BAD_REQUEST = "bad-request"
@@ -111,6 +113,14 @@ CODES: Mapping[ErrorCode, CodeInfo] = MappingProxyType(
             "ACT_UP/GRAD_UP tensors are missing, of the wrong shape or dtype, non-finite, or over the token limit"
         ),
         _E.CODEC_MISMATCH: CodeInfo("a tensor travels in a codec other than the one negotiated for its direction"),
+        _E.CACHE_MISMATCH: CodeInfo(
+            "a generation ACT_UP extends a KV cache the session does not hold (never started, freed at the step "
+            "timeout, or past_len / batch out of step): start again with cache 'new'"
+        ),
+        _E.CACHE_BUDGET: CodeInfo(
+            "a generation would grow the session's trunk KV cache beyond the provider's per-session budget; the "
+            "cache is freed"
+        ),
         _E.NO_EMULATOR: CodeInfo("the provider serves no emulator (offline session without --emulator)"),
         _E.BAD_REQUEST: CodeInfo("a CHUNK_REQ/UPLOAD meta field or tensor is missing or out of range"),
         _E.UNKNOWN_FILE: CodeInfo("CHUNK_REQ names a file that is not in the signed manifest"),

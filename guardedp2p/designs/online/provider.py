@@ -3,6 +3,12 @@
 :class:`TrunkSession` answers ACT_UP with the trunk output and, in Online, keeps the
 step's autograd graph until GRAD_UP arrives, then answers with the gradient w.r.t. the activations.
 
+Generation (issue 18): an ACT_UP with ``meta.generate`` runs the trunk incrementally. ``cache: "new"`` starts the
+session's one generation cache (a KV cache of the trunk's blocks, :mod:`guardedp2p.engine.kv`) with the prompt's
+positions; ``cache: "extend"`` with ``past_len`` equal to the positions cached so far feeds only the new positions
+(one per generated token). The cache is bounded by ``ProviderConfig.max_kv_bytes_per_session`` and freed at
+session end, at the step timeout, or when a request is refused for the budget (docs/wire.md, section 6).
+
 The client side is :class:`guardedp2p.designs.online.client.RemoteTrunk`.
 """
 
@@ -18,6 +24,8 @@ from guardedp2p.errors import ConfigError, ProtocolError
 from guardedp2p.protocol.provider import Deferred
 
 if TYPE_CHECKING:
+    from guardedp2p.engine.kv import KvCache
+    from guardedp2p.engine.split import ProviderTrunk
     from guardedp2p.protocol.provider import ProviderApp
 from guardedp2p.wire.codes import ErrorCode
 from guardedp2p.wire.framing import Message
@@ -40,6 +48,18 @@ class CodecMismatch(ProtocolError):
     code = ErrorCode.CODEC_MISMATCH
 
 
+class CacheMismatch(ProtocolError):
+    """A generation ACT_UP extends a cache this session does not hold (freed, never started, out of step)."""
+
+    code = ErrorCode.CACHE_MISMATCH
+
+
+class CacheBudgetExceeded(ProtocolError):
+    """A generation ACT_UP would grow the session's trunk KV cache beyond the provider's per-session budget."""
+
+    code = ErrorCode.CACHE_BUDGET
+
+
 @dataclass
 class _Pending:
     inputs: torch.Tensor
@@ -57,6 +77,7 @@ class ActRequest:
     mask: torch.Tensor  # int64, 0/1
     meta: dict[str, Any]
     train: bool  # keep the graph for GRAD_UP (Online training step)
+    generate: bool = False  # incremental generation step: runs against the session's KV cache (issue 18)
 
 
 def _lossy(codec: str) -> bool:
@@ -90,6 +111,8 @@ class TrunkSession:
         param = next(self.trunk.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        self.kv: KvCache | None = None  # the generation cache of this session (at most one)
+        self.kv_used = 0.0  # when it was last used (freed after the step timeout)
 
     # ------------------------------------------------------------------ ACT_UP
     def on_act_up(self, msg: Message) -> Message:
@@ -107,7 +130,7 @@ class TrunkSession:
         trunk call together with other sessions' forward-only requests; a training step (which keeps its graph
         for GRAD_UP) is answered at once, on its own."""
         req = self.accept_act_up(msg)
-        if req.train:
+        if req.train or req.generate:  # a generation step runs against this session's own cache
             return self.answer(req)
         return Deferred(key=self.trunk, run=run_deferred_forwards, data=req)
 
@@ -146,18 +169,68 @@ class TrunkSession:
         mask = mask.to(torch.long)
         if ((mask != 0) & (mask != 1)).any():
             raise BadActivation("mask values must be 0 or 1")
-        train = bool(msg.meta.get("train", False)) and self.keep_graph
+        generate = msg.meta.get("generate", False) is True
+        train = bool(msg.meta.get("train", False)) and self.keep_graph and not generate
         if train and len(self.pending) >= self.app.config.max_inflight_steps:
             raise ProtocolError(
                 f"too many steps in flight (limit {self.app.config.max_inflight_steps}); send GRAD_UP first"
             )
+        if generate:
+            self.accept_generation(msg.meta, h.shape[0], h.shape[1])
         self.last_step = msg.step
-        return ActRequest(self, msg.step, h, mask, msg.meta, train)
+        return ActRequest(self, msg.step, h, mask, msg.meta, train, generate)
+
+    def accept_generation(self, meta: dict[str, Any], batch: int, new: int) -> None:
+        """Check a generation step against the session's cache and budget (before any compute); a ``new`` cache
+        replaces the previous one, a refused budget frees it (the generation cannot go on)."""
+        from guardedp2p.engine.kv import check_generation_support, kv_bytes_per_position
+
+        if meta.get("train", False):
+            raise BadActivation("a generation step cannot be a training step (meta train and generate both set)")
+        cache, past = meta.get("cache"), meta.get("past_len")
+        if cache not in ("new", "extend"):
+            raise BadActivation(f"generation meta 'cache' must be 'new' or 'extend', got {str(cache)[:20]!r}")
+        if not isinstance(past, int) or isinstance(past, bool) or past < 0:
+            raise BadActivation("generation meta 'past_len' must be a non-negative integer")
+        trunk = self.generation_trunk()
+        try:
+            check_generation_support(trunk.config)
+        except ConfigError as exc:
+            raise ProtocolError(f"this provider cannot serve generation: {exc}") from None
+        if cache == "new":
+            self.free_kv()
+            if past != 0:
+                raise CacheMismatch(f"a new generation cache starts at past_len 0, got {past}")
+        else:
+            held = self.kv
+            if held is None:
+                raise CacheMismatch(
+                    "this session holds no generation cache (never started, or freed at the step timeout): "
+                    "start again with cache 'new'"
+                )
+            if held.length != past or held.batch != batch:
+                raise CacheMismatch(
+                    f"the session's generation cache holds {held.batch} x {held.length} positions; the request "
+                    f"extends {batch} x {past}"
+                )
+        per_position = kv_bytes_per_position(trunk.config, len(trunk.layer_range), self.dtype)
+        held_bytes = self.kv.nbytes() if self.kv is not None else 0
+        budget = self.app.config.max_kv_bytes_per_session
+        need = held_bytes + batch * new * per_position
+        if need > budget:
+            self.free_kv()
+            raise CacheBudgetExceeded(
+                f"the trunk's KV cache for this generation would need {need / 2**20:.1f} MiB, over this provider's "
+                f"budget of {budget / 2**20:.1f} MiB per session ({batch} sequence(s) x {past + new} positions); the "
+                "cache is freed: use shorter prompts, fewer new tokens or fewer prompts at once"
+            )
 
     def compute(self, req: ActRequest) -> torch.Tensor:
         """Run the trunk on one request; a training step keeps its graph until GRAD_UP (or the step timeout)."""
         x = req.h.to(self.device, self.dtype)
         m = req.mask.to(self.device)
+        if req.generate:
+            return self.compute_generation(req, x, m)
         if req.train:
             x.requires_grad_(True)
             with torch.enable_grad():
@@ -168,6 +241,35 @@ class TrunkSession:
                 out = self.trunk(x, m)
         return out.detach().to("cpu", torch.float32)
 
+    def compute_generation(self, req: ActRequest, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The trunk on the new positions only, against (and extending) the session's KV cache."""
+        from guardedp2p.engine.kv import cached_blocks, new_cache
+
+        trunk = self.generation_trunk()
+        if self.kv is None:  # cache "new" (accept_generation checked that "extend" has one)
+            self.kv = new_cache(trunk)
+        try:
+            with torch.inference_mode():
+                out = cached_blocks(trunk, x, self.kv, m)
+        except Exception:
+            self.free_kv()  # a half-updated cache cannot be extended correctly
+            raise
+        self.kv_used = self.app.clock()
+        return out.detach().to("cpu", torch.float32)
+
+    def generation_trunk(self) -> ProviderTrunk:
+        """The trunk as a split part (what the cached forward runs); any other trunk module cannot generate."""
+        from guardedp2p.engine.split import ProviderTrunk
+
+        if not isinstance(self.trunk, ProviderTrunk):
+            raise ProtocolError("this provider's trunk is not a split ProviderTrunk: it cannot serve generation")
+        return self.trunk
+
+    def free_kv(self) -> None:
+        if self.kv is not None:
+            self.kv.clear()
+            self.kv = None
+
     def reply_act_up(self, req: ActRequest, out_cpu: torch.Tensor, compute_s: float, batched: int = 1) -> Message:
         """Record what this session's provider observed (per session, also when batched) and build ACT_DOWN."""
         if self.recorder is not None:
@@ -177,6 +279,10 @@ class TrunkSession:
         # compute_s of a batched call is the shared call's time; how many other clients shared it is not said
         # (it would tell this client that another client is active)
         meta: dict[str, Any] = {"compute_s": compute_s}
+        if req.generate and self.kv is not None:
+            meta["cache_len"] = self.kv.length
+            meta["kv_bytes"] = self.kv.nbytes()
+            meta["kv_budget"] = self.app.config.max_kv_bytes_per_session
         return Message(
             MsgType.ACT_DOWN,
             session=self.sid,
@@ -231,9 +337,12 @@ class TrunkSession:
         timeout = self.app.config.step_timeout
         for step in [s for s, p in self.pending.items() if now - p.created > timeout]:
             del self.pending[step]
+        if self.kv is not None and now - self.kv_used > timeout:
+            self.free_kv()
 
     def close(self) -> None:
         self.pending.clear()
+        self.free_kv()
 
 
 # ---------------------------------------------------------------------- batched forward (issue #6)
