@@ -598,6 +598,130 @@ def summary_line(r: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in r.items() if k != "correct"}
 
 
+# ------------------------------------------------------------------------------------------------ report
+def _fmt(iv: dict[str, Any] | None) -> str:
+    if not iv:
+        return "-"
+    lo, hi = iv["ci95"]
+    return f"{iv['estimate']:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def load_points(cache: Path) -> list[dict[str, Any]]:
+    """The newest cached result of each point, in the grid's order (points not yet measured are left out)."""
+    found: dict[str, tuple[float, dict[str, Any]]] = {}
+    for f in (cache / "points").glob("*.json"):
+        r = json.loads(f.read_text())
+        if "point" not in r:
+            continue
+        t = f.stat().st_mtime
+        if r["point"] not in found or t > found[r["point"]][0]:
+            found[r["point"]] = (t, r)
+    order = {p.name: i for i, p in enumerate(POINTS)}
+    return [found[n][1] for n in sorted(found, key=lambda n: order.get(n, 99))]
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = (
+        "| point | kept middle | adapter | distil steps | zero-shot | full FT | emulator ZS | emulator FT | plug-in "
+        "| gain recovered | plug-in - emu FT | shipped | public ppl x | step ratio |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        k = len(r["layers"]["middle_kept"])
+        m = r["layers"]["n_layers"] - len(r["layers"]["adapter_bottom"]) - len(r["layers"]["adapter_top"])
+        g = r["gain_recovered"]
+        lines.append(
+            f"| {r['point']} | {k}/{m} | {r['adapter']} x{r['adapter_depth']}+{r['adapter_depth']} "
+            f"| {r['distill_steps']} | {_fmt(r['zero_shot_full'])} | {_fmt(r['full_finetune'])} "
+            f"| {_fmt(r['emulator_zero_shot'])} | {_fmt(r['emulator_finetune'])} | {_fmt(r['plug_in'])} "
+            f"| {g['estimate']:.2f} [{g['ci95'][0]:.2f}, {g['ci95'][1]:.2f}] "
+            f"| {_fmt(r['plug_in_minus_emulator_ft'])} | {r['param_fraction_shipped']:.3f} "
+            f"| {r['public_heldout']['ppl_ratio']:.2f} | {r['step_time']['ratio']:.2f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
+    """Left: the five numbers per point (95 % CIs); right: gain recovered vs public perplexity ratio (IP)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    keys = [
+        ("zero_shot_full", "zero-shot (full)"),
+        ("full_finetune", "full fine-tune"),
+        ("emulator_zero_shot", "emulator zero-shot"),
+        ("emulator_finetune", "emulator fine-tune"),
+        ("plug_in", "plug-in"),
+    ]
+    w = 0.16
+    for j, (k, label) in enumerate(keys):
+        xs = [i + (j - 2) * w for i in range(len(rows))]
+        ys = [r[k]["estimate"] for r in rows]
+        err = [[r[k]["estimate"] - r[k]["ci95"][0] for r in rows], [r[k]["ci95"][1] - r[k]["estimate"] for r in rows]]
+        ax.bar(xs, ys, w, yerr=err, capsize=2, label=label)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["point"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"MC accuracy ({rows[0]['task']} task, {rows[0]['n_items']} items)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("the five numbers per point (95% bootstrap CI)", fontsize=9)
+    for r in rows:
+        g = r["gain_recovered"]
+        x = r["public_heldout"]["ppl_ratio"]
+        bx.errorbar(
+            [x],
+            [g["estimate"]],
+            yerr=[[g["estimate"] - g["ci95"][0]], [g["ci95"][1] - g["estimate"]]],
+            fmt="o",
+            capsize=3,
+        )
+        bx.annotate(r["point"], (x, g["estimate"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    bx.axhline(0.8, ls="--", lw=0.8, color="gray")
+    bx.axvline(1.5, ls=":", lw=0.8, color="gray")
+    bx.set_xscale("log")
+    bx.set_xlabel("emulator perplexity / full model perplexity on public held-out text (log)")
+    bx.set_ylabel("gain recovered by plug-in")
+    bx.set_title("transfer vs what the emulator gives away (goal: above 0.8, right of 1.5)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(out))
+
+
+def report(cache: Path, out_dir: Path, command: str) -> list[dict[str, Any]]:
+    rows = [summary_line(r) for r in load_points(cache)]
+    if not rows:
+        raise SystemExit(f"no measured point in {cache}/points yet")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "command": command,
+        "grid": [asdict(p) for p in POINTS],
+        "settings": {
+            "steps": rows[0]["steps"],
+            "batch_size": BATCH,
+            "lora_lr": LORA_LR,
+            "block_lr": BLOCK_LR,
+            "distill": {
+                "lr": DISTILL_LR,
+                "batch_size": DISTILL_BATCH,
+                "max_length": DISTILL_LEN,
+                "warmup_steps": DISTILL_WARMUP,
+                "w_lm": 1.0,
+                "w_kd": 30.0,
+                "data": "builtin:python-docs",
+            },
+            "public_heldout_passages": HELDOUT_PASSAGES,
+        },
+        "points": rows,
+    }
+    (out_dir / "offline.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    plot(rows, out_dir / "offline.png")
+    (out_dir / "offline_table.md").write_text(markdown_table(rows))
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
@@ -611,9 +735,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", action="append", default=[], help="point name (repeatable); default: all")
     ap.add_argument("--out", default=None, help="also write the JSON lines here")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report", default=None, help="write offline.json/.png/_table.md of the cached points here")
     ap.add_argument("--distill-only", action="store_true", help="only build the distilled emulators (a 2nd process)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.report:
+        rows = report(Path(args.cache), Path(args.report), "python -m benchmarks.bench_offline_sweep (see points)")
+        print(markdown_table(rows))
+        return 0
     points = [p for p in POINTS if not args.only or p.name in args.only]
     if not points:
         raise SystemExit(f"no point named {args.only}; known: {', '.join(p.name for p in POINTS)}")

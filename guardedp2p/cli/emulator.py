@@ -38,8 +38,10 @@ def build(
         "--distill-kd-only",
         help="Distil on hidden states only (no LM loss), e.g. on text close to a client's task.",
     ),
-    distill_data: Path | None = typer.Option(
-        None, help="Provider text for distillation: .txt (a passage per line), .jsonl or .csv with 'text'."
+    distill_data: str | None = typer.Option(
+        None,
+        help="Provider text for distillation: .txt (a passage per line), .jsonl or .csv with 'text'. Default: "
+        "builtin:python-docs, the CPython language reference shipped with every Python (public, not a client's).",
     ),
     distill_steps: int = typer.Option(
         0, help="Distillation steps (0: layer drop only). Loss: LM + 30 x normalised hidden MSE."
@@ -47,6 +49,12 @@ def build(
     distill_lr: float = typer.Option(1e-4, help="Distillation learning rate (AdamW, cosine)."),
     distill_batch_size: int = typer.Option(4, help="Distillation sequences per step."),
     distill_max_length: int = typer.Option(128, help="Distillation sequence length in tokens."),
+    distill_warmup: int = typer.Option(10, help="Distillation warm-up steps (then a constant learning rate)."),
+    distill_cache: Path | None = typer.Option(
+        None,
+        help="Where distilled emulators and their resumable checkpoints are kept, keyed by model, layers, settings "
+        "and text (default: $GUARDEDP2P_CACHE/emulators). A repeated build loads the result; an interrupted one resumes.",
+    ),
     quantize: str = typer.Option(
         "none", help="Weight codes for the kept middle blocks: none, int8, int4 or nf4 (adapters always ship exact)."
     ),
@@ -82,9 +90,12 @@ def build(
             lr=distill_lr,
             batch_size=distill_batch_size,
             max_length=distill_max_length,
+            warmup_steps=distill_warmup,
             w_lm=0.0 if distill_kd_only else 1.0,
+            checkpoint_every=25,
         ),
-        distill_data=str(distill_data) if distill_data else None,
+        distill_data=distill_data or None,
+        distill_cache=str(distill_cache) if distill_cache else None,
         device=device,
         progress=not json_out,
     )

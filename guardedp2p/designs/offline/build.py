@@ -1,7 +1,11 @@
 """Provider-side assembly of the Offline design: build, optionally distil and quantize, and sign an emulator.
 
 Used by ``guardedp2p provider emulator build`` (full control) and by ``guardedp2p demo --protocol offline``
-(:func:`build_demo_emulator`: layer drop only, so it takes seconds beyond loading the model).
+(:func:`build_demo_emulator`). Distillation runs through :func:`~guardedp2p.designs.offline.emulator.distill_cached`:
+keyed by the full model's digest, the layer map, the settings and the text, so a provider distils once and every
+later build (for any number of clients) loads the result; an interrupted distillation resumes from its last
+checkpoint. Without ``distill_data`` the provider's own public text is used
+(:data:`~guardedp2p.designs.offline.emulator.PUBLIC_CORPUS`, the CPython language reference).
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from typing import Any
 from guardedp2p.crypto.keys import fingerprint
 from guardedp2p.crypto.manifest import Manifest
 from guardedp2p.designs.offline.emulator import (
+    PUBLIC_CORPUS,
     DistillConfig,
     EmulatorConfig,
     build_emulator,
-    distill_emulator,
+    distill_cached,
     load_text_examples,
     save_emulator,
 )
@@ -35,7 +40,8 @@ class EmulatorBuildOptions:
     key_name: str = "provider"
     emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    distill_data: str | None = None
+    distill_data: str | None = None  # None: PUBLIC_CORPUS
+    distill_cache: str | None = None  # None: $GUARDEDP2P_CACHE/emulators
     device: str = "auto"
     progress: bool = True
     include_tokenizer: bool = True
@@ -63,25 +69,28 @@ def build_emulator_folder(
                 "the emulator must be signed: pass --keys DIR holding NAME.sign.key (from `guardedp2p keys generate`)"
             )
         signing_key = load_signing_key(opts.keys, opts.key_name)
-    if opts.distill.steps > 0 and not opts.distill_data:
-        raise ConfigError("--distill-steps needs --distill-data FILE (the provider's own text: .txt, .jsonl, .csv)")
     if model is None:
         model, tokenizer = load_causal_lm(opts.model, device=pick_device(opts.device))
     emu = build_emulator(model, opts.emulator)
     if opts.distill.steps > 0:
         if tokenizer is None:
             raise ConfigError("distillation needs the model's tokenizer")
-        examples = load_text_examples(str(opts.distill_data), tokenizer, opts.distill.max_length)
-        distill_emulator(
+        examples = load_text_examples(str(opts.distill_data or PUBLIC_CORPUS), tokenizer, opts.distill.max_length)
+        if opts.distill.checkpoint_every == 0:
+            opts.distill.checkpoint_every = 25
+        summary = distill_cached(
             emu,
             model,
             examples,
             opts.distill,
+            cache_dir=opts.distill_cache,
             pad_id=int(tokenizer.pad_token_id or 0),
-            checkpoint_dir=Path(opts.out).with_name(Path(opts.out).name + ".distill-ckpt"),
             console=console,
             progress=opts.progress,
         )
+        summary["data"] = str(opts.distill_data or PUBLIC_CORPUS)
+        emu.info["distillation"] = {k: v for k, v in summary.items() if k != "cache"}
+        log.info("distillation %s (%s)", "loaded from the cache" if summary.get("cached") else "done", summary["cache"])
     manifest = save_emulator(
         emu,
         opts.out,

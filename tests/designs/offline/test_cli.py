@@ -38,6 +38,8 @@ def test_build_then_verify_a_distilled_int8_emulator(tmp_path):
             "2",
             "--distill-max-length",
             "16",
+            "--distill-cache",
+            str(tmp_path / "cache"),
             "--quantize",
             "int8",
             "--device",

@@ -147,3 +147,32 @@ def test_public_corpus_is_shipped_text_split_into_disjoint_train_and_heldout():
         public_text_passages("test")
     with pytest.raises(ConfigError):
         DistillConfig(schedule="linear").validate()
+
+
+def test_provider_build_distils_on_the_public_corpus_once_and_then_loads_it(tmp_path):
+    from guardedp2p.crypto.keys import generate_keypair, load_signing_key
+    from guardedp2p.designs.offline.build import EmulatorBuildOptions, build_emulator_folder
+    from tests.tiny_tokenizer import tiny_tokenizer
+
+    generate_keypair(tmp_path / "keys", "provider")
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    key = load_signing_key(tmp_path / "keys", "provider")
+
+    def build(out):
+        opts = EmulatorBuildOptions(
+            out=str(tmp_path / out),
+            emulator=EmulatorConfig(emulator_layers=1),
+            distill=DistillConfig(steps=2, max_length=16, batch_size=2),
+            distill_cache=str(tmp_path / "cache"),
+            progress=False,
+        )
+        return build_emulator_folder(opts, model=model, tokenizer=tok, signing_key=key)
+
+    first = build("emu1")["compression"]["distillation"]
+    assert first["data"] == "builtin:python-docs" and first["cached"] is False and first["steps"] == 2
+    second = build("emu2")["compression"]["distillation"]
+    assert second["cached"] is True
+    from safetensors.torch import load_file
+
+    t1, t2 = (load_file(str(tmp_path / d / "emulator.safetensors")) for d in ("emu1", "emu2"))
+    assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
