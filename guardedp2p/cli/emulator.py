@@ -46,7 +46,7 @@ def build(
     distill_steps: int = typer.Option(
         0, help="Distillation steps (0: layer drop only). Loss: LM + 30 x normalised hidden MSE."
     ),
-    distill_lr: float = typer.Option(1e-4, help="Distillation learning rate (AdamW, cosine)."),
+    distill_lr: float = typer.Option(1e-4, help="Distillation learning rate (AdamW, warm-up then constant)."),
     distill_batch_size: int = typer.Option(4, help="Distillation sequences per step."),
     distill_max_length: int = typer.Option(128, help="Distillation sequence length in tokens."),
     distill_warmup: int = typer.Option(10, help="Distillation warm-up steps (then a constant learning rate)."),
