@@ -28,6 +28,11 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None
+    # capacity of the client's top (issue 16: a Gradfree that learns; nothing the top computes is sent):
+    # "lora" (LoRA only) or "blocks" (also its own transformer blocks and final norm in full, never a weight the
+    # bottom shares); top_lr: its own learning rate (None: lr)
+    top_train: str = "lora"
+    top_lr: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -39,8 +44,10 @@ class TrainConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}: use cosine, linear or constant")
         if self.dcor_mode not in ("token", "batch"):
             raise ConfigError(f"unknown dcor mode {self.dcor_mode!r}: use token or batch")
-        if self.lr <= 0:
+        if self.lr <= 0 or (self.top_lr is not None and self.top_lr <= 0):
             raise ConfigError("learning rate must be positive")
+        if self.top_train not in ("lora", "blocks"):
+            raise ConfigError(f"unknown top training {self.top_train!r}: use lora or blocks")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

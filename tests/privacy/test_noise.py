@@ -11,7 +11,6 @@ import torch
 from guardedp2p.errors import ConfigError
 from guardedp2p.privacy.noise import (
     NoiseConfig,
-    _analytic_delta,
     add_activation_noise,
     analytic_gaussian_sigma,
     classical_gaussian_sigma,
@@ -118,18 +117,20 @@ def test_laplace_calibration():
 
 
 def test_gaussian_calibration_classical_and_analytic():
-    # classical: 2C sqrt(2 ln(1.25/δ)) / ε
+    from dp_accounting import get_epsilon_gaussian
+
+    # classical: 2C sqrt(2 ln(1.25/δ)) / ε (reference only)
     assert classical_gaussian_sigma(0.5, 1e-5, 1.0) == pytest.approx(2 * math.sqrt(2 * math.log(1.25e5)) / 0.5)
-    assert gaussian_scale(0.5, 1e-5, 1.0) == classical_gaussian_sigma(0.5, 1e-5, 1.0)
-    # analytic (Balle & Wang 2018): ε = 1, δ = 1e-5, Δ = 1 -> σ ≈ 3.73
+    assert gaussian_scale(0.5, 1e-5, 1.0, method="classical") == classical_gaussian_sigma(0.5, 1e-5, 1.0)
+    # analytic (Balle & Wang 2018, via dp-accounting): ε = 1, δ = 1e-5, Δ = 1 -> σ ≈ 3.73; auto is analytic
     assert analytic_gaussian_sigma(1.0, 1e-5, 0.5) == pytest.approx(3.7306, abs=1e-3)
     assert gaussian_scale(1.0, 1e-5, 0.5) == analytic_gaussian_sigma(1.0, 1e-5, 0.5)
-    # analytic is tighter than classical where both apply, and exactly meets δ
+    assert gaussian_scale(0.5, 1e-5, 1.0) == analytic_gaussian_sigma(0.5, 1e-5, 1.0)
+    # analytic is tighter than classical where both apply, and meets exactly the asked ε at sensitivity 2C
     for eps in (0.1, 0.5, 0.9):
         s = analytic_gaussian_sigma(eps, 1e-6, 2.0)
         assert s < classical_gaussian_sigma(eps, 1e-6, 2.0)
-        assert _analytic_delta(s, eps, 4.0) <= 1e-6
-        assert _analytic_delta(s * 0.999, eps, 4.0) > 1e-6
+        assert get_epsilon_gaussian(s / 4.0, 1e-6) == pytest.approx(eps, rel=1e-6)
     # large ε does not overflow
     assert 0 < analytic_gaussian_sigma(50.0, 1e-9, 1.0) < 1.0
     with pytest.raises(ConfigError):
@@ -185,7 +186,7 @@ def test_describe_is_json_and_never_contains_seed():
         assert "1234567" not in text and 'seed"' not in text
         assert d["kind"] == cfg.kind and "guarantee" in d
     assert cfgs[1].describe()["guarantee"].startswith("none")
-    assert "LDP" in cfgs[2].describe()["guarantee"] and cfgs[2].describe()["calibration"] == "classical"
+    assert "LDP" in cfgs[2].describe()["guarantee"] and "analytic" in cfgs[2].describe()["calibration"]
     assert cfgs[3].describe()["scale"] == pytest.approx(4.0)
     assert cfgs[4].describe()["seeded"] is True
 
