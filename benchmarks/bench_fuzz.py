@@ -7,6 +7,10 @@ mutated frame, so a provider that stopped serving counts as a crash even on a sh
     python -m benchmarks.bench_fuzz [--frames 100000] [--seconds S] [--good-every 5000]
 
 CI runs a short budget (tests/wire/test_fuzz_bench.py: a few hundred frames).
+
+Chunked tensor frames (issue 19): two seeds carry tensors split into 1 KiB chunks (the ``frames`` counts of
+docs/wire.md, section 2), and their mutations also rewrite the frame counts (wrong, zero, negative, not a list,
+dropped, added to a tensor that is not chunked), split one chunk in two and merge two neighbours.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import logging
+
+    import msgpack
 
     from guardedp2p.crypto.keys import generate_keypair
     from guardedp2p.designs.online.client import RemoteTrunk
@@ -121,7 +127,62 @@ def main(argv: list[str] | None = None) -> int:
             Message(MsgType.CHUNK_REQ, session="", step=2, meta={"file": "../../etc/passwd", "offset": 0, "length": 4})
         ),
     ]
-    seeds = [[bytes(f) for f in s] for s in seeds]
+    hidden = model.config.hidden_size
+    chunked_seeds = [
+        encode(
+            Message(
+                MsgType.ACT_UP,
+                session=good.sid,
+                step=10**9 + 1,
+                meta={"train": True},
+                tensors={"h": torch.randn(2, 16, hidden), "mask": torch.ones(2, 16, dtype=torch.int8)},
+                codecs={"h": "fp32"},
+            ),
+            chunk_bytes=1024,
+        ),
+        encode(
+            Message(
+                MsgType.GRAD_UP,
+                session=good.sid,
+                step=4,
+                tensors={"g": torch.randn(2, 16, hidden)},
+                codecs={"g": "int8"},
+            ),
+            chunk_bytes=1024,
+        ),
+    ]
+    seeds = [[bytes(f) for f in s] for s in seeds + chunked_seeds]
+    n_plain_seeds = len(seeds) - len(chunked_seeds)
+
+    def mutate_chunks(frames: list[bytes]) -> list[bytes]:
+        """Mutations aimed at the chunked layout: frame counts in the header, chunk boundaries."""
+        out = list(frames)
+        op = rng.random()
+        if op < 0.5:
+            header = msgpack.unpackb(out[0], raw=False)
+            spec = rng.choice(header["tensors"])
+            choice = rng.random()
+            if choice < 0.2:
+                spec.pop("frames", None)
+            elif choice < 0.3:
+                spec["frames"] = rng.choice(["3", 3, None, True, 2.0, {}])
+            else:
+                counts = list(spec.get("frames", [1] * len(spec["parts"])))
+                if rng.random() < 0.2:
+                    counts.append(1)
+                elif counts:
+                    counts[rng.randrange(len(counts))] = rng.randint(-2, 12)
+                spec["frames"] = counts
+            out[0] = msgpack.packb(header, use_bin_type=True)
+        elif op < 0.75 and len(out) > 1:
+            i = rng.randrange(1, len(out))
+            if len(out[i]) > 1:
+                k = rng.randrange(1, len(out[i]))
+                out[i : i + 1] = [out[i][:k], out[i][k:]]
+        elif len(out) > 2:
+            i = rng.randrange(1, len(out) - 1)
+            out[i : i + 2] = [out[i] + out[i + 1]]
+        return out
 
     def mutate(frames: list[bytes]) -> list[bytes]:
         out = [bytearray(f) for f in frames]
@@ -145,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fuzzer = channel("fuzzer")
     hangs = crashes = errors_replied = other_replies = 0
-    good_steps = sent = 0
+    good_steps = sent = chunked_sent = 0
 
     def good_step() -> None:
         nonlocal good_steps, crashes
@@ -161,7 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.frames):
         if args.seconds and time.perf_counter() - t0 > args.seconds:
             break
-        fuzzer.send(mutate(rng.choice(seeds)))
+        k = rng.randrange(len(seeds))
+        frames = seeds[k]
+        if k >= n_plain_seeds:
+            chunked_sent += 1
+            if rng.random() < 0.6:
+                frames = mutate_chunks(frames)
+        fuzzer.send(mutate(frames) if k < n_plain_seeds or rng.random() < 0.5 else frames)
         sent += 1
         try:
             reply = fuzzer.recv(timeout=args.timeout)
@@ -194,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "bench": "fuzz",
                 "frames": sent,
+                "chunked_seed_messages": chunked_sent,
                 "crashes": crashes + len(died),
                 "hangs": hangs,
                 "error_replies": errors_replied,

@@ -4,6 +4,13 @@ Why this shape: the header is small, typed and parsed with hard limits before an
 tensor bytes travel as separate frames so they can be sent and received without copies (ZeroMQ frames map
 straight onto ``torch.frombuffer``). Nothing here executes or instantiates anything named by the peer:
 message types, codecs and dtypes are looked up in fixed tables. The full specification is ``docs/wire.md``.
+
+Chunked parts (issue 19): a tensor part larger than ``CHUNK_BYTES`` goes as several frames of at most that size
+(``memoryview`` slices of the tensor, so sending still copies nothing) and the tensor's spec says how many
+frames each part takes. Why: libzmq's CURVE copies and encrypts a frame as a whole, several passes over it, and
+frames that fit the CPU's cache go through those passes several times faster than one 256 MiB frame
+(measured in ``docs/results/perf.md``). The receiver checks every length against the header and the limits
+before it allocates, then assembles the frames into one buffer (one copy).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 
 from guardedp2p.errors import WireError
@@ -21,6 +29,12 @@ from guardedp2p.wire.codes import ErrorCode
 from guardedp2p.wire.messages import WIRE_VERSION, MsgType
 
 Frame = bytes | bytearray | memoryview
+
+CHUNK_BYTES = 1 << 20
+"""Frame size of a chunked part: a part larger than this goes as ceil(size / CHUNK_BYTES) frames. 1 MiB was the
+fastest CURVE size on the loopback bench (``python -m benchmarks.bench_channel --wire``, docs/results/perf.md)."""
+MAX_CHUNK_BYTES = 4 << 20
+"""The largest frame size ``encode`` accepts for chunks (a 4 MiB frame already loses most of the cache gain)."""
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -77,6 +91,7 @@ class WireLimits:
     max_map_len: int = 128
     max_session_len: int = 64
     max_step: int = 1 << 53
+    max_frames: int = 4096  # data frames per message: 2 GiB in 1 MiB chunks is 2048
 
 
 DEFAULT_LIMITS = WireLimits()
@@ -134,13 +149,27 @@ def _encode_tensor(t: torch.Tensor, codec_name: str, stochastic: bool) -> tuple[
     return spec, [_raw_view(p) for p in enc.parts]
 
 
-def encode(msg: Message) -> list[Frame]:
-    """Serialise a message into frames: ``[header, part, part, ...]``."""
+def _chunks(view: memoryview, chunk_bytes: int) -> list[memoryview]:
+    """``view`` as consecutive slices of at most ``chunk_bytes`` (zero copy: slices share the tensor's memory)."""
+    return [view[i : i + chunk_bytes] for i in range(0, view.nbytes, chunk_bytes)]
+
+
+def encode(msg: Message, *, chunk_bytes: int | None = CHUNK_BYTES) -> list[Frame]:
+    """Serialise a message into frames: ``[header, part frames...]``.
+
+    A part larger than ``chunk_bytes`` goes as several frames of at most ``chunk_bytes`` and its tensor spec gets
+    ``frames`` (frames per part); ``None`` sends every part as one frame (what peers before chunking sent)."""
+    if chunk_bytes is not None and not 1024 <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be between 1 KiB and {MAX_CHUNK_BYTES} bytes, got {chunk_bytes}")
     specs: list[dict[str, Any]] = []
     frames: list[Frame] = []
     for name, t in msg.tensors.items():
         spec, parts = _encode_tensor(t, msg.codec_of(name), name in msg.stochastic)
         spec["name"] = name
+        if chunk_bytes is not None and any(p.nbytes > chunk_bytes for p in parts):
+            split = [_chunks(p, chunk_bytes) if p.nbytes > chunk_bytes else [p] for p in parts]
+            spec["frames"] = [len(c) for c in split]
+            parts = [c for chunks in split for c in chunks]
         specs.append(spec)
         frames.extend(parts)
     header = {
@@ -212,10 +241,88 @@ def _frame_to_tensor(frame: Frame, dtype: torch.dtype, shape: tuple[int, ...]) -
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
-def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Message:
-    """Parse and validate frames from an untrusted peer. Raises a :class:`WireError` subclass on any violation."""
+def _chunks_to_tensor(chunks: Sequence[Frame], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A chunked part assembled into one buffer (one copy); the lengths were checked by :func:`parse_header`."""
+    buf = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8)
+    dst = buf.numpy()
+    offset = 0
+    for c in chunks:
+        n = _nbytes(c)
+        dst[offset : offset + n] = np.frombuffer(c, dtype=np.uint8)
+        offset += n
+    raw_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
+    t = buf.view(raw_dtype).view(shape)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def _frame_counts(spec: dict[str, Any], nparts: int, limits: WireLimits, name: str) -> tuple[int, ...]:
+    """The spec's ``frames`` (frames per part; absent: one each), checked against the part count and the limit."""
+    if "frames" not in spec:
+        return (1,) * nparts
+    counts = spec["frames"]
+    if (
+        not isinstance(counts, list)
+        or len(counts) != nparts
+        or not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= limits.max_frames for c in counts)
+    ):
+        raise BadTensorSpec(
+            f"tensor {name!r}: 'frames' must list one count in 1..{limits.max_frames} per part ({nparts})"
+        )
+    return tuple(counts)
+
+
+def _nbytes(frame: Frame) -> int:
+    return frame.nbytes if isinstance(frame, memoryview) else len(frame)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor as announced by a header: checked against the limits and its codec, not yet decoded."""
+
+    name: str
+    codec: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    params: dict[str, Any]
+    parts: tuple[tuple[str, tuple[int, ...]], ...]
+    frames: tuple[int, ...]  # frames per part (1 unless the part was chunked)
+
+    @property
+    def decoded_nbytes(self) -> int:
+        """Bytes of the tensor once decoded (what a lossy codec expands to)."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Header:
+    """A message's header, parsed and checked against the frames, with no tensor decoded (:func:`parse_header`).
+
+    Why a separate step: a receiver can refuse a message for its session, type, step or tensor shapes *before*
+    it spends memory and time decoding tensors (a lossy codec expands its bytes up to 8 times)."""
+
+    type: MsgType
+    session: str
+    step: int
+    meta: dict[str, Any]
+    tensors: tuple[TensorSpec, ...]
+
+    @property
+    def decoded_nbytes(self) -> int:
+        return sum(t.decoded_nbytes for t in self.tensors)
+
+    def spec(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.tensors if t.name == name), None)
+
+
+def parse_header(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Header:
+    """Parse and validate a message's header and frame lengths, decoding no tensor.
+
+    Every check of :func:`decode` except the codecs' own decoding runs here, so ``decode_body(parse_header(f), f)``
+    accepts exactly what ``decode(f)`` accepts. Raises a :class:`WireError` subclass on any violation."""
     if not frames:
         raise MalformedHeader("empty message (no header frame)")
+    if len(frames) - 1 > limits.max_frames:
+        raise MessageTooLarge(f"{len(frames) - 1} data frames exceed the limit of {limits.max_frames}")
     total = frames_nbytes(frames)
     if total > limits.max_message_bytes:
         raise MessageTooLarge(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
@@ -239,15 +346,16 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
     if len(specs) > limits.max_tensors:
         raise MessageTooLarge(f"{len(specs)} tensors exceed the limit of {limits.max_tensors}")
 
-    tensors: dict[str, torch.Tensor] = {}
-    codecs: dict[str, str] = {}
+    out: list[TensorSpec] = []
+    names: set[str] = set()
     cursor = 1
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict):
             raise BadTensorSpec(f"tensor spec #{i} must be a map")
         name = _field(spec, "name", str)
-        if not name or len(name) > 64 or name in tensors:
+        if not name or len(name) > 64 or name in names:
             raise BadTensorSpec(f"tensor #{i}: bad or duplicate name {name[:64]!r}")
+        names.add(name)
         codec_name = _field(spec, "codec", str)
         dtype = dtype_from_name(_field(spec, "dtype", str))
         shape = _check_shape(_field(spec, "shape", list), limits, name)
@@ -262,7 +370,6 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
             raise BadTensorSpec(f"tensor {name!r}: {len(declared)} parts (1..{limits.max_parts_per_tensor} allowed)")
         if codec_name == "raw":
             expected = [(dtype_name(dtype), shape)]
-            codec = None
         else:
             from guardedp2p.wire.codecs import get_codec
 
@@ -282,33 +389,62 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
             raise BadTensorSpec(
                 f"tensor {name!r}: parts {got} do not match codec {codec_name!r} for shape {list(shape)}"
             )
-        parts: list[torch.Tensor] = []
-        for pdtype_name, pshape in got:
-            if cursor >= len(frames):
+        counts = _frame_counts(spec, len(got), limits, name)
+        for (pdtype_name, pshape), count in zip(got, counts):
+            if cursor + count > len(frames):
                 raise FrameLengthMismatch(f"tensor {name!r}: missing data frame (message truncated)")
-            pdtype = dtype_from_name(pdtype_name)
-            want = math.prod(pshape) * torch.empty((), dtype=pdtype).element_size()
-            have = len(frames[cursor])
+            want = math.prod(pshape) * dtype_from_name(pdtype_name).itemsize
+            chunks = frames[cursor : cursor + count]
+            if count > 1 and any(_nbytes(c) == 0 for c in chunks):
+                raise FrameLengthMismatch(f"tensor {name!r}: an empty chunk frame")
+            have = frames_nbytes(chunks)
             if have != want:
-                raise FrameLengthMismatch(f"tensor {name!r}: frame has {have} bytes, dtype x shape needs {want}")
-            parts.append(_frame_to_tensor(frames[cursor], pdtype, pshape))
-            cursor += 1
-        if codec is None:
+                raise FrameLengthMismatch(f"tensor {name!r}: frame(s) hold {have} bytes, dtype x shape needs {want}")
+            cursor += count
+        out.append(TensorSpec(name, codec_name, dtype, shape, dict(params), tuple(got), counts))
+    if cursor != len(frames):
+        raise FrameLengthMismatch(f"{len(frames) - cursor} unexpected extra frame(s) after the declared tensors")
+    return Header(type=mtype, session=session, step=step, meta=meta, tensors=tuple(out))
+
+
+def decode_body(header: Header, frames: Sequence[Frame]) -> Message:
+    """The message of a header from :func:`parse_header`: its tensors built from ``frames`` and decoded."""
+    tensors: dict[str, torch.Tensor] = {}
+    codecs: dict[str, str] = {}
+    cursor = 1
+    for spec in header.tensors:
+        parts: list[torch.Tensor] = []
+        for (pdtype_name, pshape), count in zip(spec.parts, spec.frames):
+            pdtype = dtype_from_name(pdtype_name)
+            if count == 1:
+                parts.append(_frame_to_tensor(frames[cursor], pdtype, pshape))
+            else:
+                parts.append(_chunks_to_tensor(frames[cursor : cursor + count], pdtype, pshape))
+            cursor += count
+        if spec.codec == "raw":
             tensor = parts[0]
         else:
-            from guardedp2p.wire.codecs import Encoded
+            from guardedp2p.wire.codecs import Encoded, get_codec
 
+            codec = get_codec(spec.codec)
             try:
-                tensor = codec.decode(Encoded(parts=parts, params=params), shape, dtype, torch.device("cpu"))
+                tensor = codec.decode(
+                    Encoded(parts=parts, params=spec.params), spec.shape, spec.dtype, torch.device("cpu")
+                )
             except WireError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                raise BadTensorSpec(f"tensor {name!r}: codec {codec_name!r} could not decode it: {exc}") from None
-        tensors[name] = tensor
-        codecs[name] = codec_name
-    if cursor != len(frames):
-        raise FrameLengthMismatch(f"{len(frames) - cursor} unexpected extra frame(s) after the declared tensors")
-    return Message(type=mtype, session=session, step=step, meta=meta, tensors=tensors, codecs=codecs)
+                raise BadTensorSpec(f"tensor {spec.name!r}: codec {spec.codec!r} could not decode it: {exc}") from None
+        tensors[spec.name] = tensor
+        codecs[spec.name] = spec.codec
+    return Message(
+        type=header.type, session=header.session, step=header.step, meta=header.meta, tensors=tensors, codecs=codecs
+    )
+
+
+def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Message:
+    """Parse and validate frames from an untrusted peer. Raises a :class:`WireError` subclass on any violation."""
+    return decode_body(parse_header(frames, limits), frames)
 
 
 def frames_nbytes(frames: Sequence[Frame]) -> int:
