@@ -43,6 +43,7 @@ class ErrorCode(StrEnum):
     NOT_ALLOWED = "not-allowed"
     RATE_LIMITED = "rate-limited"
     PROVIDER_SHUTTING_DOWN = "provider-shutting-down"
+    OVER_BUDGET = "over-budget"
     # online / gradfree trunk (guardedp2p.designs.online)
     REPLAYED_STEP = "replayed-step"
     NO_PENDING_STEP = "no-pending-step"
@@ -106,6 +107,10 @@ CODES: Mapping[ErrorCode, CodeInfo] = MappingProxyType(
         ),
         _E.PROVIDER_SHUTTING_DOWN: CodeInfo(
             "the provider is stopping and closed the session: stop, resume later from the checkpoint"
+        ),
+        _E.OVER_BUDGET: CodeInfo(
+            "over a provider budget (tokens per step, kept training graphs per key or in total, upload quotas); "
+            "refused before it was decoded or computed: send GRAD_UP for kept steps, smaller requests, or later"
         ),
         _E.REPLAYED_STEP: CodeInfo("ACT_UP step is not greater than the session's last one"),
         _E.NO_PENDING_STEP: CodeInfo("GRAD_UP names a step with no kept graph (never sent, freed, or expired)"),
