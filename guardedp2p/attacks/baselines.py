@@ -10,8 +10,8 @@ EIA*  embedding inversion from h₁ alone: token logits Z, input gumbel-softmax(
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,9 @@ def tag(
     callback: StepCallback | None = None,
 ) -> Reconstruction:
     """TAG*: gradient matching from random soft labels."""
-    return gradient_match(attacker, h2, g2, mask, None, config or tag_config(), first_token=first_token, callback=callback)
+    return gradient_match(
+        attacker, h2, g2, mask, None, config or tag_config(), first_token=first_token, callback=callback
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- LAMP
@@ -88,7 +90,9 @@ def _reorderings(n: int, k: int, rng: random.Random) -> list[list[int]]:
 def _lm_loss(attacker: AttackerModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-row mean next-token NLL of the attacker's full pre-trained model."""
     with torch.no_grad():
-        logits = attacker.model(input_ids=ids.to(attacker.device), attention_mask=mask.to(attacker.device)).logits.float()
+        logits = attacker.model(
+            input_ids=ids.to(attacker.device), attention_mask=mask.to(attacker.device)
+        ).logits.float()
     lab = ids.to(attacker.device).clone()
     lab[mask.to(attacker.device) == 0] = -100
     nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), lab[:, 1:], ignore_index=-100, reduction="none")
@@ -131,7 +135,9 @@ def lamp(
                 order = torch.tensor([0] + [1 + i for i in p], device=ids.device)
                 cand = ids.clone()
                 cand[b, :n] = ids[b, order]
-                score = float(m.distance_of_ids(cand)[b]) / scale + cfg.lm_weight * float(_lm_loss(attacker, cand[b : b + 1], mask_cpu[b : b + 1])[0])
+                score = float(m.distance_of_ids(cand)[b]) / scale + cfg.lm_weight * float(
+                    _lm_loss(attacker, cand[b : b + 1], mask_cpu[b : b + 1])[0]
+                )
                 if score < best_score:
                     best_score, best_perm = score, order
             if best_perm is not None:
@@ -142,7 +148,9 @@ def lamp(
     if h2 is None or g2 is None:
         raise AttackConfigError("LAMP needs h2 and g2 (an Online training step)")
     with attacker.frozen(), math_attention():
-        return gradient_match(attacker, h2, g2, mask, None, cfg.grad, first_token=first_token, callback=callback, hook=hook)
+        return gradient_match(
+            attacker, h2, g2, mask, None, cfg.grad, first_token=first_token, callback=callback, hook=hook
+        )
 
 
 # ------------------------------------------------------------------------------------------------------- EIA

@@ -19,7 +19,8 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -136,14 +137,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.quiet:
             print(f"[{codec}] attacked {rep.n_sequences} records in {time.perf_counter() - t1:.0f}s", file=sys.stderr)
 
-    print(f"model {args.model} (load {load_s:.0f}s), split {args.bottom}/{args.top}, {len(train)} records, batch {args.batch}, "
-          f"{len(aux)} aux records, {'fast' if args.fast else 'reference'} budgets, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model} (load {load_s:.0f}s), split {args.bottom}/{args.top}, {len(train)} records, batch {args.batch}, "
+        f"{len(aux)} aux records, {'fast' if args.fast else 'reference'} budgets, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'codec':8} {'attack':10} {'ROUGE-L detok':>15} {'ROUGE-L per-tok':>16} {'tok acc':>8} {'time s':>7}")
     for r in rows:
-        print(f"{r['codec']:8} {r['attack']:10} {r['rougeL_detok']:9.3f}±{r['rougeL_detok_std']:.3f} {r['rougeL_per_token']:16.3f} "
-              f"{r['token_acc']:8.3f} {r['seconds']:7.0f}")
+        print(
+            f"{r['codec']:8} {r['attack']:10} {r['rougeL_detok']:9.3f}±{r['rougeL_detok_std']:.3f} {r['rougeL_per_token']:16.3f} "
+            f"{r['token_acc']:8.3f} {r['seconds']:7.0f}"
+        )
     if rows:
-        print("example (first record, last codec, last attack):\n  ref: " + rows[-1]["example_ref"] + "\n  hyp: " + rows[-1]["example_hyp"])
+        print(
+            "example (first record, last codec, last attack):\n  ref: "
+            + rows[-1]["example_ref"]
+            + "\n  hyp: "
+            + rows[-1]["example_hyp"]
+        )
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump({"args": vars(args), "rows": rows, "config": cfg.as_dict()}, fh, indent=2, default=str)

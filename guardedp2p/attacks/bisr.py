@@ -16,8 +16,9 @@ Both use only pre-trained weights: the client's LoRA deltas are unknown to the a
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,9 @@ def label_positions(mask: torch.Tensor) -> torch.Tensor:
 class GradientMatcher:
     """ĝ(P) and the TAG distance for one observation (h₂, g₂), with A_out⁰'s graph built once."""
 
-    def __init__(self, attacker: AttackerModel, h2: torch.Tensor, g2: torch.Tensor, mask: torch.Tensor, cfg: GradMatchConfig) -> None:
+    def __init__(
+        self, attacker: AttackerModel, h2: torch.Tensor, g2: torch.Tensor, mask: torch.Tensor, cfg: GradMatchConfig
+    ) -> None:
         dev = attacker.device
         self.cfg = cfg
         self.mask = mask.to(dev).long()
@@ -153,7 +156,7 @@ def gradient_match(
         V = m.S.shape[-1]
         Y = init_label_logits((*mask.shape, V), init_logits, cfg, attacker.device).requires_grad_(True)
         opt = torch.optim.AdamW([Y], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-        best = (float("inf"), Y.detach().clone())
+        best: tuple[float, torch.Tensor] = (float("inf"), Y.detach().clone())
         for step in range(cfg.steps):
             d = m.distance(m.ghat(torch.softmax(Y, -1)))
             dv = float(d.detach())
@@ -169,9 +172,9 @@ def gradient_match(
                 if newY is not None:
                     with torch.no_grad():
                         Y.copy_(newY)
-        d = float(m.distance(m.ghat(torch.softmax(Y, -1))).detach())
-        if d < best[0]:
-            best = (d, Y.detach().clone())
+        final = float(m.distance(m.ghat(torch.softmax(Y, -1))).detach())
+        if final < best[0]:
+            best = (final, Y.detach().clone())
     Yb = best[1].cpu()
     ids = Yb.argmax(-1)
     if first_token is not None:
@@ -231,7 +234,11 @@ class ForwardMatchConfig:
 
 
 def forward_distance(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str, stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     m = mask.float()
     if stats is not None:
@@ -376,7 +383,9 @@ def discrete_refine(
             seqs = cur[b : b + 1, : t + 1].repeat(len(cand), 1)
             seqs[:, t] = cand
             m = mask_c[b : b + 1, : t + 1].repeat(len(cand), 1)
-            d = position_mismatch(attacker, seqs, m, target[b : b + 1, : t + 1].expand(len(cand), -1, -1), cfg.loss, stats)
+            d = position_mismatch(
+                attacker, seqs, m, target[b : b + 1, : t + 1].expand(len(cand), -1, -1), cfg.loss, stats
+            )
             cur[b, t] = cand[int(d[:, t].argmin())]
     return cur, int((cur != origin)[mask_c == 1].sum())
 
@@ -395,5 +404,9 @@ def bisr_f(
 
 def activation_stats(h: Sequence[torch.Tensor] | torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std + eps) per hidden dimension over token rows (e.g. A_in⁰ of auxiliary text), for ``stats``."""
-    x = torch.cat([t.reshape(-1, t.shape[-1]).float() for t in h]) if not isinstance(h, torch.Tensor) else h.reshape(-1, h.shape[-1]).float()
+    x = (
+        torch.cat([t.reshape(-1, t.shape[-1]).float() for t in h])
+        if not isinstance(h, torch.Tensor)
+        else h.reshape(-1, h.shape[-1]).float()
+    )
     return x.mean(0), x.std(0) + eps

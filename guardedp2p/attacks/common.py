@@ -9,8 +9,9 @@ the mock top ``A_out⁰`` and the embedding table ``W_E``.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,14 +60,17 @@ class AttackerModel:
         self.bottom = ClientBottom(model, split)
         self.top = ClientTop(model, split)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.embedding: nn.Module = model.get_input_embeddings()
+        hf: Any = model  # a Hugging Face PreTrainedModel: its helpers are not visible through nn.Module's typing
+        self.embedding: nn.Module = hf.get_input_embeddings()
         self.vocab_size = int(self.embedding.weight.shape[0])
-        self.hidden_size = int(model.config.hidden_size)
+        self.hidden_size = int(hf.config.hidden_size)
 
     @property
     def W_E(self) -> torch.Tensor:
         """The token embedding table (V x d_emb), detached."""
-        return self.embedding.weight.detach()
+        weight = self.embedding.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.detach()
 
     def h1(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """A_in⁰(x), no gradient."""

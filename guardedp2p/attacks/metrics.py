@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 TextMode = Literal["detok", "per_token", "ids"]
 TEXT_MODES: tuple[str, ...] = ("detok", "per_token", "ids")
@@ -79,7 +80,11 @@ def ids_to_text(ids: Sequence[int], tokenizer: Any, mode: TextMode) -> str:
 def rouge_f1(hyp: str, ref: str, mode: TextMode = "detok") -> dict[str, float]:
     """ROUGE-1/2/L F1 of two strings, tokenised as ``mode`` says (see the module docstring)."""
     s = _scorer("detok" if mode == "detok" else "ws").score(ref, hyp)  # rouge-score takes (target, prediction)
-    return {"rouge1": float(s["rouge1"].fmeasure), "rouge2": float(s["rouge2"].fmeasure), "rougeL": float(s["rougeL"].fmeasure)}
+    return {
+        "rouge1": float(s["rouge1"].fmeasure),
+        "rouge2": float(s["rouge2"].fmeasure),
+        "rougeL": float(s["rougeL"].fmeasure),
+    }
 
 
 def token_accuracy(hyp: Sequence[int], ref: Sequence[int]) -> float:
@@ -190,7 +195,9 @@ def summarize_secrets(per_sequence: Sequence[Mapping[str, bool]]) -> SecretsSumm
     """Aggregate :func:`secrets_recovered` outputs (sequences without secrets are skipped)."""
     rows = [r for r in per_sequence if r]
     pairs = [bool(v) for r in rows for v in r.values()]
-    keys = [k for k in SECRET_FIELDS if any(k in r for r in rows)] + sorted({k for r in rows for k in r} - set(SECRET_FIELDS))
+    keys = [k for k in SECRET_FIELDS if any(k in r for r in rows)] + sorted(
+        {k for r in rows for k in r} - set(SECRET_FIELDS)
+    )
     per_field = {}
     for k in keys:
         vals = [bool(r[k]) for r in rows if k in r]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -64,7 +65,7 @@ class AttackSuiteConfig:
     aux_max_length: int = 128
 
     @classmethod
-    def fast(cls) -> "AttackSuiteConfig":
+    def fast(cls) -> AttackSuiteConfig:
         """Scaled-down budgets for demos and CPU runs: 5 SIP epochs, 100 BiSR(f) steps, 2,000 EIA steps."""
         return cls(
             sip=SIPConfig(epochs=5),
@@ -172,7 +173,7 @@ def resolve_attacks(attacks: Sequence[str]) -> list[str]:
 
 
 def infer_design(observations: Sequence[Observation]) -> str:
-    """"online" when the provider saw client gradients, else "gradfree" (forward activations only)."""
+    """ "online" when the provider saw client gradients, else "gradfree" (forward activations only)."""
     return "online" if any(o.g2 is not None for o in observations) else "gradfree"
 
 
@@ -275,7 +276,7 @@ class _Progress:
         self._t0 = time.perf_counter()
 
     @contextlib.contextmanager
-    def run(self) -> Iterator["_Progress"]:
+    def run(self) -> Iterator[_Progress]:
         if not self.enabled:
             yield self
             return
@@ -288,7 +289,11 @@ class _Progress:
             yield self
             return
         with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
         ) as p:
             self._p = p
             yield self
@@ -380,7 +385,9 @@ def run_attacks(
                     cfg.sip,
                     transform=transform,
                     special_ids=list(getattr(tokenizer, "all_special_ids", []) or []),
-                    progress=lambda e, E, loss: prog.advance(task, description=f"SIP: train inverter (loss {loss:.3f})"),
+                    progress=lambda e, E, loss: prog.advance(
+                        task, description=f"SIP: train inverter (loss {loss:.3f})"
+                    ),
                 )
             holdout = inverter.holdout_rougeL
             results["sip"].info["holdout_rougeL_ids"] = holdout
@@ -388,6 +395,7 @@ def run_attacks(
                 notes.append(f"SIP held-out ROUGE-L {holdout:.3f} is below the keep threshold; its guesses are weak")
             task = prog.task("SIP: invert", len(obs))
             for o in obs:
+                assert o.h1 is not None  # checked above: SIP is skipped when an observation lacks h1
                 ids, logits = sip_attack(inverter, o.h1, o.mask)
                 results["sip"].reconstructions.append(ids)
                 sip_logits.append(logits)
@@ -417,6 +425,7 @@ def run_attacks(
         bisr_b_recs: list[Any] = []
 
         def run_b(i: int, o: Observation) -> Any:
+            assert o.h2 is not None and o.g2 is not None  # checked above: BiSR(b) is skipped without them
             rec = bisr_b(attacker, o.h2, o.g2, o.mask, sip_logits[i], cfg.bisr_b, first_token=first)
             if first is None:
                 rec.ids[:, 0] = results["sip"].reconstructions[i][:, 0]  # x₀ is no label: keep SIP's guess
@@ -426,15 +435,23 @@ def run_attacks(
         loop("bisr_b", run_b)
         loop(
             "bisr_f",
-            lambda i, o: bisr_f(attacker, o.h1, o.mask, results["sip"].reconstructions[i], cfg.bisr_f, init_logits=sip_logits[i]),
+            lambda i, o: bisr_f(
+                attacker, o.h1, o.mask, results["sip"].reconstructions[i], cfg.bisr_f, init_logits=sip_logits[i]
+            ),
         )
-        if "bisr_bf" in results and not results["bisr_bf"].skipped and (results["bisr_b"].skipped or results["sip"].skipped):
+        if (
+            "bisr_bf" in results
+            and not results["bisr_bf"].skipped
+            and (results["bisr_b"].skipped or results["sip"].skipped)
+        ):
             results["bisr_bf"].skipped = "needs BiSR(b)"
         if "bisr_bf" in results and any(o.h1 is None for o in obs):
             results["bisr_bf"].skipped = "needs h1 (missing from the transcript)"
         loop(
             "bisr_bf",
-            lambda i, o: bisr_f(attacker, o.h1, o.mask, bisr_b_recs[i].ids, cfg.bisr_f, init_logits=bisr_b_recs[i].logits),
+            lambda i, o: bisr_f(
+                attacker, o.h1, o.mask, bisr_b_recs[i].ids, cfg.bisr_f, init_logits=bisr_b_recs[i].logits
+            ),
         )
         loop("tag", lambda i, o: tag(attacker, o.h2, o.g2, o.mask, cfg.tag, first_token=first))
         loop("lamp", lambda i, o: lamp(attacker, o.h2, o.g2, o.mask, cfg.lamp, first_token=first))

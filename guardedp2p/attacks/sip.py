@@ -17,8 +17,9 @@ demo data); set ``restrict_vocab=False`` for the full head.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,11 @@ class Inverter(nn.Module):
             self.proj_in = nn.Linear(d_in, cfg.hidden)
             self.pos = nn.Embedding(cfg.max_length, cfg.hidden)  # rotary models carry no absolute position in h
             layer = nn.TransformerEncoderLayer(
-                cfg.hidden, nhead=max(1, cfg.hidden // 64), dim_feedforward=2 * cfg.hidden, dropout=cfg.dropout, batch_first=True
+                cfg.hidden,
+                nhead=max(1, cfg.hidden // 64),
+                dim_feedforward=2 * cfg.hidden,
+                dropout=cfg.dropout,
+                batch_first=True,
             )
             self.encoder = nn.TransformerEncoder(layer, num_layers=cfg.layers, enable_nested_tensor=False)
             d_out = cfg.hidden
@@ -92,7 +97,9 @@ class Inverter(nn.Module):
         if self.cfg.arch == "transformer":
             L = x.shape[1]
             if L > self.pos.num_embeddings:
-                raise AttackConfigError(f"sequence of {L} tokens exceeds SIPConfig.max_length={self.pos.num_embeddings}")
+                raise AttackConfigError(
+                    f"sequence of {L} tokens exceeds SIPConfig.max_length={self.pos.num_embeddings}"
+                )
             x = x + self.pos(torch.arange(L, device=x.device))
             pad = None if mask is None else mask == 0
             x = self.encoder(x, src_key_padding_mask=pad)

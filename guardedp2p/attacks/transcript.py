@@ -22,9 +22,10 @@ import json
 import os
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -87,7 +88,9 @@ class TranscriptRecorder:
             "step": int(step),
             "kind": kind,
             "file": f"{folder.name}/{name}",
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in clean.items()},
+            "tensors": {
+                k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in clean.items()
+            },
             "meta": _jsonable(meta),
         }
         with self._lock:

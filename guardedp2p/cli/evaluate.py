@@ -1,12 +1,15 @@
-"""``guardedp2p evaluate``: the design x defence grid on the demo task, four axes per row, one table and one plot.
+"""``guardedp2p evaluate``: the privacy-utility frontier (issue 15), with CIs, an adaptive attacker and a sanity gate.
 
-Mounted by the main app as ``app.command("evaluate")(evaluate)``.
+Writes frontier.json, frontier.md and frontier.png (by default into docs/results) and caches every run, attacker
+and attack under ``--out``, so an interrupted grid resumes. Mounted by the main app as
+``app.command("evaluate")(evaluate)``.
 """
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -14,78 +17,256 @@ from guardedp2p.cli.common import friendly_errors, print_json, setup_logging
 
 
 def evaluate(
-    rows: Optional[str] = typer.Option(
-        None, help="Comma-separated subset of rows: online, dcor_weak, dcor_strong, int8, nf4, gradfree, gradfree_nf4, offline. "
-        "Default: all but gradfree_nf4."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps per row (default 30; 6 with --fast)."),
-    records: Optional[int] = typer.Option(None, help="Training sequences attacked per row, from the last training steps, rounded up to whole batches (default 8; 4 with --fast)."),
-    out: Path = typer.Option(Path("runs/evaluate"), help="Output folder: results.json, privacy_utility.png, one sub-folder per row."),
+    ctx: typer.Context,
+    rows: str | None = typer.Option(
+        None,
+        help="Comma-separated rows: local, online, dcor_weak, dcor_strong, int8, nf4, noise, gradfree, gradfree_nf4, offline, "
+        "or settings dcor:<alpha>, noise:<sigma>, codec:<name>, gradfree:<codec>. Default: the headline grid "
+        "(local, online, dcor_strong, int8, noise, gradfree, offline). Local LoRA always runs (the utility reference).",
+    ),
+    seeds: str = typer.Option(
+        "0,1,2", help="Training seeds, comma-separated (>= 3 for headline numbers; 2 with --fast)."
+    ),
+    task: str | None = typer.Option(
+        None, help="hidden_rules (default: 8 hidden rules, 1,024 MC items, 3,000 aux records) or demo."
+    ),
+    steps: int | None = typer.Option(
+        None, help="Optimizer steps per run (default: the task's recipe, 60; 8 with --fast)."
+    ),
+    batch_size: int | None = typer.Option(None, help="Sequences per training step (default: the task's recipe, 4)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default: the task's recipe, 2e-3)."),
+    eval_items: int | None = typer.Option(
+        None, help="Held-out multiple-choice items scored per run (default 256; 0: all; 32 with --fast)."
+    ),
+    nll_records: int | None = typer.Option(
+        None, help="Held-out records for the code-token NLL per run (default 64; 0: all)."
+    ),
+    attack_steps: int | None = typer.Option(
+        None, help="Training steps attacked per run, spread from first to last (default 16, >= 8)."
+    ),
+    attack_sequences: int | None = typer.Option(None, help="Distinct sequences attacked per run (default 64)."),
+    attacks: str = typer.Option(
+        "sip_adaptive",
+        help="sip_adaptive (replays the defence on aux data), sip (pre-trained bottom, codec-aware), bisr_f (slow).",
+    ),
+    out: Path = typer.Option(
+        Path("runs/frontier"), help="Work folder: the cache of runs, attackers and attacks (resumable)."
+    ),
+    results: Path | None = typer.Option(
+        None, help="Where frontier.json/.md/.png go (default: docs/results; <out>/results with --fast)."
+    ),
     model: str = typer.Option("default", help="Model folder or 'default' (embedded SmolLM2-135M-Instruct)."),
-    data: Optional[Path] = typer.Option(None, help="Training records (.jsonl with 'text'). Default: the shipped synthetic demo records."),
-    eval_data: Optional[Path] = typer.Option(None, help="Multiple-choice evaluation items. Default: the shipped demo task."),
-    aux: Optional[Path] = typer.Option(None, help="Public auxiliary text the attacker trains SIP on. Default: the shipped demo aux records."),
-    dcor_weak: float = typer.Option(0.5, help="dCor penalty weight of the 'dcor_weak' row."),
-    dcor_strong: float = typer.Option(4.0, help="dCor penalty weight of the 'dcor_strong' row."),
-    batch_size: int = typer.Option(4, help="Sequences per training step."),
-    lr: float = typer.Option(2e-3, help="Peak learning rate."),
-    eval_items: Optional[int] = typer.Option(None, help="Evaluate on the first N multiple-choice items only (default: all; 16 with --fast)."),
-    attacks: str = typer.Option("sip,bisr_b,bisr_f,bisr_bf", help="Attacks to run where they apply: sip, bisr_b, bisr_f, bisr_bf, tag, lamp, eia (tag, lamp, eia: slow baselines, add them explicitly)."),
-    attack_budget: Optional[str] = typer.Option(None, help="fast (default), full (reference budgets, slow) or tiny (plumbing only; default with --fast)."),
-    fast: bool = typer.Option(False, "--fast", help="Tiny budgets everywhere: a smoke run in minutes, numbers not meaningful."),
+    fast: bool = typer.Option(
+        False, "--fast", help="Tiny random model, small task and budgets: the whole pipeline in a couple of minutes."
+    ),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Exit with code 3 when the sanity gate fails (harness broken) or cannot run (no 'online' row).",
+    ),
+    keep_transcripts: bool = typer.Option(
+        False, "--keep-transcripts", help="Keep each run's full provider transcript under --out."
+    ),
+    protocol_eval: bool = typer.Option(
+        False, "--protocol-eval", help="Also run the protocol's own evaluation (a cross-check; slower)."
+    ),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, help="Torch intra-op threads (default: torch's choice; 1 is often fastest on a busy machine)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object on the last stdout line."),
+    threads: int | None = typer.Option(None, help="Torch intra-op threads (1 is often fastest on a busy machine)."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print frontier.json as one JSON object on the last stdout line."
+    ),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True),
 ) -> None:
-    """Measure utility, privacy (best attack ROUGE-L), IP exposure and cost for each design and defence, from the same runs."""
-    run_evaluate(rows=rows, steps=steps, records=records, out=out, model=model, data=data, eval_data=eval_data, aux=aux,
-                 dcor_weak=dcor_weak, dcor_strong=dcor_strong, batch_size=batch_size, lr=lr, eval_items=eval_items, attacks=attacks,
-                 attack_budget=attack_budget, fast=fast, device=device, threads=threads, json_out=json_out, verbose=verbose)
+    """Measure the privacy-utility frontier: utility with CIs over items and seeds, an adaptive attacker on the
+    provider's transcript, bytes and client time per step, IP exposure; refuse privacy numbers when the attack
+    cannot break the undefended run."""
+    run_evaluate(
+        rows=rows,
+        seeds=seeds,
+        task=task,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        eval_items=eval_items,
+        nll_records=nll_records,
+        attack_steps=attack_steps,
+        attack_sequences=attack_sequences,
+        attacks=attacks,
+        out=out,
+        results=results,
+        model=model,
+        fast=fast,
+        strict=strict,
+        keep_transcripts=keep_transcripts,
+        protocol_eval=protocol_eval,
+        device=device,
+        threads=threads,
+        json_out=json_out,
+        verbose=verbose,
+        command=_command_line(ctx),
+    )
+
+
+def _command_line(ctx: Any) -> str:
+    """The command as typed: ``guardedp2p evaluate`` and the options given on the command line (not the defaults)."""
+    parts = ["guardedp2p", "evaluate"]
+    if ctx is None:
+        return " ".join(parts)
+    for param in ctx.command.params:
+        name = getattr(param, "name", None)
+        src = ctx.get_parameter_source(name) if name else None
+        if src is None or getattr(src, "name", "") != "COMMANDLINE" or not getattr(param, "opts", None):
+            continue
+        value = ctx.params.get(name)
+        flag = param.opts[0]
+        if getattr(param, "is_flag", False):
+            parts.append(flag)
+        elif getattr(param, "count", False):
+            parts.append("-" + "v" * int(value or 0))
+        else:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def _ints(s: str, what: str) -> tuple[int, ...]:
+    from guardedp2p.errors import ConfigError
+
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, got {s!r}") from None
+
+
+def fast_config(**over: Any) -> Any:
+    """The ``--fast`` configuration (tiny random model, small task, small attacker); ``over`` replaces fields."""
+    from guardedp2p.attacks.adaptive import AdaptiveConfig
+    from guardedp2p.attacks.sip import SIPConfig
+    from guardedp2p.evaluate.frontier import FrontierConfig
+
+    base: dict[str, Any] = dict(
+        model="tiny",
+        task="fast",
+        fast=True,
+        seeds=(0, 1),
+        steps=8,
+        batch_size=4,
+        eval_items=32,
+        nll_records=16,
+        attack_steps=8,
+        attack_sequences=32,
+        out="runs/frontier-fast",
+        adaptive=AdaptiveConfig(
+            sip=SIPConfig(batch_size=8, lr=2e-2, hidden=32, holdout=0.0), max_epochs=3, eval_every=10, patience=2
+        ),
+    )
+    base.update(over)
+    if "results" not in over:
+        base["results"] = str(Path(base["out"]) / "results")
+    return FrontierConfig(**base)
 
 
 @friendly_errors
-def run_evaluate(*, rows: Optional[str], steps: Optional[int], records: Optional[int], out: Path, model: str, data: Optional[Path],
-                 eval_data: Optional[Path], aux: Optional[Path], dcor_weak: float, dcor_strong: float, batch_size: int, lr: float,
-                 eval_items: Optional[int], attacks: str, attack_budget: Optional[str], fast: bool, device: str, threads: Optional[int],
-                 json_out: bool, verbose: int, loaded: Any = None) -> dict[str, Any]:
+def run_evaluate(
+    *,
+    rows: str | None,
+    seeds: str,
+    task: str | None,
+    steps: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    eval_items: int | None,
+    nll_records: int | None,
+    attack_steps: int | None,
+    attack_sequences: int | None,
+    attacks: str,
+    out: Path,
+    results: Path | None,
+    model: str,
+    fast: bool,
+    strict: bool,
+    keep_transcripts: bool,
+    protocol_eval: bool,
+    device: str,
+    threads: int | None,
+    json_out: bool,
+    verbose: int,
+    command: str = "guardedp2p evaluate",
+    loaded: Any = None,
+) -> dict[str, Any]:
     """The command's body (``loaded``: an already loaded ``(model, tokenizer)``, for tests)."""
     setup_logging(verbose, quiet=verbose == 0)
     import torch
     from rich.console import Console
 
-    from guardedp2p.evaluate.grid import DEFAULT_ROWS, GridConfig, run_grid, summary_table
+    from guardedp2p.evaluate.frontier import HEADLINE_ROWS, FrontierConfig, run_frontier
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = GridConfig(
-        model=model,
-        rows=tuple(r.strip() for r in rows.split(",") if r.strip()) if rows else DEFAULT_ROWS,
-        steps=steps if steps is not None else (6 if fast else 30),
-        records=records if records is not None else (4 if fast else 8),
-        batch_size=batch_size, lr=lr, dcor_weak=dcor_weak, dcor_strong=dcor_strong,
-        attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
-        attack_budget=attack_budget or ("tiny" if fast else "fast"),
-        eval_items=eval_items if eval_items is not None else (16 if fast else None),
-        aux_records=60 if fast else 300,
-        data=str(data) if data else None, eval_data=str(eval_data) if eval_data else None, aux=str(aux) if aux else None,
-        out=str(out), device=device,
-    )
+    given: dict[str, Any] = {
+        "rows": tuple(r.strip() for r in rows.split(",") if r.strip()) if rows else HEADLINE_ROWS,
+        "attacks": tuple(a.strip() for a in attacks.split(",") if a.strip()),
+        "strict": strict,
+        "keep_transcripts": keep_transcripts,
+        "protocol_eval": protocol_eval,
+        "device": device,
+        "progress": True,
+        "command": command,
+    }
+    for name, v in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("lr", lr),
+        ("attack_steps", attack_steps),
+        ("attack_sequences", attack_sequences),
+        ("task", task),
+    ):
+        if v is not None:
+            given[name] = v
+    if eval_items is not None:
+        given["eval_items"] = eval_items or None
+    if nll_records is not None:
+        given["nll_records"] = nll_records or None
+    if seeds != "0,1,2" or not fast:
+        given["seeds"] = _ints(seeds, "--seeds")
+    if fast:
+        if out != Path("runs/frontier"):
+            given["out"] = str(out)
+        if results is not None:
+            given["results"] = str(results)
+        cfg = fast_config(**given)
+    else:
+        cfg = FrontierConfig(model=model, out=str(out), results=str(results or Path("docs/results")), **given)
     console = Console(stderr=True)
     model_obj, tok = loaded if loaded is not None else (None, None)
-    results = run_grid(cfg, model=model_obj, tokenizer=tok, console=console)
+    res = run_frontier(cfg, model=model_obj, tokenizer=tok, console=console)
     table_console = Console(stderr=json_out)
-    table_console.print(summary_table(results))
-    sanity = results["sanity"]
-    style = "green" if sanity["ok"] else ("red" if sanity["ok"] is False else "yellow")
-    table_console.print(f"[{style}]sanity:[/] {sanity['message']}", highlight=False)
-    table_console.print(f"wrote {results['files']['results']} and {results['files']['plot']} ({results['wall_s']:.0f} s)", highlight=False)
+    gate = res["sanity"]
+    style = "green" if gate["ok"] else ("red" if gate["ok"] is False else "yellow")
+    from rich.markup import escape
+
+    table_console.print(f"[{style}]sanity:[/] {escape(gate['message'])}", highlight=False)
+    for r in res["rows"]:
+        u, p = r["utility"], r["privacy"]
+        priv = (
+            "n/a"
+            if p.get("not_applicable")
+            else ("withheld" if res["harness_broken"] else f"{p['best_rougeL']:.3f} (secrets {p['secrets_recovered']})")
+        )
+        table_console.print(
+            f"  {escape(r['label']):28s} acc {u['acc']:.3f} loss {u['loss_pts_vs_local']:+.1f} pts  privacy {priv}",
+            highlight=False,
+        )
+    table_console.print(
+        f"wrote {res['files']['json']}, {res['files']['md']} and {res['files']['png']} ({res['wall_s']:.0f} s)",
+        highlight=False,
+    )
     if json_out:
-        print_json(results)
-    return results
+        print_json(res)
+    return res
 
 
-__all__ = ["evaluate", "run_evaluate"]
+__all__ = ["evaluate", "fast_config", "run_evaluate"]
 
 
-if __name__ == "__main__":  # python -m guardedp2p.cli.evaluate (before the command is mounted in the main app)
+if __name__ == "__main__":  # python -m guardedp2p.cli.evaluate
     typer.run(evaluate)

@@ -26,9 +26,11 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -88,7 +90,12 @@ class GridConfig:
     records: int = 8
     dcor_weak: float = 0.5
     dcor_strong: float = 4.0
-    attacks: tuple[str, ...] = ("sip", "bisr_b", "bisr_f", "bisr_bf")  # TAG*: add it explicitly (slow, a weak baseline here)
+    attacks: tuple[str, ...] = (
+        "sip",
+        "bisr_b",
+        "bisr_f",
+        "bisr_bf",
+    )  # TAG*: add it explicitly (slow, a weak baseline here)
     attack_budget: str = "fast"
     eval_items: int | None = None
     aux_records: int = 300
@@ -126,8 +133,18 @@ class GridConfig:
         from guardedp2p.train.config import TrainConfig
 
         warmup = min(5, max(0, self.steps // 5))
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, max_length=self.max_length, seed=self.seed,
-                           warmup_steps=warmup, checkpoint_every=0, dcor_alpha=dcor_alpha, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            max_length=self.max_length,
+            seed=self.seed,
+            warmup_steps=warmup,
+            checkpoint_every=0,
+            dcor_alpha=dcor_alpha,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+        )
 
     def attack_config(self) -> Any:
         from guardedp2p.attacks.runner import AttackSuiteConfig
@@ -167,7 +184,12 @@ class ClientTruth:
         if mask is None:
             mask = torch.ones_like(ids)
         h = output[0] if isinstance(output, tuple) else output
-        self._last = (ids.detach().cpu().clone(), mask.detach().cpu().to(torch.long).clone(), h.detach().float().cpu(), bool(self.top.training))
+        self._last = (
+            ids.detach().cpu().clone(),
+            mask.detach().cpu().to(torch.long).clone(),
+            h.detach().float().cpu(),
+            bool(self.top.training),
+        )
 
     def on_act_up(self, session: str, step: int, h_sent: torch.Tensor, mask_sent: torch.Tensor) -> None:
         if self._last is None:
@@ -201,8 +223,8 @@ class TappedChannel:
         self.truth = truth
 
     def send(self, frames: Sequence[Any]) -> None:
-        from guardedp2p.wire.messages import MsgType
         from guardedp2p.wire.framing import decode
+        from guardedp2p.wire.messages import MsgType
 
         frames = list(frames)
         msg = decode(frames)
@@ -220,25 +242,40 @@ class TappedChannel:
 # ============================================================================ helpers
 def client_param_fraction(model: torch.nn.Module, bottom_layers: int, top_layers: int) -> dict[str, Any]:
     """Parameters of the client's parts (embeddings + bottom blocks + top blocks + final norm + head) over the model's."""
-    from guardedp2p.engine.split import ClientBottom, ClientTop, SplitConfig
     from guardedp2p.designs.offline.emulator import _unique_numel
+    from guardedp2p.engine.split import ClientBottom, ClientTop, SplitConfig
 
     split = SplitConfig(bottom_layers=bottom_layers, top_layers=top_layers)
     parts = [ClientBottom(model, split), ClientTop(model, split)]
     client = _unique_numel([p for part in parts for p in part.parameters()])
     total = _unique_numel(list(model.parameters()))
-    return {"client_params": int(client), "total_params": int(total), "fraction": client / total if total else math.nan,
-            "what": f"embeddings + {bottom_layers} bottom blocks + {top_layers} top blocks + final norm + head"}
+    return {
+        "client_params": int(client),
+        "total_params": int(total),
+        "fraction": client / total if total else math.nan,
+        "what": f"embeddings + {bottom_layers} bottom blocks + {top_layers} top blocks + final norm + head",
+    }
 
 
-def primary_metric(logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], data: Any, tok: Any, eval_batch_size: int, max_length: int) -> float:
+def primary_metric(
+    logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    data: Any,
+    tok: Any,
+    eval_batch_size: int,
+    max_length: int,
+) -> float:
     """The primary metric (accuracy for a multiple-choice task, else held-out loss) of any ``logits_fn``."""
     from guardedp2p.data.collate import collate
     from guardedp2p.data.mc_eval import evaluate_loss, evaluate_mc
 
     if data.eval_kind == "mc":
-        return float(evaluate_mc(logits_fn, tok, data.eval_items, batch_size=eval_batch_size, max_length=max_length)["acc"])
-    batches = [collate(data.eval_examples[i : i + eval_batch_size], tok.pad_token_id) for i in range(0, len(data.eval_examples), eval_batch_size)]
+        return float(
+            evaluate_mc(logits_fn, tok, data.eval_items, batch_size=eval_batch_size, max_length=max_length)["acc"]
+        )
+    batches = [
+        collate(data.eval_examples[i : i + eval_batch_size], tok.pad_token_id)
+        for i in range(0, len(data.eval_examples), eval_batch_size)
+    ]
     return float(evaluate_loss(logits_fn, batches))
 
 
@@ -286,15 +323,24 @@ class _Context:
 
 
 def _tune_options(ctx: _Context, spec: RowSpec, row_dir: Path, dcor_alpha: float) -> Any:
-    from guardedp2p.wire.handshake import CODEC_DIRECTIONS
     from guardedp2p.service.client import TuneOptions
+    from guardedp2p.wire.handshake import CODEC_DIRECTIONS
 
     cfg = ctx.cfg
     return TuneOptions(
-        protocol=spec.design, model=cfg.model, data=cfg.data, eval_data=cfg.eval_data, out=str(row_dir / "run"),
-        train=cfg.train_config(dcor_alpha), bottom_layers=cfg.bottom_layers, top_layers=cfg.top_layers,
-        codecs={d: spec.codec for d in CODEC_DIRECTIONS}, device=cfg.device, eval_max_items=cfg.eval_items,
-        progress=cfg.progress, retries=0,
+        protocol=spec.design,
+        model=cfg.model,
+        data=cfg.data,
+        eval_data=cfg.eval_data,
+        out=str(row_dir / "run"),
+        train=cfg.train_config(dcor_alpha),
+        bottom_layers=cfg.bottom_layers,
+        top_layers=cfg.top_layers,
+        codecs={d: spec.codec for d in CODEC_DIRECTIONS},
+        device=cfg.device,
+        eval_max_items=cfg.eval_items,
+        progress=cfg.progress,
+        retries=0,
     )
 
 
@@ -302,6 +348,13 @@ def _say(ctx: _Context, text: str) -> None:
     if ctx.console is not None:
         ctx.console.print(text, highlight=False)
     log.info(text)
+
+
+def _tapped(app: Any, truth: ClientTruth) -> TappedChannel:
+    """A fresh in-process channel to ``app`` whose outgoing ACT_UP messages ``truth`` sees (one per connect)."""
+    from guardedp2p.transport.inproc import InProcClientChannel
+
+    return TappedChannel(InProcClientChannel(app), truth)
 
 
 def _run_split_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, Any]:
@@ -312,14 +365,19 @@ def _run_split_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, Any
     from guardedp2p.engine.split import SplitConfig
     from guardedp2p.service.client import prepare_client, tune
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
-    from guardedp2p.transport.inproc import InProcClientChannel
 
     cfg = ctx.cfg
     alpha = {"weak": cfg.dcor_weak, "strong": cfg.dcor_strong}.get(spec.dcor or "", 0.0)
     record_dir = row_dir / "transcript"
     app = build_provider_app(
-        ProviderOptions(model=cfg.model, bottom_layers=cfg.bottom_layers, top_layers=cfg.top_layers, protocols=(spec.design,),
-                        record_dir=str(record_dir), device=cfg.device),
+        ProviderOptions(
+            model=cfg.model,
+            bottom_layers=cfg.bottom_layers,
+            top_layers=cfg.top_layers,
+            protocols=(spec.design,),
+            record_dir=str(record_dir),
+            device=cfg.device,
+        ),
         model=copy.deepcopy(ctx.base),
     )
     opts = _tune_options(ctx, spec, row_dir, alpha)
@@ -327,7 +385,7 @@ def _run_split_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, Any
     truth = ClientTruth(client.top)
     handle = client.bottom.register_forward_hook(truth.on_bottom, with_kwargs=True)
     try:
-        summary = tune(opts, lambda: TappedChannel(InProcClientChannel(app), truth), client=client, console=ctx.console)
+        summary = tune(opts, partial(_tapped, app, truth), client=client, console=ctx.console)
     finally:
         handle.remove()
     del client, app
@@ -342,7 +400,9 @@ def _run_split_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, Any
     acfg.max_observations = None  # already selected
     for o in chosen:
         if not torch.equal(truth.masks[o.key], o.mask.to(torch.long)):
-            raise EvaluationError(f"client-side ground truth of {o.key} does not line up with the provider's observation")
+            raise EvaluationError(
+                f"client-side ground truth of {o.key} does not line up with the provider's observation"
+            )
     gt = {o.key: truth.ids[o.key] for o in chosen}
     up = spec.codec
     transform = None if up == "fp32" else codec_transform(up)
@@ -352,8 +412,19 @@ def _run_split_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, Any
     else:
         _say(ctx, f"  attacking {len(chosen)} observed steps ({', '.join(cfg.attacks)}; SIP aware of the {up} uplink)")
         t0 = time.perf_counter()
-        report = run_attacks(chosen, ctx.base, SplitConfig(cfg.bottom_layers, cfg.top_layers), ctx.tok, ctx.aux, list(cfg.attacks), acfg,
-                             ground_truth=gt, transform=transform, inverter=ctx.inverters.get(up), progress=cfg.progress)
+        report = run_attacks(
+            chosen,
+            ctx.base,
+            SplitConfig(cfg.bottom_layers, cfg.top_layers),
+            ctx.tok,
+            ctx.aux,
+            list(cfg.attacks),
+            acfg,
+            ground_truth=gt,
+            transform=transform,
+            inverter=ctx.inverters.get(up),
+            progress=cfg.progress,
+        )
         if report.inverter is not None:
             ctx.inverters.setdefault(up, report.inverter)
         attacks: dict[str, Any] = {}
@@ -361,23 +432,42 @@ def _run_split_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, Any
             if r.skipped:
                 attacks[name] = {"label": r.label, "skipped": r.skipped}
             elif r.scores is not None:
-                attacks[name] = {"label": r.label, "rougeL": _round(r.scores.rougeL), "rougeL_std": _round(r.scores.rougeL_std),
-                                 "seconds": round(r.seconds, 2)}
+                attacks[name] = {
+                    "label": r.label,
+                    "rougeL": _round(r.scores.rougeL),
+                    "rougeL_std": _round(r.scores.rougeL_std),
+                    "seconds": round(r.seconds, 2),
+                }
                 if r.scores.samples:
-                    attacks[name]["example"] = {"ref": r.scores.samples[0].ref_text, "hyp": r.scores.samples[0].hyp_text}
+                    attacks[name]["example"] = {
+                        "ref": r.scores.samples[0].ref_text,
+                        "hyp": r.scores.samples[0].hyp_text,
+                    }
         best = report.best_rougeL
-        privacy.update({
-            "best_rougeL": _round(best) if best is not None else None,
-            "best_attack": report.results[report.best].label if report.best else None,
-            "display": f"{best:.3f}" if best is not None else "no attack scored",
-            "observations": report.n_observations, "sequences": report.n_sequences, "attacked_steps": [o.step for o in chosen],
-            "sip_holdout_rougeL_ids": _round(report.sip_holdout_rougeL) if report.sip_holdout_rougeL is not None else None,
-            "attacks": attacks, "notes": report.notes, "attack_s": round(time.perf_counter() - t0, 2),
-            "sip_trained_on": up,
-        })
+        privacy.update(
+            {
+                "best_rougeL": _round(best) if best is not None else None,
+                "best_attack": report.results[report.best].label if report.best else None,
+                "display": f"{best:.3f}" if best is not None else "no attack scored",
+                "observations": report.n_observations,
+                "sequences": report.n_sequences,
+                "attacked_steps": [o.step for o in chosen],
+                "sip_holdout_rougeL_ids": _round(report.sip_holdout_rougeL)
+                if report.sip_holdout_rougeL is not None
+                else None,
+                "attacks": attacks,
+                "notes": report.notes,
+                "attack_s": round(time.perf_counter() - t0, 2),
+                "sip_trained_on": up,
+            }
+        )
     steps = max(1, summary["steps"])
     return {
-        "utility": {"metric": summary["eval_metric"], "before": _round(summary["eval_before"]), "after": _round(summary["eval_after"])},
+        "utility": {
+            "metric": summary["eval_metric"],
+            "before": _round(summary["eval_before"]),
+            "after": _round(summary["eval_after"]),
+        },
         "privacy": privacy,
         "ip": dict(ctx.ip_split),
         "cost": {
@@ -390,19 +480,26 @@ def _run_split_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, Any
             "step_s": _round(summary["train_s"] / steps, 3),
             "time_split": summary.get("time_split"),
         },
-        "run": {"steps": summary["steps"], "loss_first": summary["loss_first"], "loss_last": summary["loss_last"], "dcor_alpha": alpha,
-                "codecs": summary["codecs"], "wall_s": summary["wall_s"], "out": str(row_dir / "run")},
+        "run": {
+            "steps": summary["steps"],
+            "loss_first": summary["loss_first"],
+            "loss_last": summary["loss_last"],
+            "dcor_alpha": alpha,
+            "codecs": summary["codecs"],
+            "wall_s": summary["wall_s"],
+            "out": str(row_dir / "run"),
+        },
     }
 
 
 def _run_offline_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, Any]:
     """Offline: build + sign an emulator, download it, tune on it, upload the bundle, plug it into the full model."""
     from guardedp2p.crypto.keys import generate_keypair
+    from guardedp2p.designs.offline.build import EmulatorBuildOptions, build_emulator_folder
     from guardedp2p.designs.offline.emulator import EmulatorConfig
     from guardedp2p.designs.offline.plugin import logits_fn_of, plug_in
-    from guardedp2p.service.client import prepare_data
     from guardedp2p.designs.offline.run import OfflineOptions, tune_offline
-    from guardedp2p.designs.offline.build import EmulatorBuildOptions, build_emulator_folder
+    from guardedp2p.service.client import prepare_data
     from guardedp2p.service.provider import ProviderOptions, build_provider_app
     from guardedp2p.transport.inproc import InProcClientChannel
 
@@ -413,18 +510,38 @@ def _run_offline_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, A
             generate_keypair(keys, name)
     emu_dir = row_dir / "provider-emulator"
     build_emulator_folder(
-        EmulatorBuildOptions(model=cfg.model, out=str(emu_dir), keys=str(keys), key_name="provider", device=cfg.device, progress=False,
-                             emulator=EmulatorConfig(bottom_layers=cfg.bottom_layers, top_layers=cfg.top_layers)),
-        model=ctx.base, tokenizer=ctx.tok,
+        EmulatorBuildOptions(
+            model=cfg.model,
+            out=str(emu_dir),
+            keys=str(keys),
+            key_name="provider",
+            device=cfg.device,
+            progress=False,
+            emulator=EmulatorConfig(bottom_layers=cfg.bottom_layers, top_layers=cfg.top_layers),
+        ),
+        model=ctx.base,
+        tokenizer=ctx.tok,
     )
-    app = build_provider_app(ProviderOptions(model=cfg.model, bottom_layers=cfg.bottom_layers, top_layers=cfg.top_layers,
-                                             protocols=("offline",), emulator_dir=str(emu_dir), device=cfg.device),
-                             model=copy.deepcopy(ctx.base))
+    app = build_provider_app(
+        ProviderOptions(
+            model=cfg.model,
+            bottom_layers=cfg.bottom_layers,
+            top_layers=cfg.top_layers,
+            protocols=("offline",),
+            emulator_dir=str(emu_dir),
+            device=cfg.device,
+        ),
+        model=copy.deepcopy(ctx.base),
+    )
     app.resources.upload_dir = str(row_dir / "uploads")
     app.resources.client_verify_keys = [keys / "client.sign.pub"]
     opts = _tune_options(ctx, spec, row_dir, 0.0)
-    off = OfflineOptions(provider_verify_key=keys / "provider.sign.pub", client_keys=str(keys), client_key_name="client", baselines=False)
-    summary = tune_offline(opts, lambda: InProcClientChannel(app), console=ctx.console, offline=off, base_tokenizer=ctx.tok)
+    off = OfflineOptions(
+        provider_verify_key=keys / "provider.sign.pub", client_keys=str(keys), client_key_name="client", baselines=False
+    )
+    summary = tune_offline(
+        opts, partial(InProcClientChannel, app), console=ctx.console, offline=off, base_tokenizer=ctx.tok
+    )
     del app
     # the provider's side of the deliverable: the uploaded adapters in its full model
     data = prepare_data(opts, ctx.tok)
@@ -437,23 +554,50 @@ def _run_offline_row(ctx: _Context, spec: RowSpec, row_dir: Path) -> dict[str, A
     shipped = int(params.get("shipped") or 0)
     steps = max(1, summary["steps"])
     return {
-        "utility": {"metric": summary["eval_metric"], "before": _round(zero_shot), "after": _round(after),
-                    "emulator_zero_shot": _round(summary["eval_before"]), "emulator_finetune": _round(summary["eval_after"]),
-                    "note": "before: zero-shot of the full model; after: the provider's plug-in of the uploaded adapters"},
-        "privacy": {"best_rougeL": None, "display": NA_OFFLINE, "observations": 0, "sequences": 0,
-                    "notes": ["no per-step exchange: the provider sees only the chunk requests and, once, the signed adapter weights "
-                              "(not attacked here)"]},
-        "ip": {"client_params": shipped, "total_params": total, "fraction": summary.get("param_fraction"),
-               "what": "embeddings + client blocks + head + the emulator's kept middle blocks (exact weights)"},
+        "utility": {
+            "metric": summary["eval_metric"],
+            "before": _round(zero_shot),
+            "after": _round(after),
+            "emulator_zero_shot": _round(summary["eval_before"]),
+            "emulator_finetune": _round(summary["eval_after"]),
+            "note": "before: zero-shot of the full model; after: the provider's plug-in of the uploaded adapters",
+        },
+        "privacy": {
+            "best_rougeL": None,
+            "display": NA_OFFLINE,
+            "observations": 0,
+            "sequences": 0,
+            "notes": [
+                "no per-step exchange: the provider sees only the chunk requests and, once, the signed adapter weights "
+                "(not attacked here)"
+            ],
+        },
+        "ip": {
+            "client_params": shipped,
+            "total_params": total,
+            "fraction": summary.get("param_fraction"),
+            "what": "embeddings + client blocks + head + the emulator's kept middle blocks (exact weights)",
+        },
         "cost": {
-            "bytes_per_step": 0.0, "bytes_up_per_step": 0.0, "bytes_down_per_step": 0.0, "gradient_bytes": 0,
+            "bytes_per_step": 0.0,
+            "bytes_up_per_step": 0.0,
+            "bytes_down_per_step": 0.0,
+            "gradient_bytes": 0,
             "one_off_bytes": int(summary["bytes_up"] + summary["bytes_down"]),
             "emulator_download_bytes": int(summary.get("emulator_download_wire_bytes", 0)),
             "adapter_upload_bytes": int(summary.get("adapter_upload_wire_bytes", 0)),
-            "train_s": summary["train_s"], "step_s": _round(summary["train_s"] / steps, 3),
+            "train_s": summary["train_s"],
+            "step_s": _round(summary["train_s"] / steps, 3),
         },
-        "run": {"steps": summary["steps"], "loss_first": summary["loss_first"], "loss_last": summary["loss_last"], "dcor_alpha": 0.0,
-                "emulator": summary.get("emulator"), "wall_s": summary["wall_s"], "out": str(row_dir / "run")},
+        "run": {
+            "steps": summary["steps"],
+            "loss_first": summary["loss_first"],
+            "loss_last": summary["loss_last"],
+            "dcor_alpha": 0.0,
+            "emulator": summary.get("emulator"),
+            "wall_s": summary["wall_s"],
+            "out": str(row_dir / "run"),
+        },
     }
 
 
@@ -461,15 +605,21 @@ def sanity_line(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Is the attack strong enough to trust the privacy column? The undefended Online row should reach ~0.8."""
     base = next((r for r in rows if r["row"] == "online"), None)
     if base is None or base["privacy"].get("best_rougeL") is None:
-        return {"no_defence_best_rougeL": None, "expected_min": SANITY_MIN_ROUGEL, "ok": None,
-                "message": "sanity check not run: the grid has no scored 'online' (no defence) row"}
+        return {
+            "no_defence_best_rougeL": None,
+            "expected_min": SANITY_MIN_ROUGEL,
+            "ok": None,
+            "message": "sanity check not run: the grid has no scored 'online' (no defence) row",
+        }
     v = float(base["privacy"]["best_rougeL"])
     ok = v >= SANITY_MIN_ROUGEL
     if ok:
         msg = f"no-defence best ROUGE-L {v:.3f} >= {SANITY_MIN_ROUGEL}: the attacks are as strong as the literature expects"
     else:
-        msg = (f"no-defence best ROUGE-L {v:.3f} < {SANITY_MIN_ROUGEL}: the attack is likely broken or under-budgeted "
-               "(the literature reports >= 0.8 on an undefended shallow split); treat the privacy column as a lower bound")
+        msg = (
+            f"no-defence best ROUGE-L {v:.3f} < {SANITY_MIN_ROUGEL}: the attack is likely broken or under-budgeted "
+            "(the literature reports >= 0.8 on an undefended shallow split); treat the privacy column as a lower bound"
+        )
     return {"no_defence_best_rougeL": v, "expected_min": SANITY_MIN_ROUGEL, "ok": ok, "message": msg}
 
 
@@ -503,11 +653,21 @@ def run_grid(cfg: GridConfig, *, model: Any = None, tokenizer: Any = None, conso
         _say(ctx, f"[bold][{i}/{len(cfg.rows)}] {spec.label}[/]: tuning {cfg.steps} steps")
         t_row = time.perf_counter()
         res = _run_offline_row(ctx, spec, row_dir) if spec.design == "offline" else _run_split_row(ctx, spec, row_dir)
-        row = {"row": key, "label": spec.label, "design": spec.design, "codec": spec.codec,
-               "defence": _defence_name(spec, cfg), **res, "row_s": round(time.perf_counter() - t_row, 1)}
+        row = {
+            "row": key,
+            "label": spec.label,
+            "design": spec.design,
+            "codec": spec.codec,
+            "defence": _defence_name(spec, cfg),
+            **res,
+            "row_s": round(time.perf_counter() - t_row, 1),
+        }
         rows.append(row)
-        _say(ctx, f"  acc {_fmt(row['utility']['before'])} -> {_fmt(row['utility']['after'])}, privacy {row['privacy']['display']}, "
-                  f"{row['cost']['bytes_per_step']:.0f} B/step ({row['row_s']:.0f} s)")
+        _say(
+            ctx,
+            f"  acc {_fmt(row['utility']['before'])} -> {_fmt(row['utility']['after'])}, privacy {row['privacy']['display']}, "
+            f"{row['cost']['bytes_per_step']:.0f} B/step ({row['row_s']:.0f} s)",
+        )
     results = {
         "config": asdict(cfg),
         "model": cfg.model,
@@ -556,14 +716,41 @@ def summary_table(results: dict[str, Any]) -> Any:
     t.add_column("train s", justify="right")
     for r in results["rows"]:
         p = r["privacy"]
-        priv = p["display"] if p.get("best_rougeL") is None else f"{p['best_rougeL']:.3f} ({p.get('best_attack')}, {p.get('observations')} obs)"
+        priv = (
+            p["display"]
+            if p.get("best_rougeL") is None
+            else f"{p['best_rougeL']:.3f} ({p.get('best_attack')}, {p.get('observations')} obs)"
+        )
         frac = r["ip"].get("fraction")
         cost = r["cost"]
-        bps = f"{cost['bytes_per_step'] / 1e6:.2f} MB" if cost["bytes_per_step"] else f"0 ({cost.get('one_off_bytes', 0) / 1e6:.1f} MB once)"
-        t.add_row(r["label"], r["defence"], f"{_fmt(r['utility']['before'])}→{_fmt(r['utility']['after'])}", priv,
-                  "n/a" if frac is None else f"{100 * frac:.1f}%", bps, f"{cost['train_s']:.1f}")
+        bps = (
+            f"{cost['bytes_per_step'] / 1e6:.2f} MB"
+            if cost["bytes_per_step"]
+            else f"0 ({cost.get('one_off_bytes', 0) / 1e6:.1f} MB once)"
+        )
+        t.add_row(
+            r["label"],
+            r["defence"],
+            f"{_fmt(r['utility']['before'])}→{_fmt(r['utility']['after'])}",
+            priv,
+            "n/a" if frac is None else f"{100 * frac:.1f}%",
+            bps,
+            f"{cost['train_s']:.1f}",
+        )
     return t
 
 
-__all__ = ["ROWS", "DEFAULT_ROWS", "GridConfig", "RowSpec", "ClientTruth", "TappedChannel", "EvaluationError", "run_grid", "primary_metric",
-           "sanity_line", "summary_table", "client_param_fraction"]
+__all__ = [
+    "ROWS",
+    "DEFAULT_ROWS",
+    "GridConfig",
+    "RowSpec",
+    "ClientTruth",
+    "TappedChannel",
+    "EvaluationError",
+    "run_grid",
+    "primary_metric",
+    "sanity_line",
+    "summary_table",
+    "client_param_fraction",
+]

@@ -7,8 +7,9 @@ never changes the plotting state of a program that imports guardedp2p.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def _canvas(width: float = 7.5, height: float = 5.0) -> tuple[Any, Any]:
@@ -47,7 +48,7 @@ def plot_privacy_utility(rows: Sequence[dict[str, Any]], path: str | Path, *, me
         size = 40 + 600 * (bps[i] / top)
         colour = f"C{i % 10}"
         na = y is None
-        y = 0.0 if na else y
+        y = 0.0 if y is None else y
         if na:
             ax.scatter([x], [y], s=size, facecolors="none", edgecolors=colour, marker="s", linewidths=1.5)
         else:
@@ -56,10 +57,19 @@ def plot_privacy_utility(rows: Sequence[dict[str, Any]], path: str | Path, *, me
         same = sum(1 for (px, py) in placed if abs(px - x) < 0.01 and abs(py - y) < 0.03)
         placed.append((x, y))
         label = f"{r['label']} (privacy n/a)" if na else r["label"]
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(8, 6 - 10 * same), fontsize=7, color=colour if not na else "black")
+        ax.annotate(
+            label,
+            (x, y),
+            textcoords="offset points",
+            xytext=(8, 6 - 10 * same),
+            fontsize=7,
+            color=colour if not na else "black",
+        )
     ax.margins(x=0.25)
     ax.axhline(0.8, color="grey", linestyle=":", linewidth=0.8)
-    ax.set_xlabel(f"utility: eval {metric} after tuning" + (" (higher is better)" if metric == "acc" else " (lower is better)"))
+    ax.set_xlabel(
+        f"utility: eval {metric} after tuning" + (" (higher is better)" if metric == "acc" else " (lower is better)")
+    )
     ax.set_ylabel("privacy: best attack ROUGE-L F1 (lower is better)")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("privacy vs utility (marker area ~ bytes per training step)", fontsize=10)

@@ -24,8 +24,8 @@ statistics (numpy's default linear interpolation between order statistics).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -47,10 +47,38 @@ LEVEL = 0.95
 
 # two-sided 95% Student-t quantiles t_{0.975, df} (standard tables, 3 decimals); beyond 30 df the normal 1.960
 # is within 2% of the exact value, and the table avoids a scipy dependency for one number
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-         29: 2.045, 30: 2.042}
+_T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    11: 2.201,
+    12: 2.179,
+    13: 2.160,
+    14: 2.145,
+    15: 2.131,
+    16: 2.120,
+    17: 2.110,
+    18: 2.101,
+    19: 2.093,
+    20: 2.086,
+    21: 2.080,
+    22: 2.074,
+    23: 2.069,
+    24: 2.064,
+    25: 2.060,
+    26: 2.056,
+    27: 2.052,
+    28: 2.048,
+    29: 2.045,
+    30: 2.042,
+}
 
 
 class StatsError(ConfigError):
@@ -103,8 +131,9 @@ def _percentile(stats: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def bootstrap_mean_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = DEFAULT_BOOT, level: float = LEVEL,
-                      seed: int = 0) -> Interval:
+def bootstrap_mean_ci(
+    values: Sequence[float] | np.ndarray, *, n_boot: int = DEFAULT_BOOT, level: float = LEVEL, seed: int = 0
+) -> Interval:
     """Mean of per-item values with a percentile-bootstrap CI over items (resampled with replacement)."""
     a = _vec(values, "bootstrap_mean_ci")
     if a.size == 1:
@@ -115,8 +144,14 @@ def bootstrap_mean_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = DEF
     return Interval(float(a.mean()), lo, hi, "bootstrap-items", int(a.size), level)
 
 
-def paired_bootstrap_diff_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *, n_boot: int = DEFAULT_BOOT,
-                             level: float = LEVEL, seed: int = 0) -> Interval:
+def paired_bootstrap_diff_ci(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    *,
+    n_boot: int = DEFAULT_BOOT,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> Interval:
     """mean(a) - mean(b) for two configurations scored on the *same* items, with a paired bootstrap CI.
 
     Each replicate draws one set of item indices and applies it to both vectors (equivalently, bootstraps the
@@ -126,7 +161,9 @@ def paired_bootstrap_diff_ci(a: Sequence[float] | np.ndarray, b: Sequence[float]
     if x.shape != y.shape:
         raise StatsError(f"paired comparison needs the same items on both sides ({x.size} vs {y.size} items)")
     iv = bootstrap_mean_ci(x - y, n_boot=n_boot, level=level, seed=seed)
-    return Interval(iv.estimate, iv.lo, iv.hi, "paired-bootstrap-items" if iv.method != "degenerate" else "degenerate", iv.n, level)
+    return Interval(
+        iv.estimate, iv.lo, iv.hi, "paired-bootstrap-items" if iv.method != "degenerate" else "degenerate", iv.n, level
+    )
 
 
 def seed_t_ci(values: Sequence[float] | np.ndarray, level: float = LEVEL) -> Interval:
@@ -142,8 +179,14 @@ def seed_t_ci(values: Sequence[float] | np.ndarray, level: float = LEVEL) -> Int
     return Interval(m, m - half, m + half, "t-seeds", int(a.size), level)
 
 
-def hierarchical_bootstrap_ci(a: Sequence[Sequence[float]] | np.ndarray, b: Sequence[Sequence[float]] | np.ndarray | None = None, *,
-                              n_boot: int = DEFAULT_BOOT, level: float = LEVEL, seed: int = 0) -> Interval:
+def hierarchical_bootstrap_ci(
+    a: Sequence[Sequence[float]] | np.ndarray,
+    b: Sequence[Sequence[float]] | np.ndarray | None = None,
+    *,
+    n_boot: int = DEFAULT_BOOT,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> Interval:
     """Mean of a seeds x items matrix (or of the paired difference ``a - b``) with a two-level bootstrap CI.
 
     Every replicate draws seeds with replacement and item indices with replacement; the same item indices
@@ -180,8 +223,9 @@ def hierarchical_bootstrap_ci(a: Sequence[Sequence[float]] | np.ndarray, b: Sequ
     return Interval(float(x.mean()), lo, hi, "hierarchical-bootstrap", int(S * N), level)
 
 
-def bootstrap_max_of_means_ci(scores: Sequence[Sequence[float]] | np.ndarray, *, n_boot: int = DEFAULT_BOOT, level: float = LEVEL,
-                              seed: int = 0) -> tuple[int, Interval]:
+def bootstrap_max_of_means_ci(
+    scores: Sequence[Sequence[float]] | np.ndarray, *, n_boot: int = DEFAULT_BOOT, level: float = LEVEL, seed: int = 0
+) -> tuple[int, Interval]:
     """The best of several attacks scored on the same sequences: (index of the best, max of means with its CI).
 
     ``scores`` is attacks x sequences. Every replicate resamples sequence indices once (paired across attacks)

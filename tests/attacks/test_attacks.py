@@ -123,7 +123,13 @@ def test_transcript_round_trip(tmp_path):
     g = torch.Generator().manual_seed(0)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     t = {k: torch.randn(2, 3, 8, generator=g) for k in ("h1", "h2", "g2", "g1")}
-    rec.record("sess-a", 0, "forward", {"h1": t["h1"].bfloat16(), "mask": mask, "h2": t["h2"]}, {"train": True, "odd": object()})
+    rec.record(
+        "sess-a",
+        0,
+        "forward",
+        {"h1": t["h1"].bfloat16(), "mask": mask, "h2": t["h2"]},
+        {"train": True, "odd": object()},
+    )
     rec.record("sess-a", 0, "backward", {"g2": t["g2"], "g1": t["g1"]}, {"train": True})
     rec.record("sess-a", 1, "forward", {"h1": t["h1"], "mask": mask, "h2": t["h2"]}, {"train": False})
     rec.record("../evil", 3, "forward", {"h1": t["h1"], "mask": mask, "h2": t["h2"]}, {})
@@ -161,9 +167,9 @@ def test_online_session_transcript_holds_only_wire_tensors_and_is_attackable(tmp
 
     from safetensors.torch import load_file
 
+    from guardedp2p.designs.online.client import RemoteTrunk
     from guardedp2p.engine.fingerprint import model_fingerprint
     from guardedp2p.engine.split import build_client_parts
-    from guardedp2p.designs.online.client import RemoteTrunk
     from tests.protocol_helpers import open_session, provider_app
 
     model = tiny_model("llama")
@@ -191,7 +197,9 @@ def test_online_session_transcript_holds_only_wire_tensors_and_is_attackable(tmp
     assert stored == {"h1", "mask", "h2", "g2", "g1"}  # nothing of the client's ids or labels
     torch.testing.assert_close(obs[0].h1, h1.detach())
     # the attacker holds only the pre-trained weights, yet recovers the text from the drifted client's h1
-    rec = forward_match(AttackerModel(model, SPLIT), obs[0].h1, obs[0].mask, None, ForwardMatchConfig(steps=120, lr=0.05))
+    rec = forward_match(
+        AttackerModel(model, SPLIT), obs[0].h1, obs[0].mask, None, ForwardMatchConfig(steps=120, lr=0.05)
+    )
     assert float((rec.ids == ids).float().mean()) >= 0.75
 
 
@@ -321,7 +329,8 @@ def _small_suite() -> AttackSuiteConfig:
 
 
 def test_runner_online_pipeline_scores_and_picks_best():
-    from tests.tiny_tokenizer import WORDS as TWORDS, tiny_tokenizer
+    from tests.tiny_tokenizer import WORDS as TWORDS
+    from tests.tiny_tokenizer import tiny_tokenizer
 
     tok = tiny_tokenizer()
     model = tiny_model("llama")
@@ -336,7 +345,9 @@ def test_runner_online_pipeline_scores_and_picks_best():
         ids = ids.masked_fill(mask == 0, tok.pad_token_id)
         obs.append(_online_step(model, ids, mask, step))
         truth[("s", step)] = ids
-    rep = run_attacks(obs, model, SPLIT, tok, aux, ["bisr_bf", "tag"], _small_suite(), ground_truth=truth, progress=False)
+    rep = run_attacks(
+        obs, model, SPLIT, tok, aux, ["bisr_bf", "tag"], _small_suite(), ground_truth=truth, progress=False
+    )
     assert list(rep.results) == ["sip", "bisr_b", "bisr_bf", "tag"]  # prerequisites added, in pipeline order
     assert rep.design == "online" and rep.n_sequences == 4 and rep.text_mode == "detok"
     for name in ("sip", "bisr_b", "bisr_bf"):
@@ -360,7 +371,9 @@ def test_runner_gradfree_skips_gradient_attacks_and_checks_inputs():
     aux = [_sentence(g, 8) for _ in range(60)]
     cfg = _small_suite()
     cfg.sip = SIPConfig(epochs=1, batch_size=8, hidden=32, lr=1e-2)
-    rep = run_attacks([o], model, SPLIT, None, aux, ["sip", "bisr_b", "bisr_f", "tag"], cfg, ground_truth=[ids], progress=False)
+    rep = run_attacks(
+        [o], model, SPLIT, None, aux, ["sip", "bisr_b", "bisr_f", "tag"], cfg, ground_truth=[ids], progress=False
+    )
     assert rep.design == "gradfree" and rep.text_mode == "ids"
     assert rep.results["bisr_b"].skipped and rep.results["tag"].skipped and not rep.results["bisr_f"].skipped
     assert rep.results["bisr_f"].scores.rougeL >= 0.8
@@ -368,7 +381,18 @@ def test_runner_gradfree_skips_gradient_attacks_and_checks_inputs():
     with pytest.raises(AttackConfigError, match="unknown attack"):
         resolve_attacks(["sip", "nope"])
     with pytest.raises(AttackConfigError, match="shape"):
-        run_attacks([o], model, SPLIT, None, aux, ["bisr_f"], cfg, ground_truth=[ids[:, :3]], progress=False, inverter=rep.inverter)
+        run_attacks(
+            [o],
+            model,
+            SPLIT,
+            None,
+            aux,
+            ["bisr_f"],
+            cfg,
+            ground_truth=[ids[:, :3]],
+            progress=False,
+            inverter=rep.inverter,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- real model
@@ -390,8 +414,18 @@ def test_smollm2_sip_and_bisr_f_reconstruct_demo_records(smollm2):
     cfg = AttackSuiteConfig.fast()
     cfg.sip = SIPConfig(epochs=3)
     cfg.bisr_f = ForwardMatchConfig(steps=30)
-    rep = run_attacks(obs, model, SPLIT, tok, aux, ["sip", "bisr_f"], cfg, ground_truth=[b["input_ids"] for b in batches],
-                      transform=codec_transform("int8"), progress=False)
+    rep = run_attacks(
+        obs,
+        model,
+        SPLIT,
+        tok,
+        aux,
+        ["sip", "bisr_f"],
+        cfg,
+        ground_truth=[b["input_ids"] for b in batches],
+        transform=codec_transform("int8"),
+        progress=False,
+    )
     assert rep.results["sip"].scores.rougeL >= 0.8, rep.results["sip"].scores
     assert rep.results["bisr_f"].scores.rougeL >= 0.8, rep.results["bisr_f"].scores
 

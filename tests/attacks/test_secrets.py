@@ -8,10 +8,17 @@ import pytest
 
 from guardedp2p.attacks.metrics import secret_found, secrets_recovered, summarize_secrets
 
-PII = {"name": "Zara Novak", "born": "1987-10-12", "address": "108 Park Terrace, Belfast", "diagnosis": "asthma",
-       "account": "GB99-3951-8049-5823"}
-REF = ("Patient Zara Novak, born 1987-10-12, lives at 108 Park Terrace, Belfast; diagnosis: asthma; "
-       "ward code: LM-7; account GB99-3951-8049-5823.")
+PII = {
+    "name": "Zara Novak",
+    "born": "1987-10-12",
+    "address": "108 Park Terrace, Belfast",
+    "diagnosis": "asthma",
+    "account": "GB99-3951-8049-5823",
+}
+REF = (
+    "Patient Zara Novak, born 1987-10-12, lives at 108 Park Terrace, Belfast; diagnosis: asthma; "
+    "ward code: LM-7; account GB99-3951-8049-5823."
+)
 
 
 def test_perfect_reconstruction_recovers_every_field():
@@ -19,8 +26,10 @@ def test_perfect_reconstruction_recovers_every_field():
 
 
 def test_near_misses_do_not_count():
-    hyp = ("Patient Zara Nowak, born 1987-10-13, lives at 108  Park Terrace, Belfast; diagnosis: Asthma; "
-           "account GB99-3951-8049-58234.")
+    hyp = (
+        "Patient Zara Nowak, born 1987-10-13, lives at 108  Park Terrace, Belfast; diagnosis: Asthma; "
+        "account GB99-3951-8049-58234."
+    )
     got = secrets_recovered(hyp, PII)
     assert got == {"name": False, "born": False, "address": True, "diagnosis": False, "account": False}
     # a value embedded in a longer number or word is not a recovery, a value followed by punctuation is

@@ -1,4 +1,5 @@
-"""The evaluation grid on a tiny random model + tiny tokenizer with tiny budgets: every row, the four axes, the
+"""The legacy evaluation grid (guardedp2p.evaluate.grid.run_grid; the `guardedp2p evaluate` command is now the frontier,
+tested in test_frontier.py) on a tiny random model + tiny tokenizer with tiny budgets: every row, the four axes, the
 plot, and the invariants of each design (Offline: nothing observed online; Gradfree: no gradient bytes)."""
 
 from __future__ import annotations
@@ -46,8 +47,23 @@ def _files(tmp_path):
 
 
 def _cfg(tmp_path, rows=tuple(ROWS)):
-    return GridConfig(model="tiny", rows=rows, steps=3, batch_size=2, lr=1e-2, max_length=16, records=2, lora_r=4, lora_alpha=8,
-                      attack_budget="tiny", attacks=("sip", "bisr_b", "bisr_f", "bisr_bf", "tag"), eval_items=6, aux_records=60, out=str(tmp_path / "out"), **_files(tmp_path))
+    return GridConfig(
+        model="tiny",
+        rows=rows,
+        steps=3,
+        batch_size=2,
+        lr=1e-2,
+        max_length=16,
+        records=2,
+        lora_r=4,
+        lora_alpha=8,
+        attack_budget="tiny",
+        attacks=("sip", "bisr_b", "bisr_f", "bisr_bf", "tag"),
+        eval_items=6,
+        aux_records=60,
+        out=str(tmp_path / "out"),
+        **_files(tmp_path),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +88,11 @@ def test_grid_runs_every_row_with_four_axes_and_writes_results_and_plot(grid):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for r in res["rows"]:
         assert set(("utility", "privacy", "ip", "cost")) <= set(r), r["row"]
-        assert r["utility"]["metric"] == "acc" and 0.0 <= r["utility"]["after"] <= 1.0 and 0.0 <= r["utility"]["before"] <= 1.0
+        assert (
+            r["utility"]["metric"] == "acc"
+            and 0.0 <= r["utility"]["after"] <= 1.0
+            and 0.0 <= r["utility"]["before"] <= 1.0
+        )
         assert 0.0 < r["ip"]["fraction"] < 1.0
         assert r["cost"]["train_s"] > 0
         if r["design"] == "offline":
@@ -87,14 +107,20 @@ def test_grid_runs_every_row_with_four_axes_and_writes_results_and_plot(grid):
     assert off["privacy"]["observations"] == 0 and off["privacy"]["best_rougeL"] is None
     assert off["privacy"]["display"] == "n/a (no online exchange)"
     assert off["cost"]["bytes_per_step"] == 0 and off["cost"]["one_off_bytes"] > 0
-    assert off["ip"]["fraction"] > rows["online"]["ip"]["fraction"], "the emulator's middle blocks add to what the client holds"
+    assert off["ip"]["fraction"] > rows["online"]["ip"]["fraction"], (
+        "the emulator's middle blocks add to what the client holds"
+    )
     for key in ("gradfree", "gradfree_nf4"):
         g = rows[key]
         assert g["cost"]["gradient_bytes"] == 0
         assert all(v.get("skipped") for k, v in g["privacy"]["attacks"].items() if k in ("bisr_b", "bisr_bf", "tag"))
         assert "rougeL" in g["privacy"]["attacks"]["sip"]
     assert rows["online"]["cost"]["gradient_bytes"] > 0
-    assert rows["nf4"]["cost"]["bytes_per_step"] < rows["int8"]["cost"]["bytes_per_step"] < rows["online"]["cost"]["bytes_per_step"]
+    assert (
+        rows["nf4"]["cost"]["bytes_per_step"]
+        < rows["int8"]["cost"]["bytes_per_step"]
+        < rows["online"]["cost"]["bytes_per_step"]
+    )
     assert rows["gradfree_nf4"]["cost"]["bytes_per_step"] < rows["gradfree"]["cost"]["bytes_per_step"]
     assert rows["dcor_strong"]["run"]["dcor_alpha"] == 4.0 and rows["dcor_weak"]["run"]["dcor_alpha"] == 0.5
     assert res["sanity"]["no_defence_best_rougeL"] == rows["online"]["privacy"]["best_rougeL"]
@@ -118,7 +144,9 @@ def test_ground_truth_is_the_clients_batch_in_the_order_sent(grid):
     ex = encode_records(loaded.records, tok, DataConfig(max_length=16), kind=loaded.kind)
     it = BatchIterator(ex, 2, seed=0, pad_id=tok.pad_token_id)
     last = [next(it) for _ in range(3)][-1]
-    ref = tok.decode([int(t) for t, m in zip(last["input_ids"][0], last["attention_mask"][0]) if m], skip_special_tokens=True)
+    ref = tok.decode(
+        [int(t) for t, m in zip(last["input_ids"][0], last["attention_mask"][0]) if m], skip_special_tokens=True
+    )
     sip = online["privacy"]["attacks"]["sip"]
     assert sip["example"]["ref"].split() == ref.split()
 
@@ -149,45 +177,6 @@ def test_unknown_row_is_a_config_error(tmp_path):
         GridConfig(rows=("online", "dp")).validate()
 
 
-def test_cli_command_json_last_line(tmp_path):
-    import typer
-    from typer.testing import CliRunner
-
-    from guardedp2p.cli.evaluate import evaluate
-
-    model_dir = tmp_path / "tiny-model"
-    tiny_model("llama").save_pretrained(str(model_dir))
-    tiny_tokenizer().save_pretrained(str(model_dir))
-    f = _files(tmp_path)
-    app = typer.Typer()
-    app.command("evaluate")(evaluate)
-    app.command("noop")(lambda: None)  # two commands: `evaluate` stays a sub-command, as in the main app
-    out = tmp_path / "cli-out"
-    result = CliRunner().invoke(app, [
-        "evaluate", "--fast", "--rows", "gradfree", "--attacks", "sip", "--steps", "2", "--batch-size", "2", "--records", "2", "--eval-items", "4",
-        "--model", str(model_dir), "--data", f["data"], "--eval-data", f["eval_data"], "--aux", f["aux"], "--out", str(out),
-        "--threads", "1", "--json",
-    ])
-    assert result.exit_code == 0, result.output
-    last = json.loads(result.stdout.strip().splitlines()[-1])
-    assert [r["row"] for r in last["rows"]] == ["gradfree"]
-    assert last["sanity"]["ok"] is None  # no 'online' row: the sanity check says it did not run
-    assert (out / "results.json").is_file() and (out / "privacy_utility.png").is_file()
-
-
-def test_cli_unknown_row_exits_cleanly(tmp_path):
-    import typer
-    from typer.testing import CliRunner
-
-    from guardedp2p.cli.evaluate import evaluate
-
-    app = typer.Typer()
-    app.command("evaluate")(evaluate)
-    app.command("noop")(lambda: None)
-    result = CliRunner().invoke(app, ["evaluate", "--rows", "online,bogus", "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "unknown row" in result.output
-
-
 def _tiny_model_dir(tmp_path):
     model_dir = tmp_path / "tiny-model"
     tiny_model("llama").save_pretrained(str(model_dir))
@@ -200,9 +189,34 @@ def test_bench_defences_tiny(tmp_path, capsys):
 
     f = _files(tmp_path)
     out = tmp_path / "bench"
-    rc = bench_defences.main(["--model", _tiny_model_dir(tmp_path), "--codecs", "fp32,int8", "--dcor", "0,0.5", "--steps", "2",
-                              "--batch-size", "2", "--max-length", "16", "--lora-r", "4", "--eval-items", "4", "--data", f["data"],
-                              "--eval-data", f["eval_data"], "--out", str(out), "--threads", "1"])
+    rc = bench_defences.main(
+        [
+            "--model",
+            _tiny_model_dir(tmp_path),
+            "--codecs",
+            "fp32,int8",
+            "--dcor",
+            "0,0.5",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "16",
+            "--lora-r",
+            "4",
+            "--eval-items",
+            "4",
+            "--data",
+            f["data"],
+            "--eval-data",
+            f["eval_data"],
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     lines = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
     runs = [ln for ln in lines if ln["bench"] == "defence"]
@@ -216,9 +230,32 @@ def test_bench_gradfree_tiny_inproc(tmp_path, capsys):
     from benchmarks import bench_gradfree
 
     f = _files(tmp_path)
-    rc = bench_gradfree.main(["--model", _tiny_model_dir(tmp_path), "--steps", "2", "--batch-size", "2", "--max-length", "16", "--lora-r", "4",
-                              "--eval-items", "4", "--data", f["data"], "--eval-data", f["eval_data"], "--transport", "inproc",
-                              "--out", str(tmp_path / "gf"), "--threads", "1"])
+    rc = bench_gradfree.main(
+        [
+            "--model",
+            _tiny_model_dir(tmp_path),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "16",
+            "--lora-r",
+            "4",
+            "--eval-items",
+            "4",
+            "--data",
+            f["data"],
+            "--eval-data",
+            f["eval_data"],
+            "--transport",
+            "inproc",
+            "--out",
+            str(tmp_path / "gf"),
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     lines = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
     designs = {(ln["design"], ln["codec"]): ln for ln in lines if ln["bench"] == "design"}

@@ -1,0 +1,228 @@
+"""The frontier's three files: frontier.json (every number), frontier.md (the table a reader reads) and
+frontier.png (privacy against utility, the Pareto front marked, marker area ~ bytes per training step)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _f(x: Any, nd: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.{nd}f}"
+
+
+def _ci(ci: Any, nd: int = 3) -> str:
+    return "" if not ci else f" [{_f(ci[0], nd)}, {_f(ci[1], nd)}]"
+
+
+def _bytes(b: Any) -> str:
+    if not b:
+        return "0"
+    b = float(b)
+    return f"{b / 1e6:.2f} MB" if b >= 1e5 else f"{b / 1e3:.1f} kB"
+
+
+def frontier_markdown(result: Mapping[str, Any]) -> str:
+    """The human-readable report (no number in it that is not in frontier.json)."""
+    rows = result["rows"]
+    broken = result.get("harness_broken")
+    out = ["# Privacy-utility frontier", ""]
+    if result.get("command"):
+        out += ["Produced by:", "", "```", result["command"], "```", ""]
+    out += [
+        f"Model {result['model']}, task `{result['task']}`, split {result['split'][0]}/{result['split'][1]}, recipe "
+        f"{result['recipe']['steps']} steps x batch {result['recipe']['batch_size']}, lr {result['recipe']['lr']:g}, LoRA r={result['lora']['r']}; "
+        f"{result['seeds']} training seed(s) {result.get('seed_list')}, {result['eval_items']} multiple-choice items, "
+        f"{result.get('nll_records', 0)} NLL records; wall time {result['wall_s'] / 60:.1f} min "
+        f"(torch threads {result.get('torch_threads')}, cached units are not re-run).",
+        "",
+    ]
+    gate = result["sanity"]
+    if broken:
+        out += [
+            "> **The attack harness is broken.** " + gate["message"],
+            "> The privacy columns below are withheld.",
+            "",
+        ]
+    elif gate.get("ok") is None:
+        out += ["> **Sanity gate not run:** " + gate["message"], ""]
+    else:
+        out += [f"Sanity gate passed: {gate['message']}.", ""]
+    out += [
+        "| row | defence | acc [95% CI] | loss vs local, pts [CI] | NLL diff vs local [CI] | best attack ROUGE-L [CI] | worst seq | "
+        "secrets | seqs / steps | bytes/step | client s/step | IP exposure | Pareto |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+    ]
+    for r in rows:
+        u, p = r["utility"], r["privacy"]
+        if p.get("not_applicable"):
+            priv = ["n/a", "n/a", "n/a", "0"]
+        elif broken:
+            priv = ["withheld", "withheld", "withheld", f"{p['sequences']} / {p['steps_observed']}"]
+        else:
+            priv = [
+                f"{_f(p['best_rougeL'])}{_ci(p['ci95'])}",
+                _f(p["worst_rougeL"]),
+                _f(p["secrets_recovered"]),
+                f"{p['sequences']} / {p['steps_observed']}",
+            ]
+        bps = (
+            _bytes(r["bytes_per_step"])
+            if r["bytes_per_step"]
+            else (f"0 ({_bytes(r['one_off_bytes'])} once)" if r.get("one_off_bytes") else "0")
+        )
+        out.append(
+            f"| {r['label']} | {r['defence']} | {_f(u['acc'])}{_ci(u['ci95'])} | {_f(u['loss_pts_vs_local'], 1)}{_ci(u['loss_ci95'], 1)} | "
+            f"{_f(u.get('nll_diff_vs_local'))}{_ci(u.get('nll_diff_ci95'))} | {priv[0]} | {priv[1]} | {priv[2]} | {priv[3]} | {bps} | "
+            f"{_f(r['client_s_per_step'], 3)} | {_f(100 * r['ip_exposure'], 1) + '%' if r['ip_exposure'] is not None else 'n/a'} | "
+            f"{'yes' if r.get('pareto') else ''} |"
+        )
+    out += ["", "![privacy vs utility](frontier.png)", ""]
+    attackers = [(r["label"], r["privacy"]) for r in rows if r["privacy"].get("convergence")]
+    if attackers:
+        out += [
+            "## The attacker's convergence",
+            "",
+            "Held-out ROUGE-L of the adaptive inverter on auxiliary records it never trained on, against its optimiser steps "
+            "(it stops once the score has plateaued).",
+            "",
+            "| mechanism (row) | aux records | snapshots (steps) | curve: step -> held-out ROUGE-L | plateaued |",
+            "|---|---:|---|---|:-:|",
+        ]
+        for label, p in attackers:
+            a = p.get("attacker") or {}
+            curve = ", ".join(f"{c['step']}: {c['rougeL']:.3f}" for c in p["convergence"])
+            out.append(
+                f"| {a.get('mechanism', '?')} ({label}) | {a.get('aux_train', '?')} | {a.get('snapshot_steps')} | {curve} | "
+                f"{'yes' if a.get('plateaued') else '**no**'} |"
+            )
+        out.append("")
+    leaks = [(r["label"], r["privacy"]["most_leaked"]) for r in rows if r["privacy"].get("most_leaked") and not broken]
+    if leaks:
+        out += ["## The most-leaked sequence of each row", ""]
+        for label, m in leaks:
+            out += [
+                f"- **{label}** (step {m['step']}, ROUGE-L {m['rougeL']:.3f})",
+                f"  - sent: `{m['ref']}`",
+                f"  - rebuilt: `{m['hyp']}`",
+            ]
+        out.append("")
+    out += [
+        "## How the numbers are made",
+        "",
+        "- **Utility**: accuracy on held-out multiple-choice items of new people; 95% CI by a two-level bootstrap that resamples "
+        "training seeds and items (paired: the same items for every seed). *Loss vs local* = local-LoRA accuracy minus the row's, "
+        "in points, each seed paired with the local run of the same seed on the same items (`guardedp2p/evaluate/stats.py`). "
+        "The NLL difference is the same paired statistic on the mean NLL of the hidden-rule code tokens of held-out records.",
+        "- **Privacy**: training steps spread evenly over each run (first to last) are taken from the provider's recorded "
+        "transcript; each distinct sequence sent at those steps is reconstructed. *best attack ROUGE-L* is the best attack's "
+        "mean per-sequence ROUGE-L F1 (detokenised text), with a bootstrap CI over the attacked sequences pooled over seeds that "
+        "also resamples which attack is best; *worst seq* is the most-leaked sequence's ROUGE-L; *secrets* is the fraction of "
+        "private fields (name, address, date of birth, account number, diagnosis) present in a sequence that the reconstruction "
+        "reproduces exactly.",
+        "- **The attacker** knows the pre-trained model, holds auxiliary records of other people, and knows the defence and the "
+        "client's recipe: it replays the client's fine-tuning (same LoRA, steps, learning rate, dCor weight, noise) on its "
+        "auxiliary data, keeps the bottom at the start, middle and end of that replay, and trains a bi-GRU inverter (SIP) on "
+        "their activations passed through the same mechanism (noise at the same scale, the codec's round trip) "
+        "(`guardedp2p/attacks/adaptive.py`).",
+        f"- **Sanity gate**: the undefended Online row must reach best ROUGE-L >= {gate['min_rougeL']} and secrets >= "
+        f"{gate['min_secrets']}, or the harness is declared broken and no privacy number is printed.",
+        "- **Pareto front**: rows with a privacy number that no other row beats on both accuracy and best ROUGE-L. Local LoRA "
+        "(nothing leaves the client, but the client needs the whole model) and Offline (no per-step exchange; the client "
+        "receives an emulator) have no privacy number and are drawn as hollow squares below the axis.",
+        "- **Cost**: wire bytes per training step (up + down, measured on the channel), the client's own compute per step, "
+        "and IP exposure = the share of the provider's parameters the client holds.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+NA_Y = -0.08  # where rows without a privacy number (Local LoRA, Offline) are drawn, below the axis
+
+
+def plot_frontier(rows: Sequence[Mapping[str, Any]], path: str | Path, *, harness_broken: bool = False) -> Path:
+    """x = accuracy (CI bars), y = best-attack ROUGE-L (CI bars), marker area ~ bytes per step; Pareto front joined."""
+    from guardedp2p.evaluate.plot import _canvas
+
+    fig, ax = _canvas(8.0, 5.5)
+    bps = [float(r.get("bytes_per_step") or 0.0) for r in rows]
+    top = max(bps) if bps and max(bps) > 0 else 1.0
+    front = []
+    placed: list[tuple[float, float]] = []
+
+    def label_at(text: str, x: float, y: float, colour: str) -> None:
+        # rows landing on the same spot get their labels stacked instead of printed over each other
+        same = sum(1 for (px, py) in placed if abs(px - x) < 0.02 and abs(py - y) < 0.04)
+        placed.append((x, y))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(8, 6 - 10 * same), fontsize=7, color=colour)
+
+    for i in sorted(range(len(rows)), key=lambda k: -bps[k]):
+        r = rows[i]
+        u, p = r["utility"], r["privacy"]
+        x = u.get("acc")
+        if x is None:
+            continue
+        y = None if (p.get("not_applicable") or harness_broken) else p.get("best_rougeL")
+        colour = f"C{i % 10}"
+        size = 40 + 700 * (bps[i] / top)
+        xerr = [[x - u["ci95"][0]], [u["ci95"][1] - x]] if u.get("ci95") else None
+        if y is None:
+            ax.scatter([x], [NA_Y], s=60, facecolors="none", edgecolors=colour, marker="s", linewidths=1.5, zorder=3)
+            ax.errorbar([x], [NA_Y], xerr=xerr, fmt="none", ecolor=colour, alpha=0.6)
+            label_at(f"{r['label']} (privacy n/a)", x, NA_Y, colour)
+            continue
+        yerr = [[y - p["ci95"][0]], [p["ci95"][1] - y]] if p.get("ci95") else None
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="none", ecolor=colour, alpha=0.6)
+        on = bool(r.get("pareto"))
+        ax.scatter(
+            [x], [y], s=size, color=colour, alpha=0.8, edgecolors="black", linewidths=2.0 if on else 0.5, zorder=3
+        )
+        label_at(r["label"] + (" *" if on else ""), x, y, colour)
+        if on:
+            front.append((x, y))
+    if len(front) > 1:
+        front.sort()
+        ax.plot(
+            [a for a, _ in front],
+            [b for _, b in front],
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label="Pareto front (*)",
+        )
+        ax.legend(loc="upper left", fontsize=7)
+    ax.margins(x=0.2)
+    ax.set_xlabel("utility: held-out accuracy (higher is better), 95% CI")
+    ax.set_ylabel("privacy: best attack ROUGE-L F1 (lower is better), 95% CI")
+    ax.axhline(0.0, color="grey", linewidth=0.6)
+    ax.set_ylim(NA_Y - 0.07, 1.05)
+    title = "privacy vs utility (marker area ~ bytes per training step)"
+    if harness_broken:
+        title += "\nHARNESS BROKEN: privacy withheld"
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(out))
+    return out
+
+
+def write_reports(result: dict[str, Any], folder: Path) -> dict[str, str]:
+    """Write frontier.json / .md / .png into ``folder``; return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "json": str(folder / "frontier.json"),
+        "md": str(folder / "frontier.md"),
+        "png": str(folder / "frontier.png"),
+    }
+    plot_frontier(result["rows"], files["png"], harness_broken=bool(result.get("harness_broken")))
+    (folder / "frontier.md").write_text(frontier_markdown(result) + "\n")
+    (folder / "frontier.json").write_text(json.dumps({**result, "files": files}, indent=2) + "\n")
+    return files
+
+
+__all__ = ["frontier_markdown", "plot_frontier", "write_reports"]

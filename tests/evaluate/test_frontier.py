@@ -1,0 +1,161 @@
+"""The frontier end to end (`guardedp2p evaluate --fast`: tiny random model, the real protocol, the adaptive attacker),
+its resumable cache, the sanity gate tripping on a blinded attacker, and the pieces it is made of."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from guardedp2p.evaluate.frontier import (
+    HEADLINE_ROWS,
+    HarnessBroken,
+    missing_fields,
+    pareto_front,
+    parse_row,
+    run_frontier,
+    sanity_gate,
+)
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    """One `guardedp2p evaluate --fast` through the CLI, shared by the tests that inspect it (it dominates the cost)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from guardedp2p.cli.evaluate import evaluate
+
+    tmp = tmp_path_factory.mktemp("frontier")
+    app = typer.Typer()
+    app.command("evaluate")(evaluate)
+    app.command("noop")(lambda: None)  # two commands: `evaluate` stays a sub-command, as in the main app
+    n = torch.get_num_threads()
+    t0 = time.process_time()  # CPU time: a busy shared machine stretches the wall clock, not this
+    try:
+        result = CliRunner().invoke(
+            app, ["evaluate", "--fast", "--strict", "--out", str(tmp / "work"), "--threads", "1", "--json"]
+        )
+    finally:
+        torch.set_num_threads(n)
+    return tmp, result, time.process_time() - t0
+
+
+def test_fast_frontier_writes_every_field_and_passes_the_gate(fast_run):
+    tmp, result, _ = fast_run
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout.strip().splitlines()[-1])
+    assert missing_fields(res) == [], missing_fields(res)
+    assert [r["row"] for r in res["rows"]] == list(HEADLINE_ROWS)
+    assert res["seeds"] == 2 and res["eval_items"] == 32 and res["sanity"]["ok"] is True and not res["harness_broken"]
+    on_disk = json.loads((tmp / "work" / "results" / "frontier.json").read_text())
+    assert missing_fields(on_disk) == []
+    png = tmp / "work" / "results" / "frontier.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp / "work" / "results" / "frontier.md").read_text()
+    assert (
+        res["command"].startswith("guardedp2p evaluate ")
+        and "--fast" in res["command"]
+        and "--strict" in res["command"]
+    )
+    assert res["command"] in md and "Sanity gate passed" in md and "convergence" in md
+    rows = {r["row"]: r for r in res["rows"]}
+    for key in ("online", "dcor_strong", "int8", "noise", "gradfree"):
+        p = rows[key]["privacy"]
+        assert p["adaptive"] is True and p["sequences"] >= 32 and p["steps_observed"] >= 8, key
+        assert p["ci95"][0] <= p["best_rougeL"] <= p["ci95"][1] and p["worst_rougeL"] >= p["best_rougeL"]
+        assert p["convergence"] and p["attacker"]["plateaued"] is True
+        assert rows[key]["bytes_per_step"] > 0
+    for key in ("local", "offline"):
+        assert rows[key]["privacy"]["not_applicable"] and rows[key]["privacy"]["best_rougeL"] is None
+    # the reference against itself, and undefended Online against the same training: no loss, zero-width CI
+    assert rows["local"]["utility"]["loss_pts_vs_local"] == 0 and rows["local"]["utility"]["loss_ci95"] == [0, 0]
+    assert abs(rows["online"]["utility"]["loss_pts_vs_local"]) < 1e-9
+    assert rows["int8"]["bytes_per_step"] < rows["online"]["bytes_per_step"]
+    assert rows["offline"]["ip_exposure"] > rows["online"]["ip_exposure"]
+    assert res["pareto_front"] and all(rows[k]["pareto"] for k in res["pareto_front"])
+    # the tiny model's noise row: the attack fails there, and the gate still passed on the undefended row
+    assert rows["noise"]["privacy"]["best_rougeL"] < 0.5 < rows["online"]["privacy"]["best_rougeL"]
+
+
+def test_fast_frontier_stays_fast_and_resumes_from_its_cache(fast_run):
+    from guardedp2p.cli.evaluate import fast_config
+
+    tmp, result, seconds = fast_run
+    assert result.exit_code == 0
+    assert seconds < 100, f"--fast took {seconds:.0f} s of CPU"
+    t0 = time.perf_counter()
+    again = run_frontier(fast_config(out=str(tmp / "work"), results=str(tmp / "again"), progress=False))
+    assert time.perf_counter() - t0 < 40  # every run, attacker and attack comes from the cache
+    first = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [r["utility"] for r in again["rows"]] == [r["utility"] for r in first["rows"]]
+    assert [r["privacy"]["best_rougeL"] for r in again["rows"]] == [r["privacy"]["best_rougeL"] for r in first["rows"]]
+
+
+def test_sanity_gate_trips_on_a_blinded_attacker(fast_run):
+    from guardedp2p.cli.evaluate import fast_config
+
+    tmp, _, _ = fast_run
+    cfg = fast_config(
+        out=str(tmp / "work"), results=str(tmp / "blind"), rows=("online", "int8"), seeds=(0,), progress=False
+    )
+    res = run_frontier(cfg, blind_attacker=True)  # the runs come from the cache; the attacker sees only zeros
+    assert res["harness_broken"] is True and res["sanity"]["ok"] is False
+    assert "HARNESS BROKEN" in res["sanity"]["message"]
+    assert all(r["privacy"]["harness_broken"] for r in res["rows"] if not r["privacy"].get("not_applicable"))
+    assert res["pareto_front"] == []
+    md = (tmp / "blind" / "frontier.md").read_text()
+    assert "The attack harness is broken" in md and "withheld" in md
+    with pytest.raises(HarnessBroken, match="HARNESS BROKEN"):
+        run_frontier(
+            fast_config(
+                out=str(tmp / "work"),
+                results=str(tmp / "blind"),
+                rows=("online",),
+                seeds=(0,),
+                progress=False,
+                strict=True,
+            ),
+            blind_attacker=True,
+        )
+
+
+def test_sanity_gate_rules():
+    def rows(r, s):
+        return [{"row": "online", "privacy": {"best_rougeL": r, "secrets_recovered": s}}]
+
+    assert sanity_gate(rows(0.95, 0.9))["ok"] is True
+    assert sanity_gate(rows(0.95, 0.5))["ok"] is False  # text recovered but not the secrets: still broken
+    assert sanity_gate(rows(0.85, 0.9))["ok"] is False
+    assert sanity_gate([])["ok"] is None
+
+
+def test_rows_and_the_pareto_front():
+    assert parse_row("dcor:2").dcor == 2.0 and parse_row("noise:0.5").noise() == {"kind": "gaussian", "scale": 0.5}
+    assert parse_row("gradfree:nf4").design == "gradfree" and parse_row("codec:int8").codec == "int8"
+    from guardedp2p.errors import ConfigError
+
+    for bad in ("dp", "noise:-1", "codec:zip"):
+        with pytest.raises(ConfigError):
+            parse_row(bad)
+
+    def row(k, a, p):
+        return {"row": k, "utility": {"acc": a}, "privacy": {"best_rougeL": p}}
+
+    rows = [row("a", 0.8, 0.9), row("b", 0.7, 0.5), row("c", 0.6, 0.6), row("d", 0.9, None)]
+    assert pareto_front(rows) == ["a", "b"]
+
+
+def test_cli_unknown_row_exits_cleanly(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from guardedp2p.cli.evaluate import evaluate
+
+    app = typer.Typer()
+    app.command("evaluate")(evaluate)
+    app.command("noop")(lambda: None)
+    result = CliRunner().invoke(app, ["evaluate", "--rows", "online,bogus", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "unknown row" in result.output
