@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from guardedp2p.cli.common import friendly_errors, print_json, setup_logging
+from guardedp2p.cli.generate import chat_cmd, generate_cmd
 from guardedp2p.errors import ConfigError
 
 client_app = typer.Typer(
@@ -197,3 +198,7 @@ def tune_cmd(
         from guardedp2p.cli.report import print_summary
 
         print_summary(summary, Console())
+
+
+client_app.command("generate")(generate_cmd)
+client_app.command("chat")(chat_cmd)

@@ -168,6 +168,7 @@ class GenerationClient:
     split: SplitConfig
     device: torch.device
     adapter: str | None = None
+    generation_config: Any = None  # the model's GenerationConfig (its EOS ids), when known
 
 
 def load_generation_client(
@@ -205,6 +206,7 @@ def load_generation_client(
         raise ConfigError("load_generation_client: pass the tokenizer with full_model")
     check_generation_support(config_of(full_model))
     fingerprint = model_fingerprint(full_model, split)
+    generation_config = getattr(full_model, "generation_config", None)
     parts = build_client_parts(full_model, split)
     for p in full_model.parameters():
         p.requires_grad_(False)
@@ -221,7 +223,14 @@ def load_generation_client(
         for part in parts:
             part.to(dev)  # injected LoRA weights start on the CPU
     return GenerationClient(
-        parts.bottom, parts.top, tokenizer, fingerprint, split, dev, str(adapter) if adapter is not None else None
+        parts.bottom,
+        parts.top,
+        tokenizer,
+        fingerprint,
+        split,
+        dev,
+        str(adapter) if adapter is not None else None,
+        generation_config,
     )
 
 
