@@ -3,6 +3,13 @@
 It sits on any :class:`~guardedp2p.transport.base.ClientChannel` (in-process or ZeroMQ), so the protocol
 code above it is identical in tests and in deployment. Cost is measured here, on the encoded frames, not
 estimated from shapes.
+
+Several requests may be outstanding (issue 19: the pipelined split step keeps micro-batches in flight):
+:meth:`ClientSession.send` sends without waiting and :meth:`ClientSession.receive` takes the reply of one sent
+request. The provider answers a session's messages in the order they arrive (one serving thread, one ordered
+connection), so replies are matched to requests first in, first out, and each reply's step id must be its
+request's (docs/wire.md, section 1); no new id travels on the wire. :meth:`ClientSession.request` is the two in
+a row.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,7 +50,7 @@ class WireStats:
     bytes_up: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     bytes_down: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     messages: int = 0
-    wait_s: float = 0.0  # wall time between sending a request and having its reply (wire + provider compute)
+    wait_s: float = 0.0  # wall time spent sending requests and blocked on their replies (wire + provider compute)
     codec_s: float = 0.0  # local encode + decode time
     provider_s: float = 0.0  # compute time the provider reported in its replies
     rate_limited: int = 0  # requests the provider refused as over its per-client byte rate (then sent again)
@@ -76,6 +83,17 @@ MAX_RETRY_AFTER_S = 60.0
 """The longest single wait a provider's ``retry_after_s`` hint can impose (a hint is data from the peer)."""
 
 
+@dataclass(eq=False)
+class PendingRequest:
+    """A request sent by :meth:`ClientSession.send`; pass it to :meth:`ClientSession.receive` for its reply."""
+
+    msg: Message
+    expect: MsgType
+    frames: list[Frame]
+    waited: float = 0.0  # seconds waited so far for the provider's rate limit (then sent again)
+    reply: Message | None = None  # set once its reply has arrived
+
+
 class ClientSession:
     """Request/reply over a channel, bound to one provider session after :meth:`open`.
 
@@ -103,6 +121,7 @@ class ClientSession:
         self.sleep = sleep
         self.sid = ""
         self.terms: dict[str, Any] = {}
+        self._in_flight: deque[PendingRequest] = deque()  # sent, reply not yet read: the order replies come in
 
     def open(self, hello: Hello) -> dict[str, Any]:
         """Send HELLO; return the agreed terms or raise :class:`HandshakeRejected` with the provider's reason."""
@@ -117,26 +136,75 @@ class ClientSession:
 
     def request(self, msg: Message, *, expect: MsgType) -> Message:
         """Send one message and wait for its reply; the reply's type and step id are checked."""
+        return self.receive(self.send(msg, expect=expect))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent whose replies have not been read yet."""
+        return len(self._in_flight)
+
+    def send(self, msg: Message, *, expect: MsgType) -> PendingRequest:
+        """Send one message without waiting for its reply; :meth:`receive` takes the reply later.
+
+        Replies come in the order the requests were sent, so later requests may be sent first and their replies
+        read in any order (earlier replies are kept until asked for). Every request needs its own step id where
+        the protocol checks them (ACT_UP steps strictly increase)."""
         if msg.type != MsgType.HELLO:
             msg.session = self.sid
         t0 = time.perf_counter()
         frames = encode(msg)
         self.stats.codec_s += time.perf_counter() - t0
-        waited = 0.0
-        while True:
-            reply = self._exchange(msg, frames)
-            if (
-                reply.type != MsgType.ERROR
-                or reply.meta.get("code") != ERROR_RATE_LIMITED
-                or waited >= self.rate_limit_wait_s
-            ):
-                break
-            delay = min(_retry_after(reply.meta), self.rate_limit_wait_s - waited)
-            log.debug("rate-limited by the provider; sending %s again in %.3f s", msg.type.value, delay)
+        pending = PendingRequest(msg, expect, frames)
+        self._transmit(pending)
+        self._in_flight.append(pending)
+        return pending
+
+    def receive(self, pending: PendingRequest) -> Message:
+        """The reply to ``pending`` (waiting for it and reading the replies before it); checked like
+        :meth:`request`'s. A request refused as rate-limited is sent again by itself, as in :meth:`request`."""
+        if pending.reply is None and pending not in self._in_flight:
+            raise ProtocolError(
+                f"no reply is awaited for {pending.msg.type.value} step {pending.msg.step} on this session"
+            )
+        while pending.reply is None:
+            self._read_reply()
+        return self._checked(pending, pending.reply)
+
+    def _transmit(self, pending: PendingRequest) -> None:
+        t1 = time.perf_counter()
+        self.channel.send(pending.frames)
+        self.stats.wait_s += time.perf_counter() - t1  # an in-process provider computes inside send
+        self.stats.bytes_up[pending.msg.type.value] += frames_nbytes(pending.frames)
+
+    def _read_reply(self) -> None:
+        """Read the next reply and give it to the oldest request in flight (or send that request again, when
+        the provider refused it for its rate limit). A failure leaves nothing in flight: the replies of this
+        channel can no longer be matched, so the session must be replaced (the run's retry ladder does)."""
+        head = self._in_flight[0]
+        try:
+            reply = self._next_reply()
+        except BaseException:
+            self._in_flight.clear()
+            raise
+        self._in_flight.popleft()
+        if (
+            reply.type == MsgType.ERROR
+            and reply.meta.get("code") == ERROR_RATE_LIMITED
+            and head.waited < self.rate_limit_wait_s
+        ):
+            delay = min(_retry_after(reply.meta), self.rate_limit_wait_s - head.waited)
+            log.debug("rate-limited by the provider; sending %s again in %.3f s", head.msg.type.value, delay)
             self.stats.rate_limited += 1
             self.stats.rate_limited_wait_s += delay
             self.sleep(delay)
-            waited += delay
+            head.waited += delay
+            self._transmit(head)
+            self._in_flight.append(head)
+            return
+        head.reply = reply
+
+    def _checked(self, pending: PendingRequest, reply: Message) -> Message:
+        msg, expect, waited = pending.msg, pending.expect, pending.waited
         if reply.type == MsgType.REJECT:
             raise HandshakeRejected(f"the provider rejected the session: {reply.meta.get('message', '?')}")
         if reply.type == MsgType.ERROR:
@@ -166,11 +234,9 @@ class ClientSession:
             )
         return reply
 
-    def _exchange(self, msg: Message, frames: list[Frame]) -> Message:
-        """One send and its reply, with the byte and time accounting."""
+    def _next_reply(self) -> Message:
+        """The next reply off the channel, with the byte and time accounting."""
         t1 = time.perf_counter()
-        self.channel.send(frames)
-        self.stats.bytes_up[msg.type.value] += frames_nbytes(frames)
         reply_frames = self.channel.recv(self.timeout)
         t2 = time.perf_counter()
         reply = decode(reply_frames, self.limits)

@@ -3,6 +3,10 @@
 Its forward sends ACT_UP and its backward sends GRAD_UP, so the client's training code is ordinary PyTorch
 (``loss.backward()``), and a quantized uplink is straight-through by construction: the received dL/dh1 is
 applied to h1 as if the codec were the identity (GuardedTuning, arXiv 2501.04323, Online design).
+
+The pipelined step (issue 19, :mod:`guardedp2p.designs.online.pipeline`) uses the same messages split in halves:
+:meth:`RemoteTrunk.send_forward` / :meth:`RemoteTrunk.take_forward` and :meth:`RemoteTrunk.send_backward` /
+:meth:`RemoteTrunk.take_backward`, so several micro-batches can be in flight on one session.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 
 from guardedp2p.designs.online.provider import CodecMismatch, _lossy
 from guardedp2p.errors import ProtocolError
+from guardedp2p.protocol.client import PendingRequest
 from guardedp2p.wire.framing import Message
 from guardedp2p.wire.messages import MsgType
 
@@ -37,6 +42,11 @@ class RemoteTrunk:
         return self.forward(h1, mask, train=False, step=self.next_step())
 
     def forward(self, h1: torch.Tensor, mask: torch.Tensor, *, train: bool, step: int) -> torch.Tensor:
+        return self.take_forward(self.send_forward(h1, mask, train=train, step=step), h1)
+
+    def send_forward(self, h1: torch.Tensor, mask: torch.Tensor, *, train: bool, step: int) -> PendingRequest:
+        """Send ACT_UP without waiting; :meth:`take_forward` gives the trunk output. ``h1`` must not change
+        until then (its memory is sent without a copy)."""
         msg = Message(
             MsgType.ACT_UP,
             step=step,
@@ -44,15 +54,24 @@ class RemoteTrunk:
             tensors={"h": h1.detach(), "mask": mask.to(torch.int8)},
             codecs={"h": self.codecs["up"]},
         )
-        reply = self.session.request(msg, expect=MsgType.ACT_DOWN)
+        pending: PendingRequest = self.session.send(msg, expect=MsgType.ACT_DOWN)
+        return pending
+
+    def take_forward(self, pending: PendingRequest, like: torch.Tensor) -> torch.Tensor:
+        """The trunk output of a sent ACT_UP (shape checked against ``like``, the activation sent)."""
+        reply = self.session.receive(pending)
         out = reply.tensors.get("h")
-        if out is None or tuple(out.shape) != tuple(h1.shape):
-            raise ProtocolError(f"ACT_DOWN carries no trunk output of shape {list(h1.shape)}")
+        if out is None or tuple(out.shape) != tuple(like.shape):
+            raise ProtocolError(f"ACT_DOWN carries no trunk output of shape {list(like.shape)}")
         if reply.codec_of("h") != self.codecs["down"]:
             raise CodecMismatch(f"trunk output arrived as {reply.codec_of('h')!r}, negotiated {self.codecs['down']!r}")
-        return out.to(h1.device, h1.dtype)
+        return out.to(like.device, like.dtype)
 
     def backward(self, grad_out: torch.Tensor, step: int, like: torch.Tensor) -> torch.Tensor:
+        return self.take_backward(self.send_backward(grad_out, step), like)
+
+    def send_backward(self, grad_out: torch.Tensor, step: int) -> PendingRequest:
+        """Send GRAD_UP (dL/dh2 of the ACT_UP of ``step``) without waiting; :meth:`take_backward` gives dL/dh1."""
         codec = self.codecs["grad_up"]
         msg = Message(
             MsgType.GRAD_UP,
@@ -61,7 +80,12 @@ class RemoteTrunk:
             codecs={"g": codec},
             stochastic=("g",) if _lossy(codec) else (),
         )
-        reply = self.session.request(msg, expect=MsgType.GRAD_DOWN)
+        pending: PendingRequest = self.session.send(msg, expect=MsgType.GRAD_DOWN)
+        return pending
+
+    def take_backward(self, pending: PendingRequest, like: torch.Tensor) -> torch.Tensor:
+        """dL/dh1 of a sent GRAD_UP (shape checked against ``like``, the activation sent)."""
+        reply = self.session.receive(pending)
         g1 = reply.tensors.get("g")
         if g1 is None or tuple(g1.shape) != tuple(like.shape):
             raise ProtocolError("GRAD_DOWN carries no gradient of the activation's shape")
