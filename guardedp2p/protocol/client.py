@@ -6,10 +6,13 @@ estimated from shapes.
 
 Several requests may be outstanding (issue 19: the pipelined split step keeps micro-batches in flight):
 :meth:`ClientSession.send` sends without waiting and :meth:`ClientSession.receive` takes the reply of one sent
-request. The provider answers a session's messages in the order they arrive (one serving thread, one ordered
-connection), so replies are matched to requests first in, first out, and each reply's step id must be its
-request's (docs/wire.md, section 1); no new id travels on the wire. :meth:`ClientSession.request` is the two in
-a row.
+request. Replies are matched to requests by the step id every reply repeats (the requests in flight have
+distinct steps: ACT_UP steps strictly increase, and a GRAD_UP goes only after its ACT_DOWN came), so no new id
+travels on the wire; the provider computes a client's requests in order, but refuses a request as soon as it
+reads it, which may be before earlier replies (docs/wire.md, section 1). A refusal that names no step (made before
+the provider read the header, e.g. over its byte rate) can only be matched when one request is in flight; with
+several, the session is given up (a :class:`RemoteError`, which the run's retry ladder answers with a new session).
+:meth:`ClientSession.request` is the two in a row.
 """
 
 from __future__ import annotations
@@ -177,16 +180,16 @@ class ClientSession:
         self.stats.bytes_up[pending.msg.type.value] += frames_nbytes(pending.frames)
 
     def _read_reply(self) -> None:
-        """Read the next reply and give it to the oldest request in flight (or send that request again, when
-        the provider refused it for its rate limit). A failure leaves nothing in flight: the replies of this
-        channel can no longer be matched, so the session must be replaced (the run's retry ladder does)."""
-        head = self._in_flight[0]
+        """Read the next reply and give it to its request (or send that request again, when the provider refused
+        it for its rate limit). A failure leaves nothing in flight: the replies of this channel can no longer be
+        matched, so the session must be replaced (the run's retry ladder does)."""
         try:
             reply = self._next_reply()
+            head = self._match(reply)
         except BaseException:
             self._in_flight.clear()
             raise
-        self._in_flight.popleft()
+        self._in_flight.remove(head)
         if (
             reply.type == MsgType.ERROR
             and reply.meta.get("code") == ERROR_RATE_LIMITED
@@ -202,6 +205,28 @@ class ClientSession:
             self._in_flight.append(head)
             return
         head.reply = reply
+
+    def _match(self, reply: Message) -> PendingRequest:
+        """The request in flight that ``reply`` answers: the one with its step (and this session); with a single
+        request in flight, that one (its checks then report a reply for another step)."""
+        for pending in self._in_flight:
+            if pending.msg.step == reply.step and (pending.msg.type == MsgType.HELLO or reply.session == self.sid):
+                return pending
+        if len(self._in_flight) == 1:
+            return self._in_flight[0]
+        n = len(self._in_flight)
+        if reply.type == MsgType.ERROR:
+            code = str(reply.meta.get("code", "?"))
+            raise RemoteError(
+                f"the provider refused one of the {n} requests in flight without naming its step: [{code}] "
+                f"{reply.meta.get('message', '?')}; this session's replies can no longer be matched",
+                remote_code=code,
+                meta=reply.meta,
+            )
+        raise ProtocolError(
+            f"a {reply.type.value} reply for session/step {reply.session[:8]}/{reply.step} matches none of the {n} "
+            "requests in flight"
+        )
 
     def _checked(self, pending: PendingRequest, reply: Message) -> Message:
         msg, expect, waited = pending.msg, pending.expect, pending.waited

@@ -142,12 +142,16 @@ class PipelinedStep:
         self.cache = cache
 
     def window(self) -> int:
-        """Micro-batches allowed on the wire at once (see :class:`PipelineConfig`)."""
+        """Micro-batches allowed on the wire at once (see :class:`PipelineConfig`): at most the graphs the provider
+        keeps per session and per key, and half its unanswered requests per client (Online has a micro-batch's
+        ACT_UP and another's GRAD_UP in flight), where its ACCEPT announces them."""
         limit = PROVIDER_INFLIGHT_DEFAULT
         terms = getattr(self.remote.session, "terms", None)
-        announced = terms.get("limits", {}).get("max_inflight_steps") if isinstance(terms, dict) else None
-        if isinstance(announced, int) and not isinstance(announced, bool) and announced >= 1:
-            limit = announced
+        limits = terms.get("limits", {}) if isinstance(terms, dict) else {}
+        for key, per in (("max_inflight_steps", 1), ("max_graphs_per_peer", 1), ("max_unanswered", 2)):
+            value = limits.get(key) if isinstance(limits, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value >= per:
+                limit = min(limit, value // per)
         if self.config.max_in_flight is not None:
             limit = min(limit, self.config.max_in_flight)
         return max(1, limit)

@@ -217,8 +217,12 @@ def test_window_follows_the_providers_announced_limit(model: torch.nn.Module) ->
     pipe = _Side(model, "online")
     step = PipelinedStep(pipe.remote, PipelineConfig(micro_batches=8))
     assert step.window() == 4  # nothing announced: the provider default
-    pipe.session.terms["limits"]["max_inflight_steps"] = 2
+    pipe.session.terms["limits"]["max_inflight_steps"] = 3
+    assert step.window() == 3
+    pipe.session.terms["limits"]["max_graphs_per_peer"] = 2
     assert step.window() == 2
+    pipe.session.terms["limits"]["max_unanswered"] = 2
+    assert step.window() == 1
     assert PipelinedStep(pipe.remote, PipelineConfig(max_in_flight=1)).window() == 1
 
 
