@@ -14,6 +14,7 @@ from guardedp2p.cli.data import data_app
 from guardedp2p.cli.demo import demo
 from guardedp2p.cli.evaluate import evaluate
 from guardedp2p.cli.keys import keys_app
+from guardedp2p.cli.model import model_app
 from guardedp2p.cli.provider import provider_app
 
 app = typer.Typer(
@@ -71,6 +72,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(provider_app, name="provider")
 app.add_typer(client_app, name="client")
 app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
 app.command("demo")(demo)
 app.command("evaluate")(evaluate)
 

@@ -8,8 +8,10 @@ code. Offline runs :func:`guardedp2p.designs.offline.run.tune_offline` with the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +24,8 @@ from guardedp2p.wire.handshake import CODEC_DIRECTIONS
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from guardedp2p.data.fields import FieldMapping
+    from guardedp2p.data.tokenize import DataConfig
     from guardedp2p.engine.split import ClientBottom, ClientTop, SplitConfig
 
 __all__ = [
@@ -30,10 +34,20 @@ __all__ = [
     "PreparedData",
     "TrainingInterrupted",
     "TuneOptions",
+    "TunePlan",
     "check_codecs",
+    "check_out_dir",
+    "clear_outputs",
+    "data_config",
+    "describe_data",
+    "effective_warmup",
     "evaluate_metrics",
+    "finish_run",
+    "model_depth",
+    "plan_tune",
     "prepare_client",
     "prepare_data",
+    "run_tune",
     "tune",
 ]
 
@@ -61,6 +75,11 @@ class TuneOptions:
     skip_eval: bool = False
     progress: bool = True
     refuse_recording: bool = False  # end the session if the provider announces transcript recording
+    # how --data is read (guardedp2p/data/fields.py, tokenize.py): None/defaults detect the kind from the fields
+    data_mapping: FieldMapping | None = None
+    loss_on: str = "assistant"  # assistant | all
+    chat_template: bool = True
+    allow_network: bool = False  # a --data that is no local path may name a Hub data set
 
 
 @dataclass
@@ -133,33 +152,52 @@ class PreparedData:
     eval_examples: list[dict[str, list[int]]]
 
 
+def data_config(opts: TuneOptions) -> DataConfig:
+    """How the run tokenizes its records (``--max-length``, ``--loss-on``, ``--chat-template``)."""
+    from guardedp2p.data.tokenize import DataConfig
+
+    return DataConfig(max_length=opts.train.max_length, loss_on=opts.loss_on, use_chat_template=opts.chat_template)  # type: ignore[arg-type]
+
+
+def _eval_mapping(opts: TuneOptions) -> FieldMapping | None:
+    """The training data's field names apply to the evaluation data too, but not its forced kind (it may be mc)."""
+    if opts.data_mapping is None:
+        return None
+    from dataclasses import replace
+
+    return replace(opts.data_mapping, kind="auto")
+
+
+def _data_paths(opts: TuneOptions) -> tuple[str, str | None]:
+    """(training data, evaluation data); without ``--data`` the shipped demo records and their MC task."""
+    if opts.data is not None:
+        return opts.data, opts.eval_data
+    from guardedp2p.data.demo import demo_paths
+
+    paths = demo_paths()
+    return paths.train, opts.eval_data or paths.eval_mc
+
+
 def prepare_data(opts: TuneOptions, tokenizer: Any) -> PreparedData:
     """Load and tokenize the training data and pick the evaluation (multiple choice if given, else held-out loss)."""
-    from guardedp2p.data.demo import demo_paths
     from guardedp2p.data.loaders import load_data
-    from guardedp2p.data.tokenize import DataConfig, encode_records
+    from guardedp2p.data.tokenize import encode_records
 
-    eval_path: str | None = opts.eval_data
-    if opts.data is None:
-        paths = demo_paths()
-        train_path, eval_path = paths.train, eval_path or paths.eval_mc
-    else:
-        train_path = opts.data
-    loaded = load_data(train_path)
-    examples = encode_records(loaded.records, tokenizer, DataConfig(max_length=opts.train.max_length), kind=loaded.kind)
+    train_path, eval_path = _data_paths(opts)
+    config = data_config(opts)
+    loaded = load_data(train_path, opts.data_mapping, allow_network=opts.allow_network)
+    examples = encode_records(loaded.records, tokenizer, config, kind=loaded.kind)
     if not examples:
         raise ConfigError(f"{train_path} produced no training example (all records too long or empty?)")
     eval_examples: list[dict[str, list[int]]] = []
     eval_items: list[dict[str, Any]] = []
     eval_kind = "loss"
     if eval_path:
-        ev = load_data(eval_path)
+        ev = load_data(eval_path, _eval_mapping(opts), allow_network=opts.allow_network)
         if ev.kind == "mc":
             eval_kind, eval_items = "mc", ev.records[: opts.eval_max_items] if opts.eval_max_items else ev.records
         else:
-            eval_examples = encode_records(
-                ev.records, tokenizer, DataConfig(max_length=opts.train.max_length), kind=ev.kind
-            )
+            eval_examples = encode_records(ev.records, tokenizer, config, kind=ev.kind)
     if eval_kind == "loss" and not eval_examples:
         n_hold = max(1, min(32, len(examples) // 10))
         eval_examples, examples = examples[-n_hold:], examples[:-n_hold]
@@ -209,6 +247,268 @@ def check_codecs(opts: TuneOptions) -> None:
             raise ConfigError(f"unknown codec {codec!r} for {direction}: use one of {', '.join(FLOAT_CODECS)}")
 
 
+# ------------------------------------------------------------------------------------------------ checks before a run
+WARMUP_DEFAULT = 5
+"""Warm-up steps when none are asked for, clipped to a tenth of the run by :func:`effective_warmup`."""
+
+
+def effective_warmup(warmup: int | None, steps: int) -> int:
+    """Warm-up steps for a run of ``steps``: the default 5 is clipped to a tenth of the run (a 20-step run warms
+    up for 2 steps, a 5-step run not at all) and an explicit value to the run length, so that a short run is not
+    all warm-up and its last steps train at the peak learning rate."""
+    if warmup is None:
+        return min(WARMUP_DEFAULT, steps // 10)
+    if warmup < 0:
+        raise ConfigError(f"--warmup must be 0 or more (got {warmup})")
+    return min(warmup, steps)
+
+
+def model_depth(model: str) -> int | None:
+    """Transformer blocks of ``model`` from its config alone (no weights read); ``None`` when it cannot be told.
+
+    The embedded default is SmolLM2-135M-Instruct (30 blocks); a folder's ``config.json`` names its depth under
+    one of the usual keys; a bare ``.gguf`` file is only read when loaded.
+    """
+    from guardedp2p.engine.loading import DEFAULT_MODEL, _resolve
+
+    folder, gguf = _resolve(model)  # a path that does not exist or is no model fails here, naming what to pass
+    if model == DEFAULT_MODEL:
+        return 30
+    if gguf is not None:
+        return None
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder / 'config.json'} is unreadable: {exc}") from None
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(cfg.get(key), int):
+            return int(cfg[key])
+    return None
+
+
+def check_split(model: str, bottom_layers: int, top_layers: int) -> int | None:
+    """Refuse a split that leaves the provider no trunk block, before any weight is loaded; return the depth."""
+    if bottom_layers < 1 or top_layers < 1:
+        raise ConfigError(
+            f"--bottom-layers {bottom_layers} / --top-layers {top_layers}: each side needs at least 1 block"
+        )
+    depth = model_depth(model)
+    if depth is not None and bottom_layers + top_layers >= depth:
+        raise ConfigError(
+            f"--bottom-layers {bottom_layers} + --top-layers {top_layers} leave no block of the model's {depth} for "
+            f"the provider's trunk; use at most {depth - 1} blocks in all"
+        )
+    return depth
+
+
+def describe_data(opts: TuneOptions) -> dict[str, Any]:
+    """Check the training (and evaluation) data as training will read it, without a model; what the summary says.
+
+    ``{"source": "demo"|"file"|"hub", "path", "sha256", "records", "kind", "format"}`` plus ``"eval"`` when an
+    evaluation file is given. A malformed file raises :class:`~guardedp2p.data.errors.DataFormatError` listing
+    its bad records, in seconds and before any connection.
+    """
+    from guardedp2p.data.check import check_data
+
+    train_path, eval_path = _data_paths(opts)
+    config = data_config(opts)
+    report = check_data(train_path, mapping=opts.data_mapping, config=config, allow_network=opts.allow_network)
+    if report.kind == "mc":
+        raise ConfigError(
+            f"--data {train_path}: multiple-choice records are for evaluation (--eval-data), not for training; "
+            "give a file of text, chat or instruction records"
+        )
+    source = "demo" if opts.data is None else ("hub" if report.source_format == "hub" else "file")
+    out: dict[str, Any] = {
+        "source": source,
+        "path": train_path,
+        "sha256": report.sha256,
+        "records": report.records,
+        "kind": report.kind,
+        "format": report.source_format,
+    }
+    if eval_path is not None:
+        ev = check_data(eval_path, mapping=_eval_mapping(opts), config=config, allow_network=opts.allow_network)
+        out["eval"] = {"path": eval_path, "sha256": ev.sha256, "records": ev.records, "kind": ev.kind}
+    return out
+
+
+RUN_OUTPUTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "adapter", "bundle", "summary.json", "tensorboard")
+"""What a run writes into ``--out`` and ``--overwrite`` removes; caches (``trunk_cache``, ``emulator``) stay:
+they are keyed by the model fingerprint or verified against the signed manifest, so reusing them is safe."""
+
+
+def checkpoint_step(out: Path) -> int | None:
+    """The step of the checkpoint in ``out`` (read from its state file, no tensor loaded), if there is one."""
+    for d in (out / "checkpoint", out / "checkpoint.old"):
+        try:
+            return int(json.loads((d / "state.json").read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> str:
+    """Refuse to run into a non-empty ``--out`` unless ``--resume`` or ``--overwrite`` says what to do with it.
+
+    Why: a run used to replace a step-6 checkpoint with a step-2 one when started again without ``--resume``.
+    Returns what the run will do with the folder, in words (for the plan).
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: keep one")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    step = checkpoint_step(out)
+    if not entries:
+        return f"new folder {out}" + (" (nothing to resume yet: starting fresh)" if resume else "")
+    if resume:
+        return f"resume from step {step} in {out}" if step is not None else f"no checkpoint in {out}: starting fresh"
+    if overwrite:
+        return f"replace the run in {out}" + (
+            f" (its checkpoint at step {step} is deleted)" if step is not None else ""
+        )
+    held = f"a checkpoint at step {step}" if step is not None else f"{len(entries)} entries: {', '.join(entries[:4])}"
+    raise ConfigError(
+        f"--out {out} is not empty ({held}); pass --resume to continue that run, --overwrite to replace it, or "
+        "another --out"
+    )
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove a previous run's outputs from ``out`` (``--overwrite``); see :data:`RUN_OUTPUTS`."""
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+@dataclass
+class TunePlan:
+    """What a run will do, checked without connecting and without loading weights (``--dry-run`` prints it)."""
+
+    protocol: str
+    model: str
+    depth: int | None
+    split: tuple[int, int]
+    data: dict[str, Any]
+    out: str
+    out_action: str
+    train: dict[str, Any]
+    codecs: dict[str, str]
+    privacy: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)  # what the caller checked too (endpoint, keys, trackers)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def format_text(self) -> str:
+        d, t = self.data, self.train
+        data = (
+            "the shipped demo records (synthetic; pass --data FILE for yours)" if d["source"] == "demo" else d["path"]
+        )
+        lines = [
+            f"design      {self.protocol}",
+            f"model       {self.model}" + (f" ({self.depth} blocks)" if self.depth else ""),
+            f"split       {self.split[0]} bottom + {self.split[1]} top blocks on this machine; the rest on the provider",
+            f"data        {data}: {d['records']} {d['kind']} records ({d['format']}), sha256 {d['sha256'][:16]}…",
+        ]
+        if "eval" in d:
+            lines.append(f"eval data   {d['eval']['path']}: {d['eval']['records']} {d['eval']['kind']} records")
+        lines += [
+            f"training    {t['steps']} steps x batch {t['batch_size']} x accum {t['grad_accum']}, lr {t['lr']:g} "
+            f"({t['schedule']} after {t['warmup_steps']} warm-up steps), max length {t['max_length']}, "
+            f"LoRA r={t['lora_r']} alpha={t['lora_alpha']}, seed {t['seed']}",
+            "codecs      " + ", ".join(f"{k} {v}" for k, v in self.codecs.items()),
+            "privacy     " + (", ".join(f"{k} {v}" for k, v in self.privacy.items()) or "none"),
+            f"outputs     {self.out_action}",
+        ]
+        lines += [f"{k:<11} {v}" for k, v in self.extra.items()]
+        return "\n".join(lines)
+
+
+def plan_tune(opts: TuneOptions, *, out_action: str = "", extra: dict[str, Any] | None = None) -> TunePlan:
+    """Every check of a run that needs neither the provider nor the model's weights, in the order a user would fix
+    them: design, options, model path and depth against the split, the data."""
+    from guardedp2p.designs import get_design
+    from guardedp2p.engine.placement import parse_dtype
+
+    get_design(opts.protocol)  # an unknown design names the valid ones
+    opts.train.validate()
+    check_codecs(opts)
+    if opts.dtype:
+        parse_dtype(opts.dtype)
+    privacy: dict[str, Any] = {"dcor": opts.train.dcor_alpha} if opts.train.dcor_alpha else {}
+    if opts.noise:
+        from guardedp2p.privacy.noise import NoiseConfig
+
+        privacy["noise"] = NoiseConfig(**opts.noise).describe()
+    depth = check_split(opts.model, opts.bottom_layers, opts.top_layers)
+    data = describe_data(opts)
+    return TunePlan(
+        protocol=opts.protocol,
+        model=opts.model,
+        depth=depth,
+        split=(opts.bottom_layers, opts.top_layers),
+        data=data,
+        out=opts.out,
+        out_action=out_action or f"{opts.out}",
+        train=opts.train.to_dict(),
+        codecs=dict(opts.codecs),
+        privacy=privacy,
+        extra=dict(extra or {}),
+    )
+
+
+def finish_run(summary: dict[str, Any], opts: TuneOptions, data: dict[str, Any] | None) -> dict[str, Any]:
+    """Make a finished run's outputs portable and traceable, and rewrite ``OUT/summary.json``.
+
+    The adapter names a base model stock PEFT can load (:func:`guardedp2p.service.export.portable_base`), and the
+    summary says which data trained it (``data``: the file, its SHA-256 and record count, or ``demo``).
+    """
+    from guardedp2p.service.export import point_adapter_at, portable_base
+    from guardedp2p.service.runner import write_summary
+
+    adapter = summary.get("adapter_dir")
+    if adapter and (Path(adapter) / "adapter_config.json").is_file():
+        base = portable_base(opts.model)
+        point_adapter_at(Path(adapter), base)
+        summary["base_model_name_or_path"] = base
+    if data is not None:
+        summary["data"] = data
+    write_summary(Path(opts.out), summary)
+    return summary
+
+
+def run_tune(
+    opts: TuneOptions,
+    connect: ChannelFactory,
+    *,
+    data: dict[str, Any] | None = None,
+    client: ClientModel | None = None,
+    console: Console | None = None,
+    **design_options: Any,
+) -> dict[str, Any]:
+    """Any design's whole run from the registry, then :func:`finish_run`; the data is checked first unless
+    ``data`` (what :func:`describe_data` returned) says it was."""
+    from guardedp2p.designs import get_design
+
+    run = get_design(opts.protocol).load_run()
+    if data is None:
+        data = describe_data(opts)
+    kwargs: dict[str, Any] = dict(design_options)
+    if client is not None:
+        kwargs["client"] = client
+    summary: dict[str, Any] = run(opts, connect, console=console, **kwargs)
+    return finish_run(summary, opts, data)
+
+
 def tune(
     opts: TuneOptions,
     connect: ChannelFactory,
@@ -219,12 +519,9 @@ def tune(
     """Run a whole Online or Gradfree fine-tuning; return the run summary (also written to ``out/summary.json``).
 
     The design's run function comes from the registry (:mod:`guardedp2p.designs`): Online's split loop in
-    :mod:`guardedp2p.designs.online.run`, which Gradfree runs with its cached forward-only trunk.
+    :mod:`guardedp2p.designs.online.run`, which Gradfree runs with its cached forward-only trunk. The data is
+    checked before connecting; the summary records it and the adapter names a loadable base model.
     """
     if opts.protocol not in ("online", "gradfree"):
         raise ConfigError(f"tune() runs online or gradfree; use the offline runner for {opts.protocol!r}")
-    from guardedp2p.designs import get_design
-
-    run = get_design(opts.protocol).load_run()
-    summary: dict[str, Any] = run(opts, connect, client=client, console=console)
-    return summary
+    return run_tune(opts, connect, client=client, console=console)

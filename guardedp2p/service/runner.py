@@ -18,6 +18,12 @@ How a failure ends (the ladder's verdicts, :meth:`RetryLadder.verdict`):
   attempts are used up the run stops with its checkpoint.
 
 What "stopping with its checkpoint" saves and says is the design's :class:`StopPolicy`.
+
+How a signal ends a run (:func:`stop_on_signals`, which the CLI wraps around every run): SIGINT and SIGTERM set a
+flag that the step loop checks between steps, so the run stops at a step boundary with a checkpoint, says BYE to
+the provider and raises :class:`RunStopped`. A second Ctrl-C (or a signal outside the step loop: loading,
+evaluation) abandons the work in flight (:class:`StepAborted`); the checkpoint then holds the data position
+*before* the abandoned step, so ``--resume`` repeats it rather than losing it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -37,6 +46,7 @@ import torch
 
 from guardedp2p.errors import (
     ConfigError,
+    GuardedP2PError,
     HandshakeRejected,
     ProviderShuttingDown,
     RateLimited,
@@ -51,6 +61,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
+    from guardedp2p.train.reporting import Reporter
     from guardedp2p.train.trainer import StepResult
     from guardedp2p.wire.handshake import Hello
 
@@ -65,6 +76,165 @@ ChannelFactory = Callable[[], FrameChannel]  # in-process or ZeroMQ: the run nev
 
 class TrainingInterrupted(TransportError):
     """The provider went away mid-run; the message says where the checkpoint is and how to resume."""
+
+
+# ------------------------------------------------------------------------------------------------ signals
+SIGNAL_NAMES: dict[int, str] = {int(signal.SIGINT): "Ctrl-C (SIGINT)", int(signal.SIGTERM): "SIGTERM"}
+
+
+class StepAborted(KeyboardInterrupt):
+    """The work in flight was abandoned: a second Ctrl-C, or a signal outside the step loop.
+
+    A :class:`KeyboardInterrupt` so that no ``except Exception`` (the retry ladder, best-effort clean-ups) can
+    take it for a failure to retry.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class RunStopped(GuardedP2PError):
+    """The run stopped on a signal. ``step`` is the last step done; ``saved`` whether a checkpoint holds it.
+
+    The exit code is the shell's convention for a death by that signal (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int, step: int, *, saved: bool, aborted: bool) -> None:
+        self.signum, self.step, self.saved, self.aborted = signum, step, saved, aborted
+        self.exit_code = 128 + int(signum)
+        what = "the step in flight was abandoned" if aborted else "stopped between steps"
+        super().__init__(
+            f"{SIGNAL_NAMES.get(signum, f'signal {signum}')}: {what} after step {step}"
+            + (" (checkpoint saved)" if saved else " (nothing new to save)")
+        )
+
+
+class StopSignals:
+    """SIGINT/SIGTERM turned into a flag the step loop checks, so a run stops at a step boundary.
+
+    Why not the default KeyboardInterrupt: raised at an arbitrary point it can land inside a C extension's
+    clean-up (pyzmq's ``Frame.__dealloc__``), where Python prints "Exception ignored" and the run carries on to
+    the end; and a step cut anywhere leaves no consistent state to save. The first signal during the step loop
+    only sets the flag; a second one (or any signal outside the loop, where there is no boundary to wait for)
+    raises :class:`StepAborted`. Should that exception be swallowed all the same, the flag stays set: channels
+    opened while the handlers are installed refuse to send or receive (:meth:`check_aborted`), and the loop
+    stops at its next boundary.
+    """
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.signum: int | None = None
+        self.aborted = False
+        self.in_steps = False
+        self.closing = False  # saying BYE after an abort: the channels may be used once more
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.closing:  # saving the checkpoint and saying BYE takes a moment: do not cut it short
+            log.warning("saving the checkpoint and telling the provider; one moment")
+            return
+        if self.signum is None and self.in_steps:
+            self.signum = signum
+            log.warning(
+                "%s: stopping after the step in flight (checkpoint, then exit); Ctrl-C again to abandon the step",
+                SIGNAL_NAMES.get(signum, f"signal {signum}"),
+            )
+            return
+        self.signum = self.signum if self.signum is not None else signum
+        self.aborted = True
+        raise StepAborted(self.signum)
+
+    def check_aborted(self) -> None:
+        if self.aborted and not self.closing:
+            raise StepAborted(self.signum if self.signum is not None else signal.SIGINT)
+
+
+STOP = StopSignals()
+_OPEN_LINKS: weakref.WeakSet[SessionLink] = weakref.WeakSet()
+_REPORTERS: list[Reporter] = []
+
+
+@contextmanager
+def _closing() -> Iterator[None]:
+    """Finishing a stopped run: further signals wait, aborted channels may carry the BYE."""
+    before, STOP.closing = STOP.closing, True
+    try:
+        yield
+    finally:
+        STOP.closing = before
+
+
+def say_goodbye(timeout: float = 2.0) -> None:
+    """BYE on every open provider session (best effort, each waiting at most ``timeout`` s for its reply)."""
+    with _closing():
+        for link in list(_OPEN_LINKS):
+            link.close(timeout=timeout)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopSignals]:
+    """Install the SIGINT/SIGTERM handlers of :class:`StopSignals` around a run (main thread only).
+
+    On the way out after a signal every open session is told BYE, so the provider frees it at once instead of
+    at its idle timeout. The previous handlers come back afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield STOP
+        return
+    STOP.reset()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, STOP.handle)
+    STOP.installed = True
+    try:
+        yield STOP
+    except BaseException:
+        if STOP.requested:
+            say_goodbye()
+        raise
+    finally:
+        STOP.installed = False
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def reporting(*reporters: Reporter) -> Iterator[None]:
+    """Hand every training step of the runs inside to ``reporters`` (``--report-to``), then close them."""
+    _REPORTERS.extend(reporters)
+    try:
+        yield
+    finally:
+        for r in reporters:
+            _REPORTERS.remove(r)
+
+
+class _AbortAware:
+    """A channel that refuses to go on once a run was aborted (see :class:`StopSignals`)."""
+
+    def __init__(self, channel: FrameChannel) -> None:
+        self.inner = channel
+
+    def send(self, frames: Any) -> None:
+        STOP.check_aborted()
+        self.inner.send(frames)
+
+    def recv(self, timeout: float) -> Any:
+        frames = self.inner.recv(timeout)
+        STOP.check_aborted()
+        return frames
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if callable(close):
+            close()
 
 
 # ------------------------------------------------------------------------------------------------ retry ladder
@@ -294,20 +464,27 @@ class SessionLink:
         if self._session is not None:
             return
         channel, self._early = (self._early, None) if self._early is not None else (self._connect(), None)
+        if STOP.installed:
+            channel = _AbortAware(channel)
         session = ClientSession(channel, timeout=self.timeout, stats=self.stats)
         terms = session.open(self._hello())
         if self._on_open is not None:
             self._on_open(session, terms)
         self._session = session
+        _OPEN_LINKS.add(self)
 
     def drop(self) -> None:
         self._session = None
+        _OPEN_LINKS.discard(self)
 
-    def close(self) -> None:
-        """Say BYE (best effort) and forget the session."""
+    def close(self, timeout: float | None = None) -> None:
+        """Say BYE (best effort; waiting at most ``timeout`` s for the reply when given) and forget the session."""
         if self._session is not None:
+            if timeout is not None:
+                self._session.timeout = min(self._session.timeout, timeout)
             self._session.close()
             self._session = None
+        _OPEN_LINKS.discard(self)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -463,22 +640,54 @@ def train_steps(
     ``step(micro_batches, data_state)`` runs one optimizer step and returns its result and extra history fields
     (default: ``trainer.train_step``, no extras); ``data_state`` is the data position before the step, which a
     checkpoint written on its failure must hold. ``save`` runs every ``checkpoint_every`` steps, then ``after_step``.
+
+    Between steps the loop checks :data:`STOP`: after a signal it saves, says BYE and raises :class:`RunStopped`.
+    A step abandoned by a second signal (:class:`StepAborted`) is saved as not done: the data position goes back
+    to before it (the optimizer had not stepped: the abort lands in the forward/backward or the wire wait).
+    Each finished step also goes to the ``--report-to`` reporters (:func:`reporting`).
     """
 
     def local_step(micro: list[Batch], _: DataState) -> tuple[StepResult, dict[str, Any]]:
         return trainer.train_step(micro), {}
 
+    def stop(aborted: bool) -> RunStopped:
+        saved = save is not None and trainer.step > 0
+        with _closing():
+            if save is not None and saved:
+                save()
+            say_goodbye()
+        signum = STOP.signum if STOP.signum is not None else signal.SIGINT
+        return RunStopped(signum, trainer.step, saved=saved, aborted=aborted)
+
     run_step = step or local_step
-    while trainer.step < steps:
-        data_state = iterator.state_dict()
-        micro = [{k: v.to(device) for k, v in next(iterator).items()} for _ in range(grad_accum)]
-        res, extra = run_step(micro, data_state)
-        history.append(history_row(res, **extra))
-        progress.update(trainer.step, res.task_loss)
-        if save is not None and checkpoint_every and trainer.step % checkpoint_every == 0:
-            save()
-        if after_step is not None:
-            after_step()
+    STOP.in_steps = True
+    try:
+        while trainer.step < steps:
+            if STOP.requested:
+                raise stop(aborted=STOP.aborted)
+            data_state = iterator.state_dict()
+            done = trainer.step
+            try:
+                micro = [{k: v.to(device) for k, v in next(iterator).items()} for _ in range(grad_accum)]
+                res, extra = run_step(micro, data_state)
+            except StepAborted:
+                if trainer.step == done:  # not finished: resume repeats it
+                    iterator.load_state_dict(data_state)
+                raise stop(aborted=True) from None
+            row = history_row(res, **extra)
+            history.append(row)
+            progress.update(trainer.step, res.task_loss)
+            try:
+                if save is not None and checkpoint_every and trainer.step % checkpoint_every == 0:
+                    save()
+                if after_step is not None and not STOP.requested:
+                    after_step()
+            except StepAborted:
+                raise stop(aborted=True) from None
+            for reporter in _REPORTERS:
+                reporter.log_step(row, seconds=res.seconds)
+    finally:
+        STOP.in_steps = False
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -585,13 +794,17 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
 
 
 __all__ = [
+    "STOP",
     "CheckpointOnStop",
     "KeepOutputsOnStop",
     "Resumed",
     "RetryLadder",
     "RunCheckpoint",
     "RunRecord",
+    "RunStopped",
     "SessionLink",
+    "StepAborted",
+    "StopSignals",
     "StepProgress",
     "TrainingInterrupted",
     "Traffic",
@@ -600,7 +813,10 @@ __all__ = [
     "history_row",
     "primary_metric",
     "progress_bar",
+    "reporting",
+    "say_goodbye",
     "status",
+    "stop_on_signals",
     "time_split",
     "train_steps",
     "write_summary",
