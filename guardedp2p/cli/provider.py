@@ -28,6 +28,10 @@ _mount_emulator()
 log = logging.getLogger("guardedp2p.provider")
 
 
+def _mib(value: float) -> int:
+    return max(1, int(value * (1 << 20)))
+
+
 def _split_csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -97,6 +101,58 @@ def serve(
         max=600.0,
         help="On Ctrl-C: seconds to keep answering clients 'provider-shutting-down' (so they checkpoint and say how to resume) before closing; ends early once every session is told. Ctrl-C again stops at once.",
     ),
+    max_tokens_per_step: int = typer.Option(
+        4096, min=1, help="Budget: batch x sequence of one activation or gradient message (over it: over-budget)."
+    ),
+    max_decoded_mib: float = typer.Option(
+        128.0, min=0.001, help="Budget: one message's tensors once decoded, in MiB (a lossy codec expands up to 8x)."
+    ),
+    max_sessions_per_key: int = typer.Option(
+        4, min=1, help="Budget: open sessions per client key (a new one closes the oldest)."
+    ),
+    max_graphs_per_key: int = typer.Option(
+        4, min=1, help="Budget: Online training graphs one client key may keep waiting for GRAD_UP."
+    ),
+    max_graphs: int = typer.Option(16, min=1, help="Budget: kept training graphs of all clients together."),
+    max_graph_mib_per_key: float = typer.Option(
+        1024.0,
+        min=1.0,
+        help="Budget: MiB of kept training graphs per client key (measured; about 1 MiB per token for the default model).",
+    ),
+    max_graph_mib: float = typer.Option(
+        4096.0, min=1.0, help="Budget: MiB of kept training graphs of all clients together."
+    ),
+    max_unanswered: int = typer.Option(
+        8, min=1, help="Per client key: requests whose reply has not left yet; over it the client is cut off."
+    ),
+    max_queued_replies: int = typer.Option(
+        8, min=1, help="Per client key: replies waiting because it does not read them; over it the client is cut off."
+    ),
+    max_queued_reply_mib: float = typer.Option(
+        64.0, min=0.001, help="Per client key: MiB of replies waiting because it does not read them; over it: cut off."
+    ),
+    upload_dir: Path | None = typer.Option(
+        None,
+        help="Offline: folder for accepted adapter bundles (and uploads.jsonl, who uploaded what). Default: a temporary folder, logged.",
+    ),
+    client_sign_key: list[str] = typer.Option(
+        [],
+        help="Offline: a client's NAME.sign.pub that may sign the bundles of the client key beside it (NAME.key); SIGN.pub=CLIENT.key ties it to another key, SIGN.pub=* to every client (repeatable). The NAME.sign.pub beside each allowed NAME.key is pinned anyway.",
+    ),
+    accept_unpinned: bool = typer.Option(
+        False,
+        "--accept-unpinned",
+        help="Offline: accept adapter bundles signed by a key pinned nowhere (integrity only; default: refuse them).",
+    ),
+    max_upload_mib: float = typer.Option(256.0, min=0.001, help="Offline: the largest adapter bundle, in MiB."),
+    max_staged_upload_mib_per_key: float = typer.Option(
+        512.0, min=0.001, help="Offline: MiB of unfinished uploads per client key (deleted when its session ends)."
+    ),
+    max_staged_upload_mib: float = typer.Option(2048.0, min=0.001, help="Offline: MiB of unfinished uploads in total."),
+    max_uploads_per_key: int = typer.Option(16, min=1, help="Offline: accepted adapter bundles per client key."),
+    max_upload_dir_mib: float = typer.Option(
+        8192.0, min=0.001, help="Offline: MiB the upload folder may hold in all (accepted and unfinished bundles)."
+    ),
     insecure: bool = typer.Option(
         False,
         "--insecure",
@@ -108,11 +164,15 @@ def serve(
     max_messages: int | None = typer.Option(None, hidden=True, help="Stop after this many messages (tests)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
 ) -> None:
-    """Serve the model to allowed clients until Ctrl-C. Logs sessions, never data."""
+    """Serve the model to allowed clients until Ctrl-C. Logs sessions, never data.
+
+    The allow-list is re-read when its files change and on SIGHUP; a removed key's connections and sessions are
+    closed at once. Budgets and per-client caps: SECURITY.md."""
     setup_logging(verbose)
+    from guardedp2p.designs.offline.provider import SignerPins
     from guardedp2p.protocol.provider import ProviderConfig
-    from guardedp2p.service.provider import ProviderOptions, build_provider_app
-    from guardedp2p.service.serve import serve_forever
+    from guardedp2p.service.provider import ProviderOptions, UploadOptions, build_provider_app
+    from guardedp2p.service.serve import ServeConfig, serve_forever
     from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
 
     if not insecure and keys is None:
@@ -140,7 +200,29 @@ def serve(
             batch_wait_s=batch_wait_ms / 1000.0,
             max_bytes_per_s=max_mb_per_s * 1e6 if max_mb_per_s else None,
             shutdown_grace_s=shutdown_grace,
+            max_tokens_per_step=max_tokens_per_step,
+            max_decoded_bytes=_mib(max_decoded_mib),
+            max_sessions_per_peer=max_sessions_per_key,
+            max_graphs_per_peer=max_graphs_per_key,
+            max_graphs=max_graphs,
+            max_graph_bytes_per_peer=_mib(max_graph_mib_per_key),
+            max_graph_bytes=_mib(max_graph_mib),
         ),
+        uploads=UploadOptions(
+            upload_dir=str(upload_dir) if upload_dir else None,
+            client_sign_keys=SignerPins([str(a) for a in allow], [str(d) for d in allow_dir], client_sign_key),
+            accept_unpinned=accept_unpinned,
+            max_upload_bytes=_mib(max_upload_mib),
+            max_staged_bytes_per_peer=_mib(max_staged_upload_mib_per_key),
+            max_staged_bytes=_mib(max_staged_upload_mib),
+            max_uploads_per_peer=max_uploads_per_key,
+            max_upload_dir_bytes=_mib(max_upload_dir_mib),
+        ),
+    )
+    serve_config = ServeConfig(
+        max_unanswered=max_unanswered,
+        max_queued_replies=max_queued_replies,
+        max_queued_reply_bytes=_mib(max_queued_reply_mib),
     )
     app = build_provider_app(opts)
     cfg = ServerConfig(
@@ -154,6 +236,7 @@ def serve(
     channel = ZmqServerChannel(cfg)
     stop = threading.Event()
     abort = threading.Event()
+    reload = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
         if stop.is_set():
@@ -167,13 +250,22 @@ def serve(
         )
         stop.set()
 
+    def on_hup(signum: int, frame: object) -> None:
+        reload.set()
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_hup)
     log.info("listening on %s (%s)", bind, "INSECURE plaintext" if insecure else "CURVE")
+    if upload_dir and "offline" in app.policy.protocols:
+        log.info("adapter bundles go to %s", upload_dir)
     if ready_file:
         ready_file.write_text(bind)
     try:
-        handled = serve_forever(app, channel, stop, max_messages=max_messages, abort=abort)
+        handled = serve_forever(
+            app, channel, stop, max_messages=max_messages, abort=abort, config=serve_config, reload=reload
+        )
     finally:
         channel.close(linger_s=0.0 if abort.is_set() else 1.0)  # let the last "shutting down" replies leave
     log.info("served %d messages, %d sessions", handled, app.stats["sessions_opened"])

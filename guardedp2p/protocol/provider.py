@@ -312,8 +312,9 @@ class ProviderResources:
     # (objects or NAME.sign.pub paths); "*" applies to every uploader (and to --insecure peers). Empty: see
     # accept_unpinned.
     client_sign_keys: Mapping[str, Sequence[Ed25519PublicKey | str | os.PathLike[str]]] = field(default_factory=dict)
-    # Offline: accept a bundle whose signer is pinned nowhere (integrity only, signer_pinned false).
-    accept_unpinned: bool = False
+    # Offline: a bundle whose signer is pinned nowhere (integrity only, signer_pinned false): True accepts it, False
+    # refuses it (``provider serve`` unless --accept-unpinned), None accepts it with a warning (library default).
+    accept_unpinned: bool | None = None
     # Offline: upload quotas. Staged (incomplete) bytes per key and in total; accepted bundles per key; the bytes
     # of every accepted bundle in upload_dir together.
     max_staged_upload_bytes_per_peer: int = 512 << 20

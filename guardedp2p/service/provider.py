@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +16,20 @@ from guardedp2p.protocol.provider import ProviderApp, ProviderConfig, ProviderRe
 from guardedp2p.wire.handshake import FLOAT_CODECS, ProviderPolicy
 
 log = logging.getLogger("guardedp2p.provider")
+
+
+@dataclass
+class UploadOptions:
+    """Where Offline adapter bundles go, who may sign them and how much they may take (issue 20, SECURITY.md)."""
+
+    upload_dir: str | None = None  # None: a temporary folder (logged)
+    client_sign_keys: Mapping[str, Sequence[str | Path]] = field(default_factory=dict)  # key -> NAME.sign.pub
+    accept_unpinned: bool | None = None  # see ProviderResources.accept_unpinned; provider serve passes False
+    max_upload_bytes: int | None = None  # one bundle; None: the design's default (256 MiB)
+    max_staged_bytes_per_peer: int = 512 << 20
+    max_staged_bytes: int = 2 << 30
+    max_uploads_per_peer: int = 16
+    max_upload_dir_bytes: int = 8 << 30
 
 
 @dataclass
@@ -30,6 +46,7 @@ class ProviderOptions:
     device_map: str | None = None  # auto|balanced|cpu|cuda[:N]; None: follow ``device`` (one device)
     dtype: str | None = None  # fp32|bf16|fp16|auto (the checkpoint's own) for the trunk; None: fp32
     load_in: str | None = None  # 8bit|4bit: bitsandbytes weights for the trunk (never the client-side modules)
+    uploads: UploadOptions = field(default_factory=UploadOptions)
 
     def trunk_loading(self) -> Any:
         """The engine's ``TrunkLoading``; ``--device`` is the one-device shorthand of ``--device-map``."""
@@ -90,6 +107,15 @@ def build_provider_app(opts: ProviderOptions, *, model: Any = None) -> ProviderA
                 "the offline design is not served: no --emulator folder was given (build one with `provider emulator build`)"
             )
             protocols = tuple(p for p in protocols if p != "offline")
+    up = opts.uploads
+    resources.upload_dir = up.upload_dir
+    resources.client_sign_keys = up.client_sign_keys
+    resources.accept_unpinned = up.accept_unpinned
+    resources.max_upload_bytes = up.max_upload_bytes
+    resources.max_staged_upload_bytes_per_peer = up.max_staged_bytes_per_peer
+    resources.max_staged_upload_bytes = up.max_staged_bytes
+    resources.max_uploads_per_peer = up.max_uploads_per_peer
+    resources.max_upload_dir_bytes = up.max_upload_dir_bytes
     if opts.record_dir:
         from guardedp2p.attacks.transcript import TranscriptRecorder
 

@@ -14,6 +14,14 @@ A session answers three requests (``SESSION_TYPES["offline"]``):
 
 The provider never loads the uploaded tensors here; :mod:`guardedp2p.designs.offline.plugin` does that later, after
 verifying the bundle again.
+
+Pinned signers and quotas (issue 20, SECURITY.md). A bundle is tied to the client key that uploads it: it must be
+signed by a signing key pinned for that CURVE key (``ProviderResources.client_sign_keys``: the ``NAME.sign.pub``
+lying beside an allowed ``NAME.key``, and every ``provider serve --client-sign-key``), or, with
+``accept_unpinned``, by any key (integrity only, ``signer_pinned: false``). Staged bytes are capped per key and in
+total, accepted bundles per key, and the upload folder as a whole; a session's staged upload is deleted when the
+session ends (BYE, disconnect, idle timeout). Each accepted bundle's folder is logged and listed in
+``UPLOAD_DIR/uploads.jsonl`` with the key that uploaded it.
 """
 
 from __future__ import annotations
@@ -25,14 +33,17 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from guardedp2p.crypto.keys import PUBLIC_SUFFIX, SIGN_PUBLIC_SUFFIX, is_z85_key, load_public_key, load_verify_key
 from guardedp2p.crypto.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, parse_signature, resolve_in
-from guardedp2p.errors import ArtifactError, ConfigError, ProtocolError
+from guardedp2p.errors import ArtifactError, ConfigError, GuardedP2PError, ProtocolError
+from guardedp2p.protocol.provider import OverBudget
 from guardedp2p.wire.codes import ErrorCode
 from guardedp2p.wire.framing import Message
 from guardedp2p.wire.messages import MsgType
@@ -45,6 +56,8 @@ log = logging.getLogger("guardedp2p.provider")
 MAX_CHUNK = 4 * 1024 * 1024
 DEFAULT_MAX_UPLOAD = 256 * 1024 * 1024
 BUNDLE_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME, SIGNATURE_NAME)
+UPLOAD_INDEX = "uploads.jsonl"
+ANY_UPLOADER = "*"
 _HEX64 = frozenset("0123456789abcdef")
 
 
@@ -145,6 +158,79 @@ def _bytes_tensor(msg: Message) -> bytes:
     return t.numpy().tobytes()
 
 
+class SignerPins(Mapping[str, list[Path]]):
+    """Which client signing keys may sign the bundles each client CURVE key uploads: z85 key -> NAME.sign.pub files.
+
+    Read from the files each time it is looked up (a commit is rare), so a key pair added to an ``--allow-dir``
+    while serving is pinned at once:
+
+    * automatically, the ``NAME.sign.pub`` lying beside each allowed ``NAME.key`` (``allow`` files, ``allow_dirs``);
+    * ``sign_keys`` (``--client-sign-key``): ``SIGN.pub`` is tied to the ``NAME.key`` beside it, ``SIGN.pub=CLIENT``
+      to the CURVE key ``CLIENT`` (a ``NAME.key`` file or a z85 key). ``SIGN.pub=*`` trusts it for every uploader.
+    """
+
+    def __init__(
+        self,
+        allow: Sequence[str | os.PathLike[str]] = (),
+        allow_dirs: Sequence[str | os.PathLike[str]] = (),
+        sign_keys: Sequence[str] = (),
+    ) -> None:
+        self.allow = [str(a) for a in allow]
+        self.allow_dirs = [str(d) for d in allow_dirs]
+        self.sign_keys = list(sign_keys)
+        self.table()  # refuse a bad --client-sign-key at startup, not at the first upload
+
+    def table(self) -> dict[str, list[Path]]:
+        pins: dict[str, list[Path]] = {}
+        curve_files = [Path(a) for a in self.allow if not is_z85_key(a)]
+        for d in self.allow_dirs:
+            try:
+                curve_files.extend(sorted(Path(d).expanduser().glob(f"*{PUBLIC_SUFFIX}")))
+            except OSError:
+                continue
+        for f in curve_files:
+            sign = f.with_name(f.name[: -len(PUBLIC_SUFFIX)] + SIGN_PUBLIC_SUFFIX)
+            if f.name.endswith(PUBLIC_SUFFIX) and sign.is_file():
+                try:
+                    pins.setdefault(load_public_key(f), []).append(sign)
+                except (GuardedP2PError, OSError):
+                    continue  # an unreadable key file is the allow-list's to report
+        for spec in self.sign_keys:
+            sign_s, _, owner = spec.partition("=")
+            sign = Path(sign_s).expanduser()
+            try:
+                load_verify_key(sign)
+            except (GuardedP2PError, OSError) as exc:
+                raise ConfigError(f"--client-sign-key {spec}: {exc}") from None
+            if owner == ANY_UPLOADER:
+                pins.setdefault(ANY_UPLOADER, []).append(sign)
+                continue
+            if not owner:
+                if not sign.name.endswith(SIGN_PUBLIC_SUFFIX):
+                    raise ConfigError(
+                        f"--client-sign-key {spec}: name the client it belongs to (SIGN.pub=CLIENT.key), or use the "
+                        f"NAME{SIGN_PUBLIC_SUFFIX} lying beside the client's NAME{PUBLIC_SUFFIX}"
+                    )
+                owner = str(sign.with_name(sign.name[: -len(SIGN_PUBLIC_SUFFIX)] + PUBLIC_SUFFIX))
+            try:
+                pins.setdefault(load_public_key(owner), []).append(sign)
+            except (GuardedP2PError, OSError) as exc:
+                raise ConfigError(
+                    f"--client-sign-key {spec}: cannot read the client key it is tied to ({exc}); write "
+                    "SIGN.pub=CLIENT.key (or =*, for every client)"
+                ) from None
+        return pins
+
+    def __getitem__(self, key: str) -> list[Path]:
+        return self.table()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.table())
+
+    def __len__(self) -> int:
+        return len(self.table())
+
+
 class OfflineSession:
     """Provider side of one Offline session."""
 
@@ -214,9 +300,68 @@ class OfflineSession:
         if not root:
             root = tempfile.mkdtemp(prefix="guardedp2p-uploads-")
             self.app.resources.upload_dir = root
+            log.warning(
+                "no upload folder was given: adapter bundles go to %s (a temporary folder; pass --upload-dir)", root
+            )
         p = Path(root)
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+    @property
+    def peer(self) -> str:
+        state = self.app.sessions.get(self.sid)
+        return state.peer if state is not None else ""
+
+    @property
+    def staged_bytes(self) -> int:
+        return sum(self.received.values())
+
+    def _signing_keys(self) -> list[Any]:
+        """The verify keys a bundle of this session's client must be signed with (empty: none is pinned)."""
+        res = self.app.resources
+        pins = res.client_sign_keys
+        peer = self.peer
+        keys: list[Any] = list(pins.get(peer, ())) + list(pins.get(ANY_UPLOADER, ()))
+        if peer.startswith("insecure:"):  # no authenticated key to tie a bundle to: every pinned key counts
+            keys = [k for ks in pins.values() for k in ks]
+        keys += list(res.client_verify_keys or ())
+        return keys
+
+    def _check_quotas(self, name: str, new_bytes: int) -> None:
+        res = self.app.resources
+        peer = self.peer
+        mine = others = 0
+        for state in list(self.app.sessions.values()):
+            if isinstance(state.handler, OfflineSession) and state.handler is not self:
+                if state.peer == peer:
+                    mine += state.handler.staged_bytes
+                else:
+                    others += state.handler.staged_bytes
+        mine += self.staged_bytes + new_bytes
+        if mine > res.max_staged_upload_bytes_per_peer:
+            raise OverBudget(
+                f"this client key's unfinished uploads would take {mine / 2**20:.1f} MiB, over the provider's limit of "
+                f"{res.max_staged_upload_bytes_per_peer / 2**20:.0f} MiB (--max-staged-upload-mib-per-key)"
+            )
+        if mine + others > res.max_staged_upload_bytes:
+            raise OverBudget("the provider holds as many unfinished uploads as it allows; try again later")
+
+    def _check_bundle_quota(self, incoming: int) -> None:
+        """Before a new bundle is staged and again at commit: accepted bundles per key, the folder's size."""
+        res = self.app.resources
+        root = self._upload_root()
+        count = _accepted_count(root, self.peer)
+        if count >= res.max_uploads_per_peer:
+            raise OverBudget(
+                f"this client key already uploaded {count} adapter bundle(s), the provider's limit "
+                "(--max-uploads-per-key); ask the operator to make room"
+            )
+        used = _folder_bytes(root)
+        if used + incoming > res.max_upload_dir_bytes:
+            raise OverBudget(
+                f"the provider's upload folder is full ({used / 2**20:.0f} MiB of {res.max_upload_dir_bytes / 2**20:.0f} "
+                "MiB, --max-upload-dir-mib); ask the operator to make room"
+            )
 
     def on_upload(self, msg: Message) -> Message:
         name = msg.meta.get("file")
@@ -231,6 +376,12 @@ class OfflineSession:
         digest = msg.meta.get("sha256")
         if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX64:
             raise BadRequest("meta field 'sha256' must be 64 lowercase hex digits")
+        if self.staging is None and not self._signing_keys() and self.app.resources.accept_unpinned is False:
+            raise UploadRefused(
+                "no signing key is pinned for this client, so its adapter bundle cannot be tied to it: the operator "
+                "adds the client's NAME.sign.pub (beside its NAME.key in --allow-dir, or --client-sign-key), or "
+                "starts the provider with --accept-unpinned"
+            )
         data = _bytes_tensor(msg)
         if hashlib.sha256(data).hexdigest() != digest:
             raise UploadRefused(
@@ -244,7 +395,9 @@ class OfflineSession:
         others = sum(v for k, v in self.received.items() if k != name)
         if others + offset + len(data) > self.max_upload:
             raise UploadRefused(f"the adapter bundle exceeds this provider's upload limit of {self.max_upload} bytes")
+        self._check_quotas(name, max(0, offset + len(data) - have))
         if self.staging is None:
+            self._check_bundle_quota(total)
             self.staging = Path(tempfile.mkdtemp(prefix=f"incoming-{self.sid[:8]}-", dir=self._upload_root()))
         path = self.staging / name  # name is one of the four fixed names above, never a peer-chosen path
         with open(path, "r+b" if path.exists() else "wb") as fh:
@@ -264,27 +417,42 @@ class OfflineSession:
         missing = [n for n in BUNDLE_FILES if not (self.staging / n).is_file()]
         if missing:
             raise UploadRefused(f"commit before the whole bundle arrived (missing {', '.join(missing)})")
+        keys = self._signing_keys()
+        if not keys and self.app.resources.accept_unpinned is False:
+            raise UploadRefused("no signing key is pinned for this client (see the first UPLOAD's refusal)")
         try:
+            self._check_bundle_quota(0)
             verified = verify_adapter_bundle(
-                self.staging,
-                self.app.resources.client_verify_keys,
-                emulator_manifest_sha256=self.catalog.manifest_sha256,
+                self.staging, keys or None, emulator_manifest_sha256=self.catalog.manifest_sha256
             )
-        except ArtifactError as exc:
+        except (ArtifactError, OverBudget) as exc:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging, self.received = None, {}
+            if isinstance(exc, OverBudget):
+                raise
             raise UploadRefused(f"the adapter bundle failed verification: {exc}") from None
         bundle_id = verified.manifest.sha256[:16]
-        final = self._upload_root() / f"bundle-{bundle_id}"
+        root = self._upload_root()
+        final = root / f"bundle-{bundle_id}"
         shutil.rmtree(final, ignore_errors=True)
         self.staging.rename(final)
         self.staging, self.received = None, {}
+        if not verified.signer_pinned and self.app.resources.accept_unpinned is None:
+            log.warning(
+                "session %s: adapter bundle %s is signed by a key pinned nowhere (integrity only); pin the client's "
+                "signing key (provider serve --client-sign-key) to tie bundles to their uploader",
+                self.sid[:8],
+                bundle_id,
+            )
+        _record_upload(root, bundle_id, final, self.peer, verified.signer, verified.signer_pinned)
         log.info(
-            "session %s: adapter bundle %s accepted (signer %s, pinned=%s)",
+            "session %s: adapter bundle %s accepted from %s (signer %s, pinned=%s), stored in %s",
             self.sid[:8],
             bundle_id,
+            self.peer[:12] + "…",
             verified.signer,
             verified.signer_pinned,
+            final,
         )
         hook = self.app.resources.on_adapter_bundle
         if hook is not None:
@@ -309,6 +477,45 @@ class OfflineSession:
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging = None
+
+
+def _record_upload(root: Path, bundle_id: str, folder: Path, peer: str, signer: str, pinned: bool) -> None:
+    """One line per accepted bundle in ``UPLOAD_DIR/uploads.jsonl``: which key uploaded which bundle, where."""
+    line = {
+        "bundle_id": bundle_id,
+        "folder": str(folder),
+        "uploader": peer,
+        "signer": signer,
+        "signer_pinned": pinned,
+        "time": time.time(),
+    }
+    with open(root / UPLOAD_INDEX, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
+def _accepted_count(root: Path, peer: str) -> int:
+    try:
+        lines = (root / UPLOAD_INDEX).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return 0
+    n = 0
+    for line in lines:
+        try:
+            n += json.loads(line).get("uploader") == peer
+        except (ValueError, AttributeError):
+            continue
+    return n
+
+
+def _folder_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(dirpath, f), follow_symlinks=False).st_size
+            except OSError:
+                pass
+    return total
 
 
 def offline_session(app: ProviderApp, sid: str, terms: dict[str, Any]) -> OfflineSession:
