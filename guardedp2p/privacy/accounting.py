@@ -36,6 +36,7 @@ __all__ = [
     "Release",
     "ReleasePlan",
     "account",
+    "calibrate_noise_multiplier",
     "epsilon",
     "max_appearances",
     "plan_eval",
@@ -243,3 +244,24 @@ def account(cfg: NoiseConfig | dict[str, Any], plan: ReleasePlan, accountant: st
         return PrivacyAccount(eps, 0.0, "basic composition" if math.isfinite(eps) else "none", plan)
     eps, used, eps_rdp = epsilon(plan, delta, accountant)
     return PrivacyAccount(eps, delta, used, plan, eps_rdp if used == "pld" else None)
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float, delta: float, counts: tuple[int, ...], *, sensitivity: float = 2.0
+) -> float:
+    """The smallest noise multiplier z (σ = z·C) whose run ε at ``delta`` is at most ``target_epsilon``, when a
+    record is released ``k = sum(counts)`` times, each a Gaussian with multiplier z / ``sensitivity`` (2 for
+    per-record clipping under replace-one).
+
+    Unsampled Gaussian releases compose *exactly* into one Gaussian with multiplier (z / sensitivity) / sqrt(k)
+    (Gaussian DP; the PLD accountant agrees, see tests/privacy/test_accounting.py), so the calibration is the
+    library's analytic one for a single Gaussian, ``dp_accounting.get_sigma_gaussian``, scaled by sqrt(k).
+    """
+    from dp_accounting import get_sigma_gaussian
+
+    if not target_epsilon > 0 or not 0 < delta < 1:
+        raise ConfigError(f"need a target epsilon > 0 and delta in (0, 1), got {target_epsilon}, {delta}")
+    total = int(sum(counts))
+    if total < 1:
+        raise ConfigError("nothing is released: there is no noise to calibrate")
+    return float(sensitivity * math.sqrt(total) * get_sigma_gaussian(float(target_epsilon), float(delta)))

@@ -541,23 +541,35 @@ def dx_privacy_embeddings(
     return (e.float() + eta).to(e.dtype)
 
 
-def frequent_token_ids(sequences: Iterable[Sequence[int]], top_k: int, *, exclude: Iterable[int] = ()) -> list[int]:
-    """The ``top_k`` most frequent token ids in public text of the task's style (ties: smaller id first).
+def frequent_token_ids(
+    sequences: Iterable[Sequence[int]],
+    top_k: int | None = None,
+    *,
+    min_share: float = 0.0,
+    exclude: Iterable[int] = (),
+) -> list[int]:
+    """Token ids that recur across public records of the task's style, most widespread first (ties: smaller id).
 
-    Why frequency: in records of one template, what repeats across records is the template and the task's own
-    vocabulary (field names, the few values a rule keys on), while what identifies a person (names, dates,
-    addresses, account numbers) is spread thin. The kept tokens get less dχ noise; everything else more.
+    A token's *share* is the fraction of records it appears in (document frequency). Kept: the ids with share >=
+    ``min_share``, at most ``top_k`` of them (``None``: no cap). Why: in records of one template, what recurs
+    across records is the template and the task's own vocabulary (field names, the few values a rule keys on),
+    while what identifies a person (names, dates, addresses, account numbers) is spread thin, even when each
+    first name or digit is common on its own. The kept tokens get less dχ noise; everything else more.
     """
-    if top_k < 0:
+    if top_k is not None and top_k < 0:
         raise ConfigError(f"top_k must be >= 0, got {top_k}")
+    if not 0.0 <= min_share <= 1.0:
+        raise ConfigError(f"min_share must be in [0, 1], got {min_share}")
     counts: dict[int, int] = {}
     skip = set(int(i) for i in exclude)
+    n = 0
     for seq in sequences:
-        for t in seq:
-            t = int(t)
+        n += 1
+        for t in set(int(t) for t in seq):
             if t not in skip:
                 counts[t] = counts.get(t, 0) + 1
-    return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]]
+    ranked = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n and c / n >= min_share]
+    return ranked if top_k is None else ranked[:top_k]
 
 
 def token_embedding(bottom: torch.nn.Module) -> torch.nn.Module:

@@ -212,12 +212,16 @@ def test_token_selective_dx_spares_the_kept_tokens():
     assert float(same[~kept].float().mean()) < 0.3  # the others are mostly substituted
 
 
-def test_frequent_token_ids():
-    seqs = [[5, 5, 7, 9], [5, 7, 11], [7, 5, 2]]
-    assert frequent_token_ids(seqs, 2) == [5, 7]
+def test_frequent_token_ids_by_share_of_records():
+    seqs = [[5, 5, 5, 5, 9], [5, 7, 11], [7, 5, 2]]
+    assert frequent_token_ids(seqs, 2) == [5, 7]  # 9 is frequent in one record only: share 1/3
+    assert frequent_token_ids(seqs, min_share=0.5) == [5, 7]
+    assert frequent_token_ids(seqs, min_share=1.0) == [5]
     assert frequent_token_ids(seqs, 2, exclude=[5]) == [7, 2]
     with pytest.raises(ConfigError):
         frequent_token_ids(seqs, -1)
+    with pytest.raises(ConfigError):
+        frequent_token_ids(seqs, min_share=2.0)
 
 
 # ------------------------------------------------------------------------------------------ top capacity
