@@ -699,10 +699,18 @@ def _run(ctx: _Ctx, row: RowDef, seed: int) -> dict[str, Any]:
     hit = ctx.cache.get("runs", key)
     if hit is not None and (not row.split or ctx.cache.path("observations", key, ".safetensors").is_file()):
         return hit
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn = {"local": _run_local, "offline": _run_offline}.get(row.design, _run_split)
     res = fn(ctx, row, seed, key)
-    res.update({"key": key, "row": row.key, "seed": seed, "run_s": round(time.perf_counter() - t0, 1)})
+    res.update(
+        {
+            "key": key,
+            "row": row.key,
+            "seed": seed,
+            "run_s": round(time.perf_counter() - t0, 1),
+            "cpu_s": round(time.process_time() - c0, 1),
+        }
+    )
     ctx.cache.put("runs", key, res)
     return res
 
@@ -782,6 +790,7 @@ def _attacker(ctx: _Ctx, row: RowDef, blind: bool = False) -> tuple[str, Any, di
             bars[phase] = _Bar(ctx.cfg.progress, phase, total).__enter__()
         bars[phase].update(done, note, total)
 
+    c0 = time.process_time()
     try:
         adaptive = train_adaptive_inverter(
             ctx.base, ctx.tok, ctx.task.aux, ctx.task.aux_holdout, mech, acfg, progress=progress, blind=blind
@@ -790,6 +799,7 @@ def _attacker(ctx: _Ctx, row: RowDef, blind: bool = False) -> tuple[str, Any, di
         for b in bars.values():
             b.__exit__(None, None, None)
     summary = adaptive.summary()
+    summary["cpu_s"] = round(time.process_time() - c0, 1)
     net = adaptive.inverter.net
     ctx.cache.put_tensors(
         "attackers",
@@ -1208,6 +1218,7 @@ def run_frontier(
         "rows": rows,
         "command": cfg.command,
         "wall_s": round(time.perf_counter() - t0, 1),
+        "compute": _compute_spent(runs, ctx),
         "torch_threads": torch.get_num_threads(),
         "version": FRONTIER_VERSION,
     }
@@ -1218,6 +1229,28 @@ def run_frontier(
     if cfg.strict and gate["ok"] is not True:
         raise HarnessBroken(gate["message"] + f" (reports written to {cfg.results})")
     return result
+
+
+def _compute_spent(runs: Mapping[str, list[dict[str, Any]]], ctx: _Ctx) -> dict[str, Any]:
+    """What the grid cost when each unit ran (cached units included): the budget of a fresh run on this machine."""
+    run_s = {k: round(sum(float(r.get("run_s", 0.0)) for r in rs), 1) for k, rs in runs.items()}
+    run_cpu = {k: round(sum(float(r.get("cpu_s", 0.0)) for r in rs), 1) for k, rs in runs.items()}
+    att = [s for _, _, s in ctx.attackers.values()]
+    attacker_s = round(
+        sum(float(s.get("simulate_s", 0)) + float(s.get("features_s", 0)) + float(s.get("train_s", 0)) for s in att), 1
+    )
+    attacker_cpu = round(sum(float(s.get("cpu_s", 0)) for s in att), 1)
+    return {
+        "runs_s": run_s,
+        "runs_cpu_s": run_cpu,
+        "attackers_s": attacker_s,
+        "attackers_cpu_s": attacker_cpu,
+        "attackers": len(att),
+        "total_s": round(sum(run_s.values()) + attacker_s, 1),
+        "total_cpu_s": round(sum(run_cpu.values()) + attacker_cpu, 1),
+        "note": "wall and CPU seconds of each unit when it ran (CPU time of this process, all threads; a busy shared machine "
+        "stretches the wall time, not the CPU time); attacks on cached observations add seconds",
+    }
 
 
 def _finite(o: Any) -> Any:

@@ -110,6 +110,20 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
                 f"  - rebuilt: `{m['hyp']}`",
             ]
         out.append("")
+    comp = result.get("compute") or {}
+    if comp:
+        per = ", ".join(f"{k} {v / 60:.1f}" for k, v in comp.get("runs_s", {}).items())
+        out += [
+            "## Budget",
+            "",
+            f"Compute of this grid when each unit ran: {comp['total_s'] / 60:.1f} min of wall time in total "
+            f"({comp['total_s'] / 3600:.2f} h; {comp.get('total_cpu_s', 0) / 3600:.2f} h of CPU time, which a busy shared machine "
+            f"does not stretch): runs {per} min (all seeds of a row), {comp['attackers']} attacker(s) "
+            f"{comp['attackers_s'] / 60:.1f} min. Units are "
+            "cached under `--out` by a hash of everything they depend on: an interrupted grid resumes, a grown grid runs only "
+            "what is new.",
+            "",
+        ]
     out += [
         "## How the numbers are made",
         "",

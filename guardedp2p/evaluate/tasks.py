@@ -95,7 +95,7 @@ def hidden_rules_task(
     paths = default_task_paths(cfg)
     aux_recs = load_records(paths.aux)
     hold = make_records(holdout, seed, "aux", skip=aux)
-    # records of ~150 SmolLM2 tokens: 192 keeps every field (the account number comes last)
+    # records of ~150 SmolLM2 tokens: 160 keeps every field (the account number comes last)
     return TaskSource(
         "hidden_rules",
         paths.train,
@@ -103,7 +103,7 @@ def hidden_rules_task(
         aux_recs,
         hold,
         eval_nll=paths.eval_nll,
-        recipe=Recipe(max_length=192),
+        recipe=Recipe(max_length=160),
         digest=_digest("hidden_rules", cfg.digest(), holdout),
     )
 
