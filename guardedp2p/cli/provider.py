@@ -162,6 +162,11 @@ def serve(
         None, hidden=True, help="Write this file once listening (used by the demo)."
     ),
     max_messages: int | None = typer.Option(None, hidden=True, help="Stop after this many messages (tests)."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Check keys, allow-list, endpoint, model path and split without loading the model; print the plan and exit.",
+    ),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
 ) -> None:
     """Serve the model to allowed clients until Ctrl-C. Logs sessions, never data.
@@ -224,6 +229,27 @@ def serve(
         max_queued_replies=max_queued_replies,
         max_queued_reply_bytes=_mib(max_queued_reply_mib),
     )
+    from guardedp2p.cli.provider_checks import check_provider, format_plan
+
+    plan = check_provider(  # before the (slow) model load: keys, allow-list, port, model path and split
+        model=model,
+        bind=bind,
+        keys=keys,
+        name=name,
+        allow=allow,
+        allow_dir=allow_dir,
+        insecure=insecure,
+        protocols=opts.protocols,
+        bottom_layers=bottom_layers,
+        top_layers=top_layers,
+        emulator=emulator,
+        record=record,
+        trunk_loading=opts.trunk_loading,
+    )
+    if dry_run:
+        typer.echo(format_plan(plan))
+        typer.echo("dry run: everything checks out; the model was not loaded and nothing listens")
+        return
     app = build_provider_app(opts)
     cfg = ServerConfig(
         bind=bind,
