@@ -11,12 +11,15 @@ provider the pre-trained weights): the provider watches the whole run and knows
 So instead of inverting the *pre-trained* bottom (a defence that changes the bottom, like dCor, would then look
 stronger than it is), the attacker **replays the client's training on its auxiliary data**
 (:func:`simulate_client_run`): its own copy of the client's parts, LoRA attached the same way, the same recipe,
-the same dCor penalty and the same noise on what is sent, the pre-trained trunk run locally. It keeps the
-bottom's LoRA weights at several points of that replay (start, middle, end: the client's bottom moves during the
-run, and the attacker sees every step) and trains one inverter on activations of all of them (each auxiliary
-record through one of those bottoms, round robin; :func:`train_adaptive_inverter`), each batch passed through the *same mechanism* the wire applies (noise at the
-same scale with fresh randomness, the codec's round trip). The replay omits the codec rounding in its own
-forward passes (it changes the LoRA trajectory only through rounding errors); the inverter's inputs get it.
+the same dCor penalty and the client's own noise code (:func:`guardedp2p.privacy.noise.client_noise`: activation
+noise on h1, Online's gradient noise, dχ on the input embeddings), the pre-trained trunk run locally. It keeps
+the bottom's LoRA weights at several points of that replay (start, middle, end: the client's bottom moves during
+the run, and the attacker sees every step) and trains one inverter on activations of all of them (each auxiliary
+record through one of those bottoms, round robin; :func:`train_adaptive_inverter`), each batch passed through
+the *same mechanism* the wire applies (activation noise at the same scale with fresh randomness, the codec's
+round trip; dχ noise is drawn once per auxiliary record, when its features are computed). The replay omits the
+codec rounding in its own forward passes (it changes the LoRA trajectory only through rounding errors); the
+inverter's inputs get it.
 
 The inverter is the SIP bi-GRU of :mod:`guardedp2p.attacks.sip` (LayerNorm -> bidirectional GRU -> linear head
 over the token ids seen in the auxiliary data). Its score on held-out auxiliary records is recorded every
@@ -102,19 +105,25 @@ class Mechanism:
         return ", ".join(bits)
 
 
-def mechanism_transform(up_codec: str = "fp32", noise: Mapping[str, Any] | None = None) -> Transform | None:
-    """Noise (if any) then the uplink codec's round trip; None when the wire delivers h1 unchanged."""
-    steps: list[Transform] = []
-    if noise and noise.get("kind", "none") != "none":
-        from guardedp2p.privacy.noise import NoiseConfig, add_activation_noise
+def _client_noise(noise: Mapping[str, Any] | None) -> Any:
+    """The client's own noise machinery for ``noise`` (a ``TuneOptions.noise`` dict), with a fresh generator:
+    ``.sent`` (activation noise on h1), ``.grad`` (Online's gradient noise), ``.install(bottom)`` (dχ on the input
+    embeddings). None when there is no noise."""
+    if not noise or noise.get("kind", "none") == "none":
+        return None
+    from guardedp2p.privacy.noise import client_noise
 
-        cfg = NoiseConfig(**dict(noise))
-        if cfg.kind == "dx":
-            raise AttackConfigError(
-                "dx-privacy perturbs token embeddings, not h1: not an activation mechanism to replay"
-            )
-        gen = cfg.make_generator(torch.device("cpu"))
-        steps.append(lambda h: add_activation_noise(h, cfg, gen))
+    return client_noise(dict(noise))
+
+
+def mechanism_transform(up_codec: str = "fp32", noise: Mapping[str, Any] | None = None) -> Transform | None:
+    """What the wire does to h1 after the bottom: activation noise (if any) then the uplink codec's round trip;
+    None when the wire delivers h1 unchanged. dχ noise acts earlier, on the input embeddings (see
+    :func:`install_input_mechanism`)."""
+    steps: list[Transform] = []
+    cn = _client_noise(noise)
+    if cn is not None and cn.sent is not None:
+        steps.append(cn.sent)
     if up_codec != "fp32":
         steps.append(codec_transform(up_codec))
     if not steps:
@@ -126,6 +135,16 @@ def mechanism_transform(up_codec: str = "fp32", noise: Mapping[str, Any] | None 
         return h
 
     return transform
+
+
+def install_input_mechanism(bottom: torch.nn.Module, noise: Mapping[str, Any] | None) -> Any:
+    """Put the client's input-side noise (dχ on the token embeddings) on ``bottom``; returns the ClientNoise (call
+    ``.remove()``) or None when the mechanism has none."""
+    cn = _client_noise(noise)
+    if cn is None or not cn.cfg.acts_on_input:
+        return None
+    cn.install(bottom)
+    return cn
 
 
 @dataclass
@@ -259,8 +278,9 @@ def simulate_client_run(
         from guardedp2p.privacy.dcor import dcor_penalty
 
         dcor_fn = dcor_penalty
-    noise = mech.noise_dict
-    transform_sent = mechanism_transform("fp32", noise) if noise.get("kind", "none") != "none" else None
+    cn = _client_noise(mech.noise_dict)  # the client's own noise code: activations, gradients, input embeddings
+    if cn is not None:
+        cn.install(parts.bottom)
     trainer = SplitTrainer(
         parts.bottom,
         parts.top,
@@ -268,7 +288,8 @@ def simulate_client_run(
         cfg,
         loss_fn=loss_fn,
         train_bottom=True,
-        transform_sent=transform_sent,
+        transform_sent=cn.sent if cn is not None else None,
+        grad_transform=cn.grad if cn is not None else None,
         dcor_fn=dcor_fn,
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -302,6 +323,7 @@ def _bottom_with_state(model: torch.nn.Module, mech: Mechanism, state: Mapping[s
     for p in parts.bottom.parameters():
         p.requires_grad_(False)
     parts.bottom.train(False)
+    install_input_mechanism(parts.bottom, mech.noise_dict)  # dχ: the features see noisy input embeddings, as sent
     return parts.bottom
 
 
@@ -483,6 +505,7 @@ def invert(adaptive: AdaptiveInverter, h1: torch.Tensor, mask: torch.Tensor, *, 
 
 
 __all__ = [
+    "install_input_mechanism",
     "AdaptiveConfig",
     "AdaptiveInverter",
     "ConvergencePoint",

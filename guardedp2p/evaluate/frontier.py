@@ -1212,6 +1212,13 @@ def run_frontier(
         "attack_sequences": cfg.attack_sequences,
         "aux_records": len(task.aux),
         "aux_holdout": len(task.aux_holdout),
+        "headline": (
+            not cfg.fast
+            and set(HEADLINE_ROWS) <= {d.key for d in defs}
+            and len(cfg.seeds) >= 3
+            and cfg.task == "hidden_rules"
+            and cfg.model == "default"
+        ),
         "sanity": gate,
         "harness_broken": gate["ok"] is False,
         "pareto_front": front,

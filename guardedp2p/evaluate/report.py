@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+HEADLINE_COMMAND = "nice -n 10 guardedp2p evaluate --threads 1"
+
 
 def _f(x: Any, nd: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.{nd}f}"
@@ -31,7 +33,20 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
     broken = result.get("harness_broken")
     out = ["# Privacy-utility frontier", ""]
     if result.get("command"):
-        out += ["Produced by:", "", "```", result["command"], "```", ""]
+        out += [
+            "Produced by (from the repository root, resumable: the same command continues an interrupted grid):",
+            "",
+            "```",
+            result["command"],
+            "```",
+            "",
+        ]
+    if not result.get("headline", False):
+        out += [
+            f"> This is **not** the full headline grid. That one is `{HEADLINE_COMMAND}` (no defence, each defence family "
+            "at its headline point, Gradfree, Offline and the Local LoRA reference, 3 training seeds).",
+            "",
+        ]
     out += [
         f"Model {result['model']}, task `{result['task']}`, split {result['split'][0]}/{result['split'][1]}, recipe "
         f"{result['recipe']['steps']} steps x batch {result['recipe']['batch_size']}, lr {result['recipe']['lr']:g}, LoRA r={result['lora']['r']}; "

@@ -54,6 +54,24 @@ def test_the_mechanism_is_the_wires():
     assert "dCor alpha 2" in m.describe() and "nf4" in m.describe()
 
 
+def test_input_side_noise_is_replayed_on_the_attackers_bottom():
+    from guardedp2p.attacks.adaptive import install_input_mechanism
+    from guardedp2p.engine.split import SplitConfig, split_model
+
+    dx = {"kind": "dx", "epsilon": 5.0}
+    assert mechanism_transform("fp32", dx) is None  # dχ acts on the input embeddings, before the bottom
+    bottom = split_model(tiny_model("llama"), SplitConfig(2, 2)).bottom
+    ids = torch.randint(3, 100, (2, 8))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        clean = bottom(ids, mask)
+        cn = install_input_mechanism(bottom, dx)
+        noisy = bottom(ids, mask)
+        cn.remove()
+    assert not torch.allclose(clean, noisy)
+    assert install_input_mechanism(bottom, {"kind": "gaussian", "scale": 1.0}) is None
+
+
 def test_replay_trains_the_bottom_only_where_the_design_does():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     ids = [tok(r["text"])["input_ids"] for r in _records(16, 0)]
