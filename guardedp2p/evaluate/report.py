@@ -104,6 +104,8 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
             "Held-out ROUGE-L of the adaptive inverter on auxiliary records it never trained on, against its optimiser steps "
             "(it stops once the score has plateaued).",
             "",
+            "![attacker convergence](frontier_convergence.png)",
+            "",
             "| mechanism (row) | aux records | snapshots (steps) | curve: step -> held-out ROUGE-L | plateaued |",
             "|---|---:|---|---|:-:|",
         ]
@@ -240,18 +242,51 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], path: str | Path, *, harnes
     return out
 
 
+def plot_convergence(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Held-out ROUGE-L of each row's adaptive inverter against its optimiser steps (one line per attacker)."""
+    from guardedp2p.evaluate.plot import _canvas
+
+    fig, ax = _canvas(7.0, 4.0)
+    for i, r in enumerate(rows):
+        curve = r["privacy"].get("convergence") or []
+        if not curve:
+            continue
+        ax.plot(
+            [c["step"] for c in curve],
+            [c["rougeL"] for c in curve],
+            marker="o",
+            markersize=3,
+            color=f"C{i % 10}",
+            label=r["label"],
+        )
+    ax.set_xlabel("attacker's inverter: optimiser steps")
+    ax.set_ylabel("held-out aux ROUGE-L F1")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("adaptive attacker convergence (stops at a plateau)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(out))
+    return out
+
+
 def write_reports(result: dict[str, Any], folder: Path) -> dict[str, str]:
-    """Write frontier.json / .md / .png into ``folder``; return their paths."""
+    """Write frontier.json / .md / .png (and the attackers' convergence plot) into ``folder``; return their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {
         "json": str(folder / "frontier.json"),
         "md": str(folder / "frontier.md"),
         "png": str(folder / "frontier.png"),
+        "convergence_png": str(folder / "frontier_convergence.png"),
     }
     plot_frontier(result["rows"], files["png"], harness_broken=bool(result.get("harness_broken")))
+    plot_convergence(result["rows"], files["convergence_png"])
     (folder / "frontier.md").write_text(frontier_markdown(result) + "\n")
     (folder / "frontier.json").write_text(json.dumps({**result, "files": files}, indent=2) + "\n")
     return files
 
 
-__all__ = ["frontier_markdown", "plot_frontier", "write_reports"]
+__all__ = ["frontier_markdown", "plot_convergence", "plot_frontier", "write_reports"]

@@ -52,8 +52,8 @@ def test_fast_frontier_writes_every_field_and_passes_the_gate(fast_run):
     assert res["seeds"] == 2 and res["eval_items"] == 32 and res["sanity"]["ok"] is True and not res["harness_broken"]
     on_disk = json.loads((tmp / "work" / "results" / "frontier.json").read_text())
     assert missing_fields(on_disk) == []
-    png = tmp / "work" / "results" / "frontier.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("frontier.png", "frontier_convergence.png"):
+        assert (tmp / "work" / "results" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp / "work" / "results" / "frontier.md").read_text()
     assert (
         res["command"].startswith("guardedp2p evaluate ")
