@@ -1171,7 +1171,12 @@ def run_frontier(
         rs = runs[d.key]
         util = _utility_block(rs, runs["local"])
         priv = _privacy_block(ctx, d, rs, blind=blind_attacker)
-        frac = (rs[0].get("ip") or {}).get("fraction") if d.design == "offline" else ip["fraction"]
+        if d.design == "local":
+            frac = 1.0  # the reference trains the whole model where the data is: the client holds every weight
+        elif d.design == "offline":
+            frac = (rs[0].get("ip") or {}).get("fraction")
+        else:
+            frac = ip["fraction"]
         rows.append(
             {
                 "row": d.key,
