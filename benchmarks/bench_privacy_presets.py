@@ -62,7 +62,7 @@ def main() -> None:
             "token_norm_q99": round(float(tn.quantile(0.99)), 2),
             "token_norm_max": round(float(tn.max()), 2),
         },
-        "embedding_row_norm_median": round(float(model.get_input_embeddings().weight.norm(dim=1).median()), 3),
+        "embedding_row_norm_median": round(float(model.get_input_embeddings().weight.detach().norm(dim=1).median()), 3),
         "dx_keep_list": {},
         "dx_substitution": {},
     }

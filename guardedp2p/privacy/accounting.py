@@ -40,6 +40,7 @@ __all__ = [
     "epsilon",
     "max_appearances",
     "plan_eval",
+    "privacy_block",
     "plan_run",
     "release_multipliers",
 ]
@@ -265,3 +266,32 @@ def calibrate_noise_multiplier(
     if total < 1:
         raise ConfigError("nothing is released: there is no noise to calibrate")
     return float(sensitivity * math.sqrt(total) * get_sigma_gaussian(float(target_epsilon), float(delta)))
+
+
+def privacy_block(
+    noise: NoiseConfig | dict[str, Any] | None,
+    *,
+    design: str,
+    steps: int,
+    batch_size: int,
+    n_records: int,
+    grad_accum: int = 1,
+    max_tokens: int | None = None,
+    cached: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``privacy`` map of the HELLO and of ``summary.json`` / ``--json`` for one run: the noise's description
+    with ``run`` (ε at δ over every release of a training record, :func:`account`), plus ``extra`` (dCor weight,
+    preset, obfuscation settings). Msgpack- and JSON-safe; never the seed."""
+    cfg = NoiseConfig.from_dict(noise)
+    plan = plan_run(
+        cfg,
+        design=design,
+        steps=steps,
+        batch_size=batch_size,
+        n_records=n_records,
+        grad_accum=grad_accum,
+        max_tokens=max_tokens,
+        cached=cached,
+    )
+    return {**(extra or {}), "noise": cfg.describe(plan)}

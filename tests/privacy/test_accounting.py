@@ -19,6 +19,7 @@ from guardedp2p.privacy.accounting import (
     max_appearances,
     plan_eval,
     plan_run,
+    privacy_block,
     release_multipliers,
 )
 from guardedp2p.privacy.noise import NoiseConfig
@@ -169,3 +170,31 @@ def test_describe_with_plan_is_json_and_names_the_run_epsilon():
     assert run["epsilon"] == pytest.approx(account(cfg, plan).epsilon, abs=1e-3)
     assert [r["name"] for r in run["releases"]] == ["activation", "gradient"]
     assert isinstance(account(cfg, plan), PrivacyAccount)
+
+
+def test_privacy_block_for_the_handshake_and_summary():
+    import msgpack  # the HELLO's header is msgpack (guardedp2p/wire/framing.py): the block must pack
+
+    cfg = {
+        "kind": "gaussian",
+        "clip": 620.0,
+        "noise_multiplier": 1.7,
+        "grad_clip": 1.0,
+        "grad_noise_multiplier": 1.7,
+        "seed": 123456,
+    }
+    block = privacy_block(
+        cfg,
+        design="online",
+        steps=60,
+        batch_size=4,
+        n_records=300,
+        max_tokens=128,
+        extra={"dcor_alpha": 0.0, "preset": "strong"},
+    )
+    assert block["preset"] == "strong" and block["dcor_alpha"] == 0.0
+    assert block["noise"]["run"]["epsilon"] == pytest.approx(8.0, abs=0.05)
+    assert "123456" not in json.dumps(block)
+    assert msgpack.unpackb(msgpack.packb(block)) == block
+    none = privacy_block(None, design="gradfree", steps=10, batch_size=4, n_records=40)
+    assert none["noise"]["run"]["epsilon"] == "inf"
