@@ -78,6 +78,7 @@ __all__ = [
     "install_input_noise",
     "token_embedding",
     "describe",
+    "parse_noise_spec",
 ]
 
 NOISE_KINDS = ("none", "gaussian", "laplace", "dx")
@@ -610,6 +611,63 @@ def install_input_noise(
         ).to(output.dtype)
 
     return emb.register_forward_hook(hook)
+
+
+# ----------------------------------------------------------------------------------------------------- CLI spec
+
+_SPEC_ALIASES = {
+    "z": "noise_multiplier",
+    "unit": "clip_unit",
+    "grad_z": "grad_noise_multiplier",
+    "eps": "epsilon",
+    "eps_keep": "epsilon_keep",
+    "project": "dx_project",
+}
+
+
+def parse_noise_spec(spec: str | None) -> dict[str, Any]:
+    """A ``--noise`` value as ``TuneOptions.noise`` fields, checked by :class:`NoiseConfig`.
+
+    ``KIND:SCALE`` (``gaussian:0.1``, ``laplace:0.05``: uncalibrated noise of that scale), or ``KIND:key=value,...``
+    with any :class:`NoiseConfig` field (short names: ``z`` noise_multiplier, ``unit`` clip_unit, ``grad_z``
+    grad_noise_multiplier, ``eps`` epsilon, ``eps_keep`` epsilon_keep, ``project`` dx_project), e.g.
+    ``gaussian:clip=620,z=1.7,grad_clip=1,grad_z=1.7`` or ``dx:eps=30,project=false``. Empty or ``none``: ``{}``.
+    The seed cannot be given here (a seed on a command line ends up in shell history). Keep lists come from a preset.
+    """
+    if not spec or spec.strip() == "none":
+        return {}
+    kind, _, rest = spec.strip().partition(":")
+    if kind not in NOISE_KINDS or kind == "none":
+        raise ConfigError(f"--noise {spec!r}: the kind must be one of gaussian, laplace, dx (e.g. gaussian:0.1)")
+    out: dict[str, Any] = {"kind": kind}
+    if rest and "=" not in rest:
+        try:
+            out["scale"] = float(rest)
+        except ValueError:
+            raise ConfigError(f"--noise {spec!r}: the scale must be a number") from None
+    elif rest:
+        known = {f.name for f in fields(NoiseConfig)} - {"kind", "seed", "keep_ids"}
+        for item in rest.split(","):
+            key, eq, value = (x.strip() for x in item.partition("="))
+            key = _SPEC_ALIASES.get(key, key)
+            if not eq or key not in known:
+                raise ConfigError(
+                    f"--noise {spec!r}: {item!r} is not KEY=VALUE with a known key "
+                    f"({', '.join(sorted(known | set(_SPEC_ALIASES)))})"
+                )
+            if key == "clip_unit":
+                out[key] = value
+            elif key == "dx_project":
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ConfigError(f"--noise {spec!r}: project must be true or false")
+                out[key] = value.lower() in ("true", "1", "yes")
+            else:
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    raise ConfigError(f"--noise {spec!r}: {key} must be a number, got {value!r}") from None
+    NoiseConfig.from_dict(out)  # every check, with a message the user can act on
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- per run

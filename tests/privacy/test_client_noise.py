@@ -256,3 +256,33 @@ def test_client_cost_reports_params_time_memory():
     cost = t.client_cost()
     assert cost["trainable_params"] > 0 and cost["client_params"] >= cost["trainable_params"]
     assert cost["client_step_s"] > 0 and cost["peak_rss_mib"] > 0
+
+
+# ------------------------------------------------------------------------------------------ --noise spec
+
+
+def test_parse_noise_spec():
+    from guardedp2p.privacy.noise import parse_noise_spec
+
+    assert parse_noise_spec(None) == {} and parse_noise_spec("none") == {}
+    assert parse_noise_spec("gaussian:0.1") == {"kind": "gaussian", "scale": 0.1}
+    assert parse_noise_spec("gaussian:clip=620,z=1.7,unit=token,grad_clip=1,grad_z=1.7") == {
+        "kind": "gaussian",
+        "clip": 620.0,
+        "noise_multiplier": 1.7,
+        "clip_unit": "token",
+        "grad_clip": 1.0,
+        "grad_noise_multiplier": 1.7,
+    }
+    assert parse_noise_spec("dx:eps=30,project=false") == {"kind": "dx", "epsilon": 30.0, "dx_project": False}
+    for bad in (
+        "uniform:1",
+        "gaussian:abc",
+        "gaussian:z=1",
+        "gaussian:seed=3,clip=1",
+        "gaussian:clip=x",
+        "dx:eps=3,project=maybe",
+        "gaussian:clip=1,z=1,grad_clip=1",
+    ):
+        with pytest.raises(ConfigError):
+            parse_noise_spec(bad)
