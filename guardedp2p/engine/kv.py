@@ -60,6 +60,7 @@ class KvCache:
     cache: DynamicCache
     mask: torch.Tensor | None = None
     layers: tuple[int, ...] = field(default=())
+    plan: _Plan | None = None  # what every call needs about the part, found once (a decode step is short)
 
     @property
     def length(self) -> int:
@@ -83,6 +84,29 @@ class KvCache:
         """Drop every cached tensor now (session end, timeout, refusal) rather than when the object is collected."""
         self.cache.reset()
         self.mask = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    device: torch.device
+    dtype: torch.dtype
+    block_devices: tuple[torch.device | None, ...]  # per owned block, in order
+    kinds: tuple[str, ...]  # per global block index: full or sliding attention
+    cache_kwarg: str
+
+
+def _plan(part: _SplitPart, kv: KvCache) -> _Plan:
+    from guardedp2p.engine.split import _block_device
+
+    blocks = part.blocks
+    layers = part.layer_range
+    return _Plan(
+        part.device,
+        part.compute_dtype,
+        tuple(_block_device(blocks[i]) for i in layers),
+        _layer_kinds(kv, layers),
+        _cache_kwarg(type(blocks[layers.start])) if len(layers) else "cache",
+    )
 
 
 def new_cache(part: _SplitPart) -> KvCache:
@@ -118,13 +142,17 @@ def _layer_kinds(kv: KvCache, layers: range) -> tuple[str, ...]:
 
 
 def _context(
-    part: _SplitPart, h: torch.Tensor, kv: KvCache, full_mask: torch.Tensor, position_ids: torch.Tensor
+    part: _SplitPart,
+    h: torch.Tensor,
+    kv: KvCache,
+    full_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    kinds: tuple[str, ...],
 ) -> LayerContext:
     """Masks (sized against the cache *before* this call updates it), position ids and rotary tables."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     layers = part.layer_range
-    kinds = _layer_kinds(kv, layers)
     # generate() drops an all-ones mask (no padding): the mask functions may then use the fast causal path
     mask2d = None if bool((full_mask == 1).all()) else full_mask
     masks: dict[str, Any] = {}
@@ -145,13 +173,19 @@ def _context(
     return LayerContext(masks, position_ids, rotary, kinds)
 
 
-def _cache_kwarg(block: torch.nn.Module) -> str:
-    """The decoder layer's name for the cache argument (``cache`` in recent transformers, ``past_key_values``
-    before)."""
-    import inspect
+_CACHE_KWARG: dict[type, str] = {}
 
-    params = inspect.signature(block.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+
+def _cache_kwarg(block_type: type[torch.nn.Module]) -> str:
+    """The decoder layer's name for the cache argument (``cache`` in recent transformers, ``past_key_values``
+    before), looked up once per layer class."""
+    name = _CACHE_KWARG.get(block_type)
+    if name is None:
+        import inspect
+
+        params = inspect.signature(block_type.forward).parameters
+        name = _CACHE_KWARG[block_type] = "cache" if "cache" in params else "past_key_values"
+    return name
 
 
 def cached_blocks(part: _SplitPart, h: torch.Tensor, kv: KvCache, new_mask: torch.Tensor) -> torch.Tensor:
@@ -161,15 +195,16 @@ def cached_blocks(part: _SplitPart, h: torch.Tensor, kv: KvCache, new_mask: torc
     positions only. Blocks spread over several devices (a provider's ``--device-map``) are followed as in
     :meth:`guardedp2p.engine.split._SplitPart._run_blocks`.
     """
-    from guardedp2p.engine.split import _block_device
-
-    check_generation_support(part.config)
     if h.dim() != 3 or new_mask.shape != h.shape[:2]:
         raise ValueError(
             f"cached_blocks expects h [B, L, d] and mask [B, L]; got {list(h.shape)}, {list(new_mask.shape)}"
         )
-    dev = part.device
-    h = h.to(dev, part.compute_dtype) if h.is_floating_point() else h.to(dev)
+    if kv.plan is None:
+        check_generation_support(part.config)
+        kv.plan = _plan(part, kv)
+    plan = kv.plan
+    dev = plan.device
+    h = h.to(dev, plan.dtype) if h.is_floating_point() else h.to(dev)
     new_mask = new_mask.to(dev, torch.long)
     if kv.mask is not None and kv.mask.shape[0] != h.shape[0]:
         raise ValueError(f"the cache holds {kv.mask.shape[0]} sequences, the new positions {h.shape[0]}")
@@ -178,12 +213,11 @@ def cached_blocks(part: _SplitPart, h: torch.Tensor, kv: KvCache, new_mask: torc
     if len(part.layer_range) == 0:
         kv.mask = full
         return h
-    ctx = _context(part, h, kv, full, position_ids)
+    ctx = _context(part, h, kv, full, position_ids, plan.kinds)
     contexts = {h.device: ctx}
     blocks = part.blocks
-    name = _cache_kwarg(blocks[part.layer_range.start])
-    for i in part.layer_range:
-        bdev = _block_device(blocks[i])
+    name = plan.cache_kwarg
+    for i, bdev in zip(part.layer_range, plan.block_devices):
         if bdev is not None and bdev != h.device:
             h = h.to(bdev)
             if bdev not in contexts:

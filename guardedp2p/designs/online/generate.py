@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from guardedp2p.crypto.manifest import MANIFEST_NAME
 from guardedp2p.designs.online.provider import CodecMismatch
 from guardedp2p.engine.arch import config_of
 from guardedp2p.engine.kv import (
@@ -182,7 +183,13 @@ def load_generation_client(
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> GenerationClient:
     """Cut the client's parts out of the full model (``model``, or ``full_model`` already loaded) and load the
-    adapter a ``client tune`` wrote (``adapter``, a PEFT folder); without it the parts keep the pre-trained weights.
+    adapter a ``client tune`` wrote; without one the parts keep the pre-trained weights.
+
+    ``adapter`` is any of: a PEFT LoRA folder (``OUT/adapter`` of Online, Gradfree or Offline), an Offline
+    full-block adapter folder (the client blocks themselves, offsite-tuning's adapters), or the signed Offline
+    bundle (``OUT/bundle``: its digests and base-model fingerprint are verified first, then it is plugged in as
+    the provider's ``emulator plug-in`` would). The provider's trunk is untouched by any of them, so the provider
+    serves its base model and the tuned client blocks never leave the client.
 
     As in ``client tune``, the fingerprint is taken over the pre-trained weights before any adapter, and no
     reference to the full model is kept, so the trunk's weights are freed.
@@ -192,7 +199,6 @@ def load_generation_client(
     from guardedp2p.engine.device import pick_device
     from guardedp2p.engine.fingerprint import model_fingerprint
     from guardedp2p.engine.loading import load_causal_lm
-    from guardedp2p.engine.lora import load_adapter_into_parts
     from guardedp2p.engine.placement import cast_floating_parameters, parse_dtype
     from guardedp2p.engine.split import SplitConfig, build_client_parts
 
@@ -207,6 +213,9 @@ def load_generation_client(
     check_generation_support(config_of(full_model))
     fingerprint = model_fingerprint(full_model, split)
     generation_config = getattr(full_model, "generation_config", None)
+    bundle = adapter is not None and (Path(adapter) / MANIFEST_NAME).is_file()
+    if bundle:
+        _plug_bundle(full_model, Path(str(adapter)), split)
     parts = build_client_parts(full_model, split)
     for p in full_model.parameters():
         p.requires_grad_(False)
@@ -217,11 +226,13 @@ def load_generation_client(
             cast_floating_parameters(part, cast)
         part.to(dev)
         part.eval()
-    if adapter is not None:
-        report = load_adapter_into_parts(parts.bottom, parts.top, adapter)
-        log.info("adapter %s loaded: %s", adapter, report.loaded)
-        for part in parts:
-            part.to(dev)  # injected LoRA weights start on the CPU
+    if adapter is not None and not bundle:
+        _load_adapter_folder(parts.bottom, parts.top, Path(adapter))
+    for part in parts:
+        for name, p in part.named_parameters():
+            if "lora_" in name and p.dtype != torch.float32:
+                p.data = p.data.float()  # LoRA stays fp32 whatever the frozen weights' dtype, as in training
+        part.to(dev)  # injected LoRA weights start on the CPU
     return GenerationClient(
         parts.bottom,
         parts.top,
@@ -232,6 +243,34 @@ def load_generation_client(
         str(adapter) if adapter is not None else None,
         generation_config,
     )
+
+
+def _load_adapter_folder(bottom: ClientBottom, top: ClientTop, folder: Path) -> None:
+    """A PEFT LoRA folder, or an Offline full-block adapter folder (every client block tensor, nothing else)."""
+    from guardedp2p.designs.offline.plugin import _load_full_blocks, adapter_type_of
+    from guardedp2p.engine.lora import load_adapter_into_parts
+
+    if not folder.is_dir():
+        raise ConfigError(f"adapter {folder}: not a folder (pass OUT/adapter or OUT/bundle of a `client tune`)")
+    if adapter_type_of(folder) == "full":
+        loaded = _load_full_blocks(bottom, top, folder)
+    else:
+        loaded = load_adapter_into_parts(bottom, top, folder).loaded
+    log.info("adapter %s loaded: %s", folder, loaded)
+
+
+def _plug_bundle(full_model: torch.nn.Module, folder: Path, split: SplitConfig) -> None:
+    """Verify a signed Offline bundle (digests, the base model's fingerprint) and load it into ``full_model``."""
+    from guardedp2p.designs.offline.plugin import plug_in, verify_adapter_bundle
+
+    verified = verify_adapter_bundle(folder)
+    if verified.split != (split.bottom_layers, split.top_layers):
+        raise ConfigError(
+            f"the bundle {folder} was tuned with split {verified.split[0]}/{verified.split[1]}; pass "
+            f"--bottom-layers {verified.split[0]} --top-layers {verified.split[1]} (and serve the same split)"
+        )
+    plugged = plug_in(full_model, folder)
+    log.info("adapter bundle %s (signed by %s) loaded: %s", folder, verified.signer, plugged.loaded)
 
 
 def encode_prompt(

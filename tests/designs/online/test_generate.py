@@ -61,15 +61,10 @@ def _reference(model, adapter, prompts, max_new, eos=None):
     for r, p in enumerate(prompts):
         ids[r, width - len(p) :] = torch.tensor(p)
         mask[r, width - len(p) :] = 1
+    gen_cfg = copy.deepcopy(ref.generation_config)
+    gen_cfg.eos_token_id, gen_cfg.pad_token_id, gen_cfg.do_sample = eos, 0, False  # eos None: exactly max_new steps
     with torch.inference_mode():
-        out = ref.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=eos,
-        )
+        out = ref.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, max_new_tokens=max_new)
     rows = []
     for row in out[:, width:].tolist():
         if eos is not None and eos in row:
@@ -311,3 +306,85 @@ def test_unsupported_architectures_are_refused_clearly(arch):
     with pytest.raises(RemoteError, match="cannot serve generation"):
         session.request(msg, expect=MsgType.ACT_DOWN)
     session.ping()  # and the session still works
+
+
+def _reference_model_tokens(ref, prompts, max_new):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    with torch.inference_mode():
+        out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+def test_offline_deliverables_generate_through_the_split_full_blocks_and_signed_bundle(tmp_path):
+    """Issue 18 item 5: what an Offline run leaves the client (a full-block adapter, or the signed bundle the
+    provider plugged in) generates through the same split, against a provider serving the base model."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from peft import PeftModel
+
+    from guardedp2p.crypto.manifest import DigestMismatchError, sign_folder
+    from guardedp2p.designs.offline.plugin import ADAPTER_FILES, BUNDLE_KIND, full_block_parameters, save_full_blocks
+    from guardedp2p.engine.fingerprint import model_fingerprint
+    from guardedp2p.engine.split import build_client_parts
+
+    model = tiny_model("llama")
+    app = provider_app(model)
+    cfg = GenerateConfig(max_new_tokens=12, eos_token_ids=())
+    # 1. full-block adapter: the client's blocks themselves were tuned (here: perturbed)
+    tuned = copy.deepcopy(model)
+    parts = build_client_parts(tuned, SPLIT)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in full_block_parameters(parts.bottom, parts.top).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    folder = save_full_blocks(parts.bottom, parts.top, tmp_path / "full")
+    client = _client(model, folder)
+    out = SplitGenerator(*_parts(client), _session(app, client).trunk).generate(PROMPTS, cfg)
+    assert [o.tokens for o in out] == _reference_model_tokens(tuned.eval(), PROMPTS, 12)
+    # 2. the signed LoRA bundle: verified, plugged in, and equal to the unsplit model with the adapter
+    adapter = _adapter(model, tmp_path)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for name in ADAPTER_FILES:
+        (bundle / name).write_bytes((adapter / name).read_bytes())
+    body = {
+        "kind": BUNDLE_KIND,
+        "base_fingerprint": model_fingerprint(model, SPLIT),
+        "split": {"bottom_layers": 2, "top_layers": 2},
+        "emulator_manifest_sha256": "0" * 64,
+        "adapter": {"format": "peft-lora", "client_layers": [0, 1, 4, 5]},
+    }
+    sign_folder(bundle, body, ADAPTER_FILES, Ed25519PrivateKey.generate())
+    client = _client(model, bundle)
+    out = SplitGenerator(*_parts(client), _session(app, client).trunk).generate(PROMPTS, cfg)
+    ref = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).eval()
+    assert [o.tokens for o in out] == _reference_model_tokens(ref, PROMPTS, 12)
+    # a damaged bundle is refused before anything is loaded
+    weights = bundle / ADAPTER_FILES[1]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DigestMismatchError):
+        _client(model, bundle)
+
+
+@pytest.mark.slow
+def test_default_model_split_greedy_generation_equals_unsplit_with_the_same_adapter(smollm2, tmp_path):
+    from guardedp2p.designs.online.generate import encode_prompt
+
+    model, tok = smollm2
+    adapter = _adapter(model, tmp_path)
+    app = provider_app(model)
+    client = load_generation_client(
+        full_model=copy.deepcopy(model), tokenizer=tok, split=SPLIT, adapter=adapter, device="cpu", dtype=None
+    )
+    texts = ["Write a haiku about autumn.", "What is 2 + 2?", "Name three colours of the rainbow, please."]
+    prompts = [encode_prompt(tok, t, chat=True) for t in texts]
+    gen = SplitGenerator(client.bottom, client.top, tok, _session(app, client).trunk)
+    out = gen.generate(prompts, GenerateConfig(max_new_tokens=24, eos_token_ids=()))
+    assert [g.tokens for g in out] == _reference(model, adapter, prompts, 24)
+    assert all(g.text.strip() for g in out)
