@@ -428,7 +428,7 @@ def tune_cmd(
         allow_network=allow_network,
     )
     # ---- every check that needs no provider and no weights, before connecting or loading anything
-    out_action = check_out_dir(out, resume=resume, overwrite=overwrite)
+    out_action = check_out_dir(out, resume=resume, overwrite=overwrite, protocol=protocol)
     trackers = parse_report_to(report_to)
     check_available(trackers)
     extra = check_client_keys(connect, provider_key, keys, name, insecure)

@@ -9,7 +9,8 @@ code. Offline runs :func:`guardedp2p.designs.offline.run.tune_offline` with the 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -217,24 +218,37 @@ def evaluate_metrics(
     """
     from guardedp2p.data.collate import collate
     from guardedp2p.data.mc_eval import evaluate_loss, evaluate_mc
+    from guardedp2p.service.runner import current_phase
 
     def on_device(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return logits_fn(ids.to(device), mask.to(device))
 
+    bs = opts.eval_batch_size
+    items = data.eval_items if data.eval_kind == "mc" else []
+    # progress in chunks of one evaluation batch: items scored independently, so chunked accuracy is exact
+    mc_chunks = [items[i : i + bs] for i in range(0, len(items), bs)]
+    n_loss = -(-len(data.eval_examples) // bs)
+    phase = current_phase()
+    phase.set_total(len(mc_chunks) + n_loss)
     out: dict[str, float] = {}
     if data.eval_kind == "mc":
-        res = evaluate_mc(
-            on_device, tokenizer, data.eval_items, batch_size=opts.eval_batch_size, max_length=opts.train.max_length
-        )
-        out["acc"] = float(res["acc"])
-        out["acc_norm"] = float(res["acc_norm"])
+        n = correct = correct_norm = 0.0
+        for chunk in mc_chunks:
+            res = evaluate_mc(on_device, tokenizer, chunk, batch_size=bs, max_length=opts.train.max_length)
+            n += len(chunk)
+            correct += float(res["acc"]) * len(chunk)
+            correct_norm += float(res["acc_norm"]) * len(chunk)
+            phase.advance()
+        out["acc"] = correct / n if n else math.nan
+        out["acc_norm"] = correct_norm / n if n else math.nan
     if data.eval_examples:
-        bs = opts.eval_batch_size
-        batches = [
-            collate(data.eval_examples[i : i + bs], tokenizer.pad_token_id)
-            for i in range(0, len(data.eval_examples), bs)
-        ]
-        out["loss"] = float(evaluate_loss(on_device, batches))
+
+        def batches() -> Iterator[dict[str, torch.Tensor]]:
+            for i in range(0, len(data.eval_examples), bs):
+                yield collate(data.eval_examples[i : i + bs], tokenizer.pad_token_id)
+                phase.advance()
+
+        out["loss"] = float(evaluate_loss(on_device, batches()))
     return out
 
 
@@ -348,7 +362,15 @@ def checkpoint_step(out: Path) -> int | None:
     return None
 
 
-def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> str:
+def _checkpoint_protocol(out: Path) -> str | None:
+    try:
+        made_for = json.loads((out / "checkpoint" / "state.json").read_text()).get("protocol")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return made_for if isinstance(made_for, str) else None
+
+
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool, protocol: str | None = None) -> str:
     """Refuse to run into a non-empty ``--out`` unless ``--resume`` or ``--overwrite`` says what to do with it.
 
     Why: a run used to replace a step-6 checkpoint with a step-2 one when started again without ``--resume``.
@@ -363,6 +385,12 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> str:
     if not entries:
         return f"new folder {out}" + (" (nothing to resume yet: starting fresh)" if resume else "")
     if resume:
+        made_for = _checkpoint_protocol(out)
+        if protocol is not None and made_for is not None and made_for != protocol:
+            raise ConfigError(
+                f"the checkpoint in {out / 'checkpoint'} is for --protocol {made_for}, not {protocol}; use a new --out, "
+                "or --overwrite instead of --resume to replace that run"
+            )
         return f"resume from step {step} in {out}" if step is not None else f"no checkpoint in {out}: starting fresh"
     if overwrite:
         return f"replace the run in {out}" + (

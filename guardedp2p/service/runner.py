@@ -36,7 +36,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -542,7 +542,8 @@ class RunCheckpoint:
         trainable, tstate, meta = load_checkpoint(self.directory)
         if any(meta.get(k) != v for k, v in self.identity.items()):
             raise CheckpointError(
-                f"the checkpoint in {self.directory} is for {self.mismatch}; use a new --out or drop --resume"
+                f"the checkpoint in {self.directory} is for {self.mismatch}; use a new --out, or --overwrite instead of "
+                "--resume to replace that run"
             )
         trainer.load_trainable_state(trainable)
         trainer.load_state_dict(tstate)
@@ -593,13 +594,70 @@ def progress_bar(
         yield StepProgress(bar, bar.add_task(label, total=total, completed=completed, loss="-"))
 
 
-def status(enabled: bool, console: Console | None, text: str) -> AbstractContextManager[object]:
-    """A spinner for long forward-only phases (evaluation), when progress display is on."""
-    if not enabled:
-        return nullcontext()
-    from rich.console import Console
+class PhaseProgress:
+    """The progress of a long forward-only phase (evaluation): a bar once the work is counted, else a spinner.
 
-    return (console or Console(stderr=True)).status(text)
+    The phase's code finds it with :func:`current_phase` (it may run inside :func:`status` or not at all) and says
+    how much work there is (:meth:`set_total`) and how much is done (:meth:`advance`).
+    """
+
+    def __init__(self, bar: Progress | None = None, task: TaskID | None = None) -> None:
+        self.bar, self.task = bar, task
+
+    def set_total(self, total: int) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, total=total, completed=0)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.advance(self.task, n)
+
+
+_PHASES: list[PhaseProgress] = []
+
+
+def current_phase() -> PhaseProgress:
+    """The innermost :func:`status` phase, or an inert one (so phase code never needs to check)."""
+    return _PHASES[-1] if _PHASES else PhaseProgress()
+
+
+@contextmanager
+def status(enabled: bool, console: Console | None, text: str) -> Iterator[PhaseProgress]:
+    """A progress bar (elapsed and remaining time) for long forward-only phases, when progress display is on.
+
+    Why a bar and not a spinner: evaluation can take most of a short run (the demo's was 150 s of 152), and a
+    spinner gave no idea of how long it would last.
+    """
+    if not enabled:
+        yield PhaseProgress()
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.table import Column
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+        BarColumn(bar_width=20),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        phase = PhaseProgress(bar, bar.add_task(text.rstrip("…"), total=None))
+        _PHASES.append(phase)
+        try:
+            yield phase
+        finally:
+            _PHASES.remove(phase)
 
 
 # ------------------------------------------------------------------------------------------------ the step loop
@@ -805,11 +863,13 @@ __all__ = [
     "SessionLink",
     "StepAborted",
     "StopSignals",
+    "PhaseProgress",
     "StepProgress",
     "TrainingInterrupted",
     "Traffic",
     "Verdict",
     "build_summary",
+    "current_phase",
     "history_row",
     "primary_metric",
     "progress_bar",

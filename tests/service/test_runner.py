@@ -339,7 +339,8 @@ def test_resume_refuses_a_checkpoint_of_another_protocol_or_model(tmp_path, iden
     with pytest.raises(ConfigError) as info:
         RunCheckpoint(tmp_path / "c", identity).resume(fresh, FakeData())
     assert str(info.value) == (
-        f"the checkpoint in {tmp_path / 'c'} is for another protocol or model; use a new --out or drop --resume"
+        f"the checkpoint in {tmp_path / 'c'} is for another protocol or model; use a new --out, or --overwrite "
+        "instead of --resume to replace that run"
     )
     assert fresh.step == 0, "nothing was restored"
 
