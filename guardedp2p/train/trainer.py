@@ -207,7 +207,8 @@ class SplitTrainer:
             "client_params": sum(p.numel() for p in params.values()),
             "trainable_params": sum(p.numel() for p in self.named_params.values()),
             "client_param_bytes": sum(p.numel() * p.element_size() for p in params.values()),
-            "client_step_s": round(sum(r.seconds for r in self.times.history) / max(1, len(self.times.history)), 4),
+            # wall time of a step as the client lives it (its compute plus waiting for the trunk)
+            "step_s": round(sum(r.seconds for r in self.times.history) / max(1, len(self.times.history)), 4),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():

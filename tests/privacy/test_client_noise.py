@@ -255,7 +255,7 @@ def test_client_cost_reports_params_time_memory():
     t.train_step([batch()])
     cost = t.client_cost()
     assert cost["trainable_params"] > 0 and cost["client_params"] >= cost["trainable_params"]
-    assert cost["client_step_s"] > 0 and cost["peak_rss_mib"] > 0
+    assert cost["step_s"] > 0 and cost["peak_rss_mib"] > 0
 
 
 # ------------------------------------------------------------------------------------------ --noise spec
