@@ -15,6 +15,8 @@ CPU time per step (``cpu_ms_per_step``; split: this process plus the provider pr
 measured the same way. On a shared machine the wall time of the split path also pays the scheduler: each step
 wakes the provider, then the client again (and both ZeroMQ I/O threads), and every wake-up waits for a core when
 the machine is loaded; the CPU time does not, so ``split_over_local_cpu`` says what the split itself costs.
+``provider_receive_thread_cpu_ms_per_step`` is the part of the provider's CPU spent by its receive loop (the
+trunk runs on its worker thread), i.e. serving overhead rather than compute.
 
     python -m benchmarks.bench_generate [--prompts 1,8] [--new-tokens 32] [--reps 5] [--threads 1]
     python -m benchmarks.bench_generate --fast          # tiny random model: checks the bench itself, seconds
@@ -79,11 +81,13 @@ def _padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Ten
     return ids, mask
 
 
-def _cpu_s(pid: int | None = None) -> float:
-    """CPU seconds (user + system, every thread) of this process or of process ``pid`` (from /proc)."""
+def _cpu_s(pid: int | None = None, *, main_thread: bool = False) -> float:
+    """CPU seconds (user + system) of this process or of process ``pid`` (from /proc): every thread, or with
+    ``main_thread`` only its first thread (the provider's receive loop; computations run on its worker thread)."""
     if pid is None:
         return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -98,11 +102,12 @@ def _local(
 
 def _split(
     gen: Any, cfg: Any, prompts: list[list[int]], provider_pid: int
-) -> tuple[float, tuple[float, float], list[list[int]]]:
-    """Wall seconds, (client, provider) CPU seconds and the tokens of one split generation."""
+) -> tuple[float, tuple[float, float, float], list[list[int]]]:
+    """Wall seconds, (client, provider, provider's receive thread) CPU seconds and the tokens of one generation."""
     t0, c0, p0 = time.perf_counter(), _cpu_s(), _cpu_s(provider_pid)
+    r0 = _cpu_s(provider_pid, main_thread=True)
     res = gen.generate(prompts, cfg)
-    cpu = (_cpu_s() - c0, _cpu_s(provider_pid) - p0)
+    cpu = (_cpu_s() - c0, _cpu_s(provider_pid) - p0, _cpu_s(provider_pid, main_thread=True) - r0)
     return time.perf_counter() - t0, cpu, [g.tokens for g in res]
 
 
@@ -204,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs.setdefault(("split", b), []).append(
                     {
                         "step_s": (t_n - t_1) / steps,
-                        "cpu_s": (sum(c_n) - sum(c_1)) / steps,
+                        "cpu_s": (c_n[0] + c_n[1] - c_1[0] - c_1[1]) / steps,
                         "client_cpu_s": (c_n[0] - c_1[0]) / steps,
                         "provider_cpu_s": (c_n[1] - c_1[1]) / steps,
+                        "receive_cpu_s": (c_n[2] - c_1[2]) / steps,
                         "up": ((up1 - up0) - (up2 - up1)) / steps,
                         "down": ((down1 - down0) - (down2 - down1)) / steps,
                         "provider_s": ((prov1 - prov0) - (prov2 - prov1)) / steps,
@@ -255,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_ms_per_step": round(1000 * spl_cpu, 3),
                 "client_cpu_ms_per_step": round(1000 * statistics.median(r["client_cpu_s"] for r in spl), 3),
                 "provider_cpu_ms_per_step": round(1000 * statistics.median(r["provider_cpu_s"] for r in spl), 3),
+                "provider_receive_thread_cpu_ms_per_step": round(
+                    1000 * statistics.median(r["receive_cpu_s"] for r in spl), 3
+                ),
                 "provider_ms_per_step": round(1000 * statistics.median(r["provider_s"] for r in spl), 3),
                 "bytes_up_per_step": round(up),
                 "bytes_down_per_step": round(down),
