@@ -176,10 +176,13 @@ def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | No
         return None
     try:
         data = read_config_file(Path(value))
-        path = _command_path(ctx)
-        ctx.default_map = {**(ctx.default_map or {}), **config_defaults(ctx.command, path, data)}
     except ConfigFileError as exc:
         raise typer.BadParameter(str(exc).removeprefix("--config "), ctx=ctx, param_hint="'--config'") from None
+    try:
+        defaults = config_defaults(ctx.command, _command_path(ctx), data)
+    except ConfigFileError as exc:
+        raise typer.BadParameter(f"{value}: {exc}", ctx=ctx, param_hint="'--config'") from None
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
 
