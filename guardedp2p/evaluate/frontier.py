@@ -111,12 +111,17 @@ _FIXED: dict[str, RowDef] = {
         RowDef("dcor_strong", "Online + dCor 4", "online", "dcor", dcor=4.0),
         RowDef("int8", "Online, int8", "online", "codec", codec="int8"),
         RowDef("nf4", "Online, nf4", "online", "codec", codec="nf4"),
-        RowDef("noise", "Online + noise 1.0", "online", "noise", noise_scale=1.0),
+        RowDef("noise", "Online + noise 2", "online", "noise", noise_scale=2.0),
         RowDef("gradfree", "Gradfree", "gradfree", "design"),
         RowDef("gradfree_nf4", "Gradfree, nf4", "gradfree", "design", codec="nf4"),
         RowDef("offline", "Offline (emulator)", "offline", "design"),
     )
 }
+# Headline points. dCor 4: the strongest of the earlier grid's two weights. Noise 2: h1 after block 2 of SmolLM2 has a
+# token RMS of ~3.1; the adaptive inverter (600 aux records, 3 epochs, pre-trained bottom) still reached held-out
+# ROUGE-L 0.995 / 0.983 / 0.930 at sigma 2 / 4 / 8, and the privacy presets' measurements put the collapse of the
+# demo's accuracy at ~2x the token RMS, so no sigma buys privacy at a usable accuracy: 2 is the mildest point that
+# is still a real perturbation (2/3 of the RMS). int8: the codec that kept accuracy in docs/results/defences.md.
 #: The headline grid: no defence, one point of each defence family, Gradfree, Offline (Local LoRA always runs:
 #: it is the reference of the utility loss).
 HEADLINE_ROWS: tuple[str, ...] = ("local", "online", "dcor_strong", "int8", "noise", "gradfree", "offline")
