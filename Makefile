@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # setup is redone when the dependencies or their pinned versions change
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: demo test test-all lint bench setup clean docs-cli
+.PHONY: demo test test-all lint bench bench-quick setup clean docs-cli
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,11 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
+
+# The headline ratios of issue 19 in a few minutes: CURVE vs plaintext on the wire path, Online and Gradfree vs a
+# local LoRA step, the client's peak memory (docs/results/perf.md).
+bench-quick: setup
+	$(BIN)/python -m benchmarks.bench_quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

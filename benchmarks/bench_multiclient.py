@@ -1,10 +1,15 @@
-"""Aggregate provider throughput with 1, 2 and 4 concurrent clients over CURVE on 127.0.0.1.
+"""Aggregate throughput of 1, 2 and 4 concurrent clients on one provider, over CURVE on 127.0.0.1, on the real model.
 
-One provider process (the real ``provider serve``) and N client threads in this process, each with its own
-key-authenticated channel, session and copy of the client parts, running Online (or Gradfree) steps. Prints a
-JSON line per N: total steps per second and tokens per second through the provider, per-client step time.
+One provider process (the real ``provider serve``, one torch thread unless ``--provider-threads``) and N client
+threads in this process (one torch thread in all), each with its own key, channel, session and copy of the client
+parts, training Online and Gradfree (issue 19) on the default model. Settings alternate (protocol x N, repeated
+``--repeat`` times) so the load of a shared machine drifts over all of them; medians are reported. Per setting:
+aggregate samples/s (steps x batch / wall), per-client step time, what the provider reported computing, and the
+CPU the two processes used (``cpu_util``: CPU-seconds per wall second, out of ``os.cpu_count()``), which says
+whether the machine, not the protocol, is the limit. Gradfree runs without the trunk-output cache.
 
-    python -m benchmarks.bench_multiclient [--clients 1,2,4] [--steps 10] [--model default]
+    python -m benchmarks.bench_multiclient [--clients 1,2,4] [--protocols online,gradfree] [--steps 4]
+        [--repeat 2] [--micro-batches 1] [--model default]
 
 ``--batching`` measures provider-side batching (issue #6) instead: aggregate Gradfree forward throughput for
 1, 2 and 4 concurrent clients with ``max_batch`` 1 (off) and 8. The provider runs in this process (serve loop in
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -32,15 +38,17 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--clients", default="1,2,4")
-    ap.add_argument("--steps", type=int, default=10, help="steps per client")
+    ap.add_argument("--steps", type=int, default=4, help="steps per client and setting (after one warm-up step)")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=None, help="tokens per row (default 128, --batching 64)")
+    ap.add_argument("--protocols", default="online,gradfree", help="designs to measure (clients mode)")
+    ap.add_argument("--micro-batches", type=int, default=1, help="clients mode: pipelined steps with N micro-batches")
+    ap.add_argument("--provider-threads", type=int, default=1, help="clients mode: torch threads of the provider")
     ap.add_argument(
         "--model",
         default=None,
         help="model folder or 'default' (the default, except with --batching: 'tiny' or 'small', random llamas)",
     )
-    ap.add_argument("--protocol", default="online", choices=["online", "gradfree"])
     ap.add_argument(
         "--batching",
         action="store_true",
@@ -51,18 +59,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=100, help="--batching: forward requests per client")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (shared by provider and clients)")
     ap.add_argument(
-        "--repeat", type=int, default=3, help="--batching: runs per setting, alternating settings; medians are reported"
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs per setting, alternating settings; medians (default 2, --batching 3)",
     )
     args = ap.parse_args(argv)
     if args.batching:
+        args.repeat = args.repeat or 3
+        args.seq = args.seq or 64
         return batching_main(args)
+    args.repeat = args.repeat or 2
+    args.seq = args.seq or 128
     args.model = args.model or "default"
+    return clients_main(args)
 
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc), all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def clients_main(args: argparse.Namespace) -> int:
+    """N concurrent training clients per protocol against one provider process; see the module docstring."""
     from benchmarks.bench_online import make_batch
     from guardedp2p.cli.client import client_channel_factory
     from guardedp2p.cli.demo import ProviderProcess, free_port
     from guardedp2p.crypto.keys import generate_keypair
     from guardedp2p.designs.online.client import RemoteTrunk
+    from guardedp2p.designs.online.pipeline import PipelineConfig, PipelinedStep
+    from guardedp2p.engine.loading import load_causal_lm
     from guardedp2p.engine.split import loss_fn
     from guardedp2p.protocol.client import ClientSession
     from guardedp2p.service.client import TuneOptions, prepare_client
@@ -70,89 +97,157 @@ def main(argv: list[str] | None = None) -> int:
     from guardedp2p.train.trainer import SplitTrainer
     from guardedp2p.wire.handshake import Hello
 
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
     counts = [int(c) for c in args.clients.split(",")]
+    protocols = [p for p in args.protocols.split(",") if p]
     tmp = Path(tempfile.mkdtemp(prefix="gp2p-bench-mc-"))
     generate_keypair(tmp, "provider")
     allow = tmp / "clients"
     for i in range(max(counts)):
         generate_keypair(allow, f"c{i}")
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=1e-4, warmup_steps=0, schedule="constant")
-    base = prepare_client(TuneOptions(protocol=args.protocol, model=args.model, train=cfg))
-    batch = make_batch(base.tokenizer, args.batch, args.seq)
-    codecs = (
-        {d: "fp32" for d in ("up", "down", "grad_up", "grad_down")}
-        if args.protocol == "online"
-        else {"up": "fp32", "down": "fp32"}
-    )
+    cfg = TrainConfig(steps=10**6, batch_size=args.batch, lr=1e-4, warmup_steps=0, schedule="constant")
+    model, tok = load_causal_lm(args.model)
+    bases = {
+        p: prepare_client(
+            TuneOptions(protocol=p, model=args.model, train=cfg), model=copy.deepcopy(model), tokenizer=tok
+        )
+        for p in protocols
+    }
+    del model
+    batches = [make_batch(tok, args.batch, args.seq, seed=i) for i in range(4)]
+    # every client's parts and session, made once: a setting's wall time is its steps only
+    workers: dict[tuple[str, int], Any] = {}
 
-    def one_client(i: int, out: list[float], errors: list[str]) -> None:
-        try:
-            mine = copy.deepcopy(base)
+    def worker(p: str, i: int) -> Any:
+        key = (p, i)
+        if key not in workers:
+            mine = copy.deepcopy(bases[p])
             connect = client_channel_factory(endpoint, tmp / "provider.key", allow, f"c{i}", False)
+            gradients = p == "online"
+            codecs = {d: "fp32" for d in (("up", "down", "grad_up", "grad_down") if gradients else ("up", "down"))}
             session = ClientSession(connect(), timeout=600)
-            session.open(Hello(args.protocol, mine.fingerprint, (2, 2), codecs))
-            remote = RemoteTrunk(session, codecs, gradients=args.protocol == "online")
+            session.open(Hello(p, mine.fingerprint, (2, 2), codecs))
+            remote = RemoteTrunk(session, codecs, gradients=gradients)
             trainer = SplitTrainer(
                 mine.bottom,
                 mine.top,
-                lambda h, m, *, train, input_ids: remote(h, m, train=train),
-                cfg,
+                lambda h, m, *, train, input_ids, r=remote: r(h, m, train=train),
+                copy.deepcopy(cfg),
                 loss_fn=loss_fn,
-                train_bottom=args.protocol == "online",
+                train_bottom=gradients,
             )
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                trainer.train_step([batch])
-                out.append(time.perf_counter() - t0)
-            session.close()
+            if args.micro_batches > 1:
+                step = PipelinedStep(remote, PipelineConfig(micro_batches=args.micro_batches))
+                workers[key] = (session, lambda b, s=step, t=trainer: s(t, b))
+            else:
+                workers[key] = (session, trainer.train_step)
+        return workers[key]
+
+    def one_client(p: str, i: int, out: list[float], errors: list[str], go: threading.Barrier) -> None:
+        try:
+            _, step = worker(p, i)
+            step([batches[i % 4]])  # warm-up, before the clock starts
         except Exception as exc:  # noqa: BLE001 - reported in the JSON line
             errors.append(f"client {i}: {exc}")
+        go.wait()
+        try:
+            if not errors:
+                for k in range(args.steps):
+                    t0 = time.perf_counter()
+                    step([batches[(i + k) % 4]])
+                    out.append(time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"client {i}: {exc}")
 
-    torch.set_num_threads(1)
-    with ProviderProcess(
-        [
-            "--model",
-            args.model,
-            "--bind",
-            endpoint,
-            "--keys",
-            str(tmp),
-            "--name",
-            "provider",
-            "--allow-dir",
-            str(allow),
-        ],
-        tmp,
-    ):
-        for n in counts:
-            times: list[list[float]] = [[] for _ in range(n)]
-            errors: list[str] = []
-            threads = [threading.Thread(target=one_client, args=(i, times[i], errors)) for i in range(n)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
-            steps = sum(len(t) for t in times)
-            print(
-                json.dumps(
-                    {
-                        "bench": "multiclient",
-                        "protocol": args.protocol,
-                        "model": args.model,
-                        "clients": n,
-                        "steps_total": steps,
-                        "wall_s": round(wall, 2),
-                        "steps_per_s": round(steps / wall, 3),
-                        "tokens_per_s": round(steps * args.batch * args.seq / wall, 1),
-                        "mean_client_step_s": round(statistics.mean(x for t in times for x in t), 3) if steps else None,
-                        "errors": errors,
-                    }
-                ),
-                flush=True,
-            )
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(args.provider_threads)
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    provider_args = ["--model", args.model, "--bind", endpoint, "--keys", str(tmp), "--name", "provider"]
+    provider_args += ["--allow-dir", str(allow)]
+    try:
+        with ProviderProcess(provider_args, tmp) as provider:
+            if env_threads is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = env_threads
+            assert provider.proc is not None
+            pid = provider.proc.pid
+            for rep in range(args.repeat):
+                for p in protocols:
+                    for n in counts:
+                        times: list[list[float]] = [[] for _ in range(n)]
+                        errors: list[str] = []
+                        go = threading.Barrier(n + 1)
+                        threads = [
+                            threading.Thread(target=one_client, args=(p, i, times[i], errors, go)) for i in range(n)
+                        ]
+                        for t in threads:
+                            t.start()
+                        go.wait()
+                        sessions = [worker(p, i)[0] for i in range(n)]
+                        prov0 = sum(s.stats.provider_s for s in sessions)
+                        cpu0 = time.process_time() + _proc_cpu_s(pid)
+                        t0 = time.perf_counter()
+                        for t in threads:
+                            t.join()
+                        wall = time.perf_counter() - t0
+                        cpu = time.process_time() + _proc_cpu_s(pid) - cpu0
+                        provider_s = sum(s.stats.provider_s for s in sessions) - prov0
+                        steps = sum(len(x) for x in times)
+                        row = {
+                            "bench": "multiclient",
+                            "protocol": p,
+                            "model": args.model,
+                            "clients": n,
+                            "micro_batches": args.micro_batches,
+                            "repeat": rep,
+                            "steps_total": steps,
+                            "wall_s": round(wall, 2),
+                            "samples_per_s": round(steps * args.batch / wall, 3),
+                            "tokens_per_s": round(steps * args.batch * args.seq / wall, 1),
+                            "mean_client_step_s": round(statistics.mean(x for t in times for x in t), 3)
+                            if steps
+                            else None,
+                            "provider_compute_s": round(provider_s, 2),
+                            "provider_busy": round(provider_s / wall, 3),
+                            "cpu_util": round(cpu / wall, 3),
+                            "cpus": os.cpu_count(),
+                            "loadavg_1min": round(os.getloadavg()[0], 2),
+                            "errors": errors,
+                        }
+                        results.setdefault((p, n), []).append(row)
+                        print(json.dumps(row), flush=True)
+            for session, _ in workers.values():
+                session.close()
+    finally:
+        if env_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+    summary: dict[str, Any] = {
+        "bench": "multiclient_summary",
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+    }
+    for p in protocols:
+        med = {n: statistics.median(r["samples_per_s"] for r in results[(p, n)]) for n in counts}
+        summary[p] = {
+            "samples_per_s": {str(n): round(v, 3) for n, v in med.items()},
+            "speedup_vs_one": {str(n): round(v / med[counts[0]], 3) for n, v in med.items()},
+            "provider_busy": {
+                str(n): round(statistics.median(r["provider_busy"] for r in results[(p, n)]), 3) for n in counts
+            },
+            "cpu_util": {str(n): round(statistics.median(r["cpu_util"] for r in results[(p, n)]), 3) for n in counts},
+        }
+    summary["target"] = "4 clients >= 1.5 x one"
+    summary["loadavg_before"] = [round(x, 2) for x in load_before]
+    summary["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(summary), flush=True)
     return 0
 
 
