@@ -29,8 +29,9 @@ import os
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -64,7 +65,9 @@ def _read_jsonl(path: str, n: int | None = None) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- MC, shared prefix
 @torch.no_grad()
-def mc_loglik_shared_prefix(model: Any, tok: Any, items: Sequence[dict[str, Any]], batch_size: int = 16) -> list[list[float]]:
+def mc_loglik_shared_prefix(
+    model: Any, tok: Any, items: Sequence[dict[str, Any]], batch_size: int = 16
+) -> list[list[float]]:
     """Summed log-likelihood of each choice, tokenized exactly as ``evaluate_mc`` does, running each question once.
 
     Questions of equal token length are batched without padding; their KV cache is repeated for the choices,
@@ -145,7 +148,13 @@ def _lora_model(base: Any, r: int) -> Any:
 
     n = base.config.num_hidden_layers
     layers = SplitConfig().client_layers(n)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(get_arch(base).lora_targets), layers_to_transform=layers)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        target_modules=list(get_arch(base).lora_targets),
+        layers_to_transform=layers,
+    )
     return get_peft_model(base, cfg)
 
 
@@ -158,15 +167,26 @@ def _logits_fn(model: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     return fn
 
 
-def train(args: argparse.Namespace, lmodel: Any, tok: Any, train_path: str, probe: Callable[[int], None] | None) -> dict[str, Any]:
+def train(
+    args: argparse.Namespace, lmodel: Any, tok: Any, train_path: str, probe: Callable[[int], None] | None
+) -> dict[str, Any]:
     from guardedp2p.data.collate import BatchIterator
     from guardedp2p.data.tokenize import DataConfig, encode_lm
     from guardedp2p.engine.split import loss_fn
     from guardedp2p.train.config import TrainConfig
     from guardedp2p.train.trainer import lr_lambda
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length, warmup_steps=args.warmup,
-                      schedule="constant", checkpoint_every=0, lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        warmup_steps=args.warmup,
+        schedule="constant",
+        checkpoint_every=0,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+    )
     examples = encode_lm(_read_jsonl(train_path), tok, DataConfig(max_length=cfg.max_length))
     torch.manual_seed(cfg.seed)
     params = [p for p in lmodel.parameters() if p.requires_grad]
@@ -207,11 +227,28 @@ def train(args: argparse.Namespace, lmodel: Any, tok: Any, train_path: str, prob
             probe_s += time.perf_counter() - p0
     wall = time.perf_counter() - wall0 - probe_s
     return {
-        "steps": len(times), "stopped": stopped, "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu_used, 1), "process_cpu_s": round(time.process_time() - cpu0, 1),
-        "mean_step_s": round(statistics.mean(times), 3), "mean_step_cpu_s": round(statistics.mean(cpu_times), 3), "loss_first": round(losses[0], 4), "loss_last10": round(statistics.mean(losses[-10:]), 4),
-        "trainable_params": sum(p.numel() for p in params), "train_examples": len(examples), "probe_s": round(probe_s, 1),
-        "config": {"batch_size": cfg.batch_size, "lr": cfg.lr, "max_length": cfg.max_length, "warmup_steps": cfg.warmup_steps,
-                   "schedule": cfg.schedule, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "max_grad_norm": cfg.max_grad_norm},
+        "steps": len(times),
+        "stopped": stopped,
+        "train_wall_s": round(wall, 1),
+        "train_cpu_s": round(cpu_used, 1),
+        "process_cpu_s": round(time.process_time() - cpu0, 1),
+        "mean_step_s": round(statistics.mean(times), 3),
+        "mean_step_cpu_s": round(statistics.mean(cpu_times), 3),
+        "loss_first": round(losses[0], 4),
+        "loss_last10": round(statistics.mean(losses[-10:]), 4),
+        "trainable_params": sum(p.numel() for p in params),
+        "train_examples": len(examples),
+        "probe_s": round(probe_s, 1),
+        "config": {
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "max_length": cfg.max_length,
+            "warmup_steps": cfg.warmup_steps,
+            "schedule": cfg.schedule,
+            "lora_r": cfg.lora_r,
+            "lora_alpha": cfg.lora_alpha,
+            "max_grad_norm": cfg.max_grad_norm,
+        },
     }
 
 
@@ -219,21 +256,36 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_task", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/bench_task", help="stage cache and results.jsonl")
     ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--cpu-budget", type=float, default=600.0,
-                    help="stop training before its steps use this many CPU seconds (process time, all threads): 600 = 10 CPU minutes")
-    ap.add_argument("--time-budget", type=float, default=0.0, help="also stop before this many wall seconds (0: no wall limit)")
+    ap.add_argument(
+        "--cpu-budget",
+        type=float,
+        default=600.0,
+        help="stop training before its steps use this many CPU seconds (process time, all threads): 600 = 10 CPU minutes",
+    )
+    ap.add_argument(
+        "--time-budget", type=float, default=0.0, help="also stop before this many wall seconds (0: no wall limit)"
+    )
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--lora-r", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time = compute, unaffected by a busy machine)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: CPU time = compute, unaffected by a busy machine)"
+    )
     ap.add_argument("--eval-mc", type=int, default=None, help="first N multiple-choice items only (default: all)")
     ap.add_argument("--eval-nll", type=int, default=None, help="first N NLL records only (default: all)")
     ap.add_argument("--check-items", type=int, default=16, help="items compared against evaluate_mc (0: skip)")
-    ap.add_argument("--probe-every", type=int, default=0, help="exploration: accuracy on --probe-items every K steps (time excluded)")
+    ap.add_argument(
+        "--probe-every",
+        type=int,
+        default=0,
+        help="exploration: accuracy on --probe-items every K steps (time excluded)",
+    )
     ap.add_argument("--probe-items", type=int, default=128)
-    ap.add_argument("--base-only", action="store_true", help="stop after the base model's stages (they are cached for the next run)")
+    ap.add_argument(
+        "--base-only", action="store_true", help="stop after the base model's stages (they are cached for the next run)"
+    )
     ap.add_argument("--task-dir", default=None, help="task folder (default: the cached default task)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -250,15 +302,28 @@ def main(argv: list[str] | None = None) -> int:
     nll_recs = _read_jsonl(paths.eval_nll, args.eval_nll)
     digest = TaskConfig().digest()
     eval_key = f"{digest}|mc={len(items)}|nll={len(nll_recs)}|threads={args.threads}"
-    train_key = (f"{digest}|steps={args.steps}|cpu={args.cpu_budget}|wall={args.time_budget}|bs={args.batch_size}|lr={args.lr}|warmup={args.warmup}"
-                 f"|len={args.max_length}|r={args.lora_r}|threads={args.threads}")
+    train_key = (
+        f"{digest}|steps={args.steps}|cpu={args.cpu_budget}|wall={args.time_budget}|bs={args.batch_size}|lr={args.lr}|warmup={args.warmup}"
+        f"|len={args.max_length}|r={args.lora_r}|threads={args.threads}"
+    )
     t_all = time.perf_counter()
     base, tok = load_causal_lm("default", device="cpu")
     for p in base.parameters():
         p.requires_grad_(False)
     if _cached(out, "task", digest) is None:
-        _emit(out, {"stage": "task", "key": digest, "folder": paths.folder, "config": TaskConfig().__dict__, "mc_items": len(items),
-                    "nll_records": len(nll_recs), "torch_threads": torch.get_num_threads(), "nice": os.nice(0)})
+        _emit(
+            out,
+            {
+                "stage": "task",
+                "key": digest,
+                "folder": paths.folder,
+                "config": TaskConfig().__dict__,
+                "mc_items": len(items),
+                "nll_records": len(nll_recs),
+                "torch_threads": torch.get_num_threads(),
+                "nice": os.nice(0),
+            },
+        )
 
     def evaluate(model: Any, tag: str, key: str) -> None:
         if _cached(out, f"{tag}_mc", key) is None:
@@ -268,7 +333,16 @@ def main(argv: list[str] | None = None) -> int:
         if _cached(out, f"{tag}_nll", key) is None:
             t0 = time.perf_counter()
             res = evaluate_record_nll(_logits_fn(model), tok, nll_recs, batch_size=8, max_length=args.max_length)
-            _emit(out, {"stage": f"{tag}_nll", "key": key, **res.to_dict(), "n": len(nll_recs), "seconds": round(time.perf_counter() - t0, 1)})
+            _emit(
+                out,
+                {
+                    "stage": f"{tag}_nll",
+                    "key": key,
+                    **res.to_dict(),
+                    "n": len(nll_recs),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                },
+            )
 
     if args.check_items and _cached(out, "mc_check", eval_key) is None:
         sub = items[: args.check_items]
@@ -276,7 +350,16 @@ def main(argv: list[str] | None = None) -> int:
         ref = evaluate_mc(_logits_fn(base), tok, sub, batch_size=8, return_predictions=True)
         diff = max(abs(a - b) for a, b in zip((x for s in fast for x in s), _ref_scores(base, tok, sub)))
         same = all(max(range(len(s)), key=lambda j: s[j]) == p for s, p in zip(fast, ref["pred"]))
-        _emit(out, {"stage": "mc_check", "key": eval_key, "items": len(sub), "max_abs_loglik_diff": diff, "same_predictions": same})
+        _emit(
+            out,
+            {
+                "stage": "mc_check",
+                "key": eval_key,
+                "items": len(sub),
+                "max_abs_loglik_diff": diff,
+                "same_predictions": same,
+            },
+        )
     evaluate(base, "base", eval_key)
     if args.base_only:
         return 0
@@ -296,7 +379,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def probe(step: int) -> None:
             r = mc_accuracy(lmodel, tok, probe_items)
-            print(json.dumps({"stage": "probe", "step": step, "acc": r["acc"], "n": r["n"], "per_rule": r["per_rule"]}), flush=True)
+            print(
+                json.dumps({"stage": "probe", "step": step, "acc": r["acc"], "n": r["n"], "per_rule": r["per_rule"]}),
+                flush=True,
+            )
 
         res = train(args, lmodel, tok, paths.train, probe)
         torch.save({n: p.detach().clone() for n, p in lmodel.named_parameters() if p.requires_grad}, adapter)
@@ -308,10 +394,23 @@ def main(argv: list[str] | None = None) -> int:
     b_mc, t_mc = _cached(out, "base_mc", eval_key), _cached(out, "tuned_mc", tuned_key)
     b_nll, t_nll = _cached(out, "base_nll", eval_key), _cached(out, "tuned_nll", tuned_key)
     assert b_mc and t_mc and b_nll and t_nll
-    _emit(out, {"stage": "summary", "key": tuned_key, "acc_before": b_mc["acc"], "acc_after": t_mc["acc"],
-                "gain_points": round(100 * (t_mc["acc"] - b_mc["acc"]), 2), "nll_before": b_nll["nll"], "nll_after": t_nll["nll"],
-                "nll_groups_before": b_nll["groups"], "nll_groups_after": t_nll["groups"], "train_steps": trained["steps"],
-                "train_wall_s": trained["train_wall_s"], "this_invocation_s": round(time.perf_counter() - t_all, 1)})
+    _emit(
+        out,
+        {
+            "stage": "summary",
+            "key": tuned_key,
+            "acc_before": b_mc["acc"],
+            "acc_after": t_mc["acc"],
+            "gain_points": round(100 * (t_mc["acc"] - b_mc["acc"]), 2),
+            "nll_before": b_nll["nll"],
+            "nll_after": t_nll["nll"],
+            "nll_groups_before": b_nll["groups"],
+            "nll_groups_after": t_nll["groups"],
+            "train_steps": trained["steps"],
+            "train_wall_s": trained["train_wall_s"],
+            "this_invocation_s": round(time.perf_counter() - t_all, 1),
+        },
+    )
     return 0
 
 

@@ -16,8 +16,9 @@ is never scored.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ from guardedp2p.errors import ConfigError
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Span = tuple[int, int]
 #: Fields of one text: a list of spans (one group called ``"fields"``) or named groups of spans.
-FieldSpans = Union[Sequence[Span], Mapping[str, Sequence[Span]]]
+FieldSpans = Sequence[Span] | Mapping[str, Sequence[Span]]
 
 
 class FieldNotFoundError(ConfigError):
@@ -96,9 +97,7 @@ def token_group_masks(tokenizer: Any, text: str, spans: FieldSpans) -> tuple[lis
     """Token ids of ``text`` and, per group, which tokens overlap one of the group's spans."""
     ids, offsets = _token_offsets(tokenizer, text)
     groups = _normalise(spans)
-    masks = {
-        g: [b > a and any(a < e and b > s for s, e in sp) for a, b in offsets] for g, sp in groups.items()
-    }
+    masks = {g: [b > a and any(a < e and b > s for s, e in sp) for a, b in offsets] for g, sp in groups.items()}
     return ids, masks
 
 

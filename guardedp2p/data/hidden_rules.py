@@ -35,9 +35,10 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from guardedp2p.data.demo import CITIES, FIRST_NAMES, LAST_NAMES, STREETS
 from guardedp2p.errors import ConfigError
@@ -145,9 +146,7 @@ def _population_names(population: Population) -> list[str]:
     if population not in _POPULATIONS:
         raise ConfigError(f"unknown population {population!r}; use one of {list(_POPULATIONS)}")
     k = _POPULATIONS.index(population)
-    pairs = [
-        (f, last) for i, f in enumerate(FIRST_NAMES) for j, last in enumerate(LAST_NAMES) if (i + j) % 3 == k
-    ]
+    pairs = [(f, last) for i, f in enumerate(FIRST_NAMES) for j, last in enumerate(LAST_NAMES) if (i + j) % 3 == k]
     return [f"{f} {m}. {last}" for f, last in pairs for m in _INITIALS]
 
 
