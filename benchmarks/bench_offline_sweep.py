@@ -631,11 +631,16 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         k = len(r["layers"]["middle_kept"])
         m = r["layers"]["n_layers"] - len(r["layers"]["adapter_bottom"]) - len(r["layers"]["adapter_top"])
         g = r["gain_recovered"]
+        gain = (
+            f"{g['estimate']:.2f} [{g['ci95'][0]:.2f}, {g['ci95'][1]:.2f}]"
+            if g.get("resolved", True)
+            else "n/a (full-FT gain not resolved)"
+        )
         lines.append(
             f"| {r['point']} | {k}/{m} | {r['adapter']} x{r['adapter_depth']}+{r['adapter_depth']} "
             f"| {r['distill_steps']} | {_fmt(r['zero_shot_full'])} | {_fmt(r['full_finetune'])} "
             f"| {_fmt(r['emulator_zero_shot'])} | {_fmt(r['emulator_finetune'])} | {_fmt(r['plug_in'])} "
-            f"| {g['estimate']:.2f} [{g['ci95'][0]:.2f}, {g['ci95'][1]:.2f}] "
+            f"| {gain} "
             f"| {_fmt(r['plug_in_minus_emulator_ft'])} | {r['param_fraction_shipped']:.3f} "
             f"| {r['public_heldout']['ppl_ratio']:.2f} | {r['step_time']['ratio']:.2f} |"
         )
@@ -671,6 +676,8 @@ def plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
     ax.set_title("the five numbers per point (95% bootstrap CI)", fontsize=9)
     for r in rows:
         g = r["gain_recovered"]
+        if not g.get("resolved", True):
+            continue
         x = r["public_heldout"]["ppl_ratio"]
         bx.errorbar(
             [x],
@@ -690,8 +697,29 @@ def plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
     fig.savefig(str(out))
 
 
+def _ft_gain(cache: Path, r: dict[str, Any]) -> dict[str, Any] | None:
+    """Full fine-tune minus zero-shot (paired over items) from the cached baselines of this point's adapter."""
+    zs = [json.loads(f.read_text()) for f in cache.glob("zs-*.json")]
+    for f in cache.glob("ft-*.json"):
+        ft = json.loads(f.read_text())
+        sp = ft.get("spec", {})
+        kind = "full" if r["adapter"] == "full" else "lora"
+        if (sp.get("adapter"), sp.get("depth"), sp.get("steps")) == (kind, r["adapter_depth"], r["steps"]) and (
+            kind == "full" or f"lora-r{sp.get('r')}" == r["adapter"]
+        ):
+            z = next((x for x in zs if len(x["correct"]) == len(ft["correct"])), None)
+            if z is not None:
+                return paired(ft["correct"], z["correct"])
+    return None
+
+
 def report(cache: Path, out_dir: Path, command: str) -> list[dict[str, Any]]:
     rows = [summary_line(r) for r in load_points(cache)]
+    for r in rows:
+        g = _ft_gain(cache, r)
+        r["full_ft_minus_zero_shot"] = g
+        # a ratio over a gain whose CI reaches 0 says nothing: flag it rather than print a huge interval
+        r["gain_recovered"]["resolved"] = bool(g and g["ci95"][0] > 0)
     if not rows:
         raise SystemExit(f"no measured point in {cache}/points yet")
     out_dir.mkdir(parents=True, exist_ok=True)
