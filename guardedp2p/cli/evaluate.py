@@ -70,6 +70,12 @@ def evaluate(
     protocol_eval: bool = typer.Option(
         False, "--protocol-eval", help="Also run the protocol's own evaluation (a cross-check; slower)."
     ),
+    runs_only: bool = typer.Option(
+        False,
+        "--runs-only",
+        help="Only fill the cache with the training runs (no attack, no report): lets several processes or machines "
+        "share one grid; a later run without it finds them cached.",
+    ),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     threads: int | None = typer.Option(None, help="Torch intra-op threads (1 is often fastest on a busy machine)."),
     json_out: bool = typer.Option(
@@ -99,6 +105,7 @@ def evaluate(
         strict=strict,
         keep_transcripts=keep_transcripts,
         protocol_eval=protocol_eval,
+        runs_only=runs_only,
         device=device,
         threads=threads,
         json_out=json_out,
@@ -191,6 +198,7 @@ def run_evaluate(
     json_out: bool,
     verbose: int,
     command: str = "guardedp2p evaluate",
+    runs_only: bool = False,
     loaded: Any = None,
 ) -> dict[str, Any]:
     """The command's body (``loaded``: an already loaded ``(model, tokenizer)``, for tests)."""
@@ -208,6 +216,7 @@ def run_evaluate(
         "strict": strict,
         "keep_transcripts": keep_transcripts,
         "protocol_eval": protocol_eval,
+        "runs_only": runs_only,
         "device": device,
         "progress": True,
         "command": command,
@@ -239,6 +248,10 @@ def run_evaluate(
     console = Console(stderr=True)
     model_obj, tok = loaded if loaded is not None else (None, None)
     res = run_frontier(cfg, model=model_obj, tokenizer=tok, console=console)
+    if res.get("runs_only"):
+        if json_out:
+            print_json(res)
+        return res
     table_console = Console(stderr=json_out)
     gate = res["sanity"]
     style = "green" if gate["ok"] else ("red" if gate["ok"] is False else "yellow")

@@ -200,6 +200,7 @@ class FrontierConfig:
     progress: bool = True
     strict: bool = False
     protocol_eval: bool = False  # also run the protocol's own evaluation (a cross-check of the per-item scores)
+    runs_only: bool = False  # fill the cache with the training runs and stop (no attack, no report): split work
     keep_transcripts: bool = False
     command: str = ""
     fast: bool = False
@@ -1162,6 +1163,14 @@ def run_frontier(
                 f"  acc {res['utility']['acc']:.3f}, {res['cost']['bytes_per_step'] / 1e6:.2f} MB/step, {res['run_s']:.0f} s",
             )
 
+    if cfg.runs_only:
+        _say(ctx, f"--runs-only: {len(units)} run(s) cached under {ctx.cache.root}; attacks and reports skipped")
+        return {
+            "runs_only": True,
+            "runs": {k: [r["key"] for r in v] for k, v in runs.items()},
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
+
     rows: list[dict[str, Any]] = []
     split_defs = [d for d in defs if d.split]
     for j, d in enumerate(split_defs, 1):
@@ -1176,6 +1185,7 @@ def run_frontier(
         rs = runs[d.key]
         util = _utility_block(rs, runs["local"])
         priv = _privacy_block(ctx, d, rs, blind=blind_attacker)
+        frac: float | None
         if d.design == "local":
             frac = 1.0  # the reference trains the whole model where the data is: the client holds every weight
         elif d.design == "offline":

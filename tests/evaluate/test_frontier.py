@@ -159,3 +159,14 @@ def test_cli_unknown_row_exits_cleanly(tmp_path):
     app.command("noop")(lambda: None)
     result = CliRunner().invoke(app, ["evaluate", "--rows", "online,bogus", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "unknown row" in result.output
+
+
+def test_runs_only_fills_the_cache_and_stops(fast_run):
+    from guardedp2p.cli.evaluate import fast_config
+
+    tmp, _, _ = fast_run
+    res = run_frontier(
+        fast_config(out=str(tmp / "work"), rows=("gradfree",), seeds=(0,), runs_only=True, progress=False)
+    )
+    assert res["runs_only"] is True and set(res["runs"]) == {"local", "gradfree"}  # the reference always runs
+    assert not (tmp / "work" / "results-runs-only").exists()
