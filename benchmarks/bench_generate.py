@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     local = PeftModel.from_pretrained(model, str(adapter)).eval()
     gen_cfg = copy.deepcopy(model.generation_config)
-    gen_cfg.eos_token_id = None  # exactly --new-tokens steps on both sides
+    # exactly --new-tokens steps on both sides: generate() reads an unset (None) eos as "the model's", so name an
+    # id the model can never produce
+    gen_cfg.eos_token_id = int(model.config.vocab_size)
     gen_cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     gen_cfg.do_sample = False
     chat = getattr(tok, "chat_template", None) is not None

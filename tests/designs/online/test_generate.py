@@ -62,7 +62,10 @@ def _reference(model, adapter, prompts, max_new, eos=None):
         ids[r, width - len(p) :] = torch.tensor(p)
         mask[r, width - len(p) :] = 1
     gen_cfg = copy.deepcopy(ref.generation_config)
-    gen_cfg.eos_token_id, gen_cfg.pad_token_id, gen_cfg.do_sample = eos, 0, False  # eos None: exactly max_new steps
+    # eos None: exactly max_new steps. generate() reads an unset (None) eos as "the model's", so name an id the
+    # model can never produce instead
+    gen_cfg.eos_token_id = eos if eos is not None else model.config.vocab_size
+    gen_cfg.pad_token_id, gen_cfg.do_sample = 0, False
     with torch.inference_mode():
         out = ref.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, max_new_tokens=max_new)
     rows = []
