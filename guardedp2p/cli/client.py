@@ -28,6 +28,7 @@ from guardedp2p.cli.config import (
     OUTPUTS,
     PRIVACY,
     TRAINING,
+    ConfigCommand,
     choice,
     config_option,
     in_panel,
@@ -173,7 +174,11 @@ def report_stop(signum: int, step: int | None, out: Path, *, aborted: bool, tota
     return code
 
 
-@client_app.command("tune", context_settings={"auto_envvar_prefix": ENV_PREFIX, "help_option_names": ["-h", "--help"]})
+@client_app.command(
+    "tune",
+    cls=ConfigCommand,
+    context_settings={"auto_envvar_prefix": ENV_PREFIX, "help_option_names": ["-h", "--help"]},
+)
 @friendly_errors
 def tune_cmd(
     ctx: typer.Context,

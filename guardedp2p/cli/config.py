@@ -3,7 +3,7 @@ name their valid values, and the help panels of the long commands.
 
 Why: ``client tune`` has some sixty options. People coming from transformers' ``TrainingArguments``, accelerate or
 flwr keep a run's settings in a file and override one or two on the command line; that is what ``--config``
-does, through Click's ``default_map``, so the precedence is the usual one: a flag on the command line, then a
+does (:class:`ConfigCommand` reads it into Click's ``default_map``), so the precedence is the usual one: a flag on the command line, then a
 ``GUARDEDP2P_<OPTION>`` environment variable, then the file, then the built-in default. ``--print-config``
 shows the merged result as TOML, which ``--config`` reads back.
 
@@ -170,20 +170,41 @@ def config_defaults(command: Any, command_path: Sequence[str], data: dict[str, A
     return out
 
 
-def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
-    """Eager ``--config`` callback: the file's values become the command's defaults (flags still win)."""
-    if value is None:
-        return None
-    try:
-        data = read_config_file(Path(value))
-    except ConfigFileError as exc:
-        raise typer.BadParameter(str(exc).removeprefix("--config "), ctx=ctx, param_hint="'--config'") from None
-    try:
-        defaults = config_defaults(ctx.command, _command_path(ctx), data)
-    except ConfigFileError as exc:
-        raise typer.BadParameter(f"{value}: {exc}", ctx=ctx, param_hint="'--config'") from None
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return value
+def _config_arg(args: list[str]) -> str | None:
+    """The value of ``--config`` among raw arguments (``--config F`` or ``--config=F``), if any."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--config" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+class ConfigCommand(typer.core.TyperCommand):
+    """A command whose ``--config FILE`` becomes its ``default_map`` before any option is parsed.
+
+    Why here and not in an option callback: the file must be read before every other option wherever ``--config``
+    stands on the line, and not at all when only ``--help`` is asked for (a help request must not fail on a
+    missing file). Pass ``cls=ConfigCommand`` to ``Typer.command``.
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        value = _config_arg(args)
+        if value is None and self.context_settings.get("auto_envvar_prefix"):
+            value = os.environ.get(f"{ENV_PREFIX}_CONFIG") or None
+        if value is not None and not any(a in ("-h", "--help") for a in args):
+            try:
+                data = read_config_file(Path(value))
+            except ConfigFileError as exc:
+                raise typer.BadParameter(str(exc).removeprefix("--config "), ctx=ctx, param_hint="'--config'") from None
+            try:
+                defaults = config_defaults(self, _command_path(ctx), data)
+            except ConfigFileError as exc:
+                raise typer.BadParameter(f"{value}: {exc}", ctx=ctx, param_hint="'--config'") from None
+            ctx.default_map = {**(ctx.default_map or {}), **defaults}
+        return list(super().parse_args(ctx, args))
 
 
 def _command_path(ctx: Any) -> list[str]:
@@ -196,15 +217,14 @@ def _command_path(ctx: Any) -> list[str]:
 
 
 def config_option() -> Any:
+    """The ``--config FILE`` option of a :class:`ConfigCommand` (which reads the file before parsing)."""
     return typer.Option(
         None,
         "--config",
-        is_eager=True,
-        callback=load_config,
-        exists=False,
         dir_okay=False,
-        help="Read options from a TOML or YAML file (flag names as keys; a [client.tune] table or the top level). "
-        "Flags and GUARDEDP2P_* variables override it; --print-config shows the result.",
+        help="Read options from a TOML or YAML file (flag names as keys, at the top level or in a table named after "
+        "the command, e.g. [client.tune]). Flags and GUARDEDP2P_* variables override it; --print-config shows the "
+        "result.",
         rich_help_panel=CONFIG,
     )
 
@@ -282,7 +302,7 @@ __all__ = [
     "config_defaults",
     "config_option",
     "in_panel",
-    "load_config",
+    "ConfigCommand",
     "merged_options",
     "metavar",
     "print_config_option",

@@ -10,6 +10,7 @@ import typer
 
 from guardedp2p import __version__
 from guardedp2p.cli.client import client_app
+from guardedp2p.cli.config import ConfigCommand
 from guardedp2p.cli.data import data_app
 from guardedp2p.cli.demo import demo
 from guardedp2p.cli.evaluate import evaluate
@@ -73,7 +74,7 @@ app.add_typer(provider_app, name="provider")
 app.add_typer(client_app, name="client")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
-app.command("demo")(demo)
+app.command("demo", cls=ConfigCommand)(demo)
 app.command("evaluate")(evaluate)
 
 

@@ -196,3 +196,15 @@ def test_plan_reads_the_model_depth_without_weights(world):
     assert model_depth(str(model_dir)) == 6 and model_depth("default") == 30
     with pytest.raises(Exception, match="does not exist"):
         model_depth(str(Path(model_dir) / "nope"))
+
+
+def test_config_from_the_environment_and_help_without_the_file(world, tmp_path, monkeypatch):
+    toml = tmp_path / "env.toml"
+    toml.write_text("[client.tune]\nsteps = 11\n")
+    monkeypatch.setenv("GUARDEDP2P_CONFIG", str(toml))
+    res = runner.invoke(app, [*_tune(world), "--print-config"])
+    assert res.exit_code == 0 and "steps = 11  # config file" in res.stdout
+    res = runner.invoke(app, [*_tune(world, "--config", str(tmp_path / "missing.toml")), "-h"])
+    assert res.exit_code == 0, "asking for help never reads the file"
+    res = runner.invoke(app, ["demo", "--config", str(toml), "--print-config"])
+    assert res.exit_code == 0 and "[demo]" in res.stdout and "steps = 60" in res.stdout, "[client.tune] is not demo's"
