@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -102,7 +104,7 @@ def serve(
         help="On Ctrl-C: seconds to keep answering clients 'provider-shutting-down' (so they checkpoint and say how to resume) before closing; ends early once every session is told. Ctrl-C again stops at once.",
     ),
     max_tokens_per_step: int = typer.Option(
-        4096, min=1, help="Budget: batch x sequence of one activation or gradient message (over it: over-budget)."
+        2048, min=1, help="Budget: batch x sequence of one activation or gradient message (over it: over-budget)."
     ),
     max_decoded_mib: float = typer.Option(
         128.0, min=0.001, help="Budget: one message's tensors once decoded, in MiB (a lossy codec expands up to 8x)."
@@ -295,6 +297,14 @@ def serve(
     finally:
         channel.close(linger_s=0.0 if abort.is_set() else 1.0)  # let the last "shutting down" replies leave
     log.info("served %d messages, %d sessions", handled, app.stats["sessions_opened"])
+    if stop.is_set():
+        # stopped by a signal: everything is closed and logged; skip the interpreter's teardown (seconds with torch
+        # loaded, and a computation still running in the worker thread is not waited for), so the process ends
+        # within its shutdown grace
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @provider_app.command("fingerprint")

@@ -10,6 +10,12 @@ long forward pass runs, and no client's queue of requests can starve another's. 
 next request of each client that has one (up to ``config.max_batch``; forward-only requests share one trunk call,
 issue #6), waiting up to ``config.batch_wait_s`` for clients with an open session that have none yet.
 
+Fairness under long work: a forward pass cannot be interrupted, but it can be paused between two transformer
+blocks. The worker hooks the trunk's blocks and their attention and MLP parts (``forward_pre_hook``); once the running request has had
+``preempt_after_s``, the hook runs a *smaller* queued request of another client right there (one at a time), then
+lets the long one go on. So one client's 4096-token sequence delays another client's step by about one attention
+or MLP of one block, not by the whole pass. (Backward passes are not split; their size is bounded by the kept-graph budgets.)
+
 No client can stall or exhaust the loop (issue 20, SECURITY.md "Budgets"):
 
 * replies are never sent blocking: a channel with ``try_send`` (ZeroMQ) says when a client's queue is full; the
@@ -56,6 +62,7 @@ class ServeConfig:
     max_queued_reply_bytes: int = 64 << 20  # ... their bytes
     quarantine_s: float = 10.0  # after a cut-off, the client's messages are dropped this long
     allow_poll_s: float = 1.0  # how often the allow-list files are checked for changes
+    preempt_after_s: float | None = 0.02  # a longer computation runs smaller ones between its blocks; None: never
 
     def __post_init__(self) -> None:
         for name in ("max_unanswered", "max_queued_replies", "max_queued_reply_bytes"):
@@ -127,7 +134,13 @@ class Server:
         self._busy: set[str] = set()  # peers whose job the worker is computing
         self._done: deque[tuple[_Job, Frames]] = deque()
         self._stopping = False
+        # preemption between trunk blocks (worker thread only)
+        self._job_started = 0.0
+        self._job_tokens = 0
+        self._nested = False
+        self._hooks: list[Any] = []
         self._worker = threading.Thread(target=self._work, name="guardedp2p-worker", daemon=True)
+        self._install_preemption()
         self._worker.start()
         self._next_allow_check = time.monotonic() + self.config.allow_poll_s
         self._next_expire = time.monotonic() + poll_s
@@ -330,6 +343,8 @@ class Server:
                 if self._stopping:
                     return
                 jobs = self._take_batch()
+            self._job_started = time.perf_counter()
+            self._job_tokens = max(j.work.tokens for j in jobs) if jobs else 0
             replies: Sequence[Frames | None]
             try:
                 replies = self.app.run([j.work for j in jobs])
@@ -373,10 +388,80 @@ class Server:
         self._rr.extend(again)
         return jobs
 
+    # ------------------------------------------------------------------ preemption between trunk blocks
+    def _install_preemption(self) -> None:
+        if self.config.preempt_after_s is None:
+            return
+        import torch
+
+        trunk = self.app.resources.trunk
+        blocks = getattr(trunk, "blocks", None)  # ProviderTrunk.blocks: constant name, the provider's own module
+        if not isinstance(blocks, torch.nn.ModuleList):
+            return
+        for block in blocks:
+            if isinstance(block, torch.nn.Identity):  # placeholders of the blocks the client holds
+                continue
+            # before the block and before each of its parts that holds weights (attention, MLP): a pause point
+            # every few percent of a block's time
+            for part in (block, *block.children()):
+                if part is block or any(True for _ in part.parameters()):
+                    self._hooks.append(part.register_forward_pre_hook(self._between_blocks))
+
+    def _between_blocks(self, module: object, args: object) -> None:
+        """Forward pre-hook of every trunk block: on the worker, inside a long computation, run one smaller request
+        of another client now (see the module docstring)."""
+        after = self.config.preempt_after_s
+        if (
+            after is None
+            or self._nested
+            or threading.current_thread() is not self._worker
+            or time.perf_counter() - self._job_started < after
+        ):
+            return
+        with self._cv:
+            job = self._take_smaller(self._job_tokens)
+        if job is None:
+            return
+        import torch
+
+        self._nested = True
+        try:
+            with torch.inference_mode(False):  # the running pass may be forward-only; the nested one may train
+                replies = self.app.run([job.work])
+        except Exception:  # noqa: BLE001 - run answers errors itself; this is a last resort
+            log.exception("a request run between two trunk blocks failed")
+            replies = []
+        finally:
+            self._nested = False
+        with self._cv:
+            self._busy.discard(job.work.peer)
+            for reply in replies[:1]:
+                self._done.append((job, reply))
+
+    def _take_smaller(self, tokens: int) -> _Job | None:
+        """Under ``_cv``: the next queued request (round robin) of a client not being served that is smaller than
+        ``tokens``; it is taken out of its queue and its client marked busy."""
+        for _ in range(len(self._rr)):
+            peer = self._rr[0]
+            self._rr.rotate(-1)
+            q = self._queues.get(peer)
+            if not q or peer in self._busy or q[0].work.tokens >= tokens:
+                continue
+            job = q.popleft()
+            if not q:
+                self._queues.pop(peer, None)
+                self._rr.remove(peer)
+            self._busy.add(peer)
+            return job
+        return None
+
     def stop_worker(self) -> None:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
 
     def computing(self) -> bool:
         with self._cv:

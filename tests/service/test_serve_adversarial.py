@@ -10,6 +10,7 @@ import logging
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from guardedp2p.crypto.keys import generate_keypair
 from guardedp2p.protocol.provider import ProviderApp, ProviderConfig
 from guardedp2p.service.serve import ServeConfig, Server, serve_forever
-from guardedp2p.transport.base import PeerRejected
+from guardedp2p.transport.base import MechanismMismatch, PeerRejected
 from guardedp2p.transport.inproc import InProcServerChannel
 from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
 from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
@@ -222,6 +223,11 @@ def test_failed_handshakes_are_logged_with_throttling(served, keydir, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert 1 <= sum("Rejected client key" in line for line in lines) <= 2
     assert 1 <= sum("handshake failed" in line for line in lines) <= 2
+    with warnings.catch_warnings():  # a plaintext client against the CURVE provider is logged too
+        warnings.simplefilter("ignore")
+        with pytest.raises(MechanismMismatch):
+            ZmqClientChannel.open(ClientConfig(connect=served.channel.endpoint, insecure=True))
+    assert _wait(lambda: any("protocol error" in r.getMessage() for r in caplog.records))
 
 
 class SlowTrunk(torch.nn.Module):
@@ -266,6 +272,46 @@ def test_control_messages_are_answered_while_another_clients_long_forward_runs(m
         hello_s = time.perf_counter() - t0
         assert decode(long_client.recv(timeout=10)).type == MsgType.ACT_DOWN
         assert ping_s < 0.25 and hello_s < 0.25, (ping_s, hello_s)
+    finally:
+        stop.set()
+        serving.join(timeout=10)
+
+
+def test_a_long_forward_pauses_between_blocks_for_a_smaller_request(model, fp):
+    """The serve loop's worker runs another client's smaller request between the trunk blocks of a long one."""
+    from guardedp2p.protocol.client import ClientSession
+    from guardedp2p.wire.handshake import Hello
+
+    app = provider_app(model)
+    blocks = [b for b in app.resources.trunk.blocks if not isinstance(b, torch.nn.Identity)]
+    assert len(blocks) >= 2
+
+    def slow_when_long(module, args, output):  # a long sequence on a small CPU: each block takes a while
+        if args[0].shape[1] >= 32:
+            time.sleep(0.4)
+
+    for b in blocks:
+        b.register_forward_hook(slow_when_long)
+    server, stop = InProcServerChannel(), threading.Event()
+    serving = threading.Thread(target=serve_forever, args=(app, server, stop), kwargs={"poll_s": 0.05}, daemon=True)
+    serving.start()
+    try:
+        long_client, short_client = server.connect("long"), server.connect("short")
+        sessions = []
+        for ch in (long_client, short_client):
+            s = ClientSession(ch, timeout=10)
+            s.open(Hello("gradfree", fp, (2, 2), GF))
+            sessions.append(s)
+        hidden = model.config.hidden_size
+        t0 = time.perf_counter()
+        long_client.send(encode(_act_up(sessions[0].sid, 1, 1, 64, hidden)))
+        time.sleep(0.1)  # the long pass is in its first block
+        short_client.send(encode(_act_up(sessions[1].sid, 1, 1, 4, hidden)))
+        assert decode(short_client.recv(timeout=10)).type == MsgType.ACT_DOWN
+        short_done = time.perf_counter() - t0
+        assert decode(long_client.recv(timeout=10)).type == MsgType.ACT_DOWN
+        long_done = time.perf_counter() - t0
+        assert short_done < 0.4 * len(blocks) - 0.05 < long_done, (short_done, long_done)
     finally:
         stop.set()
         serving.join(timeout=10)
