@@ -651,6 +651,7 @@ def status(enabled: bool, console: Console | None, text: str) -> Iterator[PhaseP
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        expand=True,  # the description column takes what the counts and times leave, cut with an ellipsis
     ) as bar:
         phase = PhaseProgress(bar, bar.add_task(text.rstrip("…"), total=None))
         _PHASES.append(phase)
