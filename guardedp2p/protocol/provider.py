@@ -606,7 +606,9 @@ class ProviderApp:
             return False
         tokens = _tokens(header)
         estimate = int(tokens * self._graph_bytes_per_token)
-        states = list(self.sessions.values())  # a snapshot: the receive thread may open or close sessions
+        # a snapshot (the receive thread may open or close sessions); closed sessions whose handler still holds its
+        # graphs (freed after the running computation) count until they are freed
+        states = list(self.sessions.values()) + [st for st, _ in list(self._to_close)]
         mine = [g for s in states if s.peer == peer for g in list(s.graphs.values())]
         every = [g for s in states for g in list(s.graphs.values())]
         cfg = self.config
@@ -778,7 +780,6 @@ class ProviderApp:
         if state is None:
             return
         state.closed = True
-        state.graphs.clear()
         self._to_close.append((state, reason))
         if self.work_lock.acquire(blocking=False):
             try:
@@ -794,6 +795,7 @@ class ProviderApp:
                 state.handler.close()
             except Exception:  # noqa: BLE001 - one handler's failure must not keep others' state alive
                 log.exception("closing session %s failed", state.sid[:8])
+            state.graphs.clear()
             log.info("session %s closed: %s (%d messages)", state.sid[:8], reason, state.messages)
         for state in list(self.sessions.values()):
             kept = getattr(state.handler, "pending", None)  # constant name, our own handler object
@@ -836,9 +838,11 @@ class ProviderApp:
         return len(sids)
 
     def held(self, peer: str | None = None) -> dict[str, int]:
-        """What the sessions (of ``peer``, or all) keep: sessions, kept graphs and their bytes."""
+        """What the sessions (of ``peer``, or all) keep: open sessions, kept graphs and their bytes (graphs of closed
+        sessions count until a running computation ends and they are freed)."""
         states = [s for s in list(self.sessions.values()) if peer is None or s.peer == peer]
-        graphs = [g for s in states for g in list(s.graphs.values())]
+        closing = [st for st, _ in list(self._to_close) if peer is None or st.peer == peer]
+        graphs = [g for s in states + closing for g in list(s.graphs.values())]
         return {"sessions": len(states), "graphs": len(graphs), "graph_bytes": sum(g.nbytes for g in graphs)}
 
     def begin_shutdown(self) -> None:
