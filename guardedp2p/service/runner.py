@@ -715,6 +715,7 @@ def train_steps(
             if save is not None and saved:
                 save()
             say_goodbye()
+        log.info("stopped after step %d%s; the provider was told", trainer.step, " (checkpoint saved)" if saved else "")
         signum = STOP.signum if STOP.signum is not None else signal.SIGINT
         return RunStopped(signum, trainer.step, saved=saved, aborted=aborted)
 
