@@ -1,0 +1,129 @@
+"""Client kit (guardedp2p/designs/kit.py): what it holds (never a trunk tensor), that a client built from it has
+the full model's fingerprint and outputs, and that tampered, foreign-signed or mismatched kits are refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors import safe_open
+
+from guardedp2p.crypto.manifest import BadSignatureError, DigestMismatchError
+from guardedp2p.designs.kit import (
+    KIT_KIND,
+    WEIGHTS_FILE,
+    KitError,
+    KitMismatchError,
+    block_index,
+    build_kit,
+    load_kit,
+)
+from guardedp2p.engine.fingerprint import model_fingerprint
+from guardedp2p.engine.split import SplitConfig, build_client_parts
+from guardedp2p.errors import ArtifactError, ConfigError
+from tests.tiny_models import N_LAYERS, tiny_batch, tiny_model
+from tests.tiny_tokenizer import tiny_tokenizer
+
+SPLIT = SplitConfig(bottom_layers=2, top_layers=2)
+
+
+@pytest.fixture
+def key():
+    return Ed25519PrivateKey.generate()
+
+
+def _kit(tmp_path, key, arch="llama", split=SPLIT, seed=0):
+    model = tiny_model(arch, seed=seed)
+    out = tmp_path / f"kit-{arch}-{seed}-{split.bottom_layers}-{split.top_layers}"
+    manifest = build_kit(model, tiny_tokenizer(), split, key, out)
+    return model, out, manifest
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])
+def test_kit_holds_no_trunk_tensor_and_every_client_tensor(tmp_path, key, arch):
+    from guardedp2p.engine.arch import get_arch
+
+    model, out, manifest = _kit(tmp_path, key, arch)
+    assert manifest.kind == KIT_KIND
+    trunk = set(SPLIT.trunk_range(N_LAYERS))
+    assert manifest["trunk_layers"] == sorted(trunk)
+    blocks_path = get_arch(model).blocks_path
+    with safe_open(str(out / WEIGHTS_FILE), framework="pt") as fh:
+        names = list(fh.keys())
+    indices = {block_index(n, blocks_path) for n in names} - {None}
+    assert indices == set(SPLIT.client_layers(N_LAYERS))
+    assert not indices & trunk
+    # every trunk tensor of the full model is absent
+    trunk_names = [n for n in model.state_dict() if block_index(n, blocks_path) in trunk]
+    assert trunk_names and not set(trunk_names) & set(names)
+    assert manifest["params"]["client"] < manifest["params"]["full_model"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])
+def test_kit_client_has_the_full_models_fingerprint_and_outputs(tmp_path, key, arch):
+    model, out, _ = _kit(tmp_path, key, arch)
+    kit = load_kit(out, key.public_key(), split=SPLIT)
+    assert model_fingerprint(kit.model, SPLIT) == model_fingerprint(model, SPLIT) == kit.fingerprint
+    assert kit.tokenizer is not None and kit.tokenizer.pad_token == "[PAD]"
+    full = build_client_parts(copy.deepcopy(model), SPLIT)
+    mine = build_client_parts(kit.model, SPLIT)
+    ids, mask, _ = tiny_batch()
+    with torch.no_grad():
+        h_full, h_kit = full.bottom(ids, mask), mine.bottom(ids, mask)
+        torch.testing.assert_close(h_kit, h_full)
+        torch.testing.assert_close(mine.top(h_full, mask), full.top(h_full, mask))
+    # the trunk slots are parameter-free placeholders
+    assert sum(p.numel() for p in kit.model.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_tampered_kit_is_refused(tmp_path, key):
+    _, out, _ = _kit(tmp_path, key)
+    data = bytearray((out / WEIGHTS_FILE).read_bytes())
+    data[-1] ^= 0x01
+    (out / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(DigestMismatchError, match="SHA-256"):
+        load_kit(out, key.public_key(), split=SPLIT)
+
+
+def test_kit_signed_by_another_key_is_refused(tmp_path, key):
+    _, out, _ = _kit(tmp_path, key)
+    with pytest.raises(BadSignatureError, match="does not verify"):
+        load_kit(out, Ed25519PrivateKey.generate().public_key(), split=SPLIT)
+
+
+def test_edited_manifest_is_refused(tmp_path, key):
+    _, out, _ = _kit(tmp_path, key)
+    m = json.loads((out / "manifest.json").read_text())
+    m["split"]["bottom_layers"] = 1
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError):
+        load_kit(out, key.public_key())
+
+
+def test_kit_for_another_split_is_refused(tmp_path, key):
+    _, out, _ = _kit(tmp_path, key)
+    with pytest.raises(KitMismatchError, match="--bottom-layers 2 --top-layers 2"):
+        load_kit(out, key.public_key(), split=SplitConfig(bottom_layers=1, top_layers=1))
+    assert issubclass(KitMismatchError, ConfigError)
+
+
+def test_kit_for_another_model_is_refused(tmp_path, key):
+    _, out, _ = _kit(tmp_path, key)
+    other = model_fingerprint(tiny_model("llama", seed=1), SPLIT)
+    with pytest.raises(KitMismatchError, match="another model"):
+        load_kit(out, key.public_key(), split=SPLIT, expect_fingerprint=other)
+
+
+def test_kit_signed_over_wrong_weights_is_refused(tmp_path, key):
+    """A kit whose weights come from one model but whose signed fingerprint is another's (a signer's mistake)."""
+    from guardedp2p.crypto.manifest import sign_folder
+
+    _, out, manifest = _kit(tmp_path, key)
+    body = {k: v for k, v in manifest.data.items() if k not in ("format", "version", "files", "signer")}
+    body["fingerprint"] = model_fingerprint(tiny_model("llama", seed=1), SPLIT)
+    sign_folder(out, body, list(manifest.files), key)
+    with pytest.raises(KitError, match="fingerprint"):
+        load_kit(out, key.public_key(), split=SPLIT)
