@@ -22,8 +22,10 @@ provider_app = typer.Typer(
 
 def _mount_emulator() -> None:
     from guardedp2p.cli.emulator import emulator_app
+    from guardedp2p.cli.kit import kit_app
 
     provider_app.add_typer(emulator_app, name="emulator")
+    provider_app.add_typer(kit_app, name="kit")
 
 
 _mount_emulator()

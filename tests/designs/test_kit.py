@@ -127,3 +127,31 @@ def test_kit_signed_over_wrong_weights_is_refused(tmp_path, key):
     sign_folder(out, body, list(manifest.files), key)
     with pytest.raises(KitError, match="fingerprint"):
         load_kit(out, key.public_key(), split=SPLIT)
+
+
+def test_cli_provider_kit_build_and_verify(tmp_path):
+    from typer.testing import CliRunner
+
+    from guardedp2p.cli.main import app
+    from guardedp2p.crypto.keys import generate_keypair
+
+    generate_keypair(tmp_path / "keys", "provider")
+    generate_keypair(tmp_path / "keys", "stranger")
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    runner = CliRunner()
+    args = ["provider", "kit", "build", "--model", str(tmp_path / "model"), "--keys", str(tmp_path / "keys")]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "kit"), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["kind"] == KIT_KIND and summary["split"] == {"bottom_layers": 2, "top_layers": 2}
+    assert summary["fingerprint"] == model_fingerprint(model, SPLIT)
+    ok = runner.invoke(
+        app, ["provider", "kit", "verify", str(tmp_path / "kit"), "--key", str(tmp_path / "keys" / "provider.sign.pub")]
+    )
+    assert ok.exit_code == 0 and "OK: client kit" in ok.stdout
+    bad = runner.invoke(
+        app, ["provider", "kit", "verify", str(tmp_path / "kit"), "--key", str(tmp_path / "keys" / "stranger.sign.pub")]
+    )
+    assert bad.exit_code != 0 and "does not verify" in bad.output
