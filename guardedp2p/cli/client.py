@@ -336,6 +336,11 @@ def tune_cmd(
         help="Offline: the provider's public signing key (NAME.sign.pub); the emulator is refused unless its manifest verifies against it.",
         rich_help_panel=DESIGN,
     ),
+    kit: Path | None = typer.Option(
+        None,
+        help="Online/Gradfree: the provider's signed client kit (`provider kit build`) instead of --model; verified with --provider-sign-key.",
+        rich_help_panel=DESIGN,
+    ),
     # ---------------------------------------------------------------- outputs and reporting
     out: Path = typer.Option(
         Path("runs/tune"),
@@ -431,7 +436,11 @@ def tune_cmd(
         loss_on=loss_on,
         chat_template=chat_template,
         allow_network=allow_network,
+        kit=str(kit) if kit else None,
+        kit_verify_key=str(provider_sign_key) if kit and provider_sign_key else None,
     )
+    if kit is not None and provider_sign_key is None:
+        raise ConfigError("--kit needs --provider-sign-key PROVIDER.sign.pub to verify the kit's signature")
     # ---- every check that needs no provider and no weights, before connecting or loading anything
     out_action = check_out_dir(out, resume=resume, overwrite=overwrite, protocol=protocol)
     trackers = parse_report_to(report_to)

@@ -81,6 +81,8 @@ class TuneOptions:
     loss_on: str = "assistant"  # assistant | all
     chat_template: bool = True
     allow_network: bool = False  # a --data that is no local path may name a Hub data set
+    kit: str | None = None  # signed client kit folder (guardedp2p/designs/kit.py): used instead of ``model``
+    kit_verify_key: str | None = None  # the provider's NAME.sign.pub that signed the kit
 
 
 @dataclass
@@ -115,6 +117,14 @@ def prepare_client(opts: TuneOptions, *, model: Any = None, tokenizer: Any = Non
     device = pick_device(opts.device)
     dtype = parse_dtype(opts.dtype) if opts.dtype else None
     loaded_here = model is None
+    if model is None and opts.kit is not None:  # only the client's weights: verified before anything is read
+        from guardedp2p.designs.kit import load_kit
+
+        split_asked = SplitConfig(bottom_layers=opts.bottom_layers, top_layers=opts.top_layers)
+        if opts.kit_verify_key is None:
+            raise ConfigError("--kit needs --provider-sign-key PROVIDER.sign.pub to verify the kit's signature")
+        kit = load_kit(opts.kit, opts.kit_verify_key, split=split_asked)
+        model, tokenizer = kit.model, kit.tokenizer
     if model is None:
         model, tokenizer = load_causal_lm(opts.model, device="cpu", dtype="auto")
         dtype = dtype or torch.float32

@@ -155,3 +155,57 @@ def test_cli_provider_kit_build_and_verify(tmp_path):
         app, ["provider", "kit", "verify", str(tmp_path / "kit"), "--key", str(tmp_path / "keys" / "stranger.sign.pub")]
     )
     assert bad.exit_code != 0 and "does not verify" in bad.output
+
+
+@pytest.mark.parametrize("protocol", ["online", "gradfree"])
+def test_client_with_only_the_kit_trains_to_the_same_loss(tmp_path, key, protocol):
+    from guardedp2p.service.client import TuneOptions, prepare_client, tune
+    from guardedp2p.train.config import TrainConfig
+    from guardedp2p.transport.inproc import InProcClientChannel
+    from tests.protocol_helpers import provider_app
+    from tests.tiny_tokenizer import write_text_records
+
+    model, kit_dir, _ = _kit(tmp_path, key)
+    pub = tmp_path / "provider.sign.pub"
+    from cryptography.hazmat.primitives import serialization
+
+    pub.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    data = write_text_records(tmp_path / "train.jsonl", distinct=3)
+
+    def opts(name, **kw):
+        train = TrainConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=1, max_length=16, lora_r=4, lora_alpha=8)
+        return TuneOptions(
+            protocol=protocol, model="tiny", data=str(data), out=str(tmp_path / name), train=train,
+            progress=False, timeout=1.0, retries=0, device="cpu", skip_eval=True, **kw,
+        )  # fmt: skip
+
+    full_opts = opts("full")
+    full = tune(
+        full_opts,
+        lambda: InProcClientChannel(provider_app(model)),
+        client=prepare_client(full_opts, model=copy.deepcopy(model), tokenizer=tiny_tokenizer()),
+    )
+    kit_opts = opts("kit", kit=str(kit_dir), kit_verify_key=str(pub))
+    client = prepare_client(kit_opts)
+    assert client.fingerprint == model_fingerprint(model, SPLIT)
+    got = tune(kit_opts, lambda: InProcClientChannel(provider_app(model)), client=client)
+    assert [h["loss"] for h in got["history"]] == pytest.approx([h["loss"] for h in full["history"]], rel=1e-5)
+    assert got["loss_last"] < got["loss_first"]
+
+
+def test_tune_with_a_kit_needs_the_verify_key_and_the_kits_split(tmp_path, key):
+    from guardedp2p.service.client import TuneOptions, prepare_client
+
+    _, kit_dir, _ = _kit(tmp_path, key)
+    with pytest.raises(ConfigError, match="--provider-sign-key"):
+        prepare_client(TuneOptions(kit=str(kit_dir), device="cpu"))
+    pub = tmp_path / "p.sign.pub"
+    from cryptography.hazmat.primitives import serialization
+
+    pub.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(KitMismatchError, match="split"):
+        prepare_client(TuneOptions(kit=str(kit_dir), kit_verify_key=str(pub), bottom_layers=1, device="cpu"))
