@@ -894,7 +894,9 @@ class _SavedBytes:
         if ptr not in self.exclude and ptr not in self.seen:
             self.seen.add(ptr)
             self.nbytes += storage.nbytes()
-        return t
+        # detached: the same memory, without a reference back to the graph (returning ``t`` itself would tie a
+        # saved output to its own grad_fn, a cycle that keeps the whole graph alive after it is dropped)
+        return t.detach()
 
     def unpack(self, t: torch.Tensor) -> torch.Tensor:
         return t

@@ -173,6 +173,23 @@ def test_drop_connection_frees_the_sessions_last_used_over_it(model, fp):
     assert sid_a not in app.sessions and sid_b in app.sessions and app.held()["graphs"] == 0
 
 
+def test_a_dropped_graph_is_really_freed(model, fp):
+    """The byte-measuring hooks must not tie a saved output to its own graph (a cycle would keep it alive)."""
+    import gc
+    import weakref
+
+    hidden = model.config.hidden_size
+    app = provider_app(model)
+    s = open_session(app, fp, protocol="online", peer="inproc:a")
+    app.handle("inproc:a", _act_up(s.sid, 1, 2, 8, hidden, train=True), conn=b"r")
+    pending = app.sessions[s.sid].handler.pending[1]
+    refs = [weakref.ref(pending.outputs), weakref.ref(pending.inputs)]
+    del pending
+    app.drop_connection(b"r", "gone")
+    gc.collect()
+    assert all(r() is None for r in refs), "the kept graph outlived its session"
+
+
 def test_triage_answers_control_messages_and_hands_compute_to_the_worker(model, fp):
     hidden = model.config.hidden_size
     app = provider_app(model)
