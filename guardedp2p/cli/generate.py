@@ -105,6 +105,8 @@ def _prepare(
     device: str,
     dtype: str,
     console: Console,
+    kit: Path | None = None,
+    provider_sign_key: Path | None = None,
 ) -> _Connection:
     """Check every option that can be checked before loading anything, then load the client's parts."""
     from guardedp2p.cli.client import client_channel_factory, parse_noise
@@ -127,6 +129,8 @@ def _prepare(
     noise_cfg = parse_noise(noise)
     if adapter is not None and not adapter.is_dir():
         raise ConfigError(f"--adapter {adapter}: not a folder (pass the adapter/ folder `client tune` wrote)")
+    if kit is not None and provider_sign_key is None:
+        raise ConfigError("--kit needs --provider-sign-key PROVIDER.sign.pub to verify the kit's signature")
     connect_fn = client_channel_factory(connect, provider_key, keys, name, insecure, handshake_timeout=connect_timeout)
     with console.status("loading the model's client parts…"):
         client = load_generation_client(
@@ -135,6 +139,8 @@ def _prepare(
             adapter=adapter,
             device=device,
             dtype=dtype,
+            kit=kit,
+            kit_verify_key=provider_sign_key,
         )
     codecs = {"up": codec_up, "down": codec_down, "grad_up": "fp32", "grad_down": "fp32"}
     return _Connection(connect_fn, client, protocol, codecs, noise_cfg, timeout, refuse_recording)
@@ -234,6 +240,10 @@ _PROVIDER_KEY = typer.Option(None, help="The provider's public key file (pinned)
 _KEYS = typer.Option(None, help="Folder holding this client's key pair (from `guardedp2p keys generate`).")
 _NAME = typer.Option("client", help="Key name inside --keys.")
 _MODEL = typer.Option("default", help="The same base model as the provider's (folder or 'default').")
+_KIT = typer.Option(
+    None, help="The provider's signed client kit (`provider kit build`) instead of --model; needs --provider-sign-key."
+)
+_SIGN_KEY = typer.Option(None, help="With --kit: the provider's public signing key NAME.sign.pub.")
 _ADAPTER = typer.Option(
     None, help="The adapter folder `client tune` wrote (OUT/adapter, PEFT format). Default: pre-trained weights."
 )
@@ -309,6 +319,8 @@ def generate_cmd(
     keys: Path | None = _KEYS,
     name: str = _NAME,
     model: str = _MODEL,
+    kit: Path | None = _KIT,
+    provider_sign_key: Path | None = _SIGN_KEY,
     bottom_layers: int = _BOTTOM,
     top_layers: int = _TOP,
     codec_up: str = _CODEC_UP,
@@ -352,6 +364,8 @@ def generate_cmd(
         device=device,
         dtype=dtype,
         console=err,
+        kit=kit,
+        provider_sign_key=provider_sign_key,
     )
     from guardedp2p.designs.online.generate import encode_prompt, eos_ids
 
@@ -404,6 +418,8 @@ def chat_cmd(
     keys: Path | None = _KEYS,
     name: str = _NAME,
     model: str = _MODEL,
+    kit: Path | None = _KIT,
+    provider_sign_key: Path | None = _SIGN_KEY,
     bottom_layers: int = _BOTTOM,
     top_layers: int = _TOP,
     codec_up: str = _CODEC_UP,
@@ -444,6 +460,8 @@ def chat_cmd(
         device=device,
         dtype=dtype,
         console=err,
+        kit=kit,
+        provider_sign_key=provider_sign_key,
     )
     from guardedp2p.designs.online.generate import GenerationInterrupted, encode_prompt, eos_ids
 

@@ -14,6 +14,7 @@ Layout::
 
     config.json          the full model's config (the trunk's depth included: block indices are global)
     client.safetensors   client-side tensors, HF names; tied aliases stored once
+    generation_config.json  the model's generation defaults (EOS, sampling), when it has them
     tokenizer/...        the tokenizer, when given
     manifest.json        kind "client-kit", model, split, fingerprint, client/trunk block indices, file table
     manifest.sig         Ed25519 signature over manifest.json's exact bytes
@@ -42,6 +43,7 @@ from guardedp2p.errors import ArtifactError, ConfigError
 KIT_KIND = "client-kit"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "client.safetensors"
+GENERATION_FILE = "generation_config.json"
 TOKENIZER_DIR = "tokenizer"
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -144,6 +146,10 @@ def build_kit(
     (folder / CONFIG_FILE).write_bytes(_config_json(cfg))
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     files = [CONFIG_FILE, WEIGHTS_FILE]
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:  # EOS and sampling defaults `client generate` uses
+        (folder / GENERATION_FILE).write_text(generation_config.to_json_string(use_diff=True))
+        files.append(GENERATION_FILE)
     if tokenizer is not None:
         tdir = folder / TOKENIZER_DIR
         tokenizer.save_pretrained(str(tdir))
@@ -290,6 +296,11 @@ def load_kit(
     fp = model_fingerprint(model, kit_split)
     if fp != signed_fp:
         raise KitError(f"{root}: the kit's weights do not match the fingerprint in its signed manifest")
+    if GENERATION_FILE in names:
+        from transformers import GenerationConfig
+
+        gen_cfg = GenerationConfig.from_pretrained(str(root), local_files_only=True)
+        setattr(model, "generation_config", gen_cfg)  # noqa: B010  (nn.Module.__setattr__ is typed for tensors)
     tokenizer = None
     if load_tokenizer and any(n_.startswith(TOKENIZER_DIR + "/") for n_ in names):
         from transformers import AutoTokenizer

@@ -209,3 +209,39 @@ def test_tune_with_a_kit_needs_the_verify_key_and_the_kits_split(tmp_path, key):
     )
     with pytest.raises(KitMismatchError, match="split"):
         prepare_client(TuneOptions(kit=str(kit_dir), kit_verify_key=str(pub), bottom_layers=1, device="cpu"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generation_client_from_the_kit_gives_the_full_models_tokens(tmp_path, key, arch):
+    from guardedp2p.designs.online.generate import (
+        GenerateConfig,
+        SplitGenerator,
+        load_generation_client,
+        open_generation_session,
+    )
+    from guardedp2p.engine.lora import save_adapter
+    from guardedp2p.transport.inproc import InProcClientChannel
+    from tests.protocol_helpers import client_parts, provider_app
+
+    model, kit_dir, _ = _kit(tmp_path, key, arch)
+    parts, _ = client_parts(model)
+    adapter = save_adapter(parts.bottom, parts.top, tmp_path / "adapter")
+    app = provider_app(model)
+    prompts = [[5, 17, 33, 8, 91, 40, 12], [44, 9, 120, 61]]
+    cfg = GenerateConfig(max_new_tokens=12, eos_token_ids=())
+    tokens = []
+    for client in (
+        load_generation_client(
+            full_model=copy.deepcopy(model), tokenizer=tiny_tokenizer(), split=SPLIT, adapter=adapter, device="cpu"
+        ),
+        load_generation_client(
+            split=SPLIT, adapter=adapter, device="cpu", kit=kit_dir, kit_verify_key=key.public_key()
+        ),
+    ):
+        gs = open_generation_session(lambda: InProcClientChannel(app), client, timeout=5.0)
+        gen = SplitGenerator(client.bottom, client.top, client.tokenizer, gs.trunk)
+        tokens.append([g.tokens for g in gen.generate(prompts, cfg)])
+        gs.close()
+    assert tokens[0] == tokens[1] and all(len(t) == 12 for t in tokens[1])
+    with pytest.raises(ConfigError, match="--provider-sign-key"):
+        load_generation_client(split=SPLIT, device="cpu", kit=kit_dir)

@@ -181,6 +181,8 @@ def load_generation_client(
     dtype: str | None = "fp32",
     full_model: torch.nn.Module | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    kit: str | Path | None = None,
+    kit_verify_key: str | Path | None = None,
 ) -> GenerationClient:
     """Cut the client's parts out of the full model (``model``, or ``full_model`` already loaded) and load the
     adapter a ``client tune`` wrote; without one the parts keep the pre-trained weights.
@@ -205,6 +207,14 @@ def load_generation_client(
     split = split or SplitConfig()
     dev = pick_device(device)
     cast = parse_dtype(dtype) if dtype else None
+    if full_model is None and kit is not None:  # the provider's signed client kit (guardedp2p/designs/kit.py)
+        from guardedp2p.designs.kit import load_kit
+
+        if kit_verify_key is None:
+            raise ConfigError("--kit needs --provider-sign-key PROVIDER.sign.pub to verify the kit's signature")
+        loaded = load_kit(kit, kit_verify_key, split=split)
+        full_model, tokenizer = loaded.model, loaded.tokenizer
+        cast = cast or torch.float32
     if full_model is None:
         full_model, tokenizer = load_causal_lm(model, device="cpu", dtype="auto")
         cast = cast or torch.float32
