@@ -22,17 +22,26 @@ data_app = typer.Typer(
 data_app.command("check")(check_cmd)
 
 
-
 @data_app.command("make-demo")
 @friendly_errors
 def make_demo(
-    out: Path = typer.Option(..., "--out", help="Folder to write train.jsonl, eval_mc.jsonl, eval_nll.jsonl, aux.jsonl and task.json into."),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder to write train.jsonl, eval_mc.jsonl, eval_nll.jsonl, aux.jsonl and task.json into."
+    ),
     seed: int = typer.Option(0, help="Generator seed: the same seed and sizes give byte-identical files."),
     train: int = typer.Option(2000, "--train", help="Training records (the client's private data)."),
-    eval_mc: int = typer.Option(1024, "--eval-mc", help="Held-out multiple-choice items (a multiple of 32 balances rules, keys and label positions exactly)."),
-    eval_nll: int = typer.Option(512, "--eval-nll", help="Held-out records for the field NLL (other people than the MC items)."),
+    eval_mc: int = typer.Option(
+        1024,
+        "--eval-mc",
+        help="Held-out multiple-choice items (a multiple of 32 balances rules, keys and label positions exactly).",
+    ),
+    eval_nll: int = typer.Option(
+        512, "--eval-nll", help="Held-out records for the field NLL (other people than the MC items)."
+    ),
     aux: int = typer.Option(3000, "--aux", help="Records of other people the attacker may hold (auxiliary data)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the written paths as one JSON object on the last stdout line."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the written paths as one JSON object on the last stdout line."
+    ),
 ) -> None:
     """Generate the hidden-rules task: eight made-up house rules a base model cannot know, so fine-tuning gains are measurable."""
     from guardedp2p.data.hidden_rules import TaskConfig, write_task
@@ -42,4 +51,6 @@ def make_demo(
     if json_out:
         print_json({"digest": cfg.digest(), **paths.__dict__})
     else:
-        typer.echo(f"wrote task {cfg.digest()} to {paths.folder}: train {train}, eval_mc {eval_mc}, eval_nll {eval_nll}, aux {aux}")
+        typer.echo(
+            f"wrote task {cfg.digest()} to {paths.folder}: train {train}, eval_mc {eval_mc}, eval_nll {eval_nll}, aux {aux}"
+        )

@@ -23,7 +23,7 @@ def check_endpoint(endpoint: str, role: Role, *, resolve: bool = False) -> str:
 
     ``resolve=True`` (clients) looks the host name up, so a typo fails here as a DNS error, not as a timeout.
     """
-    flag = "--bind" if role == "bind" else "--provider"
+    flag = "--bind" if role == "bind" else "--connect"
     example = "tcp://0.0.0.0:5555" if role == "bind" else "tcp://10.0.0.5:5555"
     if not isinstance(endpoint, str) or not endpoint:
         raise EndpointError(f"{flag} is empty: give an address such as {example}.")

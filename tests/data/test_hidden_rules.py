@@ -170,7 +170,24 @@ def test_cli_make_demo_writes_the_files(tmp_path):
 
     out = tmp_path / "t"
     res = CliRunner().invoke(
-        app, ["data", "make-demo", "--out", str(out), "--seed", "3", "--train", "48", "--eval-mc", "64", "--eval-nll", "24", "--aux", "40", "--json"]
+        app,
+        [
+            "data",
+            "make-demo",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--train",
+            "48",
+            "--eval-mc",
+            "64",
+            "--eval-nll",
+            "24",
+            "--aux",
+            "40",
+            "--json",
+        ],
     )
     assert res.exit_code == 0, res.output
     got = json.loads(res.output.strip().splitlines()[-1])

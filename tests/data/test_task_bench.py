@@ -21,7 +21,9 @@ def test_shared_prefix_scores_match_evaluate_mc():
         {"question": "w20 w21 w22 w23 w24", "choices": ["w25", "w26", "w27 w28", "w29"], "label": 3, "rule": "b"},
     ]
     fast = mc_loglik_shared_prefix(model, tok, items, batch_size=2)
-    ref = score_continuations(_logits_fn(model), tok, [(it["question"], " " + c) for it in items for c in it["choices"]])
+    ref = score_continuations(
+        _logits_fn(model), tok, [(it["question"], " " + c) for it in items for c in it["choices"]]
+    )
     assert [x for s in fast for x in s] == pytest.approx(ref, abs=1e-4)
     res = mc_accuracy(model, tok, items)
     assert res["n"] == 3 and set(res["per_rule"]) == {"a", "b"}
