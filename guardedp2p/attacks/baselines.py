@@ -1,4 +1,4 @@
-"""Baseline attacks of the BiSR suite (algorithms.md section 4.5): TAG*, LAMP and EIA*.
+"""Baseline attacks of the BiSR suite (Chen et al., BiSR, CCS'24, arXiv 2409.00960, baselines): TAG*, LAMP and EIA*.
 
 TAG*  gradient matching at the cut (the BiSR(b) objective) from a random start: no learned prior.
 LAMP  TAG plus, every ``search_every`` steps, a discrete search over reorderings of the current argmax sequence,
@@ -21,7 +21,7 @@ from guardedp2p.attacks.common import AttackConfigError, AttackerModel, Reconstr
 
 
 def tag_config() -> GradMatchConfig:
-    """TAG* defaults (LLaMA2 column of algorithms.md 4.5): 100 steps, lr 0.09, β 0.85, random start."""
+    """TAG* defaults (LLaMA2 column of Chen et al., BiSR, CCS'24, arXiv 2409.00960): 100 steps, lr 0.09, β 0.85, random start."""
     return GradMatchConfig(steps=100, lr=0.09)
 
 
@@ -156,7 +156,7 @@ def lamp(
 # ------------------------------------------------------------------------------------------------------- EIA
 @dataclass
 class EIAConfig:
-    """EIA* hyper-parameters (algorithms.md 4.5; the reference allows up to 72,000 steps)."""
+    """EIA* hyper-parameters (Chen et al., BiSR, CCS'24, arXiv 2409.00960; the reference allows up to 72,000 steps)."""
 
     steps: int = 72000
     lr: float = 0.09

@@ -1,16 +1,16 @@
 """BiSR (Chen et al., CCS'24): gradient matching at the trunk/top cut and forward matching at the bottom/trunk cut.
 
-BiSR(b), algorithms.md section 4.3
+BiSR(b), Chen et al., BiSR, CCS'24, arXiv 2409.00960, §BiSR(b)
     The provider sees h₂ and the client's gradient g₂ = ∂L/∂h₂. With its pre-trained top mock A_out⁰ it looks for
     soft labels P = softmax(Y) whose next-token cross-entropy gradient ĝ(Y) = ∂ℓ/∂h₂ matches g₂ under the TAG
     distance β‖·‖² + (1-β)‖·‖₁. Because ∂ℓ/∂logits_t = (softmax(logits_t) - P_{t+1}) / N, ĝ is an affine map of P
     through the fixed Jacobian of A_out⁰, computed here as a vector-Jacobian product with ``create_graph=True``.
     The first token is never a label, so it keeps its initial value (SIP's guess, or ``first_token``).
-BiSR(f), algorithms.md section 4.4
+BiSR(f), Chen et al., BiSR, CCS'24, arXiv 2409.00960, §BiSR(f)
     The provider sees h₁. It optimises dummy token embeddings Ẽ so that A_in⁰(Ẽ) matches h₁ (per-position cosine),
     starting from W_E[previous guess], and decodes x̂_t = argmax_v ⟨Ẽ_t, W_E[v]⟩.
 
-Both use only pre-trained weights: the client's LoRA deltas are unknown to the attacker (seed.md section 3).
+Both use only pre-trained weights: the client's LoRA deltas are unknown to the attacker (the GuardedTuning threat model (arXiv 2501.04323; SECURITY.md)).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def math_attention() -> contextlib.AbstractContextManager[None]:
 
 @dataclass
 class GradMatchConfig:
-    """Gradient-matching hyper-parameters (BiSR(b) defaults: algorithms.md 4.3).
+    """Gradient-matching hyper-parameters (BiSR(b) defaults: Chen et al., BiSR, CCS'24, arXiv 2409.00960).
 
     beta: weight of the squared L2 term of the TAG distance (1 - beta on L1).
     init_temperature: Y₀ = z_init / τ.
@@ -200,7 +200,7 @@ def bisr_b(
 # --------------------------------------------------------------------------------------------- BiSR(f)
 @dataclass
 class ForwardMatchConfig:
-    """Forward (smashed-data) matching hyper-parameters (defaults: algorithms.md 4.4, LLaMA2 column, except
+    """Forward (smashed-data) matching hyper-parameters (defaults: Chen et al., BiSR, CCS'24, arXiv 2409.00960, LLaMA2 column, except
     ``decode`` and the discrete ``refine`` pass, both marked [I] below).
 
     loss: "cos" (1 - mean cosine per row, the reference) or "mse".

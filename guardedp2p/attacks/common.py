@@ -1,6 +1,6 @@
 """The attacker's copy of the pre-trained model and helpers shared by the attacks.
 
-Threat model (seed.md section 3): the provider knows the *pre-trained* weights of every layer, never the client's
+Threat model (the GuardedTuning threat model (arXiv 2501.04323; SECURITY.md)): the provider knows the *pre-trained* weights of every layer, never the client's
 fine-tuned LoRA. :class:`AttackerModel` wraps such a pre-trained model with the public split and exposes the
 three operations the attacks need: the mock bottom ``A_in⁰`` (from token ids or from dummy token embeddings),
 the mock top ``A_out⁰`` and the embedding table ``W_E``.
@@ -81,7 +81,7 @@ class AttackerModel:
         """A_in⁰ run on dummy *token* embeddings (differentiable).
 
         The dummy replaces the output of the embedding table only; whatever the architecture adds afterwards
-        (learned positions, ``project_in``, dropout) stays inside A_in⁰ (algorithms.md section 4.4). Implemented
+        (learned positions, ``project_in``, dropout) stays inside A_in⁰ (Chen et al., BiSR, CCS'24, arXiv 2409.00960, §BiSR(f)). Implemented
         with a forward hook on the input-embedding module, so it works for every architecture in the table.
         """
         B, L = attention_mask.shape

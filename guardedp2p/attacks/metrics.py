@@ -1,4 +1,4 @@
-"""Reconstruction metrics of the DRA harness (algorithms.md section 5).
+"""Reconstruction metrics of the DRA harness (Chen et al., BiSR, CCS'24, arXiv 2409.00960, metrics).
 
 All scores compare a reconstruction ``hyp`` (token ids) with the client's real tokens ``ref`` (token ids of the
 same attention-masked positions). Two text constructions are offered, and every result says which was used:
@@ -9,7 +9,7 @@ same attention-masked positions). Two text constructions are offered, and every 
     a half-recovered surname counts as a wrong word.
 ``"per_token"`` (for comparison with SplitLLM / BiSR numbers)
     every token id decoded *separately*, stripped, joined with spaces, split on whitespace (case kept). Each
-    sub-word piece counts as a word, which inflates scores (algorithms.md section 5).
+    sub-word piece counts as a word, which inflates scores (Chen et al., BiSR, CCS'24, arXiv 2409.00960, metrics).
 ``"ids"``
     no tokenizer at all: ROUGE over the raw token-id sequences (used with tiny random models in tests).
 

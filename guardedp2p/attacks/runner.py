@@ -1,6 +1,6 @@
 """Run the attack suite on recorded observations and score it against ground truth kept separately.
 
-Pipeline (algorithms.md section 4): SIP -> BiSR(b) (init SIP) -> BiSR(f) (init SIP) -> BiSR(b+f) (init BiSR(b));
+Pipeline (Chen et al., BiSR, CCS'24, arXiv 2409.00960): SIP -> BiSR(b) (init SIP) -> BiSR(f) (init SIP) -> BiSR(b+f) (init BiSR(b));
 TAG, LAMP and EIA run independently. Attacks needing g₂ are skipped on Gradfree transcripts (no gradient ever
 reaches the provider) with the reason recorded. Prerequisites are added automatically (asking for BiSR(b) runs
 SIP too) and reported like any other attack.
@@ -47,7 +47,7 @@ LABELS = {
 
 @dataclass
 class AttackSuiteConfig:
-    """Hyper-parameters of every attack (defaults: algorithms.md section 4) and of the harness.
+    """Hyper-parameters of every attack (defaults: Chen et al., BiSR, CCS'24, arXiv 2409.00960) and of the harness.
 
     max_observations: attack at most this many observations (the first ones in (session, step) order).
     text_mode: how reconstructions are scored (see :mod:`guardedp2p.attacks.metrics`).
@@ -107,7 +107,7 @@ class AttackResult:
 @dataclass
 class AttackReport:
     """Everything :func:`run_attacks` produced. ``best`` is the DRA effectiveness: the attack with the highest
-    mean ROUGE-L F1 (algorithms.md section 5), computed only when ground truth was given."""
+    mean ROUGE-L F1 (Chen et al., BiSR, CCS'24, arXiv 2409.00960, metrics), computed only when ground truth was given."""
 
     design: str
     results: dict[str, AttackResult]

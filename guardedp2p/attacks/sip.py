@@ -1,4 +1,4 @@
-"""SIP: a learned inverter from cut activations back to tokens (algorithms.md section 4.1).
+"""SIP: a learned inverter from cut activations back to tokens (Chen et al., BiSR, CCS'24, arXiv 2409.00960, SIP baseline).
 
 The attacker runs public auxiliary text through its *pre-trained* bottom A_in⁰, and trains a small sequence
 model to predict each position's token from the activation sequence (per-position cross-entropy, unshifted).
@@ -6,7 +6,7 @@ Applied to the client's h₁ it gives x̂ = argmax inverter(h₁), and its logit
 
 Defence-aware variant: pass ``transform`` (e.g. ``codec decode∘encode`` or the client's noise mechanism); it is
 applied afresh to every training batch, so the inverter learns on activations distributed like what actually
-crosses the wire. algorithms.md section 2.2: report privacy for a lossy uplink only with such an attacker.
+crosses the wire. docs/user-guide.md (privacy settings): report privacy for a lossy uplink only with such an attacker.
 
 Efficiency note: by default the output layer covers only the token ids that occur in the auxiliary corpus
 (plus the special tokens). A cross-entropy-trained inverter practically never predicts a token it never saw as
@@ -33,7 +33,7 @@ FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class SIPConfig:
-    """Inverter and training hyper-parameters (defaults: algorithms.md 4.1, except ``bidirectional``)."""
+    """Inverter and training hyper-parameters (defaults: Chen et al., BiSR, CCS'24, arXiv 2409.00960, except ``bidirectional``)."""
 
     arch: Literal["gru", "lstm", "transformer"] = "gru"
     hidden: int = 256

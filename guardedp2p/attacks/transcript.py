@@ -3,7 +3,7 @@
 The provider's ``TrunkSession`` calls :meth:`TranscriptRecorder.record` with exactly the tensors it received
 or produced (``kind="forward"``: ``h1`` as decoded from the wire, ``mask``, ``h2``; ``kind="backward"``: ``g2``,
 ``g1``) and the message metadata. Nothing of the client's ground truth (token ids, labels, text) is ever passed
-to the recorder, so a transcript is precisely the attacker's view of seed.md section 3. Ground truth for scoring
+to the recorder, so a transcript is precisely the attacker's view of the GuardedTuning threat model (arXiv 2501.04323; SECURITY.md). Ground truth for scoring
 is kept by the *client* side of an experiment and handed to :func:`guardedp2p.attacks.runner.run_attacks`
 separately.
 

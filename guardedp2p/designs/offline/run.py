@@ -4,7 +4,7 @@ Wire traffic is one-off: MANIFEST_REQ/CHUNK_REQ (requests naming files and byte 
 the data) down, and the adapter bundle UPLOAD up. Training runs the same :class:`SplitTrainer` as Online and
 Gradfree, with the emulator's middle as a local trunk, so the numbers are comparable.
 
-The summary carries the five numbers of offsite-tuning (algorithms.md 3.5): ``zero_shot_full``,
+The summary carries the five numbers of offsite-tuning (offsite-tuning, Xiao, Lin, Han, arXiv 2302.04870): ``zero_shot_full``,
 ``full_finetune`` (the same adapters, seed, data order and steps trained on the full model locally: what the
 Online design computes), ``emulator_zero_shot``, ``emulator_finetune`` and ``plug_in``. Three of them need the
 full model. The demo model is public, so the client computes them locally; in a real deployment only the
@@ -100,7 +100,7 @@ def _add_heldout_text(data: Any, tok: Any, opts: TuneOptions) -> None:
     """With a multiple-choice task, also score the token loss of its right answers in context.
 
     Accuracy on a few dozen items moves in steps of several points; the loss of "question + right answer" is a
-    continuous number, and it gives the ppl gap between emulator and plug-in (algorithms.md 3.5).
+    continuous number, and it gives the ppl gap between emulator and plug-in (offsite-tuning, Xiao, Lin, Han, arXiv 2302.04870).
     """
     if data.eval_kind != "mc" or data.eval_examples:
         return
@@ -452,7 +452,7 @@ def _five_numbers(
     emu: _Emulator,
     tok: Any,
 ) -> dict[str, Any]:
-    """offsite-tuning's five numbers (algorithms.md 3.5), the gaps the design claims, and their notes."""
+    """offsite-tuning's five numbers (offsite-tuning, Xiao, Lin, Han, arXiv 2302.04870), the gaps the design claims, and their notes."""
     five: dict[str, Any] = {
         "emulator_zero_shot": primary_metric(local.before) if local.before else math.nan,
         "emulator_finetune": primary_metric(local.after) if local.after else math.nan,
