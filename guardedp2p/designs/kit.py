@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,21 +218,32 @@ def kit_skeleton(config: Any, split: SplitConfig, dtype: torch.dtype = torch.flo
     return model.train(False)
 
 
-def _load_exact(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+def _load_exact(model: nn.Module, path: Path, where: str) -> None:
+    """Copy every tensor of the safetensors file into ``model``, refusing extra, missing or misshapen ones.
+
+    Tensors are read one at a time (the file is never held in memory whole next to the model); tied aliases
+    count as loaded."""
+    from safetensors import safe_open
+
     own = model.state_dict()
-    extra = sorted(set(tensors) - set(own))
-    if extra:
-        raise KitError(f"{where}: {len(extra)} tensors the client model does not have, e.g. {extra[0]!r}")
-    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
-    for k, v in own.items():
-        groups.setdefault((v.data_ptr(), tuple(v.shape)), []).append(k)
-    for names in groups.values():
-        if not any(n in tensors for n in names):
-            raise KitError(f"{where}: tensor {names[0]!r} is missing")
-    for k, v in tensors.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise KitError(f"{where}: {k} has shape {list(v.shape)}, the model expects {list(own[k].shape)}")
-    model.load_state_dict(dict(tensors), strict=False)
+    with safe_open(str(path), framework="pt") as fh:
+        names = set(fh.keys())
+        extra = sorted(names - set(own))
+        if extra:
+            raise KitError(f"{where}: {len(extra)} tensors the client model does not have, e.g. {extra[0]!r}")
+        groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+        for k, v in own.items():
+            groups.setdefault((v.data_ptr(), tuple(v.shape)), []).append(k)
+        for group in groups.values():
+            if not any(n in names for n in group):
+                raise KitError(f"{where}: tensor {group[0]!r} is missing")
+        for k in sorted(names):
+            shape = list(fh.get_slice(k).get_shape())
+            if shape != list(own[k].shape):
+                raise KitError(f"{where}: {k} has shape {shape}, the model expects {list(own[k].shape)}")
+        with torch.no_grad():
+            for k in sorted(names):
+                own[k].copy_(fh.get_tensor(k))
 
 
 def load_kit(
@@ -251,7 +261,7 @@ def load_kit(
     model fingerprint the kit must match (e.g. the provider's). The fingerprint is recomputed over the loaded
     weights and compared with the signed one, so a manifest signed over the wrong tensors is refused too.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     from transformers import AutoConfig
 
     from guardedp2p.engine.fingerprint import model_fingerprint
@@ -286,13 +296,15 @@ def load_kit(
     kit_split.validate(n)
     arch = get_arch(config)
     trunk = set(kit_split.trunk_range(n))
-    tensors = load_file(str(resolve_in(root, WEIGHTS_FILE)))
-    for name in tensors:
+    weights = resolve_in(root, WEIGHTS_FILE)
+    with safe_open(str(weights), framework="pt") as fh:
+        tensor_names = list(fh.keys())
+    for name in tensor_names:
         idx = block_index(name, arch.blocks_path)
         if idx is not None and (idx in trunk or idx >= n):
             raise KitError(f"{root}: the kit holds {name!r}, a tensor of trunk block {idx}; refusing it")
     model = kit_skeleton(config, kit_split, dtype=dtype)
-    _load_exact(model, {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}, str(root))
+    _load_exact(model, weights, str(root))
     fp = model_fingerprint(model, kit_split)
     if fp != signed_fp:
         raise KitError(f"{root}: the kit's weights do not match the fingerprint in its signed manifest")
