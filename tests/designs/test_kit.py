@@ -245,3 +245,16 @@ def test_generation_client_from_the_kit_gives_the_full_models_tokens(tmp_path, k
     assert tokens[0] == tokens[1] and all(len(t) == 12 for t in tokens[1])
     with pytest.raises(ConfigError, match="--provider-sign-key"):
         load_generation_client(split=SPLIT, device="cpu", kit=kit_dir)
+
+
+@pytest.mark.parametrize("command", ["tune", "generate"])
+def test_cli_kit_without_the_providers_sign_key_is_refused_before_loading(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from guardedp2p.cli.main import app
+
+    args = ["client", command, "--kit", str(tmp_path / "kit"), "--insecure", "--out", str(tmp_path / "o")]
+    if command == "generate":
+        args = ["client", command, "--kit", str(tmp_path / "kit"), "--insecure", "--prompt", "hi"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0 and "--provider-sign-key" in res.output, res.output
