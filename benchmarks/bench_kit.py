@@ -26,10 +26,33 @@ from typing import Any
 import torch
 
 
+def _status(key: str) -> float:
+    """A /proc/self/status field in MiB (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS counter (Linux: ``5`` to ``/proc/self/clear_refs``); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def make_batch(tok: Any, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The same random batch as bench_online's probes."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, tok.vocab_size - 1, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
 def kit_probe(model_name: str, kit_dir: str | None, batch: int, seq: int) -> dict[str, Any]:
     """One training step of a client built from the kit, or from the checkpoint when ``kit_dir`` is None (the
     trunk's reply stood in by h1, as bench_online); ``load_peak_mib`` is the peak before the step."""
-    from benchmarks.bench_online import _reset_peak, _status, make_batch
     from guardedp2p.engine.split import loss_fn
     from guardedp2p.service.client import TuneOptions, prepare_client
 
