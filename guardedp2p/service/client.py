@@ -487,7 +487,8 @@ def plan_tune(opts: TuneOptions, *, out_action: str = "", extra: dict[str, Any] 
         from guardedp2p.privacy.noise import NoiseConfig
 
         privacy["noise"] = NoiseConfig(**opts.noise).describe()
-    depth = check_split(opts.model, opts.bottom_layers, opts.top_layers)
+    # with --kit the kit's own config is the model (its split is checked again, signed, when it loads)
+    depth = check_split(str(opts.kit) if opts.kit else opts.model, opts.bottom_layers, opts.top_layers)
     data = describe_data(opts)
     return TunePlan(
         protocol=opts.protocol,
