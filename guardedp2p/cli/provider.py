@@ -106,7 +106,7 @@ def serve(
         help="On Ctrl-C: seconds to keep answering clients 'provider-shutting-down' (so they checkpoint and say how to resume) before closing; ends early once every session is told. Ctrl-C again stops at once.",
     ),
     max_tokens_per_step: int = typer.Option(
-        2048, min=1, help="Budget: batch x sequence of one activation or gradient message (over it: over-budget)."
+        1024, min=1, help="Budget: batch x sequence of one activation or gradient message (over it: over-budget)."
     ),
     max_decoded_mib: float = typer.Option(
         128.0, min=0.001, help="Budget: one message's tensors once decoded, in MiB (a lossy codec expands up to 8x)."

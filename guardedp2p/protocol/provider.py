@@ -162,7 +162,7 @@ class ProviderConfig:
     step_timeout: float = 300.0  # a kept forward graph older than this is freed
     max_sessions_per_peer: int = 4
     max_inflight_steps: int = 4
-    max_tokens_per_step: int = 2048  # batch x sequence of one ACT_UP/GRAD_UP; also bounds a batched trunk call
+    max_tokens_per_step: int = 1024  # batch x sequence of one ACT_UP/GRAD_UP; also bounds a batched trunk call
     limits: WireLimits = field(default_factory=lambda: DEFAULT_LIMITS)
     max_batch: int = 8  # most messages answered together (forward-only ones share a trunk call); 1 disables
     batch_wait_s: float = 0.002  # how long the serve loop waits for more messages to join a batch
