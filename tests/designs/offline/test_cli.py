@@ -69,7 +69,7 @@ def test_build_refuses_to_run_unsigned(tmp_path):
     assert res.exit_code != 0
 
 
-def test_demo_emulator_is_signed_by_the_demo_provider_key(tmp_path):
+def test_demo_emulator_is_signed_by_the_demo_provider_key(tmp_path, monkeypatch):
     from guardedp2p.crypto.manifest import verify_artifact
     from guardedp2p.designs.offline.build import build_demo_emulator
 
@@ -77,6 +77,10 @@ def test_demo_emulator_is_signed_by_the_demo_provider_key(tmp_path):
     tiny_model("llama").save_pretrained(str(model_dir))
     tiny_tokenizer().save_pretrained(str(model_dir))
     generate_keypair(tmp_path / "keys", "provider")
-    out = build_demo_emulator(str(model_dir), tmp_path / "emu", tmp_path / "keys")
+    monkeypatch.setenv("GUARDEDP2P_CACHE", str(tmp_path / "cache"))  # the distillation cache
+    out = build_demo_emulator(str(model_dir), tmp_path / "emu", tmp_path / "keys", distill_steps=2)
     m = verify_artifact(out, tmp_path / "keys" / "provider.sign.pub", kind="emulator")
     assert m["compression"]["quantize"] == "int8" and m["layers"]["middle_kept"] == [2]
+    d = m["compression"]["distillation"]
+    assert d["steps"] == 2 and d["data"] == "builtin:python-docs"
+    assert any((tmp_path / "cache" / "emulators").iterdir())
