@@ -746,7 +746,6 @@ def report(cache: Path, out_dir: Path, command: str) -> list[dict[str, Any]]:
     }
     (out_dir / "offline.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     plot(rows, out_dir / "offline.png")
-    (out_dir / "offline_table.md").write_text(markdown_table(rows))
     return rows
 
 
@@ -763,7 +762,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", action="append", default=[], help="point name (repeatable); default: all")
     ap.add_argument("--out", default=None, help="also write the JSON lines here")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--report", default=None, help="write offline.json/.png/_table.md of the cached points here")
+    ap.add_argument(
+        "--report",
+        default=None,
+        help="write offline.json and offline.png of the cached points here (prints the markdown table)",
+    )
     ap.add_argument("--distill-only", action="store_true", help="only build the distilled emulators (a 2nd process)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
