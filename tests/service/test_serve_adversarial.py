@@ -227,7 +227,7 @@ def test_failed_handshakes_are_logged_with_throttling(served, keydir, caplog):
         warnings.simplefilter("ignore")
         with pytest.raises(MechanismMismatch):
             ZmqClientChannel.open(ClientConfig(connect=served.channel.endpoint, insecure=True))
-    assert _wait(lambda: any("protocol error" in r.getMessage() for r in caplog.records))
+    assert _wait(lambda: any("protocol error" in r.getMessage() for r in caplog.records), timeout=30.0)
 
 
 class SlowTrunk(torch.nn.Module):
