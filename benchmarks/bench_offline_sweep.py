@@ -744,6 +744,9 @@ def report(cache: Path, out_dir: Path, command: str) -> list[dict[str, Any]]:
         },
         "points": rows,
     }
+    tf = cache / "task_fidelity.json"
+    if tf.is_file():  # written by --task-fidelity
+        doc["task_text_fidelity"] = json.loads(tf.read_text())
     (out_dir / "offline.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     plot(rows, out_dir / "offline.png")
     return rows
@@ -767,6 +770,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="write offline.json and offline.png of the cached points here (prints the markdown table)",
     )
+    ap.add_argument(
+        "--task-fidelity",
+        action="store_true",
+        help="emulator vs full model on 16 of the client's training records (hidden MSE, perplexity ratio)",
+    )
     ap.add_argument("--distill-only", action="store_true", help="only build the distilled emulators (a 2nd process)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -779,6 +787,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"no point named {args.only}; known: {', '.join(p.name for p in POINTS)}")
     sweep = Sweep(args)
     cmd = "python -m benchmarks.bench_offline_sweep " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.task_fidelity:
+        from guardedp2p.designs.offline.emulator import emulator_fidelity
+
+        out = {}
+        for p in points:
+            if p.adapter == "full" and p.depth == 2:
+                emu, _ = sweep.emulator(p)
+                f = emulator_fidelity(emu, sweep.model, sweep.task.train_examples[:16], pad_id=sweep.pad)
+                out[p.name] = {k: round(v, 4) for k, v in f.items()}
+                _log(f"task-text fidelity {p.name}: {out[p.name]}")
+        (Path(args.cache) / "task_fidelity.json").write_text(json.dumps(out, indent=1, sort_keys=True))
+        return 0
     if args.distill_only:
         for p in sorted((p for p in points if p.distill), key=lambda p: (p.distill, p.keep != 0.5, -p.keep)):
             t0 = time.perf_counter()
