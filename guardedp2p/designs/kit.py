@@ -23,7 +23,6 @@ Layout::
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from torch import nn
 
 from guardedp2p.crypto.manifest import Manifest, resolve_in, sign_folder, verify_artifact
 from guardedp2p.engine.arch import config_of, get_arch, get_path, num_layers
+from guardedp2p.engine.loading import shippable_config_json
 from guardedp2p.engine.split import SplitConfig, base_model, build_client_parts
 from guardedp2p.errors import ArtifactError, ConfigError
 
@@ -109,16 +109,6 @@ def client_state(model: nn.Module, split: SplitConfig) -> dict[str, torch.Tensor
     return out
 
 
-def _config_json(config: Any) -> bytes:
-    d = json.loads(config.to_json_string(use_diff=False))
-    for k in ("_name_or_path", "name_or_path", "_commit_hash"):
-        d.pop(k, None)
-    q = d.get("quantization_config")
-    if isinstance(q, dict) and q.get("quant_method") == "gguf":
-        d.pop("quantization_config")  # GGUF weights are de-quantized on load; the kit ships floats
-    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
-
-
 def build_kit(
     model: nn.Module,
     tokenizer: Any,
@@ -142,7 +132,7 @@ def build_kit(
     for stale in ("manifest.json", "manifest.sig"):
         (folder / stale).unlink(missing_ok=True)
     state = client_state(model, split)
-    (folder / CONFIG_FILE).write_bytes(_config_json(cfg))
+    (folder / CONFIG_FILE).write_bytes(shippable_config_json(cfg))
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     files = [CONFIG_FILE, WEIGHTS_FILE]
     generation_config = getattr(model, "generation_config", None)

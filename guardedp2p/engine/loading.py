@@ -8,6 +8,7 @@ works offline out of the box; anything else must be a local Hugging Face folder 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -185,3 +186,15 @@ def load_causal_lm(
     model.to(pick_device(device))  # type: ignore[arg-type]
     model.train(False)  # inference mode for dropout etc. (nn.Module.eval)
     return model, prepare_tokenizer(tokenizer)
+
+
+def shippable_config_json(config: Any) -> bytes:
+    """A model config as the JSON a signed artifact ships (emulator, client kit): no local paths or commit hashes,
+    and no GGUF quantization entry, since GGUF weights are de-quantized to float on load and shipped as floats."""
+    d = json.loads(config.to_json_string(use_diff=False))
+    for k in ("_name_or_path", "name_or_path", "_commit_hash"):
+        d.pop(k, None)
+    q = d.get("quantization_config")
+    if isinstance(q, dict) and q.get("quant_method") == "gguf":
+        d.pop("quantization_config")
+    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()

@@ -48,6 +48,7 @@ from guardedp2p.designs.offline.quantize import (
     stored_nbytes,
 )
 from guardedp2p.engine.arch import config_of, get_arch, get_path, num_layers
+from guardedp2p.engine.loading import shippable_config_json
 from guardedp2p.engine.split import ClientBottom, ClientTop, ProviderTrunk, SplitConfig, base_model, loss_fn
 from guardedp2p.errors import ArtifactError, ConfigError
 
@@ -822,16 +823,6 @@ def load_text_examples(path: str | Path, tokenizer: Any, max_length: int = 128) 
 
 
 # ============================================================================================ files
-def _config_json(config: Any) -> bytes:
-    d = json.loads(config.to_json_string(use_diff=False))
-    for k in ("_name_or_path", "name_or_path", "_commit_hash"):
-        d.pop(k, None)
-    q = d.get("quantization_config")
-    if isinstance(q, dict) and q.get("quant_method") == "gguf":
-        d.pop("quantization_config")  # GGUF weights are de-quantized to float on load; the emulator ships floats
-    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
-
-
 def save_emulator(
     emu: Emulator,
     folder: str | Path,
@@ -858,7 +849,7 @@ def save_emulator(
     for stale in ("manifest.json", "manifest.sig"):
         (out / stale).unlink(missing_ok=True)
     files = [CONFIG_FILE, ADAPTERS_FILE, MIDDLE_FILE]
-    (out / CONFIG_FILE).write_bytes(_config_json(emu.model.config))
+    (out / CONFIG_FILE).write_bytes(shippable_config_json(emu.model.config))
     adapters = emu.adapter_state()
     save_file(adapters, str(out / ADAPTERS_FILE), metadata={"format": "pt"})
     middle = emu.middle_state()
