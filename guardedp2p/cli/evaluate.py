@@ -36,7 +36,7 @@ def evaluate(
     batch_size: int | None = typer.Option(None, help="Sequences per training step (default: the task's recipe, 4)."),
     lr: float | None = typer.Option(None, help="Peak learning rate (default: the task's recipe, 2e-3)."),
     eval_items: int | None = typer.Option(
-        None, help="Held-out multiple-choice items scored per run (default 256; 0: all; 32 with --fast)."
+        None, help="Held-out multiple-choice items scored per run (default 256; 0: all; 24 with --fast)."
     ),
     nll_records: int | None = typer.Option(
         None, help="Held-out records for the code-token NLL per run (default 64; 0: all)."
@@ -156,11 +156,11 @@ def fast_config(**over: Any) -> Any:
         fast=True,
         seeds=(0, 1),
         steps=8,
-        batch_size=4,
-        eval_items=32,
-        nll_records=16,
+        batch_size=2,
+        eval_items=24,
+        nll_records=8,
         attack_steps=8,
-        attack_sequences=32,
+        attack_sequences=16,
         out="runs/frontier-fast",
         adaptive=AdaptiveConfig(
             sip=SIPConfig(batch_size=8, lr=2e-2, hidden=32, holdout=0.0), max_epochs=3, eval_every=10, patience=2

@@ -501,13 +501,12 @@ def _run_split(ctx: _Ctx, row: RowDef, seed: int, key: str) -> dict[str, Any]:
         return TappedChannel(InProcClientChannel(provider["app"]), truth)
 
     handle = client.bottom.register_forward_hook(truth.on_bottom, with_kwargs=True)
+    # our own bar, fed by the client's outgoing training messages: tune()'s rich bar shows nothing off a terminal
+    opts.progress = False
     try:
-        summary = tune(
-            opts,
-            connect,
-            client=client,
-            console=ctx.console if cfg.progress else None,
-        )
+        with _Bar(cfg.progress, f"{row.label} tuning (seed {seed})", ctx.recipe.steps) as bar:
+            truth.on_train_step = bar.update
+            summary = tune(opts, connect, client=client, console=None)
     finally:
         handle.remove()
     del client, app

@@ -177,6 +177,7 @@ class ClientTruth:
         self.ids: dict[tuple[str, int], torch.Tensor] = {}
         self.masks: dict[tuple[str, int], torch.Tensor] = {}
         self.train_keys: list[tuple[str, int]] = []
+        self.on_train_step: Callable[[int], None] | None = None  # told the step of every training ACT_UP (progress)
 
     def on_bottom(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         ids = args[0] if args else kwargs["input_ids"]
@@ -213,6 +214,8 @@ class ClientTruth:
         self.masks[key] = mask[rows]
         if train:
             self.train_keys.append(key)
+            if self.on_train_step is not None:
+                self.on_train_step(int(step))
 
 
 class TappedChannel:

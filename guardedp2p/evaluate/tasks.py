@@ -133,7 +133,7 @@ def demo_task(*, aux: int = 3000, holdout: int = 200) -> TaskSource:
 
 def fast_task() -> TaskSource:
     """A small hidden-rules task for ``--fast`` (64 training records, 32 MC items, 16 NLL records, 200 aux)."""
-    return hidden_rules_task(train=64, eval_mc=32, eval_nll=16, aux=200, holdout=24)
+    return hidden_rules_task(train=64, eval_mc=32, eval_nll=16, aux=200, holdout=12)
 
 
 TASKS: dict[str, Callable[[], TaskSource]] = {"hidden_rules": hidden_rules_task, "demo": demo_task, "fast": fast_task}

@@ -43,13 +43,14 @@ def fast_run(tmp_path_factory):
     return tmp, result, time.process_time() - t0
 
 
+@pytest.mark.timeout(1200)  # the shared fixture runs here: ~1 CPU minute, far more wall time on a loaded machine
 def test_fast_frontier_writes_every_field_and_passes_the_gate(fast_run):
     tmp, result, _ = fast_run
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout.strip().splitlines()[-1])
     assert missing_fields(res) == [], missing_fields(res)
     assert [r["row"] for r in res["rows"]] == list(HEADLINE_ROWS)
-    assert res["seeds"] == 2 and res["eval_items"] == 32 and res["sanity"]["ok"] is True and not res["harness_broken"]
+    assert res["seeds"] == 2 and res["eval_items"] == 24 and res["sanity"]["ok"] is True and not res["harness_broken"]
     on_disk = json.loads((tmp / "work" / "results" / "frontier.json").read_text())
     assert missing_fields(on_disk) == []
     for name in ("frontier.png", "frontier_convergence.png"):
