@@ -505,7 +505,7 @@ def run_scenario(args: argparse.Namespace, env: dict[str, Any], work: Path, atta
             )
         )
 
-    pin = _pinning(args)
+    pin = env["pin"]
     ctx = mp.get_context("spawn")
     stop_hostile, hostile_ready, hostile_out = ctx.Event(), ctx.Event(), ctx.Queue()
     hostile = None
@@ -676,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="gp2p-bench-adv-"))
     env = prepare(args, work)
+    env["pin"] = _pinning(args)  # decided once: the runs change this process's own affinity
     env["client"] = prepare_client(
         TuneOptions(protocol="online", model=env["model_name"], train=TrainConfig(batch_size=args.batch))
     )
@@ -710,14 +711,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     report = {
         "bench": "adversarial",
-        "command": "python -m benchmarks.bench_adversarial " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": " ".join(
+            ["python -m benchmarks.bench_adversarial", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]
+        ),
         "model": args.model,
         "batch": args.batch,
         "seq": args.seq,
         "steps": args.steps,
         "provider_args": args.provider_args,
         "cpus": os.cpu_count(),
-        "pinned": _pinning(args) is not None,
+        "pinned": env["pin"] is not None,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "solo": solo,
         "attacks": rows,

@@ -152,6 +152,7 @@ class ServerConfig:
     zero_copy: bool = True
     sndhwm: int = 4  # replies libzmq queues per client before try_send says "full" (the serve loop queues more)
     rcvhwm: int = 32  # messages libzmq reads ahead per client (then that client's TCP backs off, nobody else's)
+    io_threads: int = 2  # libzmq I/O threads: a client's large message (CURVE decrypts it whole) holds up only its own
 
 
 class _AllowList:
@@ -258,7 +259,7 @@ class ZmqServerChannel(ServerChannel):
                 )
             self._allow = _AllowList(config.zap_domain, allowed)
 
-        self._ctx = zmq.Context()
+        self._ctx = zmq.Context(io_threads=max(1, int(config.io_threads)))
         try:
             if not config.insecure:
                 self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("guardedp2p.transport.zap"))
