@@ -4,8 +4,9 @@ One provider process (the real ``provider serve``, one torch thread unless ``--p
 threads in this process (one torch thread in all), each with its own key, channel, session and copy of the client
 parts, training Online and Gradfree (issue 19) on the default model. Settings alternate (protocol x N, repeated
 ``--repeat`` times) so the load of a shared machine drifts over all of them; medians are reported. Per setting:
-aggregate samples/s (steps x batch / wall), per-client step time, what the provider reported computing, and the
-CPU the two processes used (``cpu_util``: CPU-seconds per wall second, out of ``os.cpu_count()``), which says
+aggregate samples/s (steps x batch / wall), per-client step time, what the provider reported computing
+(``provider_busy``: its compute-seconds per wall second; a batched call counts once per request in it, so it can
+exceed 1), and the CPU the two processes used (``cpu_util``: CPU-seconds per wall second, out of ``os.cpu_count()``), which says
 whether the machine, not the protocol, is the limit. Gradfree runs without the trunk-output cache.
 
     python -m benchmarks.bench_multiclient [--clients 1,2,4] [--protocols online,gradfree] [--steps 4]
@@ -178,6 +179,8 @@ def clients_main(args: argparse.Namespace) -> int:
             for rep in range(args.repeat):
                 for p in protocols:
                     for n in counts:
+                        for session, _ in workers.values():
+                            session.ping()  # idle sessions of other settings stay open (provider idle timeout)
                         times: list[list[float]] = [[] for _ in range(n)]
                         errors: list[str] = []
                         go = threading.Barrier(n + 1)
@@ -234,14 +237,14 @@ def clients_main(args: argparse.Namespace) -> int:
         "seq": args.seq,
     }
     for p in protocols:
-        med = {n: statistics.median(r["samples_per_s"] for r in results[(p, n)]) for n in counts}
+        ok = {n: [r for r in results[(p, n)] if not r["errors"]] or results[(p, n)] for n in counts}
+        med = {n: statistics.median(r["samples_per_s"] for r in ok[n]) for n in counts}
         summary[p] = {
             "samples_per_s": {str(n): round(v, 3) for n, v in med.items()},
             "speedup_vs_one": {str(n): round(v / med[counts[0]], 3) for n, v in med.items()},
-            "provider_busy": {
-                str(n): round(statistics.median(r["provider_busy"] for r in results[(p, n)]), 3) for n in counts
-            },
-            "cpu_util": {str(n): round(statistics.median(r["cpu_util"] for r in results[(p, n)]), 3) for n in counts},
+            "provider_busy": {str(n): round(statistics.median(r["provider_busy"] for r in ok[n]), 3) for n in counts},
+            "cpu_util": {str(n): round(statistics.median(r["cpu_util"] for r in ok[n]), 3) for n in counts},
+            "runs_with_errors": {str(n): sum(1 for r in results[(p, n)] if r["errors"]) for n in counts},
         }
     summary["target"] = "4 clients >= 1.5 x one"
     summary["loadavg_before"] = [round(x, 2) for x in load_before]

@@ -14,7 +14,8 @@ provider: its worst case).
 on the provider, ``provider_s`` what the provider reported computing; with pipelining the provider computes while
 the client does too, so ``provider_s`` can exceed ``wait_s``.
 
-Client memory (``--memory``, default on): fresh processes, peak RSS (``ru_maxrss``) of the client after one
+Client memory (``--memory``, default on): fresh processes, peak RSS (``VmHWM``; ``ru_maxrss`` would carry the bench
+process's own peak over into its children through fork + exec) of the client after one
 training step with the default split and with ``--bottom-layers 1 --top-layers 1``, against a full local
 fine-tune of the same model (every weight trained with AdamW) and a local LoRA fine-tune, and a baseline process
 with the same imports and nothing loaded. The client loads the whole checkpoint before cutting its parts out
@@ -25,8 +26,14 @@ which a client that loads only its own blocks (issue 18's client kit) would not 
     python -m benchmarks.bench_online [--micro-batches 1,2,4] [--rounds 5] [--steps-per-round 2] [--batch 4]
         [--seq 128] [--no-memory] [--quick]
 
-``--quick`` (``make bench-quick``): micro-batches 1 and 2, three rounds of one step, the local baseline at one
-thread, the default split's memory against the full fine-tune only; a few minutes. Prints JSON lines; the last, ``online_summary``, has the headline ratios.
+``--quick`` (``make bench-quick``): micro-batches 1 and 2, two rounds of one step, the local baseline at one
+thread, the default split's memory against the full fine-tune only; a few minutes. Prints JSON lines; the last,
+``online_summary``, has the headline ratios.
+
+``--provider-overhead``: the provider's CPU per Online training step (ACT_UP + GRAD_UP, batch x seq of the run),
+the trunk computed bare in this process vs through the real serve loop (``serve_forever`` in a thread, CURVE on
+127.0.0.1), and through the serve loop with its receive thread waking every 50 ms instead of every 2 ms while a
+computation runs (``Server.tick`` patched: an experiment, not a setting), alternating, one torch thread.
 """
 
 from __future__ import annotations
@@ -72,8 +79,6 @@ def _reset_peak() -> bool:
 
 def memory_probe(kind: str, model_name: str, batch: int, seq: int, bottom: int, top: int) -> dict[str, Any]:
     """Run in a fresh process: the memory of one party after one training step (see the module docstring)."""
-    import resource
-
     from guardedp2p.engine.split import loss_fn
 
     torch.set_num_threads(1)
@@ -83,13 +88,13 @@ def memory_probe(kind: str, model_name: str, batch: int, seq: int, bottom: int, 
         from guardedp2p.engine.loading import load_causal_lm  # noqa: F401
         from guardedp2p.service.client import TuneOptions, prepare_client  # noqa: F401
 
-        loaded, reset, held = _status("VmRSS"), False, 0.0
+        loaded, load_peak, reset, held = _status("VmRSS"), _status("VmHWM"), False, 0.0
     elif kind == "client":
         from guardedp2p.service.client import TuneOptions, prepare_client
 
         client = prepare_client(TuneOptions(model=model_name, bottom_layers=bottom, top_layers=top))
         gc.collect()
-        loaded = _status("VmRSS")
+        loaded, load_peak = _status("VmRSS"), _status("VmHWM")
         reset = _reset_peak()
         b = make_batch(client.tokenizer, batch, seq)
         h1 = client.bottom(b["input_ids"], b["attention_mask"])
@@ -102,7 +107,7 @@ def memory_probe(kind: str, model_name: str, batch: int, seq: int, bottom: int, 
 
         model, tok = load_causal_lm(model_name)
         gc.collect()
-        loaded = _status("VmRSS")
+        loaded, load_peak = _status("VmRSS"), _status("VmHWM")
         reset = _reset_peak()
         b = make_batch(tok, batch, seq)
         if kind == "full-lora":
@@ -119,15 +124,123 @@ def memory_probe(kind: str, model_name: str, batch: int, seq: int, bottom: int, 
         opt.step()
         held = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     gc.collect()
+    train_peak = _status("VmHWM")  # since the reset: the training step's peak
     return {
         "kind": kind,
         "split": [bottom, top] if kind == "client" else None,
         "rss_mib": round(_status("VmRSS"), 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork + exec, so a probe
+        # started by a big process would report the parent's peak
+        "peak_rss_mib": round(max(load_peak, train_peak), 1),
+        "load_peak_mib": round(load_peak, 1),
         "loaded_rss_mib": round(loaded, 1),
-        "train_peak_mib": round(_status("VmHWM"), 1) if reset else None,
+        "train_peak_mib": round(train_peak, 1) if reset else None,
         "weights_held_mib": round(held, 1),
     }
+
+
+def provider_overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """CPU-s and wall-s per Online training step on the provider side: bare trunk vs the serve loop (docstring)."""
+    import logging
+    import threading
+
+    from guardedp2p.crypto.keys import generate_keypair
+    from guardedp2p.designs.online.client import RemoteTrunk
+    from guardedp2p.engine.fingerprint import model_fingerprint
+    from guardedp2p.engine.loading import load_causal_lm
+    from guardedp2p.engine.split import SplitConfig, build_trunk
+    from guardedp2p.protocol.client import ClientSession
+    from guardedp2p.service import serve as serve_mod
+    from guardedp2p.service.provider import ProviderOptions, build_provider_app
+    from guardedp2p.transport.zmq_client import ClientConfig, ZmqClientChannel
+    from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
+    from guardedp2p.wire.handshake import Hello
+
+    logging.getLogger("guardedp2p").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    model, _ = load_causal_lm(args.model)
+    fp = model_fingerprint(model, SplitConfig(2, 2))
+    trunk = build_trunk(copy.deepcopy(model), SplitConfig(2, 2))
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    hidden = int(model.config.hidden_size)
+    h = torch.randn(args.batch, args.seq, hidden, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(args.batch, args.seq, dtype=torch.long)
+    tmp = Path(tempfile.mkdtemp(prefix="gp2p-bench-overhead-"))
+    generate_keypair(tmp, "p")
+    generate_keypair(tmp, "c")
+    codecs = {d: "fp32" for d in ("up", "down", "grad_up", "grad_down")}
+    app = build_provider_app(
+        ProviderOptions(model=args.model, protocols=("online",), device="cpu"), model=copy.deepcopy(model)
+    )
+    srv = ZmqServerChannel(
+        ServerConfig(bind="tcp://127.0.0.1:*", secret_key_file=tmp / "p.key_secret", allow=[tmp / "c.key"])
+    )
+    stop = threading.Event()
+    serving = threading.Thread(target=serve_mod.serve_forever, args=(app, srv, stop), daemon=True)
+    serving.start()
+    channel = ZmqClientChannel.open(
+        ClientConfig(connect=srv.endpoint, provider_public_key=tmp / "p.key", secret_key_file=tmp / "c.key_secret")
+    )
+    session = ClientSession(channel, timeout=600)
+    session.open(Hello("online", fp, (2, 2), codecs))
+    remote = RemoteTrunk(session, codecs, gradients=True)
+    real_tick = serve_mod.Server.tick
+
+    def bare() -> None:
+        x = h.clone().requires_grad_(True)
+        out = trunk(x, mask)
+        out.backward(torch.ones_like(out))
+
+    def served() -> None:
+        step = remote.next_step()
+        out = remote.forward(h, mask, train=True, step=step)
+        remote.backward(torch.ones_like(out), step, h)
+
+    def slow_tick() -> None:
+        serve_mod.Server.tick = lambda self: 0.05  # type: ignore[method-assign]
+        try:
+            served()
+        finally:
+            serve_mod.Server.tick = real_tick  # type: ignore[method-assign]
+
+    variants: list[tuple[str, Callable[[], None]]] = [
+        ("bare_trunk", bare),
+        ("serve_loop", served),
+        ("serve_loop_tick_50ms", slow_tick),
+    ]
+    got: dict[str, list[tuple[float, float]]] = {}
+    try:
+        for rnd in range(args.rounds):
+            for name, fn in variants:
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                if rnd:
+                    got.setdefault(name, []).append((time.process_time() - c0, time.perf_counter() - t0))
+    finally:
+        session.close()
+        stop.set()
+        serving.join(10)
+        channel.close()
+        srv.close()
+    bare_cpu = statistics.median(c for c, _ in got["bare_trunk"])
+    rows = []
+    for name, vals in got.items():
+        cpu = statistics.median(c for c, _ in vals)
+        rows.append(
+            {
+                "bench": "provider_overhead",
+                "variant": name,
+                "batch": args.batch,
+                "seq": args.seq,
+                "steps": len(vals),
+                "cpu_s": round(cpu, 4),
+                "wall_s": round(statistics.median(w for _, w in vals), 4),
+                "cpu_over_bare": round(cpu / bare_cpu, 3),
+                "loadavg_1min": round(os.getloadavg()[0], 2),
+            }
+        )
+    return rows
 
 
 def make_batch(tok: Any, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -262,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocols", default="online,gradfree")
     ap.add_argument("--local-threads", default="1,2", help="torch threads of the local baseline (1 is the reference)")
     ap.add_argument("--no-memory", action="store_true", help="skip the client memory probes")
-    ap.add_argument("--quick", action="store_true", help="micro-batches 1,2; 3 rounds of 1 step; one memory split")
+    ap.add_argument("--quick", action="store_true", help="micro-batches 1,2; 2 rounds of 1 step; one memory split")
+    ap.add_argument(
+        "--provider-overhead", action="store_true", help="provider CPU per step: bare trunk vs the serve loop"
+    )
     ap.add_argument("--probe", choices=["baseline", "client", "full-lora", "full-ft"], help=argparse.SUPPRESS)
     ap.add_argument("--bottom-layers", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--top-layers", type=int, default=2, help=argparse.SUPPRESS)
@@ -271,8 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         probe = memory_probe(args.probe, args.model, args.batch, args.seq, args.bottom_layers, args.top_layers)
         print(json.dumps(probe))
         return 0
+    if args.provider_overhead:
+        for row in provider_overhead(args):
+            print(json.dumps(row), flush=True)
+        return 0
     if args.quick:
-        args.micro_batches, args.rounds, args.steps_per_round, args.local_threads = "1,2", 3, 1, "1"
+        args.micro_batches, args.rounds, args.steps_per_round, args.local_threads = "1,2", 2, 1, "1"
 
     from guardedp2p.cli.client import client_channel_factory
     from guardedp2p.cli.demo import ProviderProcess, free_port
