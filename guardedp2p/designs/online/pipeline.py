@@ -19,9 +19,10 @@ not yet; Gradfree: ACT_UP sent, ACT_DOWN not yet read), never more than the grap
 (``ProviderConfig.max_inflight_steps``, 4 by default, docs/wire.md section 6). The requests go out with
 :meth:`guardedp2p.protocol.client.ClientSession.send` and their replies are read in order, without threads.
 
-Why it pays (GuardedTuning, arXiv 2501.04323, reports the split's cost as the sum of the parties' compute): the
-step time falls from client + provider towards max(client, provider) plus one micro-batch of each; measured in
-docs/results/perf.md (``python -m benchmarks.bench_online``).
+Why (GuardedTuning, arXiv 2501.04323, counts the split's cost as the sum of the parties' compute): with a free core
+or device for each party, the step time falls from client + provider towards max(client, provider) plus one
+micro-batch of each. It needs that free capacity: on a two-core machine saturated by other work the overlap
+happens but the step is no shorter (docs/results/perf.md, ``python -m benchmarks.bench_online``).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ if TYPE_CHECKING:
 Batch = dict[str, torch.Tensor]
 
 DEFAULT_MICRO_BATCHES = 2
-"""Micro-batches per batch when pipelining is on: the fastest setting of ``python -m benchmarks.bench_online`` for
-Online and Gradfree at batch 4 (docs/results/perf.md)."""
+"""Micro-batches per batch when pipelining is on: the cheapest pipelined setting in CPU (+5 % provider CPU per
+Online step, +10 % Gradfree; 4 cost +12 % / +19 %) and Gradfree's fastest at batch 4 in
+``python -m benchmarks.bench_online`` (docs/results/perf.md)."""
 PROVIDER_INFLIGHT_DEFAULT = 4
 """The graphs a provider keeps per session unless its ACCEPT says otherwise (``ProviderConfig.max_inflight_steps``)."""
 
