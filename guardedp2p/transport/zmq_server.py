@@ -234,6 +234,9 @@ class ZmqServerChannel(ServerChannel):
         self._allow: _AllowList | None = None
         self.public_key: str | None = None
         self._monitor: zmq.Socket | None = None
+        self._wake_r: zmq.Socket | None = None  # an inproc pair: wake() makes a waiting recv() return at once
+        self._wake_w: zmq.Socket | None = None
+        self._wake_lock = threading.Lock()
         self._conns: dict[int, _Conn] = {}  # fd -> connection
         self._routes: dict[bytes, int] = {}  # route -> fd
         self._disconnects: list[tuple[str, bytes]] = []  # (peer, route) gone since the last pop_disconnects
@@ -289,6 +292,12 @@ class ZmqServerChannel(ServerChannel):
             self._poller = zmq.Poller()
             self._poller.register(sock, zmq.POLLIN)
             self._poller.register(self._monitor, zmq.POLLIN)
+            wake_addr = f"inproc://guardedp2p-wake-{id(self):x}"
+            self._wake_r = self._ctx.socket(zmq.PAIR)
+            self._wake_r.bind(wake_addr)
+            self._wake_w = self._ctx.socket(zmq.PAIR)
+            self._wake_w.connect(wake_addr)
+            self._poller.register(self._wake_r, zmq.POLLIN)
             if not config.insecure:
                 self._allow_signature = self._allow_files_signature()
         except BaseException:
@@ -506,6 +515,11 @@ class ZmqServerChannel(ServerChannel):
                 ready = dict(self._poller.poll(slice_ms))
                 if self._monitor in ready:
                     self._drain_monitor()
+                if self._wake_r is not None and self._wake_r in ready:
+                    while self._wake_r.poll(0):
+                        self._wake_r.recv(zmq.NOBLOCK)
+                    if self._sock not in ready:
+                        return None
                 if self._sock in ready:
                     try:
                         parts = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -517,6 +531,17 @@ class ZmqServerChannel(ServerChannel):
                             return msg
             if time.monotonic() >= deadline:
                 return None
+
+    def wake(self) -> None:
+        """Make a ``recv`` waiting in another thread return now (with ``None`` if no message came): how the serve
+        loop's worker says a reply is ready, so the receive thread need not poll for it."""
+        with self._wake_lock:
+            if self._closed or self._wake_w is None:
+                return
+            try:
+                self._wake_w.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # wakes already pending are enough
 
     def _incoming(self, parts: list[zmq.Frame]) -> Incoming | None:
         route = parts[0].bytes
@@ -631,6 +656,11 @@ class ZmqServerChannel(ServerChannel):
                 pass
         if mon is not None:
             mon.close(linger=0)
+        with self._wake_lock:
+            for pair in (self._wake_r, self._wake_w):
+                if pair is not None:
+                    pair.close(linger=0)
+            self._wake_r = self._wake_w = None
         if sock is not None:
             sock.close(linger=max(0, int(linger_s * 1000)))
         if self._auth is not None:

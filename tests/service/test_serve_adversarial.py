@@ -222,7 +222,8 @@ def test_failed_handshakes_are_logged_with_throttling(served, keydir, caplog):
     assert _wait(lambda: served.channel.stats["handshakes_failed"] >= 12)
     lines = [r.getMessage() for r in caplog.records]
     assert 1 <= sum("Rejected client key" in line for line in lines) <= 2
-    assert 1 <= sum("handshake failed" in line for line in lines) <= 2
+    # one line per kind of failure (a refused key; a client that hangs up mid-handshake may show as another kind)
+    assert 1 <= sum("handshake failed" in line for line in lines) <= 3, [x for x in lines if "handshake" in x]
     with warnings.catch_warnings():  # a plaintext client against the CURVE provider is logged too
         warnings.simplefilter("ignore")
         with pytest.raises(MechanismMismatch):
