@@ -23,6 +23,7 @@ numbers: the ``mc_check`` line compares it with :func:`guardedp2p.data.mc_eval.e
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -177,6 +178,7 @@ def train(
     from guardedp2p.train.trainer import lr_lambda
 
     cfg = TrainConfig(
+        seed=args.seed,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0, help="training seed: LoRA init and batch order (the task is fixed)")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: CPU time = compute, unaffected by a busy machine)"
     )
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_key = f"{digest}|mc={len(items)}|nll={len(nll_recs)}|threads={args.threads}"
     train_key = (
         f"{digest}|steps={args.steps}|cpu={args.cpu_budget}|wall={args.time_budget}|bs={args.batch_size}|lr={args.lr}|warmup={args.warmup}"
-        f"|len={args.max_length}|r={args.lora_r}|threads={args.threads}"
+        f"|len={args.max_length}|r={args.lora_r}|threads={args.threads}" + (f"|seed={args.seed}" if args.seed else "")
     )
     t_all = time.perf_counter()
     base, tok = load_causal_lm("default", device="cpu")
@@ -364,9 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.base_only:
         return 0
 
-    torch.manual_seed(0)  # LoRA A matrices are random: the same adapter init on every run
+    torch.manual_seed(args.seed)  # LoRA A matrices are random: the same adapter init on every run of a seed
     lmodel = _lora_model(base, args.lora_r)
-    adapter = out / "adapter.pt"
+    adapter = out / f"adapter-{hashlib.sha256(train_key.encode()).hexdigest()[:12]}.pt"
     trained = _cached(out, "train", train_key)
     if trained is not None and adapter.is_file():
         state = torch.load(adapter, weights_only=True)
@@ -408,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             "nll_groups_after": t_nll["groups"],
             "train_steps": trained["steps"],
             "train_wall_s": trained["train_wall_s"],
+            "train_cpu_s": trained["train_cpu_s"],
+            "seed": args.seed,
             "this_invocation_s": round(time.perf_counter() - t_all, 1),
         },
     )
