@@ -9,10 +9,17 @@ Several requests may be outstanding (issue 19: the pipelined split step keeps mi
 request. Replies are matched to requests by the step id every reply repeats (the requests in flight have
 distinct steps: ACT_UP steps strictly increase, and a GRAD_UP goes only after its ACT_DOWN came), so no new id
 travels on the wire; the provider computes a client's requests in order, but refuses a request as soon as it
-reads it, which may be before earlier replies (docs/wire.md, section 1). A refusal that names no step (made before
-the provider read the header, e.g. over its byte rate) can only be matched when one request is in flight; with
-several, the session is given up (a :class:`RemoteError`, which the run's retry ladder answers with a new session).
-:meth:`ClientSession.request` is the two in a row.
+reads it, which may be before earlier replies (docs/wire.md, section 1). A refusal over the provider's byte rate
+names the refused request's step (the provider reads the header first), so that request alone is sent again. A
+refusal that names no step (a header the provider could not read) can only be matched when one request is in
+flight; with several, the session is given up (a :class:`RemoteError`, which the run's retry ladder answers with a
+new session). :meth:`ClientSession.request` is the two in a row.
+
+Backpressure (issue 19): the provider's ACCEPT announces its bounds (``limits``, docs/wire.md section 5); the
+session never has more requests in flight than its ``max_unanswered`` (over it the provider cuts the client off):
+:meth:`ClientSession.send` first reads replies (kept for :meth:`ClientSession.receive`) until there is room. A
+provider that announces none gets today's behaviour: no cap here (callers bound themselves, e.g. the pipeline's
+window).
 """
 
 from __future__ import annotations
@@ -82,6 +89,16 @@ class WireStats:
         }
 
 
+def announced_limit(terms: object, name: str) -> int | None:
+    """The positive integer limit ``name`` of an ACCEPT's ``limits`` map, or None when the provider announced none
+    (an older provider) or an unusable value (the terms are data from the peer)."""
+    limits = terms.get("limits") if isinstance(terms, dict) else None
+    value = limits.get(name) if isinstance(limits, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return None
+
+
 MAX_RETRY_AFTER_S = 60.0
 """The longest single wait a provider's ``retry_after_s`` hint can impose (a hint is data from the peer)."""
 
@@ -146,12 +163,26 @@ class ClientSession:
         """Requests sent whose replies have not been read yet."""
         return len(self._in_flight)
 
+    def limit(self, name: str) -> int | None:
+        """A bound the provider announced in its ACCEPT (``limits``), or None (not announced, or no session yet)."""
+        return announced_limit(self.terms, name)
+
+    @property
+    def max_in_flight(self) -> int | None:
+        """The most requests this session keeps in flight: the provider's announced ``max_unanswered`` (None: no
+        cap announced)."""
+        return self.limit("max_unanswered") if self.sid else None
+
     def send(self, msg: Message, *, expect: MsgType) -> PendingRequest:
         """Send one message without waiting for its reply; :meth:`receive` takes the reply later.
 
         Replies come in the order the requests were sent, so later requests may be sent first and their replies
         read in any order (earlier replies are kept until asked for). Every request needs its own step id where
-        the protocol checks them (ACT_UP steps strictly increase)."""
+        the protocol checks them (ACT_UP steps strictly increase). With :attr:`max_in_flight` requests in flight
+        already, the oldest replies are read first (backpressure: the provider would cut the client off)."""
+        cap = self.max_in_flight if msg.type != MsgType.HELLO else None
+        while cap is not None and len(self._in_flight) >= cap:
+            self._read_reply()
         if msg.type != MsgType.HELLO:
             msg.session = self.sid
         t0 = time.perf_counter()

@@ -124,6 +124,10 @@ class NoKeptGraph(ProtocolError):
     code = ErrorCode.NO_PENDING_STEP
 
 
+REFUSAL_LOG_EVERY_S = 10.0
+"""At most one "refused a message" log line per client key in this many seconds (the others are counted into it)."""
+
+
 @dataclass
 class TokenBucket:
     """Bytes a peer may send: refills at ``rate`` per second up to ``capacity``.
@@ -356,6 +360,8 @@ class ProviderApp:
         }
         self.buckets: dict[str, TokenBucket] = {}
         self._rate_warned: dict[str, float] = {}
+        self._refusals_logged: dict[str, tuple[float, int]] = {}  # peer -> (last line's time, refusals held back)
+        self._driver_limits: dict[str, int] = {}  # limits the driver enforces, announced in ACCEPT
         self.draining = False
         # every call into a session handler holds it; the receive thread only ever tries it (never waits)
         self.work_lock = threading.RLock()
@@ -414,9 +420,21 @@ class ProviderApp:
         sid, step = "", 0
         try:
             self.expire()
-            self._admit(peer, frames)
-            header = parse_header(frames, self.config.limits)
-            sid, step = header.session, header.step
+            # the header first (bounded work: one frame of at most 64 KiB, no tensor decoded), so that a refusal
+            # for the byte rate names the session, step and type it refused: a client with several requests in
+            # flight can then tell which one to send again (docs/wire.md section 7); a message whose header is
+            # malformed is charged too, so a flood of garbage is rate-limited like any other
+            try:
+                header: Header | None = parse_header(frames, self.config.limits)
+                malformed: Exception | None = None
+            except Exception as exc:  # noqa: BLE001 - raised below, after the byte rate is charged
+                header, malformed = None, exc
+            if header is not None:
+                sid, step = header.session, header.step
+            self._admit(peer, frames, header)
+            if header is None:
+                assert malformed is not None
+                raise malformed
             state = self._precheck(peer, header, conn)
             if immediate and header.type in (MsgType.PING, MsgType.BYE, MsgType.HELLO):
                 return encode(self._control(peer, header, state, conn))
@@ -680,7 +698,7 @@ class ProviderApp:
                 "a batched computation of %d requests failed (%s: %s); running them one by one",
                 len(chunk),
                 type(exc).__name__,
-                exc,
+                printable(exc),
             )
         singles: list[Message | BaseException] = []
         for d in chunk:
@@ -690,8 +708,9 @@ class ProviderApp:
                 singles.append(exc)
         return singles
 
-    def _admit(self, peer: str, frames: Sequence[Frame]) -> None:
-        """Charge the peer's byte bucket; raise :class:`RateLimitExceeded` (nothing charged) when it is empty."""
+    def _admit(self, peer: str, frames: Sequence[Frame], header: Header | None = None) -> None:
+        """Charge the peer's byte bucket; raise :class:`RateLimitExceeded` (nothing charged) when it is empty. The
+        refusal names ``header``'s message type and step when the header could be read."""
         rate = self.config.max_bytes_per_s
         if rate is None:
             return
@@ -702,9 +721,10 @@ class ProviderApp:
             bucket = self.buckets[peer] = TokenBucket(rate, capacity, capacity, now)
         wait = bucket.take(sum(len(f) for f in frames), now)
         if wait > 0.0:
+            what = f"{header.type.value} (step {header.step})" if header is not None else "a message"
             raise RateLimitExceeded(
-                f"this client sends more than the provider's limit of {rate / 1e6:g} MB/s; send the request again in "
-                f"{wait:.3f} s (the client does this by itself)",
+                f"{what} refused: this client sends more than the provider's limit of {rate / 1e6:g} MB/s; send it "
+                f"again in {wait:.3f} s (the client does this by itself)",
                 retry_after_s=wait,
                 limit_bytes_per_s=rate,
             )
@@ -729,10 +749,34 @@ class ProviderApp:
         if isinstance(exc, OverBudget):
             self._count("over_budget")
         if isinstance(exc, GuardedP2PError):
-            log.warning("refused a message from %s: %s", _short(peer), printable(exc))
+            held = self._refusal_log_due(peer)
+            if held is not None:
+                more = f" ({held} more refused since the last report)" if held else ""
+                log.warning("refused a message from %s: %s%s", _short(peer), printable(exc), more)
             return _reject_or_error(exc, sid, step)
-        log.error("internal error while handling a message from %s", _short(peer), exc_info=exc)
+        held = self._refusal_log_due(peer)
+        if held is not None:  # a traceback (a provider bug), but not one per message of a client that triggers it
+            more = f" ({held} more refused since the last report)" if held else ""
+            log.error("internal error while handling a message from %s%s", _short(peer), more, exc_info=exc)
         return error_message(ProtocolError(f"internal provider error: {type(exc).__name__}"), sid, step)
+
+    def _refusal_log_due(self, peer: str) -> int | None:
+        """Whether a refusal of ``peer``'s message gets a log line now: at most one per peer every
+        ``REFUSAL_LOG_EVERY_S`` (a client sending malformed messages in a loop must not flood the operator's log).
+        None: stay silent (counted); else log, with the number held back since the last line."""
+        now = self.clock()
+        with self._stats_lock:
+            last, held = self._refusals_logged.get(peer, (-1e18, 0))
+            if now - last < REFUSAL_LOG_EVERY_S:
+                self._refusals_logged[peer] = (last, held + 1)
+                return None
+            if peer not in self._refusals_logged and len(self._refusals_logged) >= 1024:  # bounded memory
+                for p in [p for p, (t, _) in self._refusals_logged.items() if now - t >= REFUSAL_LOG_EVERY_S]:
+                    del self._refusals_logged[p]
+                if len(self._refusals_logged) >= 1024:
+                    del self._refusals_logged[min(self._refusals_logged, key=lambda p: self._refusals_logged[p][0])]
+            self._refusals_logged[peer] = (now, 0)
+            return held
 
     def _dispatch(self, state: SessionState, msg: Message, *, defer: bool) -> Message | Deferred:
         if defer:
@@ -766,12 +810,30 @@ class ProviderApp:
         log.info("session %s opened: %s for %s (%s)", sid[:8], hello.protocol, _short(peer), printable(hello.software))
         meta_out = dict(terms)
         meta_out["session"] = sid
-        meta_out["limits"] = {
-            "max_tokens_per_step": self.config.max_tokens_per_step,
-            "step_timeout": self.config.step_timeout,
-            "session_idle_timeout": self.config.session_idle_timeout,
-        }
+        meta_out["limits"] = self.announced_limits()
         return Message(MsgType.ACCEPT, session=sid, meta=meta_out)
+
+    def announced_limits(self) -> dict[str, int | float]:
+        """What ACCEPT's ``limits`` tells a client (docs/wire.md section 5): the bounds an honest client must stay
+        within, so it sizes its requests and its pipeline (issue 19: micro-batches in flight) to them instead of
+        finding them by refusal. Budgets shared with other clients (totals over every key) are not announced: they
+        would tell a client about the others."""
+        cfg = self.config
+        limits: dict[str, int | float] = {
+            "max_tokens_per_step": cfg.max_tokens_per_step,
+            "step_timeout": cfg.step_timeout,
+            "session_idle_timeout": cfg.session_idle_timeout,
+            "max_inflight_steps": cfg.max_inflight_steps,
+            "max_graphs_per_peer": cfg.max_graphs_per_peer,
+        }
+        limits.update(self._driver_limits)
+        return limits
+
+    def announce_limit(self, name: str, value: int) -> None:
+        """Add a bound that the driver enforces to what ACCEPT announces (the serve loop: ``max_unanswered``)."""
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"an announced limit must be a positive integer, got {name}={value!r}")
+        self._driver_limits[name] = value
 
     def close_session(self, sid: str, reason: str) -> None:
         """Forget the session at once (its next message is unknown-session) and free what its handler holds: now

@@ -128,6 +128,8 @@ class Server:
         self.app = app
         self.channel = channel
         self.config = config or ServeConfig()
+        # every ACCEPT tells the client this cap, so a pipelining client keeps under it (docs/wire.md section 5)
+        app.announce_limit("max_unanswered", self.config.max_unanswered)
         self.poll_s = poll_s
         self.clients: dict[str, _Client] = {}
         self.outq: dict[bytes, deque[tuple[str, Frames, int]]] = {}

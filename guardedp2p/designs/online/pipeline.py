@@ -14,10 +14,12 @@ tokens, so the sum of the micro-batches' gradients is the gradient of the batch'
 Per-batch penalties that are not sums over tokens (dCor, the learned obfuscation) are computed per micro-batch and
 averaged, as ``--grad-accum`` already does for its micro-batches.
 
-Backpressure: at most ``max_in_flight`` micro-batches are on the wire per session (Online: ACT_UP sent, GRAD_UP
-not yet; Gradfree: ACT_UP sent, ACT_DOWN not yet read), never more than the graphs the provider keeps per session
-(``ProviderConfig.max_inflight_steps``, 4 by default, docs/wire.md section 6). The requests go out with
-:meth:`guardedp2p.protocol.client.ClientSession.send` and their replies are read in order, without threads.
+Backpressure: at most ``max_in_flight`` micro-batches are on the wire per session (Online: ACT_UP sent, top pass
+not yet done; Gradfree: ACT_UP sent, ACT_DOWN not yet read), never more than the provider's ACCEPT announces it
+allows (kept graphs per session and per key, unanswered requests per client; docs/wire.md section 5), 4 against a
+provider that announces nothing. The requests go out with :meth:`guardedp2p.protocol.client.ClientSession.send`
+(which itself never exceeds the announced unanswered requests) and their replies are read in order, without
+threads.
 
 Why (GuardedTuning, arXiv 2501.04323, counts the split's cost as the sum of the parties' compute): with a free core
 or device for each party, the step time falls from client + provider towards max(client, provider) plus one
@@ -38,7 +40,7 @@ import torch
 from guardedp2p.designs.online.client import RemoteTrunk
 from guardedp2p.engine.split import IGNORE_INDEX
 from guardedp2p.errors import ConfigError
-from guardedp2p.protocol.client import PendingRequest
+from guardedp2p.protocol.client import PendingRequest, announced_limit
 from guardedp2p.train.trainer import SplitTrainer, StepResult
 
 if TYPE_CHECKING:
@@ -51,14 +53,16 @@ DEFAULT_MICRO_BATCHES = 2
 Online step, +10 % Gradfree; 4 cost +12 % / +19 %) and Gradfree's fastest at batch 4 in
 ``python -m benchmarks.bench_online`` (docs/results/perf.md)."""
 PROVIDER_INFLIGHT_DEFAULT = 4
-"""The graphs a provider keeps per session unless its ACCEPT says otherwise (``ProviderConfig.max_inflight_steps``)."""
+"""Micro-batches in flight against a provider whose ACCEPT announces no bounds (one older than the announcement):
+the graphs such a provider keeps per session by default (``ProviderConfig.max_inflight_steps``)."""
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     """``micro_batches``: pieces each batch is cut into (1: no pipelining; capped at the batch size).
-    ``max_in_flight``: micro-batches on the wire at once; ``None``: the provider's announced limit of kept graphs
-    (ACCEPT ``limits.max_inflight_steps``), else 4."""
+    ``max_in_flight``: micro-batches on the wire at once; ``None``: as many as the provider's ACCEPT allows
+    (:meth:`PipelinedStep.window`), 4 if it announces nothing; a value above the announced bounds is lowered to
+    them."""
 
     micro_batches: int = DEFAULT_MICRO_BATCHES
     max_in_flight: int | None = None
@@ -144,16 +148,19 @@ class PipelinedStep:
         self.cache = cache
 
     def window(self) -> int:
-        """Micro-batches allowed on the wire at once (see :class:`PipelineConfig`): at most the graphs the provider
-        keeps per session and per key, and half its unanswered requests per client (Online has a micro-batch's
-        ACT_UP and another's GRAD_UP in flight), where its ACCEPT announces them."""
-        limit = PROVIDER_INFLIGHT_DEFAULT
-        terms = getattr(self.remote.session, "terms", None)
-        limits = terms.get("limits", {}) if isinstance(terms, dict) else {}
-        for key, per in (("max_inflight_steps", 1), ("max_graphs_per_peer", 1), ("max_unanswered", 2)):
-            value = limits.get(key) if isinstance(limits, dict) else None
-            if isinstance(value, int) and not isinstance(value, bool) and value >= per:
-                limit = min(limit, value // per)
+        """Micro-batches allowed on the wire at once (see :class:`PipelineConfig`), within the bounds the provider's
+        ACCEPT announces (docs/wire.md section 5): the training graphs it keeps per session
+        (``max_inflight_steps``) and per key (``max_graphs_per_peer``), and its unanswered requests per client
+        (``max_unanswered``; Online needs two per micro-batch: one micro-batch's GRAD_UP is in flight beside
+        another's ACT_UP). A provider that announces none of them (an older one) gets the default of 4, its own
+        default graph limit. An explicit ``max_in_flight`` is capped by the announced bounds too."""
+        terms = getattr(self.remote.session, "terms", None)  # a session, or a test's stand-in without one
+        graphs = [announced_limit(terms, k) for k in ("max_inflight_steps", "max_graphs_per_peer")]
+        bounds = [g for g in graphs if g is not None]
+        unanswered = announced_limit(terms, "max_unanswered")
+        if unanswered is not None:
+            bounds.append(unanswered // 2 if self.remote.gradients else unanswered)
+        limit = min(bounds) if bounds else PROVIDER_INFLIGHT_DEFAULT
         if self.config.max_in_flight is not None:
             limit = min(limit, self.config.max_in_flight)
         return max(1, limit)

@@ -213,24 +213,78 @@ def test_in_flight_bounded_by_the_window_and_the_providers_graph_limit(model: to
     assert watch.most <= 2 * limit
 
 
-def test_window_follows_the_providers_announced_limit(model: torch.nn.Module) -> None:
-    pipe = _Side(model, "online")
+def test_window_follows_the_providers_announced_limits(model: torch.nn.Module) -> None:
+    pipe = _Side(model, "online", config=ProviderConfig(max_inflight_steps=3, max_graphs_per_peer=4))
+    limits = pipe.session.terms["limits"]
+    assert (limits["max_inflight_steps"], limits["max_graphs_per_peer"]) == (3, 4)  # announced in ACCEPT
     step = PipelinedStep(pipe.remote, PipelineConfig(micro_batches=8))
-    assert step.window() == 4  # nothing announced: the provider default
-    pipe.session.terms["limits"]["max_inflight_steps"] = 3
     assert step.window() == 3
-    pipe.session.terms["limits"]["max_graphs_per_peer"] = 2
+    limits["max_graphs_per_peer"] = 2
     assert step.window() == 2
-    pipe.session.terms["limits"]["max_unanswered"] = 2
+    limits["max_unanswered"] = 2  # Online: a GRAD_UP beside each ACT_UP, two requests per micro-batch
     assert step.window() == 1
-    assert PipelinedStep(pipe.remote, PipelineConfig(max_in_flight=1)).window() == 1
+    assert PipelinedStep(pipe.remote, PipelineConfig(max_in_flight=8)).window() == 1  # an explicit window is capped
+    del pipe.session.terms["limits"]  # a provider older than the announcement: the old default
+    assert step.window() == 4
+    assert PipelinedStep(pipe.remote, PipelineConfig(max_in_flight=2)).window() == 2
+    gradfree = _Side(model, "gradfree")
+    gradfree.session.terms["limits"]["max_unanswered"] = 3  # Gradfree: one request per micro-batch
+    assert PipelinedStep(gradfree.remote, PipelineConfig(micro_batches=8)).window() == 3
 
 
-def test_a_window_over_the_providers_limit_is_refused_not_hung(model: torch.nn.Module) -> None:
+def test_a_window_over_the_announced_limit_is_lowered_to_it(model: torch.nn.Module) -> None:
     pipe = _Side(model, "online", config=ProviderConfig(max_inflight_steps=2))
+    watch = _Watch(pipe.session)
+    pipe.remote.session = watch
     step = PipelinedStep(pipe.remote, PipelineConfig(micro_batches=4, max_in_flight=4))
-    with pytest.raises(RemoteError, match="in flight"):
+    step(pipe.trainer, _batches(model.config.vocab_size, 1))
+    assert watch.most_graphs == 2
+
+
+def test_a_provider_announcing_nothing_gets_the_default_window_and_refuses_over_it(model: torch.nn.Module) -> None:
+    pipe = _Side(model, "online", config=ProviderConfig(max_inflight_steps=2))
+    del pipe.session.terms["limits"]  # as an older provider's ACCEPT
+    step = PipelinedStep(pipe.remote, PipelineConfig(micro_batches=4))
+    assert step.window() == 4
+    with pytest.raises(RemoteError, match="in flight"):  # refused, not hung
         step(pipe.trainer, _batches(model.config.vocab_size, 1))
+
+
+@pytest.mark.parametrize("protocol", ["online", "gradfree"])
+def test_the_serve_loops_unanswered_cap_is_announced_and_kept(model: torch.nn.Module, protocol: str) -> None:
+    """Through the real serve loop (in-process channel): its cap on unanswered requests reaches the client in ACCEPT
+    and the pipeline stays under it; a window of 4 against a cap of 3 would get the client cut off."""
+    import threading
+
+    from guardedp2p.protocol.client import ClientSession
+    from guardedp2p.service.serve import ServeConfig, serve_forever
+    from guardedp2p.transport.inproc import InProcServerChannel
+    from guardedp2p.wire.handshake import Hello
+
+    side = _Side(model, protocol)  # its parts and trainer; the session below goes through the serve loop
+    server, stop, out = InProcServerChannel(), threading.Event(), []
+    serving = threading.Thread(
+        target=serve_forever,
+        args=(side.app, server, stop),
+        kwargs={"poll_s": 0.05, "config": ServeConfig(max_unanswered=3), "server_out": out},
+        daemon=True,
+    )
+    serving.start()
+    try:
+        session = ClientSession(server.connect("inproc:client"), timeout=20)
+        codecs = FP32 if protocol == "online" else {"up": "fp32", "down": "fp32"}
+        session.open(Hello(protocol, side.session.terms["fingerprint"], (2, 2), codecs))
+        assert session.terms["limits"]["max_unanswered"] == 3 and session.max_in_flight == 3
+        watch = _Watch(session)
+        side.remote.session = watch
+        step = PipelinedStep(side.remote, PipelineConfig(micro_batches=4))
+        assert step.window() == (1 if protocol == "online" else 3)
+        res = step(side.trainer, _batches(model.config.vocab_size, 2))
+        assert res.step == 1 and watch.most <= 3
+        assert out[0].stats["cut_off"] == 0
+    finally:
+        stop.set()
+        serving.join(timeout=10)
 
 
 def test_split_batch_shares_and_groups() -> None:
