@@ -173,10 +173,14 @@ def _unique_numel(model: nn.Module) -> int:
 def kit_skeleton(config: Any, split: SplitConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A HF model with only the client's blocks, each at its global index, and ``nn.Identity`` elsewhere.
 
-    Built from a copy of ``config`` with ``num_hidden_layers`` = the client's block count (memory is that of
-    the client parts, never of the trunk); per-layer settings (``layer_types``, ``layer_idx``) follow the
-    global index and the full config is put back, as the Offline emulator's skeleton does.
+    Built from a copy of ``config`` with ``num_hidden_layers`` = the client's block count, per-layer settings
+    (``layer_types``, ``layer_idx``) following the global index, and the full config put back, as the Offline
+    emulator's skeleton does. Its parameters are on the meta device (no memory, no random initialisation):
+    :func:`load_kit` gives each one the kit's tensor itself, so the client's memory is that of the kit's
+    tensors, read once, and the trunk's blocks never exist (docs/results/kit.md). Buffers computed from the
+    config (rotary tables) are real; tied parameters (an LM head sharing the embedding matrix) stay tied.
     """
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     arch = get_arch(config)
@@ -187,7 +191,9 @@ def kit_skeleton(config: Any, split: SplitConfig, dtype: torch.dtype = torch.flo
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, (list, tuple)) and len(layer_types) == n:
         small.layer_types = [layer_types[g] for g in kept]
-    model = AutoModelForCausalLM.from_config(small, dtype=dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(small, dtype=dtype)
+    model.tie_weights()  # init_empty_weights re-wraps every parameter it registers, tied ones included
     blocks = get_path(model, arch.blocks_path)
     slots = nn.ModuleList([nn.Identity() for _ in range(n)])
     for j, g in enumerate(kept):
@@ -208,32 +214,61 @@ def kit_skeleton(config: Any, split: SplitConfig, dtype: torch.dtype = torch.flo
     return model.train(False)
 
 
-def _load_exact(model: nn.Module, path: Path, where: str) -> None:
-    """Copy every tensor of the safetensors file into ``model``, refusing extra, missing or misshapen ones.
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of the parameter or buffer ``name`` (no copy: the module now holds ``value``; the
+    same ``nn.Parameter`` under several names keeps them tied)."""
+    path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:  # state_dict() named it, so the module holds it as one or the other
+        raise KitError(f"{name}: neither a parameter nor a buffer of the client model")
 
-    Tensors are read one at a time (the file is never held in memory whole next to the model); tied aliases
-    count as loaded."""
+
+def _load_exact(model: nn.Module, path: Path, where: str) -> None:
+    """Give every parameter and persistent buffer of ``model`` its tensor from the safetensors file, refusing
+    extra, missing or misshapen ones.
+
+    The skeleton's parameters are on the meta device; each is replaced by the tensor read from the file (cast to
+    the skeleton's dtype), one at a time, so the file is never held whole next to the model and no tensor exists
+    twice. Tied aliases (the same parameter under several names) get the one tensor the kit stores for them and
+    stay tied."""
     from safetensors import safe_open
 
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for k, v in own.items():
+        groups.setdefault(id(v), []).append(k)
     with safe_open(str(path), framework="pt") as fh:
         names = set(fh.keys())
         extra = sorted(names - set(own))
         if extra:
             raise KitError(f"{where}: {len(extra)} tensors the client model does not have, e.g. {extra[0]!r}")
-        groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
-        for k, v in own.items():
-            groups.setdefault((v.data_ptr(), tuple(v.shape)), []).append(k)
+        sources: list[tuple[str, list[str]]] = []
         for group in groups.values():
-            if not any(n in names for n in group):
+            stored = [n for n in group if n in names]
+            if not stored:
                 raise KitError(f"{where}: tensor {group[0]!r} is missing")
+            sources.append((stored[0], group))
         for k in sorted(names):
             shape = list(fh.get_slice(k).get_shape())
             if shape != list(own[k].shape):
                 raise KitError(f"{where}: {k} has shape {shape}, the model expects {list(own[k].shape)}")
-        with torch.no_grad():
-            for k in sorted(names):
-                own[k].copy_(fh.get_tensor(k))
+        for src, group in sorted(sources):
+            t = fh.get_tensor(src)
+            like = own[src]
+            if t.is_floating_point() and like.is_floating_point():
+                t = t.to(like.dtype)
+            if isinstance(like, nn.Parameter):
+                t = nn.Parameter(t, requires_grad=False)
+            for n in group:
+                _set_tensor(model, n, t)
+    left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    left += [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise KitError(f"{where}: {left[0]!r} was not given a tensor by the kit")
 
 
 def load_kit(

@@ -304,7 +304,11 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNO
     """Causal-LM loss exactly as transformers' ``ForCausalLMLoss``: shift by one, mean over labels != -100.
 
     Like HF, a batch whose labels are all ``ignore_index`` gives NaN; callers should not send such batches.
+    Computed by :func:`guardedp2p.engine.loss.causal_lm_cross_entropy`, whose backward holds two logits-sized
+    tensors instead of ``F.cross_entropy``'s three (the client's peak memory; docs/results/kit.md).
     """
+    from guardedp2p.engine.loss import causal_lm_cross_entropy
+
     logits = logits.float()
     labels = F.pad(labels.to(logits.device), (0, 1), value=ignore_index)[..., 1:].contiguous()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
+    return causal_lm_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index)

@@ -79,6 +79,55 @@ def test_kit_client_has_the_full_models_fingerprint_and_outputs(tmp_path, key, a
     assert sum(p.numel() for p in kit.model.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+class _CpuWrites:
+    """Bytes written on the CPU by random initialisation or fills while active (a TorchDispatchMode)."""
+
+    OPS = ("aten.normal_", "aten.uniform_", "aten.fill_", "aten.zero_", "aten.random_", "aten.copy_")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if str(func).startswith(outer.OPS) and args and args[0].device.type == "cpu":
+                    outer.bytes += args[0].numel() * args[0].element_size()
+                return out
+
+        self.bytes = 0
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_kit_client_never_materialises_a_block_it_does_not_load(tmp_path, key, arch):
+    """The skeleton is built on the meta device: no block (the trunk's least of all) is ever given memory or
+    random weights, the client holds exactly the kit's tensors, and tied weights stay one parameter."""
+    from guardedp2p.designs.kit import kit_skeleton
+    from guardedp2p.engine.arch import get_arch, get_path
+
+    model, out, _ = _kit(tmp_path, key, arch, split=SplitConfig(bottom_layers=1, top_layers=1))
+    blocks_path = get_arch(model).blocks_path
+    block_bytes = sum(p.numel() * p.element_size() for p in get_path(model, blocks_path)[0].parameters())
+    skeleton = kit_skeleton(model.config, SplitConfig(bottom_layers=1, top_layers=1))
+    assert all(p.is_meta for p in skeleton.parameters())
+    writes = _CpuWrites()
+    with writes.mode:
+        kit = load_kit(out, key.public_key(), load_tokenizer=False)
+    assert writes.bytes < block_bytes / 4, f"{writes.bytes} bytes initialised on the CPU while loading the kit"
+    assert not any(p.is_meta for p in kit.model.parameters())
+    blocks = get_path(kit.model, blocks_path)
+    assert [i for i, b in enumerate(blocks) if any(True for _ in b.parameters())] == [0, N_LAYERS - 1]
+    with safe_open(str(out / WEIGHTS_FILE), framework="pt") as fh:
+        kit_bytes = sum(fh.get_tensor(k).numel() * fh.get_tensor(k).element_size() for k in fh.keys())
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in kit.model.parameters()}
+    persistent = {b.data_ptr(): b.numel() * b.element_size() for b in kit.model.state_dict().values()}
+    assert sum({**unique, **persistent}.values()) == kit_bytes
+    if model.config.tie_word_embeddings:
+        assert kit.model.get_input_embeddings().weight is kit.model.get_output_embeddings().weight
+
+
 def test_tampered_kit_is_refused(tmp_path, key):
     _, out, _ = _kit(tmp_path, key)
     data = bytearray((out / WEIGHTS_FILE).read_bytes())
