@@ -15,6 +15,7 @@ from guardedp2p.transport.base import (
     Frames,
     Incoming,
     MechanismMismatch,
+    PeerDisconnected,
     PeerRejected,
     PeerTimeout,
     ProviderKeyMismatch,
@@ -56,6 +57,7 @@ __all__ = [
     "MechanismMismatch",
     "PeerTimeout",
     "ChannelClosed",
+    "PeerDisconnected",
     "frames_nbytes",
     *_LAZY,
 ]

@@ -46,6 +46,12 @@ class ChannelClosed(TransportError):
     """The channel was closed (by us) or the peer is gone, so it cannot carry messages any more."""
 
 
+class PeerDisconnected(ChannelClosed):
+    """The connection to the peer dropped while replies were awaited: those replies cannot arrive (the peer stopped,
+    crashed or restarted, and a restarted provider holds none of the old sessions). Raised at once instead of after
+    the reply timeout; the channel itself may reconnect, so a new session can be opened on it or on a new one."""
+
+
 @dataclass
 class Incoming:
     """One message received by a server.

@@ -14,6 +14,11 @@ Measured event mapping (pyzmq 27 / libzmq 4.3.5, our own probes; tests/transport
                                               as NO_DETAIL against a ZAP-enabled server)
 - HANDSHAKE_FAILED_PROTOCOL, other         -> ProviderKeyMismatch
 - nothing within ``handshake_timeout``     -> PeerTimeout
+
+After the handshake the monitor also reports a dropped connection (DISCONNECTED): a provider that was killed, or
+restarted, will never answer what was sent before, so :meth:`ZmqClientChannel.recv` raises
+:class:`~guardedp2p.transport.base.PeerDisconnected` at once (issue 20) instead of waiting out its timeout; the
+run's retry ladder then opens a new session.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +42,7 @@ from guardedp2p.transport.base import (
     ClientChannel,
     Frames,
     MechanismMismatch,
+    PeerDisconnected,
     PeerRejected,
     PeerTimeout,
     ProviderKeyMismatch,
@@ -105,6 +112,10 @@ class ZmqClientChannel(ClientChannel):
         self._link_up = False
         self._closed = False
         self._fatal: TransportError | None = None
+        # for each message sent whose reply has not been received yet (oldest first): the number of dropped
+        # connections seen when it was sent; one sent before a later drop can no longer be answered
+        self._awaiting: deque[int] = deque(maxlen=1 << 16)
+        self._drops = 0
         self.public_key: str | None = None
         self._secret: str | None = None
         self.provider_public_key: str | None = None
@@ -183,6 +194,7 @@ class ZmqClientChannel(ClientChannel):
                 return
             self._release()  # a previous failed attempt
             self._fatal = None
+            self._awaiting.clear()  # a new socket: nothing sent on the old one can be answered on it
             cfg = self.config
             ctx = zmq.Context()
             self._ctx = ctx
@@ -303,6 +315,7 @@ class ZmqClientChannel(ClientChannel):
                 if self._link_up:
                     log.warning("Lost the connection to the provider at %s; reconnecting.", self.config.connect)
                 self._link_up = False
+                self._drops += 1
             elif event & _FATAL_EVENTS:
                 err = self._fatal_error(event, value)
                 self._fatal = err
@@ -333,6 +346,7 @@ class ZmqClientChannel(ClientChannel):
             self._drain_monitor()
             try:
                 sock.send_multipart(frames, copy=not self.config.zero_copy)
+                self._awaiting.append(self._drops)
             except zmq.Again:
                 raise PeerTimeout(
                     f"Could not hand a message to the provider at {self.config.connect} within "
@@ -354,7 +368,7 @@ class ZmqClientChannel(ClientChannel):
                 events = dict(poller.poll(max(0, min(_POLL_SLICE_MS, int(remaining * 1000)))))
                 if self._mon in events:
                     self._drain_monitor()  # raises (and releases the sockets) on a fatal handshake failure
-                if sock in events:
+                if sock in events or self._lost_replies():
                     try:
                         parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
@@ -362,7 +376,18 @@ class ZmqClientChannel(ClientChannel):
                     if parts is not None:
                         frames: list[memoryview | bytes] = [f.buffer for f in parts]
                         self.bytes_received += frames_nbytes(frames)
+                        if self._awaiting:
+                            self._awaiting.popleft()
                         return frames
+                    lost = self._lost_replies()
+                    if lost:
+                        for _ in range(lost):
+                            self._awaiting.popleft()
+                        raise PeerDisconnected(
+                            f"The connection to the provider at {self.config.connect} dropped while {lost} repl"
+                            f"{'y was' if lost == 1 else 'ies were'} awaited: the provider stopped, crashed or "
+                            "restarted, and what it was sent before cannot be answered; open a new session."
+                        )
                 if time.monotonic() >= deadline:
                     state = (
                         "" if self._link_up else " The connection is currently down (provider stopped or restarting?)."
@@ -371,6 +396,10 @@ class ZmqClientChannel(ClientChannel):
                         f"No reply from the provider at {self.config.connect} within {timeout:g} s.{state} "
                         "It may be busy or gone; retry, or raise the timeout for slow steps."
                     )
+
+    def _lost_replies(self) -> int:
+        """How many of the awaited replies were asked for before a connection drop seen since (they cannot come)."""
+        return sum(1 for drops in self._awaiting if drops < self._drops)
 
     # -- teardown -------------------------------------------------------------------------------------------------
 

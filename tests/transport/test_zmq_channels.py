@@ -421,3 +421,46 @@ def test_provider_replaced_by_one_with_another_key_is_detected_mid_session(keydi
             impostor.close()
     finally:
         c.close()
+
+
+_KILLED_PROVIDER = """
+import sys, time
+from guardedp2p.transport.zmq_server import ServerConfig, ZmqServerChannel
+srv = ZmqServerChannel(ServerConfig(bind="tcp://127.0.0.1:*", secret_key_file=sys.argv[1], allow=[sys.argv[2]]))
+print(srv.endpoint, flush=True)
+while srv.recv(60.0) is None:  # reads one request, never answers it, and waits to be killed
+    pass
+print("got it", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_client_notices_at_once_that_its_provider_was_killed(keydir):
+    """SIGKILL closes the provider's sockets: the client's socket sees the disconnect, so an awaited reply fails with
+    PeerDisconnected at once instead of after the reply timeout (issue 20); a request sent after the drop is not
+    given up for it."""
+    from guardedp2p.transport.base import PeerDisconnected
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_PROVIDER, str(keydir / "provider.key_secret"), str(keydir / "alice.key")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        endpoint = proc.stdout.readline().strip()
+        with ZmqClientChannel.open(client_cfg(keydir, endpoint, handshake_timeout=30.0)) as c:
+            c.send([b"question"])
+            assert proc.stdout.readline().strip() == "got it"
+            proc.kill()
+            proc.wait(timeout=30)
+            t0 = time.monotonic()
+            with pytest.raises(PeerDisconnected, match="dropped while 1 reply was awaited"):
+                c.recv(timeout=60.0)
+            assert time.monotonic() - t0 < 5.0
+            c.send([b"asked after the drop"])  # nobody listens: it waits out its timeout as before
+            with pytest.raises(PeerTimeout):
+                c.recv(timeout=0.5)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
