@@ -514,6 +514,7 @@ class DataPosition(Protocol):
 class Resumed:
     history: list[HistoryRow] = field(default_factory=list)
     step: int = 0  # 0: started fresh
+    extra: dict[str, Any] = field(default_factory=dict)  # the checkpoint's ``RunCheckpoint.extra``
 
 
 @dataclass
@@ -523,15 +524,22 @@ class RunCheckpoint:
     ``identity`` (protocol plus model fingerprint, or emulator digest) is written into every checkpoint and must
     match on resume: adapters trained against one model must not continue against another. ``mismatch`` says
     what differs in the refusal ("another protocol or model").
+
+    ``extra`` (JSON values) is what the run measured once and needs again when it is resumed, e.g. the untuned
+    model's evaluation, taken before the first step (issue 20: a resumed run's ``eval_before`` was NaN because it
+    is not measured again). Every save writes it; :meth:`resume` restores it here and in :class:`Resumed`.
     """
 
     directory: Path
     identity: dict[str, str]
     mismatch: str = "another protocol or model"
     train_config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, trainer: CheckpointedTrainer, data_state: DataState, history: list[HistoryRow]) -> None:
         meta = {**self.identity, "data": data_state, "history": history, "train": self.train_config}
+        if self.extra:
+            meta["extra"] = self.extra
         save_checkpoint(self.directory, trainer.trainable_state(), trainer.state_dict(), meta)
 
     def resume(self, trainer: CheckpointedTrainer, iterator: DataPosition) -> Resumed:
@@ -549,7 +557,10 @@ class RunCheckpoint:
         trainer.load_state_dict(tstate)
         iterator.load_state_dict(meta["data"])
         log.info("resumed from step %d", trainer.step)
-        return Resumed(list(meta.get("history", [])), trainer.step)
+        extra = meta.get("extra")
+        if isinstance(extra, dict):
+            self.extra = {**extra, **self.extra}  # what this run set already wins
+        return Resumed(list(meta.get("history", [])), trainer.step, dict(self.extra))
 
 
 # ------------------------------------------------------------------------------------------------ progress

@@ -327,6 +327,23 @@ def test_a_stop_writes_a_checkpoint_that_resumes_the_trainer_and_data_position(t
     assert torch.equal(again.w, trainer.w)
 
 
+def test_what_a_run_measured_once_comes_back_on_resume(tmp_path):
+    """The untuned model's evaluation is taken before the first step only: a resumed run gets it from the
+    checkpoint (its summary's eval_before was NaN otherwise), and keeps it in the checkpoints it writes."""
+    trainer, data = FakeTrainer(), FakeData()
+    trainer.train_step([next(data)])
+    identity = {"protocol": "online", "fingerprint": "fp1"}
+    ckpt = RunCheckpoint(tmp_path / "c", identity)
+    ckpt.extra["eval_before"] = {"acc": 0.25, "loss": 3.5}
+    ckpt.save(trainer, data.state_dict(), [])
+    again = RunCheckpoint(tmp_path / "c", identity)
+    resumed = again.resume(FakeTrainer(), FakeData())
+    assert resumed.extra == {"eval_before": {"acc": 0.25, "loss": 3.5}} and again.extra == resumed.extra
+    again.save(trainer, data.state_dict(), [])  # the resumed run's own checkpoint
+    third = RunCheckpoint(tmp_path / "c", identity).resume(FakeTrainer(), FakeData())
+    assert third.extra["eval_before"]["acc"] == 0.25
+
+
 @pytest.mark.parametrize(
     "identity",
     [{"protocol": "gradfree", "fingerprint": "fp1"}, {"protocol": "online", "fingerprint": "another-model"}],
