@@ -60,6 +60,8 @@ class Mechanism:
     noise: tuple[tuple[str, Any], ...] = ()
     dcor_alpha: float = 0.0
     dcor_mode: str = "token"
+    # ObfuscationConfig fields but public_text (the replay uses the attacker's own aux records as the public text)
+    obfuscation: tuple[tuple[str, Any], ...] = ()
     bottom_layers: int = 2
     top_layers: int = 2
     steps: int = 60
@@ -84,12 +86,18 @@ class Mechanism:
         """What the wire does to a clean h1: noise (fresh OS-entropy randomness) then the uplink codec."""
         return mechanism_transform(self.up_codec, self.noise_dict)
 
+    def _identity(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not d["obfuscation"]:
+            d.pop("obfuscation")  # keys of mechanisms without it stay what they were before the field existed
+        return d
+
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self._identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def simulation_key(self) -> str:
         """What decides the replayed bottoms (the codec does not: see the module docstring)."""
-        d = asdict(self)
+        d = self._identity()
         d.pop("up_codec")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -99,6 +107,8 @@ class Mechanism:
             bits.append(f"{self.up_codec} uplink")
         if self.dcor_alpha:
             bits.append(f"dCor alpha {self.dcor_alpha:g}")
+        if self.obfuscation:
+            bits.append(f"learned obfuscation weight {dict(self.obfuscation).get('weight', 0):g}")
         nd = self.noise_dict
         if nd.get("kind", "none") != "none":
             bits.append(f"{nd['kind']} noise scale {nd.get('scale', 0):g}")
@@ -281,6 +291,21 @@ def simulate_client_run(
     cn = _client_noise(mech.noise_dict)  # the client's own noise code: activations, gradients, input embeddings
     if cn is not None:
         cn.install(parts.bottom)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    obfuscator = None
+    if mech.obfuscation:  # the client's learned defence, replayed with the attacker's aux records as public text
+        from guardedp2p.privacy.obfuscation import ObfuscationConfig, Obfuscator
+
+        ocfg = ObfuscationConfig(**dict(mech.obfuscation))
+        d_model = int(model.get_input_embeddings().weight.shape[1])  # type: ignore[operator]
+        obfuscator = Obfuscator(
+            ocfg,
+            parts.bottom,
+            aux_ids,
+            d_model,
+            transform=cn.sent if cn is not None else None,
+            pad_id=pad,
+        )
     trainer = SplitTrainer(
         parts.bottom,
         parts.top,
@@ -291,8 +316,8 @@ def simulate_client_run(
         transform_sent=cn.sent if cn is not None else None,
         grad_transform=cn.grad if cn is not None else None,
         dcor_fn=dcor_fn,
+        obfuscation=obfuscator,
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     it = BatchIterator(
         [{"input_ids": list(s), "labels": list(s)} for s in aux_ids], mech.batch_size, seed=seed, pad_id=pad
     )

@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,17 @@ class HarnessBroken(GuardedP2PError):
 # ============================================================================ rows
 @dataclass(frozen=True)
 class RowDef:
-    """One row: a design with one defence setting. ``family`` groups settings of the same defence."""
+    """One row: a design with one defence setting. ``family`` groups settings of the same defence.
+
+    Defence fields (several may combine, ``+`` in a row name): ``codec``; ``dcor`` (distance-correlation weight);
+    ``noise_scale`` (plain Gaussian sigma on h1); ``dp_epsilon`` (per-record clipped Gaussian on h1 and, in Online,
+    on the gradient sent up, its multiplier calibrated by the dp-accounting PLD accountant to this ε over the whole
+    run, δ of :data:`guardedp2p.privacy.presets.STRONG_DELTA`); ``dx_epsilon`` (dχ-privacy on the input embeddings,
+    ``dx_selective``: only on tokens outside the public keep list, the kept ones at
+    :data:`~guardedp2p.privacy.presets.BALANCED_EPSILON_KEEP`); ``preset`` (a ``--privacy`` preset, resolved as
+    the CLI resolves it); ``obfuscate`` (weight of the learned adversarial obfuscation); ``bottom`` (client bottom
+    blocks, 0: the grid's ``--bottom-layers``).
+    """
 
     key: str
     label: str
@@ -77,12 +87,20 @@ class RowDef:
     codec: str = "fp32"
     dcor: float = 0.0
     noise_scale: float = 0.0
+    dp_epsilon: float = 0.0
+    dx_epsilon: float = 0.0
+    dx_selective: bool = False
+    preset: str = ""
+    obfuscate: float = 0.0
+    bottom: int = 0
 
     @property
     def split(self) -> bool:
         return self.design in ("online", "gradfree")
 
     def noise(self) -> dict[str, Any]:
+        """The plain noise of the row (``noise:<sigma>``); rows whose noise depends on the task and recipe (dp, dx,
+        presets) are resolved by :func:`_row_noise`."""
         return {"kind": "gaussian", "scale": self.noise_scale} if self.noise_scale > 0 else {}
 
     def defence(self) -> str:
@@ -91,10 +109,20 @@ class RowDef:
         if self.design == "offline":
             return "emulator (no per-step exchange)"
         bits = []
+        if self.preset:
+            bits.append(f"--privacy {self.preset}")
         if self.dcor:
             bits.append(f"dCor alpha {self.dcor:g}")
         if self.noise_scale:
             bits.append(f"Gaussian noise sigma {self.noise_scale:g} on h1")
+        if self.dp_epsilon:
+            bits.append(f"clipped Gaussian, epsilon {self.dp_epsilon:g} over the run")
+        if self.dx_epsilon:
+            bits.append(f"dx epsilon {self.dx_epsilon:g} on {'rare' if self.dx_selective else 'all'} input tokens")
+        if self.obfuscate:
+            bits.append(f"learned obfuscation weight {self.obfuscate:g}")
+        if self.bottom:
+            bits.append(f"{self.bottom} client bottom block{'s' if self.bottom > 1 else ''}")
         if self.codec != "fp32":
             bits.append(f"{self.codec} codec")
         if self.design == "gradfree":
@@ -126,41 +154,110 @@ _FIXED: dict[str, RowDef] = {
 #: it is the reference of the utility loss).
 HEADLINE_ROWS: tuple[str, ...] = ("local", "online", "dcor_strong", "int8", "noise", "gradfree", "offline")
 ROW_HELP = (
-    "local, online, dcor_weak, dcor_strong, int8, nf4, noise, gradfree, gradfree_nf4, offline, or a setting: "
-    "dcor:<alpha>, noise:<sigma>, codec:<fp16|bf16|int8|nf4|...>, gradfree:<codec>"
+    "local, online, dcor_weak, dcor_strong, int8, nf4, noise, gradfree, gradfree_nf4, offline, or settings "
+    "joined by '+': dcor:<alpha>, noise:<sigma>, dp:<epsilon>, dx:<epsilon>, dxtok:<epsilon> (rare tokens only), "
+    "obf:<weight>, depth:<bottom blocks>, preset:<balanced|strong>, codec:<fp16|bf16|int8|nf4|...>; prefix gf: "
+    "for Gradfree (gradfree:<codec> is gf:codec:<codec>), e.g. obf:1+dxtok:30 or gf:dp:8"
 )
 
+_SETTING_FAMILY = {
+    "dcor": "dcor",
+    "noise": "noise",
+    "dp": "dp",
+    "dx": "dx",
+    "dxtok": "dx",
+    "obf": "obfuscation",
+    "depth": "depth",
+    "preset": "preset",
+    "codec": "codec",
+}
 
-def parse_row(key: str) -> RowDef:
-    """A row by name, or a parametric setting (``dcor:2``, ``noise:0.5``, ``codec:int8``, ``gradfree:nf4``)."""
-    key = key.strip()
-    if key in _FIXED:
-        return _FIXED[key]
-    kind, _, arg = key.partition(":")
-    try:
-        if kind == "dcor":
-            a = float(arg)
-            if a < 0:
-                raise ValueError
-            return RowDef(key, f"Online + dCor {a:g}", "online", "dcor", dcor=a)
-        if kind == "noise":
-            s = float(arg)
-            if s <= 0:
-                raise ValueError
-            return RowDef(key, f"Online + noise {s:g}", "online", "noise", noise_scale=s)
-    except ValueError:
-        raise ConfigError(
-            f"row {key!r}: {kind} needs a non-negative number (noise: positive), e.g. {kind}:0.5"
-        ) from None
-    if kind in ("codec", "gradfree") and arg:
+
+def _setting(key: str, piece: str) -> dict[str, Any]:
+    """The RowDef fields of one ``kind:arg`` piece of row ``key``."""
+    kind, _, arg = piece.partition(":")
+    if kind not in _SETTING_FAMILY or not arg:
+        raise ConfigError(f"unknown row {key!r}; choose from {ROW_HELP}")
+    if kind == "codec":
         from guardedp2p.wire.handshake import FLOAT_CODECS
 
         if arg not in FLOAT_CODECS:
             raise ConfigError(f"row {key!r}: unknown codec {arg!r}; use one of {', '.join(FLOAT_CODECS)}")
-        if kind == "codec":
-            return RowDef(key, f"Online, {arg}", "online", "codec", codec=arg)
-        return RowDef(key, f"Gradfree, {arg}", "gradfree", "design", codec=arg)
-    raise ConfigError(f"unknown row {key!r}; choose from {ROW_HELP}")
+        return {"codec": arg}
+    if kind == "preset":
+        from guardedp2p.privacy.presets import PRESETS
+
+        if arg not in PRESETS:
+            raise ConfigError(f"row {key!r}: unknown preset {arg!r}; use one of {', '.join(PRESETS)}")
+        return {"preset": "" if arg == "off" else arg}
+    try:
+        value = float(arg)
+        if not math.isfinite(value) or value < 0 or (value == 0 and kind != "dcor"):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"row {key!r}: {kind} needs a positive number (dcor: non-negative), e.g. {kind}:0.5"
+        ) from None
+    if kind == "depth":
+        if value != int(value):
+            raise ConfigError(f"row {key!r}: depth is a whole number of blocks, e.g. depth:4")
+        return {"bottom": int(value)}
+    field_of = {"dcor": "dcor", "noise": "noise_scale", "dp": "dp_epsilon", "dx": "dx_epsilon", "obf": "obfuscate"}
+    if kind == "dxtok":
+        return {"dx_epsilon": value, "dx_selective": True}
+    return {field_of[kind]: value}
+
+
+def _label(design: str, pieces: Sequence[str]) -> str:
+    names = {
+        "dcor": "dCor {}",
+        "noise": "noise {}",
+        "dp": "DP eps {}",
+        "dx": "dx eps {}",
+        "dxtok": "dx eps {} (rare tokens)",
+        "obf": "obfuscation {}",
+        "depth": "bottom {} blocks",
+        "preset": "--privacy {}",
+        "codec": "{}",
+    }
+    bits = []
+    for p in pieces:
+        kind, _, arg = p.partition(":")
+        bits.append(names[kind].format(arg))
+    head = "Online" if design == "online" else "Gradfree"
+    return f"{head} + " + " + ".join(bits) if bits else head
+
+
+def parse_row(key: str) -> RowDef:
+    """A row by name, or settings joined by ``+`` (``dcor:2``, ``dp:8``, ``obf:1+dxtok:30``, ``gf:dx:40``)."""
+    key = key.strip()
+    if key in _FIXED:
+        return _FIXED[key]
+    rest, design = key, "online"
+    if rest.startswith("gf:"):
+        rest, design = rest[3:], "gradfree"
+    elif rest.startswith("gradfree:"):  # the older spelling of a Gradfree codec row
+        rest, design = "codec:" + rest.removeprefix("gradfree:"), "gradfree"
+    pieces = [p.strip() for p in rest.split("+") if p.strip()]
+    if not pieces:
+        raise ConfigError(f"unknown row {key!r}; choose from {ROW_HELP}")
+    fields_: dict[str, Any] = {}
+    for p in pieces:
+        f = _setting(key, p)
+        clash = set(f) & set(fields_)
+        if clash:
+            raise ConfigError(f"row {key!r} sets {', '.join(sorted(clash))} twice")
+        fields_.update(f)
+    noises = [k for k in ("noise_scale", "dp_epsilon", "dx_epsilon", "preset") if fields_.get(k)]
+    if len(noises) > 1:
+        raise ConfigError(f"row {key!r} combines two noise mechanisms ({', '.join(noises)}); a run has one")
+    if design == "gradfree" and (fields_.get("dcor") or fields_.get("obfuscate")):
+        raise ConfigError(f"row {key!r}: dCor and obfuscation train the bottom, which Gradfree freezes")
+    families = {_SETTING_FAMILY[p.partition(":")[0]] for p in pieces}
+    family = families.pop() if len(families) == 1 else "combined"
+    if design == "gradfree" and family == "codec":
+        family = "design"
+    return RowDef(key, _label(design, pieces), design, family, **fields_)
 
 
 # ============================================================================ config
@@ -356,6 +453,8 @@ class _Ctx:
     nll_records: list[dict[str, Any]] = field(default_factory=list)
     secrets_index: dict[str, dict[str, str]] = field(default_factory=dict)
     attackers: dict[str, Any] = field(default_factory=dict)
+    public: list[list[int]] | None = None  # token ids of the public (aux) records: keep lists, obfuscation
+    n_train: int = 0
 
 
 def escape(text: str) -> str:
@@ -368,6 +467,75 @@ def _say(ctx: _Ctx, text: str) -> None:
     if ctx.console is not None:
         ctx.console.print(text, highlight=False)
     log.info(text)
+
+
+def _bottom(ctx: _Ctx, row: RowDef) -> int:
+    return row.bottom or ctx.cfg.bottom_layers
+
+
+def _public_ids(ctx: _Ctx) -> list[list[int]]:
+    """The auxiliary (public, other people's) records as token ids: what the client may use as public text in the
+    task's style (the keep list of token-selective dχ, the learned obfuscation's inverter) and what the attacker
+    holds anyway."""
+    if ctx.public is None:
+        from guardedp2p.attacks.adaptive import encode_records_for_attack
+
+        ctx.public = encode_records_for_attack(ctx.task.aux, ctx.tok, ctx.recipe.max_length)
+    return ctx.public
+
+
+def _public_file(ctx: _Ctx) -> Path:
+    """The public records as a JSONL file (the form ``--obfuscate-public`` takes)."""
+    path = ctx.work / "public_aux.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in ctx.task.aux), encoding="utf-8")
+        tmp.replace(path)
+    return path
+
+
+def _row_noise(ctx: _Ctx, row: RowDef) -> dict[str, Any]:
+    """The ``TuneOptions.noise`` of ``row`` on this task and recipe (presets and ε-calibrated noise depend on the
+    run's shape, token-selective dχ on the public records)."""
+    from guardedp2p.privacy.presets import (
+        BALANCED_EPSILON_KEEP,
+        BALANCED_KEEP_SHARE,
+        RunShape,
+        formal_gaussian_noise,
+        resolve_preset,
+    )
+
+    if not (row.preset or row.dp_epsilon or row.dx_epsilon):
+        return row.noise()
+    if not ctx.n_train:
+        ctx.n_train = len(ctx.task.train_records())
+    r = ctx.recipe
+    shape = RunShape(row.design, r.steps, r.batch_size, ctx.n_train, 1, r.max_length, cached=False)
+    if row.preset:
+        noise = dict(resolve_preset(row.preset, shape=shape, public_ids=_public_ids(ctx)).noise)
+    elif row.dp_epsilon:
+        noise = formal_gaussian_noise(row.dp_epsilon, shape)[0]
+    else:
+        from guardedp2p.privacy.noise import frequent_token_ids
+
+        noise = {"kind": "dx", "epsilon": row.dx_epsilon, "dx_project": True}
+        if row.dx_selective:
+            noise["keep_ids"] = frequent_token_ids(_public_ids(ctx), min_share=BALANCED_KEEP_SHARE)
+            noise["epsilon_keep"] = BALANCED_EPSILON_KEEP
+    if "keep_ids" in noise:
+        noise["keep_ids"] = tuple(int(i) for i in noise["keep_ids"])
+    return noise
+
+
+def _obfuscation(ctx: _Ctx, row: RowDef, seed: int) -> Any:
+    if not row.obfuscate:
+        return None
+    from guardedp2p.privacy.obfuscation import ObfuscationConfig
+
+    return ObfuscationConfig(
+        weight=row.obfuscate, public_text=str(_public_file(ctx)), max_length=ctx.recipe.max_length, seed=seed
+    )
 
 
 def _train_config(ctx: _Ctx, seed: int, dcor: float = 0.0) -> Any:
@@ -400,10 +568,12 @@ def _tune_options(ctx: _Ctx, row: RowDef, seed: int, run_dir: Path) -> Any:
         eval_data=ctx.task.eval_mc,
         out=str(run_dir / "run"),
         train=_train_config(ctx, seed, row.dcor),
-        bottom_layers=cfg.bottom_layers,
+        bottom_layers=_bottom(ctx, row),
         top_layers=cfg.top_layers,
         codecs={d: row.codec for d in CODEC_DIRECTIONS},
-        noise=row.noise(),
+        noise=_row_noise(ctx, row),
+        obfuscation=_obfuscation(ctx, row, seed),
+        micro_batches=1,  # the frontier measures utility and privacy; pipelining changes neither
         device=cfg.device,
         eval_max_items=cfg.eval_items,
         skip_eval=not cfg.protocol_eval,
@@ -412,12 +582,22 @@ def _tune_options(ctx: _Ctx, row: RowDef, seed: int, run_dir: Path) -> Any:
     )
 
 
+def _row_identity(row: RowDef) -> dict[str, Any]:
+    """What makes a row's runs differ: its fields that are not at their defaults (so adding a field with a default
+    keeps every cached run valid), never its name or label."""
+    return {
+        f.name: getattr(row, f.name)
+        for f in fields(row)
+        if f.name not in ("key", "label") and getattr(row, f.name) != f.default
+    }
+
+
 def _run_key(ctx: _Ctx, row: RowDef, seed: int) -> str:
     cfg = ctx.cfg
     return _hash(
         {
             "v": FRONTIER_VERSION,
-            "row": asdict(row) | {"key": None, "label": None},
+            "row": _row_identity(row),
             "seed": seed,
             "recipe": asdict(ctx.recipe),
             "split": [cfg.bottom_layers, cfg.top_layers],
@@ -434,11 +614,21 @@ def _run_key(ctx: _Ctx, row: RowDef, seed: int) -> str:
 
 
 # ============================================================================ utility of one tuned model
-def _score_utility(ctx: _Ctx, model: torch.nn.Module, up: Any = None, down: Any = None) -> dict[str, Any]:
-    from guardedp2p.evaluate.utility import cut_hooks, mc_item_scores, record_field_nll
+def _score_utility(
+    ctx: _Ctx,
+    model: torch.nn.Module,
+    up: Any = None,
+    down: Any = None,
+    *,
+    noise: dict[str, Any] | None = None,
+    bottom: int | None = None,
+) -> dict[str, Any]:
+    """Per-item scores of ``model`` with the run's mechanisms at the cuts (``up``/``down``) and on the input
+    embeddings (dχ ``noise``): the utility the client gets when it uses what it tuned over the same protection."""
+    from guardedp2p.evaluate.utility import cut_hooks, input_noise, mc_item_scores, record_field_nll
 
     cfg = ctx.cfg
-    with cut_hooks(model, cfg.bottom_layers, cfg.top_layers, up, down):
+    with cut_hooks(model, bottom or cfg.bottom_layers, cfg.top_layers, up, down), input_noise(model, noise):
         with _Bar(cfg.progress, "utility: multiple-choice items", len(ctx.eval_items)) as bar:
             items = mc_item_scores(
                 model, ctx.tok, ctx.eval_items, max_length=ctx.recipe.max_length, progress=bar.update
@@ -480,7 +670,7 @@ def _run_split(ctx: _Ctx, row: RowDef, seed: int, key: str) -> dict[str, Any]:
     app = build_provider_app(
         ProviderOptions(
             model=cfg.model,
-            bottom_layers=cfg.bottom_layers,
+            bottom_layers=_bottom(ctx, row),
             top_layers=cfg.top_layers,
             protocols=(row.design,),
             record_dir=str(record_dir),
@@ -511,8 +701,9 @@ def _run_split(ctx: _Ctx, row: RowDef, seed: int, key: str) -> dict[str, Any]:
         handle.remove()
     del client, app
     provider.clear()
-    up, down = cut_transforms(row.codec, row.codec, row.noise())
-    utility = _score_utility(ctx, tuned, up, down)
+    noise = _row_noise(ctx, row)
+    up, down = cut_transforms(row.codec, row.codec, noise)
+    utility = _score_utility(ctx, tuned, up, down, noise=noise, bottom=_bottom(ctx, row))
     del tuned
     if cfg.protocol_eval:
         utility["protocol_acc"] = summary.get("eval_after")
@@ -726,12 +917,14 @@ def _mechanism(ctx: _Ctx, row: RowDef) -> Any:
 
     r, cfg = ctx.recipe, ctx.cfg
     tc = _train_config(ctx, 0, row.dcor)
+    obf = _obfuscation(ctx, row, 0)
     return Mechanism(
         design=row.design,
         up_codec=row.codec,
-        noise=tuple(sorted(row.noise().items())),
+        noise=tuple(sorted(_row_noise(ctx, row).items())),
         dcor_alpha=row.dcor,
-        bottom_layers=cfg.bottom_layers,
+        obfuscation=tuple(sorted((k, v) for k, v in asdict(obf).items() if k != "public_text")) if obf else (),
+        bottom_layers=_bottom(ctx, row),
         top_layers=cfg.top_layers,
         steps=r.steps,
         batch_size=r.batch_size,
@@ -901,7 +1094,7 @@ def _legacy_attack(ctx: _Ctx, row: RowDef, obs: dict[str, torch.Tensor], n: int,
     report = run_attacks(
         observations,
         ctx.base,
-        SplitConfig(ctx.cfg.bottom_layers, ctx.cfg.top_layers),
+        SplitConfig(_bottom(ctx, row), ctx.cfg.top_layers),
         ctx.tok,
         ctx.task.aux,
         [attack],
@@ -1189,6 +1382,8 @@ def run_frontier(
             frac = 1.0  # the reference trains the whole model where the data is: the client holds every weight
         elif d.design == "offline":
             frac = (rs[0].get("ip") or {}).get("fraction")
+        elif d.bottom and d.bottom != cfg.bottom_layers:
+            frac = client_param_fraction(base, d.bottom, cfg.top_layers)["fraction"]
         else:
             frac = ip["fraction"]
         rows.append(

@@ -95,7 +95,9 @@ def hidden_rules_task(
     paths = default_task_paths(cfg)
     aux_recs = load_records(paths.aux)
     hold = make_records(holdout, seed, "aux", skip=aux)
-    # records of ~150 SmolLM2 tokens: 160 keeps every field (the account number comes last)
+    # records of ~150 SmolLM2 tokens: 160 keeps every field (the account number comes last). 120 steps at lr 4e-3:
+    # local LoRA gains +43 points on the 1,024 items in 558 CPU s (docs/results/task.md); at 60 steps and 2e-3 it
+    # stays within a few points of chance, which leaves no utility loss to measure.
     return TaskSource(
         "hidden_rules",
         paths.train,
@@ -103,7 +105,7 @@ def hidden_rules_task(
         aux_recs,
         hold,
         eval_nll=paths.eval_nll,
-        recipe=Recipe(max_length=160),
+        recipe=Recipe(steps=120, lr=4e-3, max_length=160),
         digest=_digest("hidden_rules", cfg.digest(), holdout),
     )
 

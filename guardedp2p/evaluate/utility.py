@@ -70,9 +70,10 @@ def cut_transforms(
     if noise and noise.get("kind", "none") != "none":
         from guardedp2p.privacy.noise import NoiseConfig, add_activation_noise
 
-        cfg = NoiseConfig(**dict(noise))
-        gen = cfg.make_generator(torch.device("cpu"))
-        steps.append(lambda h: add_activation_noise(h, cfg, gen))
+        cfg = NoiseConfig.from_dict(dict(noise))
+        if not cfg.acts_on_input:  # dχ acts on the input embeddings instead (:func:`input_noise`)
+            gen = cfg.make_generator(torch.device("cpu"))
+            steps.append(lambda h: add_activation_noise(h, cfg, gen))
     if up_codec != "fp32":
         steps.append(codec_transform(up_codec))
     up: Transform | None = None
@@ -85,6 +86,25 @@ def cut_transforms(
 
     down = codec_transform(down_codec) if down_codec != "fp32" else None
     return up, down
+
+
+@contextlib.contextmanager
+def input_noise(model: torch.nn.Module, noise: Mapping[str, Any] | None) -> Iterator[None]:
+    """dχ noise on ``model``'s input embeddings while scoring, as the client's split run applies it to every forward
+    (training and inference alike; :func:`guardedp2p.privacy.noise.install_input_noise`). Nothing for other noise."""
+    handle = None
+    if noise and noise.get("kind", "none") != "none":
+        from guardedp2p.privacy.noise import NoiseConfig, install_embedding_noise
+
+        cfg = NoiseConfig.from_dict(dict(noise))
+        if cfg.acts_on_input:
+            emb = model.get_input_embeddings()  # type: ignore[operator]
+            handle = install_embedding_noise(emb, cfg, cfg.make_generator(torch.device("cpu")))
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 @contextlib.contextmanager

@@ -75,6 +75,7 @@ __all__ = [
     "dx_privacy_token_ids",
     "dx_privacy_embeddings",
     "frequent_token_ids",
+    "install_embedding_noise",
     "install_input_noise",
     "token_embedding",
     "describe",
@@ -595,7 +596,16 @@ def install_input_noise(
     """
     if not cfg.acts_on_input:
         return None
-    emb = token_embedding(bottom)
+    return install_embedding_noise(token_embedding(bottom), cfg, generator)
+
+
+def install_embedding_noise(
+    emb: torch.nn.Module, cfg: NoiseConfig, generator: torch.Generator | None = None
+) -> RemovableHandle | None:
+    """:func:`install_input_noise` on a token-embedding module itself (e.g. a whole model's
+    ``get_input_embeddings()``, to score a model the way its split run computes)."""
+    if not cfg.acts_on_input:
+        return None
     eps = float(cfg._required("epsilon", cfg.epsilon))
     keep = torch.tensor(cfg.keep_ids, dtype=torch.long) if cfg.keep_ids else None
 

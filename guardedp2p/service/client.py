@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from guardedp2p.errors import ConfigError
+from guardedp2p.privacy.obfuscation import ObfuscationConfig
 from guardedp2p.service.runner import ChannelFactory, TrainingInterrupted
 from guardedp2p.train.config import TrainConfig
 from guardedp2p.wire.handshake import CODEC_DIRECTIONS
@@ -64,7 +65,11 @@ class TuneOptions:
     bottom_layers: int = 2
     top_layers: int = 2
     codecs: dict[str, str] = field(default_factory=lambda: {d: "fp32" for d in CODEC_DIRECTIONS})
-    noise: dict[str, Any] = field(default_factory=dict)  # NoiseConfig fields; empty: none
+    noise: dict[str, Any] = field(default_factory=dict)  # NoiseConfig fields; empty: none (or the preset's)
+    privacy: str = "off"  # --privacy preset (guardedp2p/privacy/presets.py); --noise overrides its noise
+    public_text: str = "demo-aux"  # public records in the client's style: the balanced preset's keep list
+    obfuscation: ObfuscationConfig | None = None  # the learned defence (--obfuscate); None: off
+    micro_batches: int = 1  # pipelined micro-batches per batch (1: the trainer's own step; the CLI defaults to 2)
     resume: bool = False
     timeout: float = 30.0
     retries: int = 3
@@ -487,6 +492,22 @@ def plan_tune(opts: TuneOptions, *, out_action: str = "", extra: dict[str, Any] 
         from guardedp2p.privacy.noise import NoiseConfig
 
         privacy["noise"] = NoiseConfig(**opts.noise).describe()
+    if opts.privacy != "off":
+        from guardedp2p.privacy.presets import PRESETS
+
+        if opts.privacy not in PRESETS:
+            raise ConfigError(f"unknown privacy preset {opts.privacy!r}: use one of {', '.join(PRESETS)}")
+        privacy["preset"] = opts.privacy
+    if opts.obfuscation is not None:
+        opts.obfuscation.validate()
+        if opts.protocol != "online":
+            raise ConfigError(
+                f"--obfuscate trains the client's bottom, which the {opts.protocol} design freezes; "
+                "use --noise or --privacy instead"
+            )
+        privacy["obfuscation"] = opts.obfuscation.describe()
+    if opts.micro_batches < 1:
+        raise ConfigError(f"--micro-batches must be 1 or more (1 turns pipelining off), got {opts.micro_batches}")
     # with --kit the kit's own config is the model (its split is checked again, signed, when it loads)
     depth = check_split(str(opts.kit) if opts.kit else opts.model, opts.bottom_layers, opts.top_layers)
     data = describe_data(opts)

@@ -29,8 +29,11 @@ def gradfree_trunk(opts: TuneOptions, session: ClientSession, client: ClientMode
     cache = None
     if opts.cache and not noisy:
         cache = TrunkOutputCache(Path(opts.out) / "trunk_cache", client.fingerprint, opts.codecs["down"])
+    from guardedp2p.designs.online.pipeline import pipelined_step
+
     trunk = CachedRemoteTrunk(remote, cache)
-    return SplitTrunk(trunk, cache.stats if cache is not None else dict)
+    step = pipelined_step(remote, opts.micro_batches, cache=cache)
+    return SplitTrunk(trunk, cache.stats if cache is not None else dict, step=step)
 
 
 GRADFREE = SplitDesign("gradfree", GRADFREE_CODECS, train_bottom=False, build_trunk=gradfree_trunk)

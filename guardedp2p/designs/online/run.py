@@ -55,7 +55,8 @@ from guardedp2p.wire.handshake import CODEC_DIRECTIONS, Hello
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from guardedp2p.train.trainer import StepResult, TrunkFn
+    from guardedp2p.privacy.session import SessionPrivacy
+    from guardedp2p.train.trainer import SplitTrainer, StepResult, TrunkFn
 
 log = logging.getLogger("guardedp2p.client")
 
@@ -64,10 +65,13 @@ T = TypeVar("T")
 
 @dataclass
 class SplitTrunk:
-    """The trunk as the trainer calls it, built on one provider session; ``stats`` adds keys to the summary."""
+    """The trunk as the trainer calls it, built on one provider session; ``stats`` adds keys to the summary;
+    ``step`` (``--micro-batches`` > 1) runs a whole optimizer step with its micro-batches pipelined
+    (:class:`guardedp2p.designs.online.pipeline.PipelinedStep`) instead of the trainer's own step."""
 
     fn: TrunkFn
     stats: Callable[[], dict[str, Any]] = field(default=dict)
+    step: Callable[[SplitTrainer, list[Batch]], StepResult] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,12 +86,14 @@ class SplitDesign:
 
 def online_trunk(opts: TuneOptions, session: ClientSession, client: ClientModel) -> SplitTrunk:
     """The provider's trunk as an autograd function: gradients cross the wire both ways."""
+    from guardedp2p.designs.online.pipeline import pipelined_step
+
     remote = RemoteTrunk(session, opts.codecs, gradients=True)
 
     def fn(h1: torch.Tensor, mask: torch.Tensor, *, train: bool, input_ids: torch.Tensor) -> torch.Tensor:
         return remote(h1, mask, train=train)
 
-    return SplitTrunk(fn)
+    return SplitTrunk(fn, step=pipelined_step(remote, opts.micro_batches))
 
 
 ONLINE = SplitDesign("online", CODEC_DIRECTIONS, train_bottom=True, build_trunk=online_trunk)
@@ -115,13 +121,16 @@ def privacy_terms(opts: TuneOptions) -> dict[str, Any]:
     return privacy
 
 
-def split_hello(design: SplitDesign, opts: TuneOptions, fingerprint: str, step: int) -> Hello:
+def split_hello(
+    design: SplitDesign, opts: TuneOptions, fingerprint: str, step: int, privacy: dict[str, Any] | None = None
+) -> Hello:
+    """The HELLO of a split run; ``privacy``: the run's resolved privacy map (default: :func:`privacy_terms`)."""
     return Hello(
         design.protocol,
         fingerprint,
         (opts.bottom_layers, opts.top_layers),
         wire_codecs(design, opts),
-        privacy_terms(opts),
+        privacy if privacy is not None else privacy_terms(opts),
         resume_from_step=step,
     )
 
@@ -148,6 +157,35 @@ def noise_transform(opts: TuneOptions) -> Callable[[torch.Tensor], torch.Tensor]
     cfg = NoiseConfig(**opts.noise)
     gen = cfg.make_generator(pick_device(opts.device))
     return lambda h: add_activation_noise(h, cfg, gen)
+
+
+def session_privacy(design: SplitDesign, opts: TuneOptions, client: ClientModel, *, n_records: int) -> SessionPrivacy:
+    """The run's :class:`~guardedp2p.privacy.session.SessionPrivacy` from ``--privacy``, ``--noise``, ``--dcor``
+    and ``--obfuscate``, with the run's shape for the accountant and a generator on the client's device."""
+    from guardedp2p.privacy.noise import token_embedding
+    from guardedp2p.privacy.presets import RunShape
+    from guardedp2p.privacy.session import resolve_session_privacy
+
+    t = opts.train
+    shape = RunShape(design.protocol, t.steps, t.batch_size, n_records, t.grad_accum, t.max_length, cached=False)
+    weight = token_embedding(client.bottom).weight
+    if not isinstance(weight, torch.Tensor):
+        raise ConfigError("the client's token embedding has no weight tensor")
+    pad = client.tokenizer.pad_token_id
+    return resolve_session_privacy(
+        preset=opts.privacy,
+        noise=opts.noise,
+        dcor_alpha=t.dcor_alpha,
+        obfuscation=opts.obfuscation,
+        design=design.protocol,
+        shape=shape,
+        tokenizer=client.tokenizer,
+        bottom=client.bottom if design.train_bottom else None,
+        d_model=int(weight.shape[1]),
+        public_text=opts.public_text,
+        device=client.device,
+        pad_id=pad if pad is not None else 0,
+    )
 
 
 def check_split_options(design: SplitDesign, opts: TuneOptions) -> None:
@@ -195,6 +233,16 @@ class SplitRun:
         self.iterator = BatchIterator(
             self.data.train_examples, opts.train.batch_size, seed=opts.train.seed, pad_id=client.tokenizer.pad_token_id
         )
+        self.privacy = session_privacy(design, opts, client, n_records=len(self.data.train_examples))
+        self.privacy.install(client.bottom)  # dχ on the input embeddings: every forward of the run
+        self.privacy_map = self.privacy.block(
+            design=design.protocol,
+            steps=opts.train.steps,
+            batch_size=opts.train.batch_size,
+            n_records=len(self.data.train_examples),
+            grad_accum=opts.train.grad_accum,
+            cached=False,
+        )
         dcor_fn = None
         if opts.train.dcor_alpha > 0:
             from guardedp2p.privacy.dcor import dcor_penalty
@@ -208,13 +256,15 @@ class SplitRun:
             opts.train,
             loss_fn=loss_fn,
             train_bottom=design.train_bottom,
-            transform_sent=noise_transform(opts),
+            transform_sent=self.privacy.sent,
+            grad_transform=self.privacy.grad if design.train_bottom else None,
             dcor_fn=dcor_fn,
+            obfuscation=self.privacy.obfuscator,
         )
         self.wire = WireStats()
         self.link = SessionLink(
             connect,
-            lambda: split_hello(design, opts, client.fingerprint, self.trainer.step),
+            lambda: split_hello(design, opts, client.fingerprint, self.trainer.step, self.privacy_map),
             timeout=opts.timeout,
             stats=self.wire,
             on_open=self._on_open,
@@ -257,13 +307,17 @@ class SplitRun:
 
         def attempt() -> tuple[StepResult, int, int]:
             up, down = self.wire.total_up, self.wire.total_down
-            res = self.trainer.train_step(micro)
+            pipelined = self.trunk.current.step if self.trunk.current is not None else None
+            res = pipelined(self.trainer, micro) if pipelined is not None else self.trainer.train_step(micro)
             return res, self.wire.total_up - up, self.wire.total_down - down
 
         res, bu, bd = self.guarded(attempt, f"step {self.trainer.step + 1}", data_state)
         self.train_bytes[0] += bu
         self.train_bytes[1] += bd
-        return res, {"dcor": round(res.dcor, 5), "bytes_up": bu, "bytes_down": bd}
+        extra: dict[str, Any] = {"dcor": round(res.dcor, 5), "bytes_up": bu, "bytes_down": bd}
+        if self.privacy.obfuscator is not None:
+            extra["obfuscation"] = round(res.obfuscation, 5)  # the penalty: 0 when the client's inverter is at chance
+        return res, extra
 
     def evaluate_between(self) -> None:
         every, step = self.opts.train.eval_every, self.trainer.step
@@ -329,7 +383,9 @@ class SplitRun:
             "rate_limited": w.rate_limited,  # requests the provider's per-client rate limit made us send again
             "rate_limited_wait_s": round(w.rate_limited_wait_s, 4),
             "codecs": wire_codecs(self.design, opts),
-            "privacy": privacy_terms(opts),
+            "privacy": self.privacy_map,
+            "client_cost": self.trainer.client_cost(),
+            "micro_batches": opts.micro_batches,
             "time_split": split,  # training steps only: client compute, provider compute, (de)serialisation, wire
             "fingerprint": self.client.fingerprint,
             **(self.trunk.current.stats() if self.trunk.current else {}),
@@ -382,6 +438,7 @@ __all__ = [
     "online_trunk",
     "privacy_terms",
     "run_split",
+    "session_privacy",
     "split_hello",
     "tune_online",
     "wire_codecs",

@@ -1,0 +1,98 @@
+"""The client's privacy options reach the run: ``--privacy`` presets, ``--noise`` (activation, gradient and dχ),
+``--obfuscate`` and ``--micro-batches`` change what the tiny model's run computes, and the summary / HELLO say
+what was on (issue 16)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from guardedp2p.errors import ConfigError
+from guardedp2p.privacy.obfuscation import ObfuscationConfig
+from guardedp2p.service.client import TuneOptions, plan_tune, prepare_client, tune
+from guardedp2p.train.config import TrainConfig
+from guardedp2p.transport.inproc import InProcClientChannel
+from tests.protocol_helpers import provider_app
+from tests.tiny_models import tiny_model
+from tests.tiny_tokenizer import tiny_tokenizer, write_text_records
+
+
+def _opts(tmp_path, name, protocol="online", steps=3, **kw):
+    data = write_text_records(tmp_path / "train.jsonl", distinct=20)
+    train = TrainConfig(steps=steps, batch_size=4, lr=5e-3, warmup_steps=1, checkpoint_every=0, max_length=16, lora_r=4)
+    return TuneOptions(
+        protocol=protocol,
+        model="tiny",
+        data=str(data),
+        out=str(tmp_path / name),
+        train=train,
+        progress=False,
+        timeout=5.0,
+        retries=0,
+        skip_eval=True,
+        public_text=str(data),
+        **kw,
+    )
+
+
+def _run(tmp_path, name, model, **kw):
+    opts = _opts(tmp_path, name, **kw)
+    app = provider_app(model)
+    client = prepare_client(opts, model=copy.deepcopy(model), tokenizer=tiny_tokenizer())
+    return tune(opts, lambda: InProcClientChannel(app), client=client)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, model):
+    return _run(tmp_path_factory.mktemp("clean"), "clean", model)
+
+
+def test_gaussian_noise_changes_what_the_provider_computes_and_reports_epsilon(tmp_path, model, clean):
+    noise = {"kind": "gaussian", "clip": 5.0, "noise_multiplier": 2.0, "clip_unit": "record", "delta": 1e-5}
+    s = _run(tmp_path, "act-only", model, noise=noise)
+    assert s["privacy"]["noise"]["run"]["epsilon"] == "inf", "Online's gradient leaves un-noised: no finite bound"
+    s = _run(tmp_path, "dp", model, noise={**noise, "grad_clip": 1.0, "grad_noise_multiplier": 2.0})
+    assert s["loss_first"] != pytest.approx(clean["loss_first"], abs=1e-4)
+    run = s["privacy"]["noise"]["run"]
+    assert run["epsilon"] > 0 and run["delta"] == 1e-5
+    assert "seed" not in s["privacy"]["noise"]
+
+
+def test_balanced_preset_puts_dx_on_the_input_and_names_itself(tmp_path, model, clean):
+    s = _run(tmp_path, "balanced", model, privacy="balanced")
+    assert s["privacy"]["preset"]["name"] == "balanced"
+    assert s["privacy"]["noise"]["kind"] == "dx" and s["privacy"]["noise"]["keep_ids"] > 0
+    assert s["loss_first"] != pytest.approx(clean["loss_first"], abs=1e-4)
+
+
+def test_explicit_noise_overrides_the_preset(tmp_path, model):
+    s = _run(tmp_path, "over", model, privacy="balanced", noise={"kind": "gaussian", "scale": 0.5})
+    assert s["privacy"]["noise"]["kind"] == "gaussian"
+    assert s["privacy"]["preset_noise_overridden"] is True
+
+
+def test_obfuscation_adds_its_penalty_to_every_step(tmp_path, model, clean):
+    obf = ObfuscationConfig(weight=1.0, hidden=0, warmup_steps=2, public_batch=4, max_length=16)
+    s = _run(tmp_path, "obf", model, obfuscation=obf)
+    assert s["privacy"]["obfuscation"]["weight"] == 1.0
+    assert all(row["obfuscation"] > 0 for row in s["history"])
+    assert s["history"][0]["loss"] > s["history"][0]["task_loss"]
+
+
+def test_obfuscation_is_refused_for_gradfree(tmp_path):
+    opts = _opts(tmp_path, "gf", protocol="gradfree", obfuscation=ObfuscationConfig())
+    with pytest.raises(ConfigError, match="freezes"):
+        plan_tune(opts)
+
+
+def test_micro_batches_pipeline_the_steps_with_the_same_first_loss(tmp_path, model, clean):
+    s = _run(tmp_path, "mb", model, micro_batches=2)
+    assert s["micro_batches"] == 2 and s["steps"] == 3
+    assert s["loss_first"] == pytest.approx(clean["loss_first"], rel=1e-4)
+    assert s["client_cost"]["trainable_params"] > 0
