@@ -55,6 +55,10 @@ def recorded_export(model: str = DEFAULT_MODEL) -> Path | None:
     return None
 
 
+def _loadable(base: str) -> bool:
+    return base != DEFAULT_NOTE and Path(base).is_dir()
+
+
 def _record_export(model: str, folder: Path) -> None:
     """Remember where ``model`` was exported (best effort: only later adapters' base path depends on it)."""
     path = _exports_file()
@@ -69,13 +73,51 @@ def _record_export(model: str, folder: Path) -> None:
         log.debug("could not record the export of %s: %s", model, exc)
 
 
-def portable_base(model: str) -> str:
+def _kit_model(kit: str | os.PathLike[str]) -> tuple[str, str]:
+    """(model name, fingerprint) a client kit's manifest records; ("", "") where it cannot be read.
+
+    Only names are read here: the run that used the kit verified its signature and digests before loading it
+    (:func:`guardedp2p.designs.kit.load_kit`)."""
+    try:
+        m = json.loads((Path(kit) / "manifest.json").read_text())
+        model = m.get("model") if isinstance(m, dict) else None
+        name = model.get("name") if isinstance(model, dict) else None
+        fp = m.get("fingerprint")
+        return (name if isinstance(name, str) else "", fp if isinstance(fp, str) else "")
+    except (OSError, ValueError):
+        return "", ""
+
+
+def kit_base(kit: str | os.PathLike[str]) -> str:
+    """What an adapter tuned from a client kit names as its base (``--kit``; guardedp2p/designs/kit.py).
+
+    A kit of the embedded default model: that model's :func:`portable_base` (the model is public, the client can
+    export it). Any other kit stands for a model whose full weights stay with its provider: stock PEFT cannot load
+    the adapter without them, so the name says which model it is (the name and fingerprint the provider signed) and
+    how the client uses the adapter, with the kit and the provider's trunk (``client generate --kit``).
+    """
+    name, fp = _kit_model(kit)
+    if name == DEFAULT_MODEL:
+        return portable_base(DEFAULT_MODEL)
+    where = Path(kit).expanduser().resolve()
+    model = f"model {name!r}" if name else "the provider's model"
+    fingerprint = f", fingerprint {fp[:16]}…" if fp else ""
+    return (
+        f"guardedp2p client kit {where} ({model}{fingerprint}; its full weights stay with the provider): "
+        f"`guardedp2p client generate --kit {where} --adapter THIS_FOLDER`"
+    )
+
+
+def portable_base(model: str, *, kit: str | os.PathLike[str] | None = None) -> str:
     """What an adapter tuned on ``model`` should name as ``base_model_name_or_path``.
 
     A local folder: its absolute path. ``default``: the folder it was exported to (``guardedp2p model export``),
     else :data:`DEFAULT_NOTE`. A ``.gguf`` file: stock transformers needs ``gguf_file=`` to read it, so the note
-    says to export it. Anything else is kept as given.
+    says to export it. Anything else is kept as given. A run from a client kit (``kit``) names the kit's model
+    (:func:`kit_base`), whatever ``model`` says: a kit client never passes ``--model``.
     """
+    if kit is not None:
+        return kit_base(kit)
     if model == DEFAULT_MODEL:
         exported = recorded_export(DEFAULT_MODEL)
         return str(exported) if exported is not None else DEFAULT_NOTE
@@ -87,8 +129,9 @@ def portable_base(model: str) -> str:
     return model
 
 
-def point_adapter_at(adapter_dir: Path, base: str) -> None:
-    """Rewrite ``adapter_config.json``'s ``base_model_name_or_path`` and the folder's README to name ``base``."""
+def point_adapter_at(adapter_dir: Path, base: str, *, kit: str | os.PathLike[str] | None = None) -> None:
+    """Rewrite ``adapter_config.json``'s ``base_model_name_or_path`` and the folder's README to name ``base``
+    (and, for a run from a client kit, to say how to use the adapter with it)."""
     cfg_path = adapter_dir / "adapter_config.json"
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -96,12 +139,31 @@ def point_adapter_at(adapter_dir: Path, base: str) -> None:
         raise ConfigError(f"{adapter_dir} is not an adapter folder ({cfg_path.name}: {exc})") from None
     cfg["base_model_name_or_path"] = base
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    (adapter_dir / ADAPTER_README).write_text(adapter_readme(base))
+    (adapter_dir / ADAPTER_README).write_text(adapter_readme(base, kit=kit))
 
 
-def adapter_readme(base: str) -> str:
-    """How to load the adapter with stock transformers + peft (written next to it)."""
-    loadable = base != DEFAULT_NOTE and Path(base).is_dir()
+def _kit_readme(kit: str | os.PathLike[str]) -> str:
+    where = Path(kit).expanduser().resolve()
+    return (
+        "# LoRA adapter trained with guardedp2p from a client kit\n\n"
+        "A standard PEFT folder (`adapter_config.json` + `adapter_model.safetensors`): the LoRA sits on the client's "
+        "first and last transformer blocks, under their usual names. It was tuned from the provider's signed client "
+        f"kit `{where}`, which holds only the client's blocks, so it runs split, with the provider's trunk:\n\n"
+        f"```bash\nguardedp2p client generate --kit {where} --provider-sign-key PROVIDER.sign.pub \\\n"
+        "    --adapter THIS_FOLDER --connect tcp://HOST:5555 --provider-key PROVIDER.key --keys KEYS \\\n"
+        '    --prompt "..."\n```\n\n'
+        "(`client chat` takes the same options.) Where the full model is at hand (a public model, or the provider "
+        "itself), `base_model_name_or_path` names it and stock PEFT loads the adapter on it.\n"
+    )
+
+
+def adapter_readme(base: str, *, kit: str | os.PathLike[str] | None = None) -> str:
+    """How to load the adapter with stock transformers + peft (written next to it); with ``kit``, how to use it
+    with the client kit it was tuned from."""
+    if kit is not None:
+        loads = f"\nStock PEFT loads it on its full base model, the folder `{base}`.\n" if _loadable(base) else ""
+        return _kit_readme(kit) + loads
+    loadable = _loadable(base)
     how = (
         f"Its base model is the folder `{base}`.\n"
         if loadable
@@ -174,6 +236,7 @@ __all__ = [
     "Exported",
     "adapter_readme",
     "export_model",
+    "kit_base",
     "point_adapter_at",
     "portable_base",
     "recorded_export",
