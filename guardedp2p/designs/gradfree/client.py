@@ -28,11 +28,15 @@ __all__ = ["TrunkOutputCache", "CachedRemoteTrunk", "gradfree_session"]
 
 
 class TrunkOutputCache:
-    """On-disk cache of trunk outputs, keyed by SHA-256(model fingerprint, codec, token ids), size-bounded."""
+    """On-disk cache of trunk outputs, keyed by SHA-256(model fingerprint, codec, token ids), size-bounded.
+
+    Owner-only, like checkpoints (issue 20): an entry is the trunk's output for one private training text, which
+    an inversion attack can read back towards that text, so the folders are 0700 and the files 0600."""
 
     def __init__(self, directory: str | Path, fingerprint: str, codec: str, *, max_bytes: int = 2 << 30) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir.chmod(0o700)  # mkdir's mode obeys the umask, and an existing folder keeps its own
         self.fingerprint = fingerprint
         self.codec = codec
         self.max_bytes = max_bytes
@@ -75,7 +79,9 @@ class TrunkOutputCache:
 
         enc = get_codec(self.codec).encode(value.detach().cpu().float().contiguous())
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.chmod(0o700)
         meta = {
             "codec": self.codec,
             "shape": json.dumps(list(value.shape)),
@@ -84,6 +90,7 @@ class TrunkOutputCache:
         }
         tmp = path.with_suffix(".tmp")
         save_file({f"p{i}": p.contiguous() for i, p in enumerate(enc.parts)}, str(tmp), metadata=meta)
+        tmp.chmod(0o600)
         os.replace(tmp, path)
         self._evict()
 

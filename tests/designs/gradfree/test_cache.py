@@ -94,6 +94,20 @@ def test_put_get_through_a_lossy_codec(tmp_path):
 # ---------------------------------------------------------------------------------------------- size bound
 
 
+def test_the_cache_is_owner_only(tmp_path):
+    """An entry is the trunk output of a private text: folders 0700, files 0600, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "c").mkdir(mode=0o755)
+        c = TrunkOutputCache(tmp_path / "c", "fp", "fp32")
+        c.put(c.key(ids_for(0)), out_for(0))
+    finally:
+        os.umask(old)
+    assert c.dir.stat().st_mode & 0o777 == 0o700
+    (entry,) = entries(c)
+    assert entry.parent.stat().st_mode & 0o777 == 0o700 and entry.stat().st_mode & 0o777 == 0o600
+
+
 def test_the_cache_stays_under_its_byte_bound_dropping_the_oldest_first(tmp_path):
     c = TrunkOutputCache(tmp_path, "fp", "fp32", max_bytes=1 << 30)
     keys = [c.key(ids_for(i)) for i in range(6)]
