@@ -1,9 +1,12 @@
 """Client peak RSS with the client kit (issue 18) against the full-checkpoint client and a full local fine-tune.
 
-Each probe runs in a fresh process (peak RSS is ``ru_maxrss``, one training step, one torch thread): ``kit`` is
+Each probe runs in a fresh process (peak RSS is ``VmHWM``, one training step, one torch thread): ``kit`` is
 ``prepare_client`` from a signed kit (only the client's weights are ever read), ``client`` is ``prepare_client``
-from the whole checkpoint (same step), ``full-ft`` a full local fine-tune (every weight
-trained with AdamW), ``baseline`` the same imports with nothing loaded. The kit is built once into ``--kit-dir``.
+from the whole checkpoint, both then one ``SplitTrainer.train_step`` (the client's own step: LoRA, AdamW, its loss;
+the trunk's reply stood in by h1), ``full-ft`` a full local fine-tune (every weight trained with AdamW,
+transformers' own loss), ``baseline`` the same imports with nothing loaded. The kit is built once into
+``--kit-dir``. ``--loss torch`` runs the client step with ``F.cross_entropy`` instead of the project's loss
+(guardedp2p/engine/loss.py), to show what the loss saves.
 
     python -m benchmarks.bench_kit [--model default] [--batch 4] [--seq 128] [--kit-dir runs/bench_kit]
 
@@ -16,7 +19,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -50,11 +52,22 @@ def make_batch(tok: Any, batch: int, seq: int, seed: int = 0) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def kit_probe(model_name: str, kit_dir: str | None, batch: int, seq: int) -> dict[str, Any]:
+def _torch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The causal-LM loss with ``F.cross_entropy`` (what ``loss_fn`` computed before guardedp2p/engine/loss.py)."""
+    import torch.nn.functional as F
+
+    logits = logits.float()
+    labels = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def kit_probe(model_name: str, kit_dir: str | None, batch: int, seq: int, loss: str = "project") -> dict[str, Any]:
     """One training step of a client built from the kit, or from the checkpoint when ``kit_dir`` is None (the
     trunk's reply stood in by h1, as bench_online); ``load_peak_mib`` is the peak before the step."""
     from guardedp2p.engine.split import loss_fn
     from guardedp2p.service.client import TuneOptions, prepare_client
+    from guardedp2p.train.config import TrainConfig
+    from guardedp2p.train.trainer import SplitTrainer
 
     torch.set_num_threads(1)
     if kit_dir is None:
@@ -67,19 +80,29 @@ def kit_probe(model_name: str, kit_dir: str | None, batch: int, seq: int) -> dic
     load_peak = _status("VmHWM")
     reset = _reset_peak()
     b = make_batch(client.tokenizer, batch, seq)
-    h1 = client.bottom(b["input_ids"], b["attention_mask"])
-    loss_fn(client.top(h1, b["attention_mask"]), b["labels"]).backward()
+    cfg = TrainConfig(steps=10, batch_size=batch, lr=1e-4, warmup_steps=0, max_length=seq)
+    trainer = SplitTrainer(
+        client.bottom,
+        client.top,
+        lambda h, mask, *, train, input_ids: h,  # the trunk's reply stood in by h1 (same shape)
+        cfg,
+        loss_fn=loss_fn if loss == "project" else _torch_loss,
+    )
+    trainer.train_step([b])
     params = {id(p): p for part in (client.bottom, client.top) for p in part.parameters()}
     held = sum(p.numel() * p.element_size() for p in params.values()) / 2**20
     gc.collect()
+    train_peak = _status("VmHWM")  # since the reset: the training step's
     return {
         "kind": "kit" if kit_dir is not None else "checkpoint-client",
         "split": [2, 2],
+        "loss": loss,
         "rss_mib": round(_status("VmRSS"), 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork + exec
+        "peak_rss_mib": round(max(load_peak, train_peak), 1),
         "loaded_rss_mib": round(loaded, 1),
         "load_peak_mib": round(load_peak, 1),
-        "train_peak_mib": round(_status("VmHWM"), 1) if reset else None,
+        "train_peak_mib": round(train_peak, 1) if reset else None,
         "weights_held_mib": round(held, 1),
     }
 
@@ -111,12 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--kit-dir", default="runs/bench_kit")
+    ap.add_argument("--loss", choices=["project", "torch"], default="project", help="the client step's loss")
     ap.add_argument("--probe-kit", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--probe-checkpoint", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.probe_kit or args.probe_checkpoint:
         kit = args.kit_dir if args.probe_kit else None
-        print(json.dumps(kit_probe(args.model, kit, args.batch, args.seq)))
+        print(json.dumps(kit_probe(args.model, kit, args.batch, args.seq, args.loss)))
         return 0
     kit_dir = Path(args.kit_dir)
     build_s = build(args.model, kit_dir) if not (kit_dir / "kit" / "manifest.sig").exists() else 0.0
@@ -127,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("baseline", "full-ft"):
         rows[kind] = _run([sys.executable, "-m", "benchmarks.bench_online", "--probe", kind, *common])
         print(json.dumps({"bench": "memory_probe", **rows[kind]}), flush=True)
+    common += ["--loss", args.loss]
     rows["client"] = _run([sys.executable, "-m", "benchmarks.bench_kit", "--probe-checkpoint", *common])
     print(json.dumps({"bench": "memory_probe", **rows["client"]}), flush=True)
     rows["kit"] = _run(
@@ -137,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "bench": "kit_summary",
         "model": args.model,
+        "loss": args.loss,
         "batch": args.batch,
         "seq": args.seq,
         "kit_peak_mib": kit["peak_rss_mib"],
