@@ -50,6 +50,7 @@ from guardedp2p.cli.data_options import (
 )
 from guardedp2p.cli.generate import chat_cmd, generate_cmd
 from guardedp2p.designs import DESIGN_NAMES
+from guardedp2p.designs.online.pipeline import DEFAULT_MICRO_BATCHES
 from guardedp2p.errors import ConfigError
 from guardedp2p.wire.handshake import FLOAT_CODECS
 
@@ -67,18 +68,41 @@ REPORT_TO_HELP = (
 )
 
 
+NOISE_HELP = (
+    "Noise on what is sent (overrides the --privacy preset's): gaussian:SCALE, laplace:SCALE, "
+    "gaussian:clip=C,z=Z,grad_clip=G,grad_z=Z (per-record clipped Gaussian on the activations and, online, the "
+    "gradient sent up; epsilon over the whole run from dp-accounting in the summary), dx:EPS or "
+    "dx:eps=EPS (dx-privacy on the input embeddings)."
+)
+PRIVACY_PRESET_HELP = (
+    "Named protection (docs/user-guide.md, 'Privacy settings'; measured in docs/results/frontier.md): off; "
+    "balanced (dx-privacy on rare input tokens: names, dates, numbers); strong (per-record clipped Gaussian "
+    "calibrated to epsilon 8 over the run; costs most of the fine-tuning gain)."
+)
+
+
 def parse_noise(spec: str | None) -> dict[str, Any]:
-    """``gaussian:0.1`` / ``laplace:0.05`` (scale of the noise added to what is sent); empty: no noise."""
+    """``--noise``: ``gaussian:0.1``, ``laplace:0.05``, ``dx:30`` or ``KIND:key=value,...`` (every field of
+    :class:`guardedp2p.privacy.noise.NoiseConfig` but the seed); empty or ``none``: no noise."""
     if not spec or spec == "none":
         return {}
-    kind, _, value = spec.partition(":")
-    if kind not in ("gaussian", "laplace") or not value:
-        raise ConfigError(f"--noise {spec!r}: use gaussian:SCALE or laplace:SCALE (e.g. gaussian:0.1)")
-    try:
-        scale = float(value)
-    except ValueError:
-        raise ConfigError(f"--noise {spec!r}: the scale must be a number") from None
-    return {"kind": kind, "scale": scale}
+    from guardedp2p.privacy.noise import parse_noise_spec
+
+    out = parse_noise_spec(spec)
+    if out.get("kind") == "dx" and "scale" in out:  # dx:EPS reads as the epsilon
+        out["epsilon"] = out.pop("scale")
+    return out
+
+
+def obfuscation_options(weight: float, public: str | None) -> Any:
+    """``--obfuscate W [--public-text FILE]``: the learned defence's config, or None when W is 0."""
+    if not weight:
+        return None
+    from guardedp2p.privacy.obfuscation import ObfuscationConfig
+
+    cfg = ObfuscationConfig(weight=weight, public_text=public or "demo-aux")
+    cfg.validate()
+    return cfg
 
 
 def client_channel_factory(
@@ -324,8 +348,32 @@ def tune_cmd(
         help="Distance-correlation penalty weight (online): decorrelates what is sent from your tokens.",
         rich_help_panel=PRIVACY,
     ),
-    noise: str | None = typer.Option(
-        None, help="Noise on what is sent: gaussian:SCALE or laplace:SCALE.", rich_help_panel=PRIVACY
+    noise: str | None = typer.Option(None, help=NOISE_HELP, rich_help_panel=PRIVACY),
+    privacy: str = typer.Option(
+        "off",
+        help=PRIVACY_PRESET_HELP,
+        parser=choice("a privacy preset", ("off", "balanced", "strong")),
+        metavar="off|balanced|strong",
+        rich_help_panel=PRIVACY,
+    ),
+    obfuscate: float = typer.Option(
+        0.0,
+        help="Online: weight of the learned obfuscation (the bottom trains against an inverter the client trains "
+        "on --public-text, so what is sent is hard to read back); 0: off.",
+        rich_help_panel=PRIVACY,
+    ),
+    public_text: str | None = typer.Option(
+        None,
+        help="Public records in your data's style (JSONL of {'text': ...}; never private data): the balanced "
+        "preset's keep list and the obfuscation's inverter. Default: the shipped demo records of other people.",
+        rich_help_panel=PRIVACY,
+    ),
+    micro_batches: int = typer.Option(
+        DEFAULT_MICRO_BATCHES,
+        min=1,
+        help="Pipeline each batch as this many micro-batches (the provider computes one while you compute "
+        "another; same gradient); 1: off.",
+        rich_help_panel=TRAINING,
     ),
     # ---------------------------------------------------------------- design-specific
     no_cache: bool = typer.Option(
@@ -425,6 +473,10 @@ def tune_cmd(
         top_layers=top_layers,
         codecs={"up": codec_up, "down": codec_down, "grad_up": codec_grad, "grad_down": codec_grad},
         noise=parse_noise(noise),
+        privacy=privacy,
+        public_text=public_text or "demo-aux",
+        obfuscation=obfuscation_options(obfuscate, public_text),
+        micro_batches=micro_batches,
         resume=resume,
         timeout=timeout,
         retries=retries,

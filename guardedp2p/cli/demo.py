@@ -133,7 +133,15 @@ def demo(
         metavar=metavar(FLOAT_CODECS),
     ),
     dcor: float = typer.Option(0.0, help="Distance-correlation penalty weight (online)."),
-    noise: str | None = typer.Option(None, help="gaussian:SCALE or laplace:SCALE on what is sent."),
+    noise: str | None = typer.Option(
+        None, help="Noise on what is sent, as client tune --noise (e.g. gaussian:0.5, dx:30)."
+    ),
+    privacy: str = typer.Option(
+        "off",
+        help="Privacy preset, as client tune --privacy: off, balanced (dx on rare input tokens), strong (formal DP).",
+        parser=choice("a privacy preset", ("off", "balanced", "strong")),
+        metavar="off|balanced|strong",
+    ),
     out: Path | None = typer.Option(
         None,
         help="Keep the run's outputs here. Default: runs/demo/PROTOCOL, replaced by each new demo of that design.",
@@ -162,6 +170,7 @@ def demo(
         codecs={"up": codec_up, "down": codec_down, "grad_up": codec_grad, "grad_down": codec_grad},
         dcor=dcor,
         noise=noise,
+        privacy=privacy,
         out=out,
         json_out=json_out,
         verbose=verbose,
@@ -202,6 +211,7 @@ def run_demo(
     verbose: int,
     resume: bool = False,
     overwrite: bool = False,
+    privacy: str = "off",
 ) -> dict[str, Any]:
     setup_logging(verbose, quiet=verbose == 0)
     # a SIGTERM must unwind like Ctrl-C so the provider subprocess is stopped, not orphaned (during the run itself
@@ -235,6 +245,7 @@ def run_demo(
         train=train,
         codecs=codecs,
         noise=parse_noise(noise),
+        privacy=privacy,
         timeout=600.0,
         resume=resume,
         eval_max_items=demo_eval_items(steps, n_items),

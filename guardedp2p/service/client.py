@@ -537,8 +537,8 @@ def finish_run(summary: dict[str, Any], opts: TuneOptions, data: dict[str, Any] 
 
     adapter = summary.get("adapter_dir")
     if adapter and (Path(adapter) / "adapter_config.json").is_file():
-        base = portable_base(opts.model)
-        point_adapter_at(Path(adapter), base)
+        base = portable_base(opts.model, kit=opts.kit)
+        point_adapter_at(Path(adapter), base, kit=opts.kit)
         summary["base_model_name_or_path"] = base
     if data is not None:
         summary["data"] = data

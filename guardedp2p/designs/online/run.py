@@ -277,6 +277,7 @@ class SplitRun:
         )
         resumed = self.checkpoint.resume(self.trainer, self.iterator) if opts.resume else Resumed()
         self.resumed_from, self.history = resumed.step, resumed.history
+        self.resumed_extra = resumed.extra  # what the interrupted run measured once (its untuned evaluation)
         self.ladder = RetryLadder(opts.retries)
         self.train_bytes = [0, 0]  # up, down during the training steps
 
@@ -412,10 +413,11 @@ def run_split(
     channel = connect()
     run = SplitRun(design, opts, connect, client or prepare_client(opts), first_channel=channel)
     run.guarded(lambda: None, "opening the session")
-    eval_before: dict[str, float] = {}
+    eval_before: dict[str, float] = dict(run.resumed_extra.get("eval_before") or {}) if run.resumed_from else {}
     if not opts.skip_eval and run.resumed_from == 0:
         with status(opts.progress, console, "evaluating the untuned model (forward passes through the provider)…"):
             eval_before = run.evaluate()
+        run.checkpoint.extra["eval_before"] = eval_before  # a resumed run reports it instead of NaN
     train_s, split = run.train(console)
     run.save()
     with status(opts.progress, console, "evaluating the tuned model…"):
