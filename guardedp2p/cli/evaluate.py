@@ -46,8 +46,10 @@ def evaluate(
     ),
     attack_sequences: int | None = typer.Option(None, help="Distinct sequences attacked per run (default 64)."),
     attacks: str = typer.Option(
-        "sip_adaptive",
-        help="sip_adaptive (replays the defence on aux data), sip (pre-trained bottom, codec-aware), bisr_f (slow).",
+        "sip_adaptive,template",
+        help="sip_adaptive (replays the defence on aux data), template (the format prior: one typical aux record "
+        "sent for every sequence, what an attacker who sees nothing scores), sip (pre-trained bottom, "
+        "codec-aware), bisr_f (slow). The best one counts.",
     ),
     out: Path = typer.Option(
         Path("runs/frontier"), help="Work folder: the cache of runs, attackers and attacks (resumable)."

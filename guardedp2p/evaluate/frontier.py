@@ -51,11 +51,12 @@ log = logging.getLogger("guardedp2p.evaluate")
 FRONTIER_VERSION = 1  # bump when a change alters cached numbers
 SANITY_ROUGEL = 0.9
 SANITY_SECRETS = 0.8
-ATTACKS = ("sip_adaptive", "sip", "bisr_f")
+ATTACKS = ("sip_adaptive", "sip", "bisr_f", "template")
 ATTACK_LABELS = {
     "sip_adaptive": "SIP, adaptive (replays the defence)",
     "sip": "SIP (pre-trained bottom, codec-aware)",
     "bisr_f": "BiSR(f) (forward matching, init SIP)",
+    "template": "format prior (one typical aux record for every sequence)",
 }
 
 
@@ -285,7 +286,7 @@ class FrontierConfig:
     nll_records: int | None = 64
     attack_steps: int = 16
     attack_sequences: int = 64
-    attacks: tuple[str, ...] = ("sip_adaptive",)
+    attacks: tuple[str, ...] = ("sip_adaptive", "template")  # template: the format prior, an attack anyone can make
     bottom_layers: int = 2
     top_layers: int = 2
     lora_r: int = 8
@@ -455,6 +456,7 @@ class _Ctx:
     attackers: dict[str, Any] = field(default_factory=dict)
     public: list[list[int]] | None = None  # token ids of the public (aux) records: keep lists, obfuscation
     n_train: int = 0
+    template: list[int] | None = None  # the format prior's guess (token ids)
 
 
 def escape(text: str) -> str:
@@ -1033,6 +1035,22 @@ def _secrets_for(ctx: _Ctx, ref_text: str) -> dict[str, str]:
     return {k: v for k, v in pii.items() if secret_found(ref, v)}
 
 
+def _template_guess(ctx: _Ctx, candidates: int = 200, refs: int = 200) -> list[int]:
+    """The format prior as one guess: the auxiliary record (of the first ``candidates``) with the highest mean
+    ROUGE-L against ``refs`` other auxiliary records. An attacker who sees nothing can always send it; any
+    reconstruction's ROUGE-L is to be read against this one's."""
+    if ctx.template is not None:
+        return list(ctx.template)
+    from guardedp2p.attacks.metrics import rouge_f1
+
+    texts = [str(r["text"]) for r in ctx.task.aux]
+    cand, ref = texts[:candidates], texts[candidates : candidates + refs] or texts[:candidates]
+    best = max(range(len(cand)), key=lambda i: sum(rouge_f1(cand[i], t)["rougeL"] for t in ref))
+    ids = _public_ids(ctx)[best]
+    ctx.template = list(ids)
+    return list(ids)
+
+
 def _attack(ctx: _Ctx, row: RowDef, run: dict[str, Any], attack: str, blind: bool = False) -> dict[str, Any]:
     """Per-sequence scores of one attack on one run's chosen observations (cached)."""
     from guardedp2p.attacks.common import valid_ids
@@ -1056,6 +1074,14 @@ def _attack(ctx: _Ctx, row: RowDef, run: dict[str, Any], attack: str, blind: boo
 
         assert adaptive is not None
         recs = [invert(adaptive, obs[f"h1_{i}"], obs[f"mask_{i}"], blind=blind) for i in range(n)]
+    elif attack == "template":
+        guess = torch.tensor(_template_guess(ctx), dtype=torch.long)
+        recs = []
+        for i in range(n):
+            B, L = obs[f"ids_{i}"].shape
+            row_ids = torch.full((L,), int(ctx.tok.pad_token_id or 0), dtype=torch.long)
+            row_ids[: min(L, len(guess))] = guess[:L]
+            recs.append(row_ids.expand(B, L).clone())
     else:
         recs = _legacy_attack(ctx, row, obs, n, attack)
     seqs = []
@@ -1162,7 +1188,9 @@ def _utility_block(runs: list[dict[str, Any]], local: list[dict[str, Any]]) -> d
     return out
 
 
-def _privacy_block(ctx: _Ctx, row: RowDef, runs: list[dict[str, Any]], blind: bool = False) -> dict[str, Any]:
+def _privacy_block(
+    ctx: _Ctx, row: RowDef, runs: list[dict[str, Any]], blind: bool = False, attacks: Sequence[str] | None = None
+) -> dict[str, Any]:
     from guardedp2p.attacks.metrics import summarize_secrets
     from guardedp2p.evaluate.stats import bootstrap_max_of_means_ci
 
@@ -1186,7 +1214,7 @@ def _privacy_block(ctx: _Ctx, row: RowDef, runs: list[dict[str, Any]], blind: bo
         }
     per_attack: dict[str, list[dict[str, Any]]] = {}
     attackers: dict[str, Any] = {}
-    for a in ("sip_adaptive",) if blind else ctx.cfg.attacks:
+    for a in attacks or (("sip_adaptive",) if blind else ctx.cfg.attacks):
         res = [_attack(ctx, row, r, a, blind=blind) for r in runs]
         per_attack[a] = [s for x in res for s in x["sequences"]]
         if res and res[0].get("attacker"):
@@ -1196,7 +1224,11 @@ def _privacy_block(ctx: _Ctx, row: RowDef, runs: list[dict[str, Any]], blind: bo
     b, iv = bootstrap_max_of_means_ci(M, seed=21)
     best = names[b]
     seqs = per_attack[best]
-    sec = summarize_secrets([s["secrets"] for s in seqs])
+    # secrets: the attack that recovers most of them, which need not be the one with the best ROUGE-L (the format
+    # prior scores a high ROUGE-L and recovers almost no secret)
+    secs = {a: summarize_secrets([s["secrets"] for s in per_attack[a]]) for a in names}
+    sec_attack = max(names, key=lambda a: -1.0 if math.isnan(secs[a].fraction) else secs[a].fraction)
+    sec = secs[sec_attack]
     worst = max(range(len(seqs)), key=lambda i: seqs[i]["rougeL"])
     steps = [len(r["observations"]["steps"]) for r in runs]
     out = {
@@ -1209,12 +1241,17 @@ def _privacy_block(ctx: _Ctx, row: RowDef, runs: list[dict[str, Any]], blind: bo
         "secrets_recovered": None if math.isnan(sec.fraction) else round(sec.fraction, 4),
         "secrets_per_field": {k: round(v, 4) for k, v in sec.per_field.items()},
         "secrets_fields_scored": sec.n_fields,
+        "secrets_attack": sec_attack,
         "sequences": len(seqs),
         "steps_observed": min(steps) if steps else 0,
         "steps_observed_per_seed": steps,
         "adaptive": best == "sip_adaptive",
         "per_attack": {
-            a: {"mean_rougeL": round(float(M[i].mean()), 4), "worst_rougeL": round(float(M[i].max()), 4)}
+            a: {
+                "mean_rougeL": round(float(M[i].mean()), 4),
+                "worst_rougeL": round(float(M[i].max()), 4),
+                "secrets_recovered": None if math.isnan(secs[a].fraction) else round(secs[a].fraction, 4),
+            }
             for i, a in enumerate(names)
         },
         "most_leaked": {
@@ -1373,6 +1410,19 @@ def run_frontier(
         for a in ("sip_adaptive",) if blind_attacker else cfg.attacks:
             for run in runs[d.key]:
                 _attack(ctx, d, run, a, blind=blind_attacker)
+    prior: dict[str, Any] | None = None
+    if not blind_attacker and "online" in runs and runs["online"]:
+        # the format prior: the best single guess from the aux records' format, sent for every sequence
+        _say(ctx, "[bold]format prior[/]: the most typical auxiliary record as the guess for every sequence")
+        pb = _privacy_block(ctx, _FIXED["online"], runs["online"], attacks=("template",))
+        prior = {
+            "rougeL": pb.get("best_rougeL"),
+            "ci95": pb.get("ci95"),
+            "secrets_recovered": pb.get("secrets_recovered"),
+            "sequences": pb.get("sequences"),
+            "what": "one guess for every sequence: the auxiliary record with the highest mean ROUGE-L against other "
+            "auxiliary records (knows the format, sees nothing of the client's)",
+        }
     for d in defs:
         rs = runs[d.key]
         util = _utility_block(rs, runs["local"])
@@ -1434,6 +1484,7 @@ def run_frontier(
             and cfg.model == "default"
         ),
         "sanity": gate,
+        "prior": prior,
         "harness_broken": gate["ok"] is False,
         "pareto_front": front,
         "rows": rows,

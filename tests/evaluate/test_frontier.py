@@ -65,7 +65,10 @@ def test_fast_frontier_writes_every_field_and_passes_the_gate(fast_run):
     rows = {r["row"]: r for r in res["rows"]}
     for key in ("online", "dcor_strong", "int8", "noise", "gradfree"):
         p = rows[key]["privacy"]
-        assert p["adaptive"] is True and p["sequences"] >= 32 and p["steps_observed"] >= 8, key
+        assert set(p["per_attack"]) == {"sip_adaptive", "template"}, key
+        assert p["sequences"] >= 32 and p["steps_observed"] >= 8, key
+        # the best attack is at least the format prior: one typical aux record sent for every sequence
+        assert p["best_rougeL"] >= p["per_attack"]["template"]["mean_rougeL"] - 1e-9, key
         assert p["ci95"][0] <= p["best_rougeL"] <= p["ci95"][1] and p["worst_rougeL"] >= p["best_rougeL"]
         assert p["convergence"] and p["attacker"]["plateaued"] is True
         assert rows[key]["bytes_per_step"] > 0
@@ -77,8 +80,14 @@ def test_fast_frontier_writes_every_field_and_passes_the_gate(fast_run):
     assert rows["int8"]["bytes_per_step"] < rows["online"]["bytes_per_step"]
     assert rows["offline"]["ip_exposure"] > rows["online"]["ip_exposure"]
     assert res["pareto_front"] and all(rows[k]["pareto"] for k in res["pareto_front"])
-    # the tiny model's noise row: the attack fails there, and the gate still passed on the undefended row
-    assert rows["noise"]["privacy"]["best_rougeL"] < 0.5 < rows["online"]["privacy"]["best_rougeL"]
+    assert rows["online"]["privacy"]["adaptive"] is True
+    prior = res["prior"]
+    assert 0 < prior["rougeL"] < rows["online"]["privacy"]["best_rougeL"] and "format prior" in md
+    # the tiny model's noise row: the learned attack fails there (the format prior is all that is left), and the
+    # gate still passed on the undefended row
+    noise = rows["noise"]["privacy"]
+    assert noise["per_attack"]["sip_adaptive"]["mean_rougeL"] < 0.5 < rows["online"]["privacy"]["best_rougeL"]
+    assert noise["best_rougeL"] == pytest.approx(prior["rougeL"], abs=0.05)
 
 
 def test_fast_frontier_stays_fast_and_resumes_from_its_cache(fast_run):
