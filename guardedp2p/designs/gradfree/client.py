@@ -33,12 +33,15 @@ class TrunkOutputCache:
     Owner-only, like checkpoints (issue 20): an entry is the trunk's output for one private training text, which
     an inversion attack can read back towards that text, so the folders are 0700 and the files 0600."""
 
-    def __init__(self, directory: str | Path, fingerprint: str, codec: str, *, max_bytes: int = 2 << 30) -> None:
+    def __init__(
+        self, directory: str | Path, fingerprint: str, codec: str, *, max_bytes: int = 2 << 30, salt: str = ""
+    ) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.dir.chmod(0o700)  # mkdir's mode obeys the umask, and an existing folder keeps its own
         self.fingerprint = fingerprint
         self.codec = codec
+        self.salt = salt  # what else decides the output (the client's noise settings): another salt, another entry
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
@@ -47,6 +50,8 @@ class TrunkOutputCache:
         h = hashlib.sha256()
         h.update(self.fingerprint.encode())
         h.update(b"\0" + self.codec.encode() + b"\0")
+        if self.salt:
+            h.update(self.salt.encode() + b"\0")
         h.update(ids.to(torch.int64).cpu().numpy().tobytes())
         return h.hexdigest()
 

@@ -7,6 +7,8 @@ never changes, and from the second epoch on the cache answers instead of the pro
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +25,17 @@ GRADFREE_CODECS = ("up", "down")
 
 
 def gradfree_trunk(opts: TuneOptions, session: ClientSession, client: ClientModel) -> SplitTrunk:
-    """The forward-only remote trunk, cached unless noise makes every forward pass different."""
+    """The forward-only remote trunk with its output cache (``opts.noise``: the run's effective noise).
+
+    With noise on, the cache keeps the trunk output of each record's first (noised) forward: later epochs reuse
+    it, so the provider sees every training record once, and the accountant counts one release of its activation
+    (:func:`guardedp2p.privacy.accounting.plan_run`, ``cached``). The noise settings salt the cache's keys."""
     remote = RemoteTrunk(session, {k: v for k, v in opts.codecs.items() if k in GRADFREE_CODECS}, gradients=False)
-    noisy = bool(opts.noise) and opts.noise.get("kind", "none") != "none"
     cache = None
-    if opts.cache and not noisy:
-        cache = TrunkOutputCache(Path(opts.out) / "trunk_cache", client.fingerprint, opts.codecs["down"])
+    if opts.cache:
+        noisy = bool(opts.noise) and opts.noise.get("kind", "none") != "none"
+        salt = hashlib.sha256(json.dumps(opts.noise, sort_keys=True, default=str).encode()).hexdigest() if noisy else ""
+        cache = TrunkOutputCache(Path(opts.out) / "trunk_cache", client.fingerprint, opts.codecs["down"], salt=salt)
     from guardedp2p.designs.online.pipeline import pipelined_step
 
     trunk = CachedRemoteTrunk(remote, cache)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -167,7 +167,15 @@ def session_privacy(design: SplitDesign, opts: TuneOptions, client: ClientModel,
     from guardedp2p.privacy.session import resolve_session_privacy
 
     t = opts.train
-    shape = RunShape(design.protocol, t.steps, t.batch_size, n_records, t.grad_accum, t.max_length, cached=False)
+    shape = RunShape(
+        design.protocol,
+        t.steps,
+        t.batch_size,
+        n_records,
+        t.grad_accum,
+        t.max_length,
+        cached=design.protocol == "gradfree" and opts.cache,
+    )
     weight = token_embedding(client.bottom).weight
     if not isinstance(weight, torch.Tensor):
         raise ConfigError("the client's token embedding has no weight tensor")
@@ -235,14 +243,17 @@ class SplitRun:
         )
         self.privacy = session_privacy(design, opts, client, n_records=len(self.data.train_examples))
         self.privacy.install(client.bottom)  # dχ on the input embeddings: every forward of the run
+        cached = design.protocol == "gradfree" and opts.cache  # each record's (noised) activation sent once
         self.privacy_map = self.privacy.block(
             design=design.protocol,
             steps=opts.train.steps,
             batch_size=opts.train.batch_size,
             n_records=len(self.data.train_examples),
             grad_accum=opts.train.grad_accum,
-            cached=False,
+            cached=cached,
         )
+        # what the trunk builders see: the noise actually applied (a preset's, unless --noise replaced it)
+        self.trunk_opts = replace(opts, noise=self.privacy.noise_dict)
         dcor_fn = None
         if opts.train.dcor_alpha > 0:
             from guardedp2p.privacy.dcor import dcor_penalty
@@ -283,7 +294,7 @@ class SplitRun:
 
     def _on_open(self, session: ClientSession, terms: dict[str, Any]) -> None:
         check_recording(session, terms, refuse=self.opts.refuse_recording)
-        self.trunk.current = self.design.build_trunk(self.opts, session, self.client)
+        self.trunk.current = self.design.build_trunk(self.trunk_opts, session, self.client)
 
     def save(self, data_state: DataState | None = None) -> None:
         at = self.iterator.state_dict() if data_state is None else data_state
