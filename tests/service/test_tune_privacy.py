@@ -100,10 +100,10 @@ def test_micro_batches_pipeline_the_steps_with_the_same_first_loss(tmp_path, mod
 
 def test_gradfree_with_noise_caches_each_records_noised_output_and_accounts_one_release(tmp_path, model):
     noise = {"kind": "gaussian", "clip": 5.0, "noise_multiplier": 1.0, "clip_unit": "record"}
-    s = _run(tmp_path, "gf", model, protocol="gradfree", steps=10, noise=noise)  # 20 records, batch 4: 2 epochs
+    s = _run(tmp_path, "gf", model, protocol="gradfree", steps=25, noise=noise)  # 48 records, batch 4: 2+ epochs
     assert s["cache_hits"] > 0, "the second epoch is served from the cache, so nothing is sent again"
     releases = {r["name"]: r["count"] for r in s["privacy"]["noise"]["run"]["releases"]}
     assert list(releases.values()) == [1], releases
     cached_eps = s["privacy"]["noise"]["run"]["epsilon"]
-    s2 = _run(tmp_path, "gf-nocache", model, protocol="gradfree", steps=10, noise=noise, cache=False)
+    s2 = _run(tmp_path, "gf-nocache", model, protocol="gradfree", steps=25, noise=noise, cache=False)
     assert s2.get("cache_hits", 0) == 0 and s2["privacy"]["noise"]["run"]["epsilon"] > cached_eps
