@@ -94,6 +94,7 @@ class RowDef:
     preset: str = ""
     obfuscate: float = 0.0
     bottom: int = 0
+    top_blocks_lr: float = 0.0  # > 0: the client's top blocks train in full at this lr beside LoRA (more capacity)
 
     @property
     def split(self) -> bool:
@@ -124,6 +125,8 @@ class RowDef:
             bits.append(f"learned obfuscation weight {self.obfuscate:g}")
         if self.bottom:
             bits.append(f"{self.bottom} client bottom block{'s' if self.bottom > 1 else ''}")
+        if self.top_blocks_lr:
+            bits.append(f"top blocks trained in full (lr {self.top_blocks_lr:g})")
         if self.codec != "fp32":
             bits.append(f"{self.codec} codec")
         if self.design == "gradfree":
@@ -157,7 +160,8 @@ HEADLINE_ROWS: tuple[str, ...] = ("local", "online", "dcor_strong", "int8", "noi
 ROW_HELP = (
     "local, online, dcor_weak, dcor_strong, int8, nf4, noise, gradfree, gradfree_nf4, offline, or settings "
     "joined by '+': dcor:<alpha>, noise:<sigma>, dp:<epsilon>, dx:<epsilon>, dxtok:<epsilon> (rare tokens only), "
-    "obf:<weight>, depth:<bottom blocks>, preset:<balanced|strong>, codec:<fp16|bf16|int8|nf4|...>; prefix gf: "
+    "obf:<weight>, depth:<bottom blocks>, preset:<balanced|strong>, codec:<fp16|bf16|int8|nf4|...>, "
+    "topblocks:<lr> (the top blocks trained in full beside LoRA); prefix gf: "
     "for Gradfree (gradfree:<codec> is gf:codec:<codec>), e.g. obf:1+dxtok:30 or gf:dp:8"
 )
 
@@ -171,6 +175,7 @@ _SETTING_FAMILY = {
     "depth": "depth",
     "preset": "preset",
     "codec": "codec",
+    "topblocks": "capacity",
 }
 
 
@@ -203,7 +208,14 @@ def _setting(key: str, piece: str) -> dict[str, Any]:
         if value != int(value):
             raise ConfigError(f"row {key!r}: depth is a whole number of blocks, e.g. depth:4")
         return {"bottom": int(value)}
-    field_of = {"dcor": "dcor", "noise": "noise_scale", "dp": "dp_epsilon", "dx": "dx_epsilon", "obf": "obfuscate"}
+    field_of = {
+        "dcor": "dcor",
+        "noise": "noise_scale",
+        "dp": "dp_epsilon",
+        "dx": "dx_epsilon",
+        "obf": "obfuscate",
+        "topblocks": "top_blocks_lr",
+    }
     if kind == "dxtok":
         return {"dx_epsilon": value, "dx_selective": True}
     return {field_of[kind]: value}
@@ -220,6 +232,7 @@ def _label(design: str, pieces: Sequence[str]) -> str:
         "depth": "bottom {} blocks",
         "preset": "--privacy {}",
         "codec": "{}",
+        "topblocks": "top blocks lr {}",
     }
     bits = []
     for p in pieces:
@@ -540,7 +553,7 @@ def _obfuscation(ctx: _Ctx, row: RowDef, seed: int) -> Any:
     )
 
 
-def _train_config(ctx: _Ctx, seed: int, dcor: float = 0.0) -> Any:
+def _train_config(ctx: _Ctx, seed: int, dcor: float = 0.0, top_blocks_lr: float = 0.0) -> Any:
     from guardedp2p.train.config import TrainConfig
 
     r = ctx.recipe
@@ -555,6 +568,7 @@ def _train_config(ctx: _Ctx, seed: int, dcor: float = 0.0) -> Any:
         dcor_alpha=dcor,
         lora_r=ctx.cfg.lora_r,
         lora_alpha=ctx.cfg.lora_alpha,
+        **({"top_train": "blocks", "top_lr": top_blocks_lr} if top_blocks_lr else {}),
     )
 
 
@@ -569,7 +583,7 @@ def _tune_options(ctx: _Ctx, row: RowDef, seed: int, run_dir: Path) -> Any:
         data=ctx.task.train,
         eval_data=ctx.task.eval_mc,
         out=str(run_dir / "run"),
-        train=_train_config(ctx, seed, row.dcor),
+        train=_train_config(ctx, seed, row.dcor, row.top_blocks_lr),
         bottom_layers=_bottom(ctx, row),
         top_layers=cfg.top_layers,
         codecs={d: row.codec for d in CODEC_DIRECTIONS},
