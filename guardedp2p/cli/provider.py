@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from guardedp2p.cli.common import friendly_errors, print_json, setup_logging
-from guardedp2p.errors import ConfigError
+from guardedp2p.errors import ConfigError, GuardedP2PError
 
 provider_app = typer.Typer(
     help="Provider side: holds the proprietary model, serves its frozen middle (trunk) or an emulator.",
@@ -148,6 +148,10 @@ def serve(
         "--accept-unpinned",
         help="Offline: accept adapter bundles signed by a key pinned nowhere (integrity only; default: refuse them).",
     ),
+    serve_plugged: list[str] = typer.Option(
+        [],
+        help="Offline: CLIENT.key=BUNDLE_DIR serves that client (and only that key) the trunk with its returned adapter bundle plugged in, for a bundle cut wider than the served split (its adapters reach trunk blocks). Verified as an upload is (signed by a key pinned for that client). Repeatable, one bundle per key. docs/architecture.md, 'Using the returned adapters'.",
+    ),
     max_upload_mib: float = typer.Option(256.0, min=0.001, help="Offline: the largest adapter bundle, in MiB."),
     max_staged_upload_mib_per_key: float = typer.Option(
         512.0, min=0.001, help="Offline: MiB of unfinished uploads per client key (deleted when its session ends)."
@@ -192,6 +196,13 @@ def serve(
         raise ConfigError(
             "no client is allowed: pass --allow CLIENT.key or --allow-dir DIR with the clients' public keys"
         )
+    from guardedp2p.service.provider import parse_serve_plugged
+
+    if serve_plugged and insecure:
+        raise ConfigError(
+            "--serve-plugged serves a trunk to one authenticated client key; --insecure has none: drop one of them"
+        )
+    plugged = parse_serve_plugged(serve_plugged)  # before the (slow) model load
     opts = ProviderOptions(
         model=model,
         bottom_layers=bottom_layers,
@@ -227,6 +238,7 @@ def serve(
             max_uploads_per_peer=max_uploads_per_key,
             max_upload_dir_bytes=_mib(max_upload_dir_mib),
         ),
+        plugged=plugged,
     )
     serve_config = ServeConfig(
         max_unanswered=max_unanswered,
@@ -254,6 +266,11 @@ def serve(
         typer.echo(format_plan(plan))
         typer.echo("dry run: everything checks out; the model was not loaded and nothing listens")
         return
+    if plugged:
+        from guardedp2p.service.provider import check_plugged
+
+        check_plugged(opts)  # signatures and digests, before the model is loaded
+        _warn_unallowed(plugged, allow, allow_dir)
     app = build_provider_app(opts)
     cfg = ServerConfig(
         bind=bind,
@@ -307,6 +324,26 @@ def serve(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _warn_unallowed(plugged: dict[str, str], allow: list[Path], allow_dir: list[Path]) -> None:
+    """A plugged trunk for a key that may not connect is served to no one: say so (it may be allowed later)."""
+    from guardedp2p.crypto.keys import PUBLIC_SUFFIX, load_public_key
+
+    files = [str(a) for a in allow] + [
+        str(f) for d in allow_dir for f in sorted(d.expanduser().glob(f"*{PUBLIC_SUFFIX}"))
+    ]
+    allowed = set()
+    for f in files:
+        try:
+            allowed.add(load_public_key(f))
+        except (GuardedP2PError, OSError):
+            continue  # the allow-list check reports unreadable files
+    for key, folder in plugged.items():
+        if key not in allowed:
+            log.warning(
+                "--serve-plugged %s…=%s: that key is not allowed to connect (--allow, --allow-dir)", key[:12], folder
+            )
 
 
 @provider_app.command("fingerprint")

@@ -28,6 +28,10 @@ Budgets (issue 20, SECURITY.md): tokens per step, decoded bytes per message, kep
 total, by count and by bytes (measured from the tensors autograd saves). A request over a budget is refused with
 ERROR ``over-budget`` before it is decoded or computed. A connection that goes away frees the sessions last used
 over it (:meth:`ProviderApp.drop_connection`), a revoked key all of its sessions (:meth:`ProviderApp.drop_peer`).
+
+Plugged trunks (issue 18): session factories get the peer, so a trunk session of a key listed in
+``ProviderResources.peer_trunks`` runs that key's own trunk (its Offline adapters plugged in) and ACCEPT tells that
+key, and no other, which bundle it carries (:class:`PeerTrunk`).
 """
 
 from __future__ import annotations
@@ -274,7 +278,23 @@ class Work:
     tokens: int = 0
 
 
-SessionFactory = Callable[["ProviderApp", str, dict[str, Any]], SessionHandler]
+class SessionFactory(Protocol):
+    """Builds one session's handler: ``factory(app, sid, terms, peer=peer)``; ``peer`` is the client key the app
+    names the session's owner by (a trunk session picks that key's plugged trunk, :class:`PeerTrunk`)."""
+
+    def __call__(self, app: ProviderApp, sid: str, terms: dict[str, Any], *, peer: str = "") -> SessionHandler: ...
+
+
+@dataclass(frozen=True)
+class PeerTrunk:
+    """A trunk served to one client key only: the provider's trunk with that client's Offline adapter bundle plugged
+    into the blocks it changes (``provider serve --serve-plugged``; docs/architecture.md).
+
+    ``announce`` is told to the owner, and only to it, in ACCEPT's ``plugged`` (which bundle, which trunk blocks), so
+    its client can check that the trunk it talks to carries the adapters its own blocks were tuned with."""
+
+    trunk: nn.Module
+    announce: Mapping[str, Any] = field(default_factory=dict)
 
 
 class TranscriptSink(Protocol):
@@ -327,6 +347,9 @@ class ProviderResources:
     max_upload_dir_bytes: int = 8 << 30
     # Offline: called with (bundle folder, verification result) after each accepted bundle.
     on_adapter_bundle: Callable[[Path, VerifiedBundle], None] | None = None
+    # Online and Gradfree: trunks served to one client key only, keyed by that key as the driver names the peer (the
+    # z85 CURVE public key); every other key gets ``trunk``. Built by guardedp2p.service.provider (--serve-plugged).
+    peer_trunks: Mapping[str, PeerTrunk] = field(default_factory=dict)
     # Design-private caches keyed by design name (e.g. the parsed emulator catalog); not configuration.
     caches: dict[str, object] = field(default_factory=dict)
 
@@ -368,10 +391,9 @@ class ProviderApp:
         self._stats_lock = threading.Lock()
         self._to_close: list[tuple[SessionState, str]] = []  # closed sessions whose handler still holds state
         self._graph_bytes_per_token = self._graph_prior()
-        trunk = self.resources.trunk
-        self._param_storages = (
-            frozenset(p.untyped_storage().data_ptr() for p in trunk.parameters()) if trunk is not None else frozenset()
-        )
+        trunks = [self.resources.trunk] if self.resources.trunk is not None else []
+        trunks += [pt.trunk for pt in self.resources.peer_trunks.values()]
+        self._param_storages = frozenset(p.untyped_storage().data_ptr() for t in trunks for p in t.parameters())
 
     # ------------------------------------------------------------------ frames in, frames out
     def handle(self, peer: str, frames: Sequence[Frame], conn: Hashable | None = None) -> list[Frame]:
@@ -804,13 +826,25 @@ class ProviderApp:
         if factory is None:
             raise HandshakeRejected(f"protocol {hello.protocol!r} is not available on this provider")
         sid = secrets.token_hex(16)
-        handler = factory(self, sid, terms)
+        handler = factory(self, sid, terms, peer=peer)
         self.sessions[sid] = SessionState(sid, peer, hello.protocol, terms, handler, self.clock(), conn=conn)
         self._count("sessions_opened")
-        log.info("session %s opened: %s for %s (%s)", sid[:8], hello.protocol, _short(peer), printable(hello.software))
+        plugged = getattr(handler, "plugged", None)  # constant name, our own handler object
+        log.info(
+            "session %s opened: %s for %s (%s)%s",
+            sid[:8],
+            hello.protocol,
+            _short(peer),
+            printable(hello.software),
+            f", its own plugged trunk (bundle {str(plugged.get('bundle', ''))[:16]})"
+            if isinstance(plugged, Mapping)
+            else "",
+        )
         meta_out = dict(terms)
         meta_out["session"] = sid
         meta_out["limits"] = self.announced_limits()
+        if isinstance(plugged, Mapping):  # this peer's own trunk: said to it alone (another key never sees it)
+            meta_out["plugged"] = dict(plugged)
         return Message(MsgType.ACCEPT, session=sid, meta=meta_out)
 
     def announced_limits(self) -> dict[str, int | float]:

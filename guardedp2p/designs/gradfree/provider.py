@@ -14,5 +14,5 @@ if TYPE_CHECKING:
     from guardedp2p.protocol.provider import ProviderApp
 
 
-def gradfree_session(app: ProviderApp, sid: str, terms: dict[str, Any]) -> TrunkSession:
-    return TrunkSession(app, sid, terms, keep_graph=False)
+def gradfree_session(app: ProviderApp, sid: str, terms: dict[str, Any], *, peer: str = "") -> TrunkSession:
+    return TrunkSession(app, sid, terms, keep_graph=False, peer=peer)

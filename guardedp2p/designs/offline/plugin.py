@@ -11,6 +11,12 @@ a stock PEFT adapter of the full model: :func:`plug_in` loads it through the spl
 ``PeftModel.from_pretrained(full_model, bundle)`` (a test checks exactly that). Exports: a merged Hugging
 Face folder (adapter folded into the weights) or, for LoRA, a plain PEFT folder.
 
+Served to its owner (issue 18 item 5): a bundle whose split is wider than the split the provider serves also changes
+trunk blocks. :func:`plug_into_trunk` builds that client's own trunk (the served trunk with only the changed blocks
+replaced by plugged copies; the base trunk is never modified) for ``provider serve --serve-plugged``, and
+:func:`load_client_share` loads into the client's parts only the tensors of its own blocks (a client kit lacks the
+trunk's blocks). docs/architecture.md, "Using the returned adapters".
+
 Bundle layout (signed by the client's Ed25519 key, see :mod:`guardedp2p.crypto.manifest`)::
 
     adapter_config.json, adapter_model.safetensors   the PEFT adapter
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +47,7 @@ from guardedp2p.crypto.manifest import (
     read_manifest,
     verify_files,
 )
-from guardedp2p.engine.split import ClientBottom, ClientTop, _SplitPart
+from guardedp2p.engine.split import ClientBottom, ClientTop, ProviderTrunk, SplitConfig, _SplitPart
 from guardedp2p.errors import ArtifactError, ConfigError
 
 BUNDLE_KIND = "adapter-bundle"
@@ -236,12 +242,27 @@ def make_full_block_bundle(
     return sign_folder(out, body, ADAPTER_FILES, signing_key)
 
 
-def _load_full_blocks(bottom: ClientBottom, top: ClientTop, folder: Path) -> dict[str, int]:
-    """Copy a verified full-block adapter into the client blocks; every block tensor must be there, nothing else."""
+def _load_full_blocks(
+    bottom: ClientBottom,
+    top: ClientTop,
+    folder: Path,
+    *,
+    covered: Collection[int] | None = None,
+    leave: Collection[int] = (),
+) -> dict[str, int]:
+    """Copy a verified full-block adapter into the client blocks; every block tensor must be there, nothing else.
+
+    ``covered``: the blocks the adapter was trained on (default: every client block), so only those must be complete;
+    ``leave``: blocks whose tensors are skipped (the provider's trunk runs them, :func:`load_client_share`)."""
     from safetensors.torch import load_file
 
     params = full_block_parameters(bottom, top)
+    blocks_path = bottom.arch.blocks_path
+    if covered is not None:
+        params = {n: p for n, p in params.items() if _block_of(n, blocks_path) in set(covered)}
     tensors = load_file(str(folder / ADAPTER_FILES[1]))
+    left = set(leave)
+    tensors = {n: t for n, t in tensors.items() if _block_of(n, blocks_path) not in left}
     extra = sorted(set(tensors) - set(params))
     if extra:
         raise BundleMismatchError(
@@ -268,6 +289,53 @@ def _load_full_blocks(bottom: ClientBottom, top: ClientTop, folder: Path) -> dic
     }
 
 
+def _block_of(name: str, blocks_path: str) -> int | None:
+    """Global block index of an adapter tensor (``[base_model.model.]model.layers.3.…`` -> 3); None outside blocks."""
+    from guardedp2p.engine.lora import PEFT_PREFIX
+
+    name = name.removeprefix(PEFT_PREFIX)
+    prefix = blocks_path + "."
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix) :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def bundle_blocks(folder: str | Path, blocks_path: str) -> set[int]:
+    """The blocks a (verified) adapter folder's tensors belong to, read from the safetensors header alone."""
+    from safetensors import safe_open
+
+    path = Path(folder) / ADAPTER_FILES[1]
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            names = list(fh.keys())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a malformed header
+        raise ManifestFormatError(f"{path} is not a readable safetensors file ({exc})") from None
+    return {i for i in (_block_of(n, blocks_path) for n in names) if i is not None}
+
+
+def trunk_blocks_of_bundle(bundle: VerifiedBundle, n_layers: int, blocks_path: str, served: SplitConfig) -> list[int]:
+    """The blocks of the trunk served at split ``served`` that the bundle's adapter changes (sorted).
+
+    Refuses a bundle whose split does not fit the model, or whose tensors reach blocks outside its own client blocks
+    (no honest ``client tune`` writes one)."""
+    from guardedp2p.engine.split import SplitConfigError
+
+    split = SplitConfig(*bundle.split)
+    try:
+        mine = set(split.client_layers(n_layers))
+    except SplitConfigError as exc:
+        raise BundleMismatchError(f"the bundle was made for another model: its split does not fit ({exc})") from None
+    blocks = bundle_blocks(bundle.folder, blocks_path)
+    outside = sorted(blocks - mine)
+    if outside:
+        raise BundleMismatchError(
+            f"the bundle's adapter carries tensors of block(s) {outside}, outside its split's client blocks "
+            f"{split.bottom_layers}/{split.top_layers}"
+        )
+    return sorted(blocks & set(served.trunk_range(n_layers)))
+
+
 @dataclass
 class PluggedModel:
     model: Any
@@ -287,7 +355,7 @@ def plug_in(
     """
     from guardedp2p.engine.fingerprint import model_fingerprint
     from guardedp2p.engine.lora import load_adapter_into_parts
-    from guardedp2p.engine.split import SplitConfig, build_client_parts
+    from guardedp2p.engine.split import build_client_parts
 
     bundle = verify_adapter_bundle(bundle_dir, trusted_keys)
     split = SplitConfig(*bundle.split)
@@ -305,6 +373,105 @@ def plug_in(
         )
     full_model.train(False)
     return PluggedModel(full_model, bundle, dict(report.loaded))
+
+
+class NothingToPlug(ConfigError):
+    """The bundle changes no block of the served trunk: the base trunk already serves it to its owner."""
+
+
+@dataclass
+class PluggedTrunk:
+    """A client's own trunk: the served trunk with the blocks its bundle changes replaced by plugged copies."""
+
+    trunk: ProviderTrunk
+    bundle: VerifiedBundle
+    blocks: list[int]  # the served trunk's blocks the bundle changes
+
+    def announcement(self) -> dict[str, Any]:
+        """What ACCEPT tells the owner (``ProviderResources.peer_trunks``): the bundle's manifest SHA-256 (the same
+        bytes the client holds), the changed trunk blocks and the signer's fingerprint."""
+        return {"bundle": self.bundle.manifest.sha256, "blocks": list(self.blocks), "signer": self.bundle.signer}
+
+
+def plug_into_trunk(
+    base: ProviderTrunk,
+    bundle_dir: str | Path,
+    trusted_keys: Any,
+    *,
+    load_model: Callable[[], torch.nn.Module],
+    fingerprint: str | None = None,
+) -> PluggedTrunk:
+    """Build the trunk that serves one client its Offline adapters (``provider serve --serve-plugged``).
+
+    The bundle is verified first as an upload is (signature by ``trusted_keys``, digests), and refused with
+    :class:`NothingToPlug` when it changes no block of ``base`` (the base trunk then already serves it). Only then is
+    a fresh copy of the model loaded (``load_model``; ``fingerprint``: the served split's, which it must match) and
+    the bundle plugged in with :func:`plug_in` (the base fingerprint of the bundle's split, strict tensor loading).
+    The result shares every unchanged block with ``base`` and holds its own copies of the changed ones, placed on
+    their base block's device and cast to the trunk's precision (LoRA weights stay float32, as on the client);
+    ``base`` itself is never modified. Memory: one extra copy of the changed blocks, and one model copy while this
+    runs.
+    """
+    import gc
+
+    from guardedp2p.engine.fingerprint import model_fingerprint
+    from guardedp2p.engine.split import _block_device, _graft, build_trunk
+
+    bundle = verify_adapter_bundle(bundle_dir, trusted_keys)
+    served = base.split_config
+    blocks = trunk_blocks_of_bundle(bundle, base.n_layers, base.arch.blocks_path, served)
+    if not blocks:
+        raise NothingToPlug(
+            f"the bundle {bundle.folder} (split {bundle.split[0]}/{bundle.split[1]}) changes no block of the served "
+            f"trunk (split {served.bottom_layers}/{served.top_layers}): the base trunk already serves it, and its "
+            "owner uses it as is with `client generate --adapter BUNDLE`"
+        )
+    model = load_model()
+    if fingerprint is not None and model_fingerprint(model, served) != fingerprint:
+        raise BundleMismatchError("the model loaded for plugging is not the one this provider serves")
+    plug_in(model, bundle.folder, trusted_keys)
+    trunk = build_trunk(model, served)
+    del model
+    for path in base.arch.shared_paths:  # rotary tables and the like: the base trunk's, already placed
+        _graft(trunk, base, path)
+    dtype = base.compute_dtype
+    for i in base.layer_range:
+        if i not in blocks:
+            trunk.blocks[i] = base.blocks[i]  # shared, not copied: untouched weights stay one tensor
+            continue
+        block = trunk.blocks[i]
+        for name, p in block.named_parameters():
+            if p.is_floating_point() and "lora_" not in name and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        block.to(_block_device(base.blocks[i]) or base.device)
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    trunk.train(False)
+    gc.collect()
+    return PluggedTrunk(trunk, bundle, blocks)
+
+
+def load_client_share(bottom: ClientBottom, top: ClientTop, bundle: VerifiedBundle) -> dict[str, int]:
+    """Load a verified bundle into the client's parts when its adapter also changes blocks of the served trunk.
+
+    Only the tensors of the client's own blocks are loaded (each of them must be there); those of the served trunk's
+    blocks are the provider's (its plugged trunk, :func:`plug_into_trunk`); any other tensor refuses the bundle.
+    Used where the client cannot plug the bundle into a full model (a client kit holds no trunk block)."""
+    from guardedp2p.engine.lora import load_adapter_into_parts
+
+    n, path = bottom.n_layers, bottom.arch.blocks_path
+    served = bottom.split_config
+    trunk_blocks = set(trunk_blocks_of_bundle(bundle, n, path, served))
+    if adapter_type_of(bundle.folder) == "full":
+        covered = set(SplitConfig(*bundle.split).client_layers(n)) - trunk_blocks
+        return _load_full_blocks(bottom, top, bundle.folder, covered=covered, leave=trunk_blocks)
+    report = load_adapter_into_parts(bottom, top, bundle.folder)
+    stray = [k for k in report.ignored_keys if _block_of(k, path) not in trunk_blocks]
+    if stray:
+        raise BundleMismatchError(
+            f"the adapter carries {len(stray)} tensors outside the client's and the trunk's blocks, e.g. {stray[0]!r}"
+        )
+    return dict(report.loaded)
 
 
 def export_peft(bundle_dir: str | Path, out_dir: str | Path, trusted_keys: Any = None) -> Path:
@@ -379,8 +546,14 @@ __all__ = [
     "full_block_parameters",
     "make_full_block_bundle",
     "save_full_blocks",
+    "NothingToPlug",
     "PluggedModel",
+    "PluggedTrunk",
     "VerifiedBundle",
+    "bundle_blocks",
+    "load_client_share",
+    "plug_into_trunk",
+    "trunk_blocks_of_bundle",
     "export_merged",
     "export_peft",
     "logits_fn_of",

@@ -518,5 +518,5 @@ def _folder_bytes(root: Path) -> int:
     return total
 
 
-def offline_session(app: ProviderApp, sid: str, terms: dict[str, Any]) -> OfflineSession:
-    return OfflineSession(app, sid, terms)
+def offline_session(app: ProviderApp, sid: str, terms: dict[str, Any], *, peer: str = "") -> OfflineSession:
+    return OfflineSession(app, sid, terms)  # the session reads its peer from the app (SessionState) when it needs it

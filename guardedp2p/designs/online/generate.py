@@ -49,6 +49,7 @@ from guardedp2p.wire.messages import MsgType
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from guardedp2p.designs.offline.plugin import VerifiedBundle
     from guardedp2p.engine.split import ClientBottom, ClientTop, SplitConfig, _SplitPart
 
 log = logging.getLogger("guardedp2p.client")
@@ -170,6 +171,9 @@ class GenerationClient:
     device: torch.device
     adapter: str | None = None
     generation_config: Any = None  # the model's GenerationConfig (its EOS ids), when known
+    # an Offline bundle that also changes trunk blocks: {"bundle": its manifest SHA-256, "blocks": [...]}; the
+    # provider must serve this key that bundle's plugged trunk (ACCEPT's "plugged"), checked when a session opens
+    trunk_bundle: dict[str, Any] | None = None
 
 
 def load_generation_client(
@@ -190,8 +194,12 @@ def load_generation_client(
     ``adapter`` is any of: a PEFT LoRA folder (``OUT/adapter`` of Online, Gradfree or Offline), an Offline
     full-block adapter folder (the client blocks themselves, offsite-tuning's adapters), or the signed Offline
     bundle (``OUT/bundle``: its digests and base-model fingerprint are verified first, then it is plugged in as
-    the provider's ``emulator plug-in`` would). The provider's trunk is untouched by any of them, so the provider
-    serves its base model and the tuned client blocks never leave the client.
+    the provider's ``emulator plug-in`` would). A bundle cut at the served split or narrower changes only the
+    client's blocks: the provider serves its base trunk and the tuned blocks never leave the client. A bundle cut
+    wider also changes trunk blocks: only the client's own blocks are loaded here (from a kit, which has no trunk
+    block, without the base-fingerprint check the provider does), and the session must run the provider's plugged
+    trunk for this key (``provider serve --serve-plugged``; :attr:`GenerationClient.trunk_bundle`, checked by
+    :func:`open_generation_session`).
 
     As in ``client tune``, the fingerprint is taken over the pre-trained weights before any adapter, and no
     reference to the full model is kept, so the trunk's weights are freed.
@@ -224,8 +232,10 @@ def load_generation_client(
     fingerprint = model_fingerprint(full_model, split)
     generation_config = getattr(full_model, "generation_config", None)
     bundle = adapter is not None and (Path(adapter) / MANIFEST_NAME).is_file()
+    trunk_bundle: dict[str, Any] | None = None
+    share = None  # a bundle whose trunk blocks the client (a kit) does not hold: only its own blocks are loaded
     if bundle:
-        _plug_bundle(full_model, Path(str(adapter)), split)
+        share, trunk_bundle = _plug_bundle(full_model, Path(str(adapter)), split, has_trunk=kit is None)
     parts = build_client_parts(full_model, split)
     for p in full_model.parameters():
         p.requires_grad_(False)
@@ -238,6 +248,14 @@ def load_generation_client(
         part.eval()
     if adapter is not None and not bundle:
         _load_adapter_folder(parts.bottom, parts.top, Path(adapter))
+    if share is not None:
+        from guardedp2p.designs.offline.plugin import load_client_share
+
+        log.info(
+            "adapter bundle %s, the client's blocks loaded: %s",
+            adapter,
+            load_client_share(parts.bottom, parts.top, share),
+        )
     for part in parts:
         for name, p in part.named_parameters():
             if "lora_" in name and p.dtype != torch.float32:
@@ -252,6 +270,7 @@ def load_generation_client(
         dev,
         str(adapter) if adapter is not None else None,
         generation_config,
+        trunk_bundle,
     )
 
 
@@ -269,18 +288,33 @@ def _load_adapter_folder(bottom: ClientBottom, top: ClientTop, folder: Path) -> 
     log.info("adapter %s loaded: %s", folder, loaded)
 
 
-def _plug_bundle(full_model: torch.nn.Module, folder: Path, split: SplitConfig) -> None:
-    """Verify a signed Offline bundle (digests, the base model's fingerprint) and load it into ``full_model``."""
-    from guardedp2p.designs.offline.plugin import plug_in, verify_adapter_bundle
+def _plug_bundle(
+    full_model: torch.nn.Module, folder: Path, split: SplitConfig, *, has_trunk: bool
+) -> tuple[VerifiedBundle | None, dict[str, Any] | None]:
+    """Verify a signed Offline bundle (digests, the base model's fingerprint) and load it into ``full_model``.
+
+    Returns (the bundle, when the client's own blocks are still to be loaded from it because ``full_model`` lacks
+    the trunk blocks it changes; what the provider's plugged trunk must carry, when it changes any)."""
+    from guardedp2p.designs.offline.plugin import plug_in, trunk_blocks_of_bundle, verify_adapter_bundle
+    from guardedp2p.engine.arch import get_arch, num_layers
 
     verified = verify_adapter_bundle(folder)
-    if verified.split != (split.bottom_layers, split.top_layers):
-        raise ConfigError(
-            f"the bundle {folder} was tuned with split {verified.split[0]}/{verified.split[1]}; pass "
-            f"--bottom-layers {verified.split[0]} --top-layers {verified.split[1]} (and serve the same split)"
+    n = num_layers(full_model)
+    in_trunk = trunk_blocks_of_bundle(verified, n, get_arch(full_model).blocks_path, split)
+    need = {"bundle": verified.manifest.sha256, "blocks": in_trunk} if in_trunk else None
+    if in_trunk:
+        log.info(
+            "adapter bundle %s (split %d/%d) also changes trunk block(s) %s: the provider must serve this key its "
+            "plugged trunk (provider serve --serve-plugged)",
+            folder,
+            *verified.split,
+            in_trunk,
         )
+        if not has_trunk:
+            return verified, need
     plugged = plug_in(full_model, folder)
     log.info("adapter bundle %s (signed by %s) loaded: %s", folder, verified.signer, plugged.loaded)
+    return None, need
 
 
 def encode_prompt(
@@ -670,6 +704,7 @@ def open_generation_session(
                     "is set"
                 )
             log.warning("the provider RECORDS what it observes in this session (activations) for analysis")
+        check_plugged(client, terms.get("plugged"))
     except BaseException:
         session.close()
         close = getattr(channel, "close", None)
@@ -677,6 +712,41 @@ def open_generation_session(
             close()
         raise
     return GenerationSession(session, channel, terms, RemoteCachedTrunk(session, hello.codecs))
+
+
+class PluggedTrunkMismatch(ConfigError):
+    """The client's adapter bundle changes trunk blocks, and the provider does not serve this key that bundle's
+    plugged trunk: the generated tokens would not be the tuned model's."""
+
+
+def check_plugged(client: GenerationClient, announced: object) -> None:
+    """Compare the plugged trunk ACCEPT announces to this key (``plugged``, absent for the base trunk) with what the
+    client's adapter needs: refuse a bundle that changes trunk blocks unless its very bundle is plugged in; warn when
+    the provider plugs a bundle in that the client's own blocks do not carry."""
+    got = announced.get("bundle") if isinstance(announced, dict) else None
+    got = got if isinstance(got, str) else None
+    need = client.trunk_bundle
+    if need is not None and got != need["bundle"]:
+        served = (
+            "serves your key its base trunk"
+            if got is None
+            else f"serves your key another adapter bundle ({got[:16]}…, not {str(need['bundle'])[:16]}…)"
+        )
+        raise PluggedTrunkMismatch(
+            f"the adapter bundle {client.adapter} also changes trunk block(s) {need['blocks']}, which the provider "
+            f"runs, and the provider {served}: the tokens would not be your tuned model's. Ask the provider to serve "
+            "it to you (`provider serve --serve-plugged YOUR.key=BUNDLE_DIR`), or use a bundle tuned at the split it "
+            "serves (docs/architecture.md, 'Using the returned adapters')"
+        )
+    if need is None and got is not None:
+        log.warning(
+            "the provider serves your key a trunk with adapter bundle %s… plugged in (trunk blocks %s), but your "
+            "own blocks do not carry it (--adapter %s): pass --adapter with that bundle to generate with the tuned "
+            "model",
+            got[:16],
+            announced.get("blocks") if isinstance(announced, dict) else "?",
+            client.adapter or "none",
+        )
 
 
 def noise_transform(noise: dict[str, Any] | None, device: torch.device) -> SentTransform | None:
@@ -718,6 +788,8 @@ __all__ = [
     "generation_hello",
     "load_generation_client",
     "noise_transform",
+    "PluggedTrunkMismatch",
+    "check_plugged",
     "open_generation_session",
     "privacy_terms",
 ]

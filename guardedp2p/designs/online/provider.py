@@ -9,6 +9,9 @@ positions; ``cache: "extend"`` with ``past_len`` equal to the positions cached s
 (one per generated token). The cache is bounded by ``ProviderConfig.max_kv_bytes_per_session`` and freed at
 session end, at the step timeout, or when a request is refused for the budget (docs/wire.md, section 6).
 
+A client key listed in ``ProviderResources.peer_trunks`` gets its own trunk in every session (its Offline adapters
+plugged into the trunk blocks they change, ``provider serve --serve-plugged``); every other key gets the base trunk.
+
 The client side is :class:`guardedp2p.designs.online.client.RemoteTrunk`.
 """
 
@@ -87,7 +90,7 @@ def _lossy(codec: str) -> bool:
 class TrunkSession:
     """Provider side of one Online or Gradfree session."""
 
-    def __init__(self, app: ProviderApp, sid: str, terms: dict[str, Any], *, keep_graph: bool) -> None:
+    def __init__(self, app: ProviderApp, sid: str, terms: dict[str, Any], *, keep_graph: bool, peer: str = "") -> None:
         res = app.resources
         if res.trunk is None or res.hidden_size is None:
             raise ConfigError(
@@ -96,7 +99,11 @@ class TrunkSession:
             )
         self.app = app
         self.sid = sid
-        self.trunk: torch.nn.Module = res.trunk
+        # a key with its own plugged trunk (provider serve --serve-plugged) gets it, every other key the base trunk;
+        # the lookup is by the authenticated key only, so no message can name another key's trunk
+        own = res.peer_trunks.get(peer) if peer else None
+        self.trunk: torch.nn.Module = own.trunk if own is not None else res.trunk
+        self.plugged: dict[str, Any] | None = dict(own.announce) if own is not None else None
         self.hidden_size: int = res.hidden_size
         self.recorder = res.recorder
         self.codecs: dict[str, str] = terms["codecs"]
@@ -430,5 +437,5 @@ def _forward_padded(
         return parts
 
 
-def online_session(app: ProviderApp, sid: str, terms: dict[str, Any]) -> TrunkSession:
-    return TrunkSession(app, sid, terms, keep_graph=True)
+def online_session(app: ProviderApp, sid: str, terms: dict[str, Any], *, peer: str = "") -> TrunkSession:
+    return TrunkSession(app, sid, terms, keep_graph=True, peer=peer)
