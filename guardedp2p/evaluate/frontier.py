@@ -568,7 +568,8 @@ def _train_config(ctx: _Ctx, seed: int, dcor: float = 0.0, top_blocks_lr: float 
         dcor_alpha=dcor,
         lora_r=ctx.cfg.lora_r,
         lora_alpha=ctx.cfg.lora_alpha,
-        **({"top_train": "blocks", "top_lr": top_blocks_lr} if top_blocks_lr else {}),
+        top_train="blocks" if top_blocks_lr else "lora",
+        top_lr=top_blocks_lr or None,
     )
 
 
