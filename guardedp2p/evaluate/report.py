@@ -283,6 +283,9 @@ def plot_convergence(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Pat
     return out
 
 
+FINDINGS_MARKER = "<!-- findings: written by hand, kept when the report is regenerated -->"
+
+
 def write_reports(result: dict[str, Any], folder: Path) -> dict[str, str]:
     """Write frontier.json / .md / .png (and the attackers' convergence plot) into ``folder``; return their paths."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -294,9 +297,15 @@ def write_reports(result: dict[str, Any], folder: Path) -> dict[str, str]:
     }
     plot_frontier(result["rows"], files["png"], harness_broken=bool(result.get("harness_broken")))
     plot_convergence(result["rows"], files["convergence_png"])
-    (folder / "frontier.md").write_text(frontier_markdown(result) + "\n")
+    md = folder / "frontier.md"
+    kept = ""
+    if md.is_file():  # the hand-written findings below the marker survive a regenerated table
+        old = md.read_text(encoding="utf-8")
+        if FINDINGS_MARKER in old:
+            kept = old[old.index(FINDINGS_MARKER) :]
+    md.write_text(frontier_markdown(result) + "\n" + (("\n" + kept) if kept else ""), encoding="utf-8")
     (folder / "frontier.json").write_text(json.dumps({**result, "files": files}, indent=2) + "\n")
     return files
 
 
-__all__ = ["frontier_markdown", "plot_convergence", "plot_frontier", "write_reports"]
+__all__ = ["FINDINGS_MARKER", "frontier_markdown", "plot_convergence", "plot_frontier", "write_reports"]

@@ -180,3 +180,18 @@ def test_runs_only_fills_the_cache_and_stops(fast_run):
     )
     assert res["runs_only"] is True and set(res["runs"]) == {"local", "gradfree"}  # the reference always runs
     assert "rows" not in res and "files" not in res  # no attack ran, no report was written
+
+
+def test_hand_written_findings_survive_a_regenerated_report(fast_run):
+    from guardedp2p.evaluate.report import FINDINGS_MARKER, write_reports
+
+    tmp, result, _ = fast_run
+    res = json.loads(result.stdout.strip().splitlines()[-1])
+    folder = tmp / "findings"
+    write_reports(res, folder)
+    md = folder / "frontier.md"
+    md.write_text(md.read_text() + "\n" + FINDINGS_MARKER + "\n\nOur reading of the table.\n")
+    write_reports(res, folder)
+    text = md.read_text()
+    assert text.count(FINDINGS_MARKER) == 1 and text.rstrip().endswith("Our reading of the table.")
+    assert "Sanity gate passed" in text
