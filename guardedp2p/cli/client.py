@@ -88,10 +88,7 @@ def parse_noise(spec: str | None) -> dict[str, Any]:
         return {}
     from guardedp2p.privacy.noise import parse_noise_spec
 
-    out = parse_noise_spec(spec)
-    if out.get("kind") == "dx" and "scale" in out:  # dx:EPS reads as the epsilon
-        out["epsilon"] = out.pop("scale")
-    return out
+    return parse_noise_spec(spec)
 
 
 def obfuscation_options(weight: float, public: str | None) -> Any:

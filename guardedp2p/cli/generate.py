@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 
 from guardedp2p.cli.common import friendly_errors, print_json, setup_logging
+from guardedp2p.cli.config import choice
 from guardedp2p.errors import ConfigError, GuardedP2PError
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
         GenerationSession,
         SplitGenerator,
     )
+    from guardedp2p.privacy.session import SessionPrivacy
 
 PROMPT_FIELDS = ("prompt", "text", "messages")
 
@@ -47,22 +49,53 @@ class _Connection:
     noise: dict[str, Any]
     timeout: float
     refuse_recording: bool
+    privacy: str = "off"
+    public_text: str = "demo-aux"
     sessions: list[GenerationSession] = field(default_factory=list)
+    protection: SessionPrivacy | None = None
+
+    def session_privacy(self) -> SessionPrivacy:
+        """The session's protection, resolved once (one noise generator for every session of this command) and
+        installed on the bottom (dχ on the input embeddings), as in training (guardedp2p/privacy/session.py)."""
+        if self.protection is None:
+            from guardedp2p.privacy.presets import RunShape
+            from guardedp2p.privacy.session import resolve_session_privacy
+
+            self.protection = resolve_session_privacy(
+                preset=self.privacy,
+                noise=self.noise,
+                dcor_alpha=0.0,
+                obfuscation=None,
+                design=self.protocol,
+                shape=RunShape(self.protocol, steps=1, batch_size=1, n_records=1, max_length=512),
+                tokenizer=self.client.tokenizer,
+                bottom=None,
+                d_model=1,
+                public_text=self.public_text,
+                device=self.client.device,
+            )
+            self.protection.install(self.client.bottom)
+        return self.protection
+
+    def privacy_terms(self) -> dict[str, Any]:
+        """What the HELLO announces: the preset and the noise applied (never its seed)."""
+        sp = self.session_privacy()
+        out: dict[str, Any] = {}
+        if sp.preset is not None:
+            out["preset"] = sp.preset.describe()
+        if sp.noise is not None:
+            out["noise"] = sp.noise.cfg.describe()
+        return out
 
     def open(self) -> tuple[GenerationSession, SplitGenerator]:
-        from guardedp2p.designs.online.generate import (
-            SplitGenerator,
-            noise_transform,
-            open_generation_session,
-            privacy_terms,
-        )
+        from guardedp2p.designs.online.generate import SplitGenerator, open_generation_session
 
         gs = open_generation_session(
             self.connect,
             self.client,
             protocol=self.protocol,
             codecs=self.codecs,
-            privacy=privacy_terms(self.noise),
+            privacy=self.privacy_terms(),
             timeout=self.timeout,
             refuse_recording=self.refuse_recording,
         )
@@ -72,7 +105,7 @@ class _Connection:
             self.client.top,
             self.client.tokenizer,
             gs.trunk,
-            transform_sent=noise_transform(self.noise, self.client.device),
+            transform_sent=self.session_privacy().sent,
             max_tokens_per_step=gs.max_tokens_per_step,
             generation_config=self.client.generation_config,
         )
@@ -107,6 +140,8 @@ def _prepare(
     console: Console,
     kit: Path | None = None,
     provider_sign_key: Path | None = None,
+    privacy: str = "off",
+    public_text: str | None = None,
 ) -> _Connection:
     """Check every option that can be checked before loading anything, then load the client's parts."""
     from guardedp2p.cli.client import client_channel_factory, parse_noise
@@ -143,7 +178,9 @@ def _prepare(
             kit_verify_key=provider_sign_key,
         )
     codecs = {"up": codec_up, "down": codec_down, "grad_up": "fp32", "grad_down": "fp32"}
-    return _Connection(connect_fn, client, protocol, codecs, noise_cfg, timeout, refuse_recording)
+    return _Connection(
+        connect_fn, client, protocol, codecs, noise_cfg, timeout, refuse_recording, privacy, public_text or "demo-aux"
+    )
 
 
 def read_prompts(path: Path) -> list[str | list[dict[str, str]]]:
@@ -251,7 +288,19 @@ _BOTTOM = typer.Option(2, help="Blocks before the trunk (must match the provider
 _TOP = typer.Option(2, help="Blocks after the trunk (must match the provider).")
 _CODEC_UP = typer.Option("fp32", help="Codec of the activations sent up (fp32 is lossless).")
 _CODEC_DOWN = typer.Option("fp32", help="Codec of the trunk output sent down.")
-_NOISE = typer.Option(None, help="Noise on every activation sent up: gaussian:SCALE or laplace:SCALE.")
+_NOISE = typer.Option(
+    None, help="Noise on what is sent, as client tune --noise (gaussian:SCALE, dx:EPS, ...); overrides --privacy's."
+)
+_PRIVACY = typer.Option(
+    "off",
+    help="Privacy preset, as client tune --privacy: the same protection at inference as in training (off, "
+    "balanced: dx on rare input tokens, strong: clipped Gaussian calibrated to epsilon 8 for one release).",
+    parser=choice("a privacy preset", ("off", "balanced", "strong")),
+    metavar="off|balanced|strong",
+)
+_PUBLIC_TEXT = typer.Option(
+    None, help="Public records in your data's style for the balanced preset's keep list (default: the demo's)."
+)
 _MAX_NEW = typer.Option(64, "--max-new-tokens", help="Most new tokens per prompt.")
 _TEMPERATURE = typer.Option(0.0, help="Sampling temperature; 0 (default) decodes greedily.")
 _TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass.")
@@ -326,6 +375,8 @@ def generate_cmd(
     codec_up: str = _CODEC_UP,
     codec_down: str = _CODEC_DOWN,
     noise: str | None = _NOISE,
+    privacy: str = _PRIVACY,
+    public_text: str | None = _PUBLIC_TEXT,
     timeout: float = _TIMEOUT,
     connect_timeout: float = _CONNECT_TIMEOUT,
     refuse_recording: bool = _REFUSE,
@@ -359,6 +410,8 @@ def generate_cmd(
         codec_up=codec_up,
         codec_down=codec_down,
         noise=noise,
+        privacy=privacy,
+        public_text=public_text,
         timeout=timeout,
         refuse_recording=refuse_recording,
         device=device,
@@ -425,6 +478,8 @@ def chat_cmd(
     codec_up: str = _CODEC_UP,
     codec_down: str = _CODEC_DOWN,
     noise: str | None = _NOISE,
+    privacy: str = _PRIVACY,
+    public_text: str | None = _PUBLIC_TEXT,
     timeout: float = _TIMEOUT,
     connect_timeout: float = _CONNECT_TIMEOUT,
     refuse_recording: bool = _REFUSE,
@@ -455,6 +510,8 @@ def chat_cmd(
         codec_up=codec_up,
         codec_down=codec_down,
         noise=noise,
+        privacy=privacy,
+        public_text=public_text,
         timeout=timeout,
         refuse_recording=refuse_recording,
         device=device,

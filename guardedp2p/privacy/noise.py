@@ -652,9 +652,11 @@ def parse_noise_spec(spec: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": kind}
     if rest and "=" not in rest:
         try:
-            out["scale"] = float(rest)
+            out["epsilon" if kind == "dx" else "scale"] = float(rest)  # dx:EPS, gaussian:SCALE
         except ValueError:
-            raise ConfigError(f"--noise {spec!r}: the scale must be a number") from None
+            raise ConfigError(
+                f"--noise {spec!r}: the {'epsilon' if kind == 'dx' else 'scale'} must be a number"
+            ) from None
     elif rest:
         known = {f.name for f in fields(NoiseConfig)} - {"kind", "seed", "keep_ids"}
         for item in rest.split(","):

@@ -121,6 +121,23 @@ def test_generate_one_prompt_streams_text_and_chat_answers(world, provider):
     assert len(answers) == 2 and answers[0].split("model> ")[-1].strip() == expected.strip()
 
 
+def test_the_sessions_protection_applies_at_inference(world, provider):
+    """--privacy / --noise act on generation as on training: dx on the input embeddings changes what the trunk
+    computes, so the tokens leave the clean reference (dx at epsilon 0.1 replaces almost every input token)."""
+    root, model, tok, _ = world
+    endpoint, _ = provider
+    prompts = ["w1 w2 w3", "w40 w41", "w7 w8 w9 w10 w11"]
+    (root / "prompts-dx.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    cmd = [*CLI, "client", "generate", "--prompts", str(root / "prompts-dx.jsonl"), "--max-new-tokens", "8"]
+    (root / "public.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
+    cmd += ["--privacy", "balanced", "--public-text", str(root / "public.jsonl"), "--noise", "dx:0.1", "--json"]
+    res = subprocess.run(cmd + _client_args(world, endpoint), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = [json.loads(x) for x in res.stdout.splitlines() if x.strip()][:-1]
+    clean = [_reference(model, root / "adapter", tok(p)["input_ids"], 8) for p in prompts]
+    assert [r["tokens"] for r in results] != clean
+
+
 def test_bad_input_ends_in_a_clear_message(world, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["client", "generate", "--prompt", "x", "--protocol", "offline"])
