@@ -369,7 +369,7 @@ def tune_cmd(
         DEFAULT_MICRO_BATCHES,
         min=1,
         help="Pipeline each batch as this many micro-batches (the provider computes one while you compute "
-        "another; same gradient); 1: off.",
+        "another; the same task gradient; ignored with --dcor or --obfuscate, which are defined per batch); 1: off.",
         rich_help_panel=TRAINING,
     ),
     # ---------------------------------------------------------------- design-specific

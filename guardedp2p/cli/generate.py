@@ -67,7 +67,9 @@ class _Connection:
                 dcor_alpha=0.0,
                 obfuscation=None,
                 design=self.protocol,
-                shape=RunShape(self.protocol, steps=1, batch_size=1, n_records=1, max_length=512),
+                # one forward pass, no gradient: a calibrated preset's epsilon holds per forward pass (each
+                # generated token is another release of the prompt), which the HELLO says
+                shape=RunShape("gradfree", steps=1, batch_size=1, n_records=1, max_length=512),
                 tokenizer=self.client.tokenizer,
                 bottom=None,
                 d_model=1,
@@ -85,6 +87,8 @@ class _Connection:
             out["preset"] = sp.preset.describe()
         if sp.noise is not None:
             out["noise"] = sp.noise.cfg.describe()
+            if sp.noise.cfg.calibrated:
+                out["epsilon_scope"] = "per forward pass: every generated token sends another noised release"
         return out
 
     def open(self) -> tuple[GenerationSession, SplitGenerator]:

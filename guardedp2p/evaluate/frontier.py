@@ -484,6 +484,12 @@ def _say(ctx: _Ctx, text: str) -> None:
     log.info(text)
 
 
+def _device(name: str) -> torch.device:
+    from guardedp2p.engine.device import pick_device
+
+    return pick_device(name)
+
+
 def _bottom(ctx: _Ctx, row: RowDef) -> int:
     return row.bottom or ctx.cfg.bottom_layers
 
@@ -526,7 +532,9 @@ def _row_noise(ctx: _Ctx, row: RowDef) -> dict[str, Any]:
     if not ctx.n_train:
         ctx.n_train = len(ctx.task.train_records())
     r = ctx.recipe
-    shape = RunShape(row.design, r.steps, r.batch_size, ctx.n_train, 1, r.max_length, cached=False)
+    # Gradfree's trunk-output cache is on in the frontier's runs as in the CLI's: each record's activation is sent
+    # once, and the calibration counts that (guardedp2p/designs/gradfree/run.py)
+    shape = RunShape(row.design, r.steps, r.batch_size, ctx.n_train, 1, r.max_length, cached=row.design == "gradfree")
     if row.preset:
         noise = dict(resolve_preset(row.preset, shape=shape, public_ids=_public_ids(ctx)).noise)
     elif row.dp_epsilon:
@@ -719,7 +727,7 @@ def _run_split(ctx: _Ctx, row: RowDef, seed: int, key: str) -> dict[str, Any]:
     del client, app
     provider.clear()
     noise = _row_noise(ctx, row)
-    up, down = cut_transforms(row.codec, row.codec, noise)
+    up, down = cut_transforms(row.codec, row.codec, noise, device=_device(cfg.device))
     utility = _score_utility(ctx, tuned, up, down, noise=noise, bottom=_bottom(ctx, row))
     del tuned
     if cfg.protocol_eval:

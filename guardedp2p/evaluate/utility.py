@@ -57,7 +57,10 @@ def _blocks(model: torch.nn.Module) -> Any:
 
 
 def cut_transforms(
-    up_codec: str = "fp32", down_codec: str = "fp32", noise: Mapping[str, Any] | None = None
+    up_codec: str = "fp32",
+    down_codec: str = "fp32",
+    noise: Mapping[str, Any] | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[Transform | None, Transform | None]:
     """(transform at the bottom cut, transform at the top cut) of a split run's evaluation forward.
 
@@ -72,7 +75,7 @@ def cut_transforms(
 
         cfg = NoiseConfig.from_dict(dict(noise))
         if not cfg.acts_on_input:  # dχ acts on the input embeddings instead (:func:`input_noise`)
-            gen = cfg.make_generator(torch.device("cpu"))
+            gen = cfg.make_generator(torch.device(device))  # on the device of the activations it noises
             steps.append(lambda h: add_activation_noise(h, cfg, gen))
     if up_codec != "fp32":
         steps.append(codec_transform(up_codec))
@@ -99,7 +102,8 @@ def input_noise(model: torch.nn.Module, noise: Mapping[str, Any] | None) -> Iter
         cfg = NoiseConfig.from_dict(dict(noise))
         if cfg.acts_on_input:
             emb = model.get_input_embeddings()  # type: ignore[operator]
-            handle = install_embedding_noise(emb, cfg, cfg.make_generator(torch.device("cpu")))
+            device = next(model.parameters()).device  # a CUDA model needs a CUDA generator
+            handle = install_embedding_noise(emb, cfg, cfg.make_generator(device))
     try:
         yield
     finally:

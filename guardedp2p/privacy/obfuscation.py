@@ -30,6 +30,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,7 +78,9 @@ class ObfuscationConfig:
 
     def describe(self) -> dict[str, Any]:
         """For the handshake and the summary: every knob (all public; an attacker may know them)."""
-        return {"mechanism": "adversarial obfuscation (client-trained inverter on public text)", **asdict(self)}
+        out = {"mechanism": "adversarial obfuscation (client-trained inverter on public text)", **asdict(self)}
+        out["public_text"] = Path(self.public_text).name  # never the client's local path
+        return out
 
 
 class TokenInverter(nn.Module):

@@ -12,6 +12,7 @@ summary records both the preset and what was actually applied.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from guardedp2p.errors import ConfigError
 from guardedp2p.privacy.noise import ClientNoise, NoiseConfig, client_noise
 from guardedp2p.privacy.obfuscation import ObfuscationConfig, Obfuscator
 from guardedp2p.privacy.presets import PRESETS, PrivacyPreset, RunShape, resolve_preset
+
+log = logging.getLogger("guardedp2p.client")
 
 __all__ = ["DEMO_PUBLIC_TEXT", "SessionPrivacy", "public_token_ids", "resolve_session_privacy"]
 
@@ -83,7 +86,15 @@ class SessionPrivacy:
             self.noise.remove()
 
     def block(
-        self, *, design: str, steps: int, batch_size: int, n_records: int, grad_accum: int, cached: bool
+        self,
+        *,
+        design: str,
+        steps: int,
+        batch_size: int,
+        n_records: int,
+        grad_accum: int,
+        cached: bool,
+        max_tokens: int | None = None,
     ) -> dict[str, Any]:
         """The ``privacy`` map of the HELLO, ``summary.json`` and ``--json``: the preset, dCor, obfuscation and the
         noise with ε at δ over every release of a record during the run (dp-accounting; never the seed)."""
@@ -101,6 +112,7 @@ class SessionPrivacy:
             batch_size=batch_size,
             n_records=n_records,
             grad_accum=grad_accum,
+            max_tokens=max_tokens,
             cached=cached,
             extra=extra,
         )
@@ -163,6 +175,11 @@ def resolve_session_privacy(
             transform=cn.sent if cn is not None else None,
             pad_id=pad_id,
             device=device,
+        )
+    if cn is not None and design == "online" and cn.cfg.calibrated and not cn.cfg.noises_gradient:
+        log.warning(
+            "the noise on the activations is calibrated, but the gradient this Online run sends up is not noised: "
+            "the run has no finite epsilon (add grad_clip=...,grad_z=... to --noise, or use --privacy strong)"
         )
     extra: dict[str, Any] = {}
     if resolved is not None and noise:

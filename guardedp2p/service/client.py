@@ -498,6 +498,12 @@ def plan_tune(opts: TuneOptions, *, out_action: str = "", extra: dict[str, Any] 
         if opts.privacy not in PRESETS:
             raise ConfigError(f"unknown privacy preset {opts.privacy!r}: use one of {', '.join(PRESETS)}")
         privacy["preset"] = opts.privacy
+    for what, spec in (
+        ("--public-text", opts.public_text),
+        ("obfuscation public text", (opts.obfuscation or None) and opts.obfuscation.public_text),
+    ):
+        if spec and spec != "demo-aux" and not Path(str(spec)).exists():
+            raise ConfigError(f"{what} {spec}: no such file (give a JSONL file of {{'text': ...}} public records)")
     if opts.obfuscation is not None:
         opts.obfuscation.validate()
         if opts.protocol != "online":

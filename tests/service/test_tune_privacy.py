@@ -107,3 +107,20 @@ def test_gradfree_with_noise_caches_each_records_noised_output_and_accounts_one_
     cached_eps = s["privacy"]["noise"]["run"]["epsilon"]
     s2 = _run(tmp_path, "gf-nocache", model, protocol="gradfree", steps=25, noise=noise, cache=False)
     assert s2.get("cache_hits", 0) == 0 and s2["privacy"]["noise"]["run"]["epsilon"] > cached_eps
+
+
+def test_a_run_cannot_be_resumed_under_other_privacy_settings(tmp_path, model):
+    from guardedp2p.train.checkpoint import CheckpointError
+
+    _run(tmp_path, "resume", model)
+    with pytest.raises(CheckpointError, match="privacy setting"):
+        _run(tmp_path, "resume", model, privacy="balanced", resume=True)
+
+
+def test_the_dx_hook_leaves_the_bottom_with_the_run(tmp_path, model):
+    opts = _opts(tmp_path, "hook", privacy="balanced")
+    client = prepare_client(opts, model=copy.deepcopy(model), tokenizer=tiny_tokenizer())
+    tune(opts, lambda: InProcClientChannel(provider_app(model)), client=client)
+    from guardedp2p.privacy.noise import token_embedding
+
+    assert not token_embedding(client.bottom)._forward_hooks

@@ -159,6 +159,21 @@ def noise_transform(opts: TuneOptions) -> Callable[[torch.Tensor], torch.Tensor]
     return lambda h: add_activation_noise(h, cfg, gen)
 
 
+def privacy_digest(privacy: SessionPrivacy) -> str:
+    """A short digest of a run's mechanisms (noise, preset, dCor, obfuscation): what its checkpoint was made with.
+    Not the accountant's ε, which also depends on the number of steps a resumed run may extend."""
+    import hashlib
+    import json
+
+    ident = {
+        "noise": privacy.noise_dict,
+        "preset": privacy.preset.name if privacy.preset is not None else "off",
+        "dcor": privacy.dcor_alpha,
+        "obfuscation": privacy.obfuscation.describe() if privacy.obfuscation is not None else None,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def session_privacy(design: SplitDesign, opts: TuneOptions, client: ClientModel, *, n_records: int) -> SessionPrivacy:
     """The run's :class:`~guardedp2p.privacy.session.SessionPrivacy` from ``--privacy``, ``--noise``, ``--dcor``
     and ``--obfuscate``, with the run's shape for the accountant and a generator on the client's device."""
@@ -251,9 +266,15 @@ class SplitRun:
             n_records=len(self.data.train_examples),
             grad_accum=opts.train.grad_accum,
             cached=cached,
+            max_tokens=opts.train.max_length,
         )
-        # what the trunk builders see: the noise actually applied (a preset's, unless --noise replaced it)
-        self.trunk_opts = replace(opts, noise=self.privacy.noise_dict)
+        # what the trunk builders see: the noise actually applied (a preset's, unless --noise replaced it), and no
+        # pipelining when a defence is defined per batch (dCor's estimate, the obfuscation's inner inverter steps)
+        micro = opts.micro_batches
+        if micro > 1 and (self.privacy.obfuscator is not None or opts.train.dcor_alpha > 0):
+            log.info("--micro-batches %d ignored: dCor and the learned obfuscation are defined per batch", micro)
+            micro = 1
+        self.trunk_opts = replace(opts, noise=self.privacy.noise_dict, micro_batches=micro)
         dcor_fn = None
         if opts.train.dcor_alpha > 0:
             from guardedp2p.privacy.dcor import dcor_penalty
@@ -283,8 +304,11 @@ class SplitRun:
         )
         self.checkpoint = RunCheckpoint(
             Path(opts.out) / "checkpoint",
-            {"protocol": opts.protocol, "fingerprint": client.fingerprint},
+            # the protection is part of what the checkpoint was made for: resuming under other settings would
+            # make the summary's privacy map (and its epsilon) describe a run that did not happen
+            {"protocol": opts.protocol, "fingerprint": client.fingerprint, "privacy": privacy_digest(self.privacy)},
             train_config=opts.train.to_dict(),
+            mismatch="another protocol, model or privacy setting (--privacy, --noise, --dcor, --obfuscate)",
         )
         resumed = self.checkpoint.resume(self.trainer, self.iterator) if opts.resume else Resumed()
         self.resumed_from, self.history = resumed.step, resumed.history
@@ -414,7 +438,6 @@ def run_split(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run a whole split fine-tuning of ``design``; return the summary (also written to ``OUT/summary.json``)."""
-    from guardedp2p.engine.lora import save_adapter
 
     check_split_options(design, opts)
     started = time.perf_counter()
@@ -423,6 +446,15 @@ def run_split(
     # connect (CURVE handshake: wrong address or keys fail here) before spending time on loading the model
     channel = connect()
     run = SplitRun(design, opts, connect, client or prepare_client(opts), first_channel=channel)
+    try:
+        return _run_split(run, opts, out, started, console)
+    finally:
+        run.privacy.remove()  # the dχ hook leaves the client's bottom with the run
+
+
+def _run_split(run: SplitRun, opts: TuneOptions, out: Path, started: float, console: Console | None) -> dict[str, Any]:
+    from guardedp2p.engine.lora import save_adapter
+
     run.guarded(lambda: None, "opening the session")
     eval_before: dict[str, float] = dict(run.resumed_extra.get("eval_before") or {}) if run.resumed_from else {}
     if not opts.skip_eval and run.resumed_from == 0:
