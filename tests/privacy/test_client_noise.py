@@ -88,11 +88,22 @@ def test_one_generator_per_run_two_steps_get_different_noise():
 
 
 def test_the_online_run_makes_its_generator_once():
-    """designs/online/run.py's noise_transform: one generator, fresh noise per call."""
-    from guardedp2p.designs.online.run import noise_transform
-    from guardedp2p.service.client import TuneOptions
+    """The run's session privacy (guardedp2p/privacy/session.py): one generator, fresh noise per call."""
+    from guardedp2p.privacy.presets import RunShape
+    from guardedp2p.privacy.session import resolve_session_privacy
 
-    fn = noise_transform(TuneOptions(noise={"kind": "gaussian", "clip": 1.0, "noise_multiplier": 1.0}, device="cpu"))
+    sp = resolve_session_privacy(
+        preset="off",
+        noise={"kind": "gaussian", "clip": 1.0, "noise_multiplier": 1.0},
+        dcor_alpha=0.0,
+        obfuscation=None,
+        design="online",
+        shape=RunShape(),
+        tokenizer=None,
+        bottom=None,
+        d_model=8,
+    )
+    fn = sp.sent
     assert fn is not None
     h = torch.zeros(2, 3, 8)
     assert not torch.equal(fn(h), fn(h))

@@ -147,18 +147,6 @@ def check_recording(session: ClientSession, terms: dict[str, Any], *, refuse: bo
     log.warning("the provider RECORDS what it observes in this session (activations, gradients) for analysis")
 
 
-def noise_transform(opts: TuneOptions) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Noise added to what is sent up (``--noise``), from OS entropy unless the user fixed a seed."""
-    if not opts.noise or opts.noise.get("kind", "none") == "none":
-        return None
-    from guardedp2p.engine.device import pick_device
-    from guardedp2p.privacy.noise import NoiseConfig, add_activation_noise
-
-    cfg = NoiseConfig(**opts.noise)
-    gen = cfg.make_generator(pick_device(opts.device))
-    return lambda h: add_activation_noise(h, cfg, gen)
-
-
 def privacy_digest(privacy: SessionPrivacy) -> str:
     """A short digest of a run's mechanisms (noise, preset, dCor, obfuscation): what its checkpoint was made with.
     Not the accountant's ε, which also depends on the number of steps a resumed run may extend."""
@@ -479,7 +467,6 @@ __all__ = [
     "SplitRun",
     "SplitTrunk",
     "check_recording",
-    "noise_transform",
     "online_trunk",
     "privacy_terms",
     "run_split",
