@@ -14,15 +14,20 @@ from typing import Any
 import typer
 
 from guardedp2p.cli.common import friendly_errors, print_json, setup_logging
+from guardedp2p.evaluate.frontier import HEADLINE_ROWS, ROW_HELP, SWEEP_ROWS
 
 
 def evaluate(
     ctx: typer.Context,
     rows: str | None = typer.Option(
         None,
-        help="Comma-separated rows: local, online, dcor_weak, dcor_strong, int8, nf4, noise, gradfree, gradfree_nf4, offline, "
-        "or settings dcor:<alpha>, noise:<sigma>, codec:<name>, gradfree:<codec>. Default: the headline grid "
-        "(local, online, dcor_strong, int8, noise, gradfree, offline). Local LoRA always runs (the utility reference).",
+        help=f"Comma-separated rows, run at every seed: {ROW_HELP}. Default: the headline grid "
+        f"({', '.join(HEADLINE_ROWS)}). Local LoRA always runs (the utility reference).",
+    ),
+    sweep_rows: str | None = typer.Option(
+        None,
+        help="More rows, same syntax, measured on the first seed only (the shape of a defence family, not a headline "
+        f"number). 'default': {', '.join(SWEEP_ROWS)}.",
     ),
     seeds: str = typer.Option(
         "0,1,2", help="Training seeds, comma-separated (>= 3 for headline numbers; 2 with --fast)."
@@ -31,10 +36,12 @@ def evaluate(
         None, help="hidden_rules (default: 8 hidden rules, 1,024 MC items, 3,000 aux records) or demo."
     ),
     steps: int | None = typer.Option(
-        None, help="Optimizer steps per run (default: the task's recipe, 60; 8 with --fast)."
+        None, help="Optimizer steps per run (default: the task's recipe, 120 on hidden_rules; 8 with --fast)."
     ),
     batch_size: int | None = typer.Option(None, help="Sequences per training step (default: the task's recipe, 4)."),
-    lr: float | None = typer.Option(None, help="Peak learning rate (default: the task's recipe, 2e-3)."),
+    lr: float | None = typer.Option(
+        None, help="Peak learning rate (default: the task's recipe, 4e-3 on hidden_rules)."
+    ),
     eval_items: int | None = typer.Option(
         None, help="Held-out multiple-choice items scored per run (default 256; 0: all; 24 with --fast)."
     ),
@@ -90,6 +97,7 @@ def evaluate(
     cannot break the undefended run."""
     run_evaluate(
         rows=rows,
+        sweep_rows=sweep_rows,
         seeds=seeds,
         task=task,
         steps=steps,
@@ -150,12 +158,14 @@ def fast_config(**over: Any) -> Any:
     """The ``--fast`` configuration (tiny random model, small task, small attacker); ``over`` replaces fields."""
     from guardedp2p.attacks.adaptive import AdaptiveConfig
     from guardedp2p.attacks.sip import SIPConfig
-    from guardedp2p.evaluate.frontier import FrontierConfig
+    from guardedp2p.evaluate.frontier import FAST_ROWS, FAST_SWEEP_ROWS, FrontierConfig
 
     base: dict[str, Any] = dict(
         model="tiny",
         task="fast",
         fast=True,
+        rows=FAST_ROWS,
+        sweep_rows=FAST_SWEEP_ROWS,
         seeds=(0, 1),
         steps=8,
         batch_size=2,
@@ -179,6 +189,7 @@ def run_evaluate(
     *,
     rows: str | None,
     seeds: str,
+    sweep_rows: str | None = None,
     task: str | None,
     steps: int | None,
     batch_size: int | None,
@@ -208,12 +219,11 @@ def run_evaluate(
     import torch
     from rich.console import Console
 
-    from guardedp2p.evaluate.frontier import HEADLINE_ROWS, FrontierConfig, run_frontier
+    from guardedp2p.evaluate.frontier import FrontierConfig, run_frontier
 
     if threads:
         torch.set_num_threads(threads)
     given: dict[str, Any] = {
-        "rows": tuple(r.strip() for r in rows.split(",") if r.strip()) if rows else HEADLINE_ROWS,
         "attacks": tuple(a.strip() for a in attacks.split(",") if a.strip()),
         "strict": strict,
         "keep_transcripts": keep_transcripts,
@@ -223,6 +233,12 @@ def run_evaluate(
         "progress": True,
         "command": command,
     }
+    if rows:
+        given["rows"] = tuple(r.strip() for r in rows.split(",") if r.strip())
+    if sweep_rows is not None:
+        given["sweep_rows"] = (
+            SWEEP_ROWS if sweep_rows == "default" else tuple(r.strip() for r in sweep_rows.split(",") if r.strip())
+        )
     for name, v in (
         ("steps", steps),
         ("batch_size", batch_size),

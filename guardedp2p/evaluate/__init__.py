@@ -5,12 +5,13 @@
 gate); :func:`~guardedp2p.evaluate.grid.run_grid` is the earlier single-seed grid, kept as a Python API.
 """
 
-from guardedp2p.evaluate.frontier import HEADLINE_ROWS, FrontierConfig, run_frontier
+from guardedp2p.evaluate.frontier import HEADLINE_ROWS, SWEEP_ROWS, FrontierConfig, run_frontier
 from guardedp2p.evaluate.grid import DEFAULT_ROWS, ROWS, GridConfig, run_grid, summary_table
 
 __all__ = [
     "DEFAULT_ROWS",
     "HEADLINE_ROWS",
+    "SWEEP_ROWS",
     "ROWS",
     "FrontierConfig",
     "GridConfig",

@@ -77,9 +77,9 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
             "",
         ]
     out += [
-        "| row | defence | acc [95% CI] | loss vs local, pts [CI] | NLL diff vs local [CI] | best attack ROUGE-L [CI] | worst seq | "
-        "secrets | seqs / steps | bytes/step | client s/step | IP exposure | Pareto |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+        "| row | defence | seeds | acc [95% CI] | loss vs local, pts [CI] | NLL diff vs local [CI] | best attack ROUGE-L [CI] | "
+        "worst seq | secrets | seqs / steps | bytes/step | client s/step | IP exposure | Pareto |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for r in rows:
         u, p = r["utility"], r["privacy"]
@@ -100,11 +100,18 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
             else (f"0 ({_bytes(r['one_off_bytes'])} once)" if r.get("one_off_bytes") else "0")
         )
         out.append(
-            f"| {r['label']} | {r['defence']} | {_f(u['acc'])}{_ci(u['ci95'])} | {_f(u['loss_pts_vs_local'], 1)}{_ci(u['loss_ci95'], 1)} | "
+            f"| {r['label']} | {r['defence']} | {len(r.get('seeds') or []) or ''} | {_f(u['acc'])}{_ci(u['ci95'])} | {_f(u['loss_pts_vs_local'], 1)}{_ci(u['loss_ci95'], 1)} | "
             f"{_f(u.get('nll_diff_vs_local'))}{_ci(u.get('nll_diff_ci95'))} | {priv[0]} | {priv[1]} | {priv[2]} | {priv[3]} | {bps} | "
             f"{_f(r['client_s_per_step'], 3)} | {_f(100 * r['ip_exposure'], 1) + '%' if r['ip_exposure'] is not None else 'n/a'} | "
             f"{'yes' if r.get('pareto') else ''} |"
         )
+    seed_counts = {len(r.get("seeds") or []) for r in rows}
+    if len(seed_counts) > 1:
+        out += [
+            "",
+            f"Rows with fewer seeds are sweep points (`--sweep-rows`), measured on the first seed only: their CIs are "
+            f"over items, not over training seeds; the headline rows ran every seed in {result.get('seed_list')}.",
+        ]
     out += ["", "![privacy vs utility](frontier.png)", ""]
     attackers = [(r["label"], r["privacy"]) for r in rows if r["privacy"].get("convergence")]
     if attackers:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from guardedp2p.evaluate.frontier import (
-    HEADLINE_ROWS,
+    FAST_ROWS,
+    FAST_SWEEP_ROWS,
     HarnessBroken,
     missing_fields,
     pareto_front,
@@ -49,7 +50,7 @@ def test_fast_frontier_writes_every_field_and_passes_the_gate(fast_run):
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout.strip().splitlines()[-1])
     assert missing_fields(res) == [], missing_fields(res)
-    assert [r["row"] for r in res["rows"]] == list(HEADLINE_ROWS)
+    assert [r["row"] for r in res["rows"]] == [*FAST_ROWS, *FAST_SWEEP_ROWS]
     assert res["seeds"] == 2 and res["eval_items"] == 24 and res["sanity"]["ok"] is True and not res["harness_broken"]
     on_disk = json.loads((tmp / "work" / "results" / "frontier.json").read_text())
     assert missing_fields(on_disk) == []
@@ -81,6 +82,12 @@ def test_fast_frontier_writes_every_field_and_passes_the_gate(fast_run):
     assert rows["offline"]["ip_exposure"] > rows["online"]["ip_exposure"]
     assert res["pareto_front"] and all(rows[k]["pareto"] for k in res["pareto_front"])
     assert rows["online"]["privacy"]["adaptive"] is True
+    # a sweep row runs on the first seed only, and its utility loss pairs it with Local LoRA of that seed
+    sweep = rows[FAST_SWEEP_ROWS[0]]
+    assert sweep["seeds"] == [0] and rows["online"]["seeds"] == [0, 1] and rows["local"]["seeds"] == [0, 1]
+    local0 = rows["local"]["utility"]["acc_per_seed"][0]
+    assert sweep["utility"]["loss_pts_vs_local"] == pytest.approx(100 * (local0 - sweep["utility"]["acc"]), abs=0.01)
+    assert "sweep points" in md and "| 1 |" in md
     prior = res["prior"]
     assert 0 < prior["rougeL"] < rows["online"]["privacy"]["best_rougeL"] and "format prior" in md
     # the tiny model's noise row: the learned attack fails there (the format prior is all that is left), and the
@@ -176,7 +183,7 @@ def test_runs_only_fills_the_cache_and_stops(fast_run):
 
     tmp, _, _ = fast_run
     res = run_frontier(
-        fast_config(out=str(tmp / "work"), rows=("gradfree",), seeds=(0,), runs_only=True, progress=False)
+        fast_config(out=str(tmp / "work"), rows=("gradfree",), sweep_rows=(), seeds=(0,), runs_only=True, progress=False)
     )
     assert res["runs_only"] is True and set(res["runs"]) == {"local", "gradfree"}  # the reference always runs
     assert "rows" not in res and "files" not in res  # no attack ran, no report was written
