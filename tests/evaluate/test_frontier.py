@@ -183,7 +183,9 @@ def test_runs_only_fills_the_cache_and_stops(fast_run):
 
     tmp, _, _ = fast_run
     res = run_frontier(
-        fast_config(out=str(tmp / "work"), rows=("gradfree",), sweep_rows=(), seeds=(0,), runs_only=True, progress=False)
+        fast_config(
+            out=str(tmp / "work"), rows=("gradfree",), sweep_rows=(), seeds=(0,), runs_only=True, progress=False
+        )
     )
     assert res["runs_only"] is True and set(res["runs"]) == {"local", "gradfree"}  # the reference always runs
     assert "rows" not in res and "files" not in res  # no attack ran, no report was written
