@@ -76,6 +76,21 @@ class SessionPrivacy:
     def noise_dict(self) -> dict[str, Any]:
         return self.noise.cfg.to_dict() if self.noise is not None else {}
 
+    def mark(self) -> torch.Tensor | None:
+        """The noise generator's state, for :meth:`rewind` before a retried request.
+
+        Why: a step (or evaluation) that fails after its activations left and is retried would otherwise send the
+        same records again under FRESH noise, a release the accountant never counted; the average of two
+        independent noisings is a less noisy view of the record. Rewound, the retry re-sends exactly the draws
+        already released (the same record, the same weights, the same noise), so it releases nothing new.
+        """
+        return self.noise.generator.get_state() if self.noise is not None else None
+
+    def rewind(self, state: torch.Tensor | None) -> None:
+        """Back to a :meth:`mark`: the next draws repeat the ones made since."""
+        if self.noise is not None and state is not None:
+            self.noise.generator.set_state(state)
+
     def install(self, bottom: torch.nn.Module) -> None:
         """dχ on the bottom's input embeddings (every forward: training, evaluation, generation)."""
         if self.noise is not None:

@@ -5,8 +5,10 @@ what was on (issue 16)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
+import torch
 
 from guardedp2p.errors import ConfigError
 from guardedp2p.privacy.obfuscation import ObfuscationConfig
@@ -124,3 +126,33 @@ def test_the_dx_hook_leaves_the_bottom_with_the_run(tmp_path, model):
     from guardedp2p.privacy.noise import token_embedding
 
     assert not token_embedding(client.bottom)._forward_hooks
+
+
+def test_a_retried_step_resends_the_noise_already_released_not_fresh_draws(tmp_path, model):
+    """A step that fails after its activations left is retried on a new session; with fresh noise the provider
+    would hold two independent noisings of the same records (a release the accountant never counted)."""
+    from guardedp2p.transport.base import PeerTimeout
+    from guardedp2p.wire.framing import MsgType, decode
+
+    sent: list[torch.Tensor] = []
+    failed_after: list[int] = []
+
+    class DropsOneGradient(InProcClientChannel):
+        def send(self, frames):
+            msg = decode([bytes(f) for f in frames])
+            if msg.type == MsgType.ACT_UP:
+                sent.append(next(iter(msg.tensors.values())).clone())
+            if msg.type == MsgType.GRAD_UP and len(sent) == 2 and not failed_after:
+                failed_after.append(len(sent))  # the second step's activations are out: drop its gradient
+                raise PeerTimeout("the provider went away mid-step")
+            super().send(frames)
+
+    noise = {"kind": "gaussian", "clip": 5.0, "noise_multiplier": 1.0, "clip_unit": "record", "delta": 1e-5}
+    opts = replace(_opts(tmp_path, "retried", noise=noise), retries=1)
+    app = provider_app(model)
+    client = prepare_client(opts, model=copy.deepcopy(model), tokenizer=tiny_tokenizer())
+    s = tune(opts, lambda: DropsOneGradient(app), client=client)
+    assert failed_after and s["steps"] == 3
+    assert len(sent) == 4, "three steps, the second sent twice (on the new session it is that session's step 1)"
+    assert torch.equal(sent[1], sent[2]), "the retry re-sent the draws already released"
+    assert s["privacy"]["noise"]["run"]["epsilon"] == "inf"

@@ -223,6 +223,18 @@ class _TrunkSlot:
         return self.current.fn(h1, mask, train=train, input_ids=input_ids)
 
 
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """torch's global generators (CPU and every initialised CUDA device): dropout draws from them."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1]:
+        torch.cuda.set_rng_state_all(state[1])
+
+
 class SplitRun:
     """One Online or Gradfree run: its session, trainer, data position, checkpoint and wire counters."""
 
@@ -318,7 +330,16 @@ class SplitRun:
         stop = CheckpointOnStop(
             lambda: self.save(at), lambda: self.trainer.step, self.resumed_from, self.checkpoint.directory
         )
-        return self.ladder.run(fn, what, link=self.link, stop=stop)
+        mark, rng = self.privacy.mark(), _rng_state()
+
+        def again() -> T:
+            # a retry recomputes exactly what the failed attempt sent: the noise draws already released
+            # (SessionPrivacy.mark) and the dropout masks, so the provider sees the same tensors, not a new view
+            self.privacy.rewind(mark)
+            _set_rng_state(rng)
+            return fn()
+
+        return self.ladder.run(again, what, link=self.link, stop=stop)
 
     def evaluate(self) -> dict[str, float]:
         c = self.client
