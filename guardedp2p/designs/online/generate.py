@@ -749,27 +749,6 @@ def check_plugged(client: GenerationClient, announced: object) -> None:
         )
 
 
-def noise_transform(noise: dict[str, Any] | None, device: torch.device) -> SentTransform | None:
-    """The session's noise on what is sent up, as in training (``--noise``): one generator per run, from OS
-    entropy unless a seed is set (guardedp2p/privacy/noise.py explains why)."""
-    if not noise or noise.get("kind", "none") == "none":
-        return None
-    from guardedp2p.privacy.noise import NoiseConfig, add_activation_noise
-
-    cfg = NoiseConfig(**noise)
-    gen = cfg.make_generator(device)
-    return lambda h: add_activation_noise(h, cfg, gen)
-
-
-def privacy_terms(noise: dict[str, Any] | None) -> dict[str, Any]:
-    """What the HELLO announces about the defences (never the noise seed)."""
-    if not noise or noise.get("kind", "none") == "none":
-        return {}
-    from guardedp2p.privacy.noise import NoiseConfig
-
-    return {"noise": NoiseConfig(**noise).describe()}
-
-
 __all__ = [
     "CachedTrunk",
     "FINISH_REASONS",
@@ -787,9 +766,7 @@ __all__ = [
     "eos_ids",
     "generation_hello",
     "load_generation_client",
-    "noise_transform",
     "PluggedTrunkMismatch",
     "check_plugged",
     "open_generation_session",
-    "privacy_terms",
 ]

@@ -16,7 +16,6 @@ from guardedp2p.designs.online.generate import (
     PromptTooLong,
     SplitGenerator,
     load_generation_client,
-    noise_transform,
     open_generation_session,
 )
 from guardedp2p.engine.arch import UnsupportedArchitectureError
@@ -147,13 +146,14 @@ def test_each_new_token_sends_one_position_each_way_and_the_provider_caches_the_
 
 def test_generation_applies_the_sessions_noise_at_every_step_and_is_recorded(tmp_path):
     from guardedp2p.attacks.transcript import TranscriptRecorder, load_transcript
+    from guardedp2p.privacy.noise import client_noise
 
     model = tiny_model("llama")
     app = provider_app(model, recorder=TranscriptRecorder(tmp_path / "rec"))
     client = _client(model)
     noise = {"kind": "gaussian", "scale": 0.5, "seed": 3}
     gen = SplitGenerator(
-        *_parts(client), _session(app, client).trunk, transform_sent=noise_transform(noise, client.device)
+        *_parts(client), _session(app, client).trunk, transform_sent=client_noise(noise, client.device).sent
     )
     clean = SplitGenerator(*_parts(client), LocalCachedTrunk(build_trunk(copy.deepcopy(model), SPLIT)))
     gen.generate([PROMPTS[1]], GenerateConfig(max_new_tokens=5, eos_token_ids=()))
