@@ -91,6 +91,7 @@ class RowDef:
     dp_epsilon: float = 0.0
     dx_epsilon: float = 0.0
     dx_selective: bool = False
+    dx_digits: bool = False  # with dx_selective: digits leave the keep list (dates, account numbers get full noise)
     preset: str = ""
     obfuscate: float = 0.0
     bottom: int = 0
@@ -120,7 +121,8 @@ class RowDef:
         if self.dp_epsilon:
             bits.append(f"clipped Gaussian, epsilon {self.dp_epsilon:g} over the run")
         if self.dx_epsilon:
-            bits.append(f"dx epsilon {self.dx_epsilon:g} on {'rare' if self.dx_selective else 'all'} input tokens")
+            on = "rare and digit" if self.dx_digits else ("rare" if self.dx_selective else "all")
+            bits.append(f"dx epsilon {self.dx_epsilon:g} on {on} input tokens")
         if self.obfuscate:
             bits.append(f"learned obfuscation weight {self.obfuscate:g}")
         if self.bottom:
@@ -182,6 +184,7 @@ FAST_SWEEP_ROWS: tuple[str, ...] = ("gf:topblocks:5e-4",)
 ROW_HELP = (
     "local, online, dcor_weak, dcor_strong, int8, nf4, noise, gradfree, gradfree_nf4, offline, or settings "
     "joined by '+': dcor:<alpha>, noise:<sigma>, dp:<epsilon>, dx:<epsilon>, dxtok:<epsilon> (rare tokens only), "
+    "dxfield:<epsilon> (rare tokens and every digit), "
     "obf:<weight>, depth:<bottom blocks>, preset:<balanced|strong>, codec:<fp16|bf16|int8|nf4|...>, "
     "topblocks:<lr> (the top blocks trained in full beside LoRA); prefix gf: "
     "for Gradfree (gradfree:<codec> is gf:codec:<codec>), e.g. obf:1+dxtok:30 or gf:dp:8"
@@ -193,6 +196,7 @@ _SETTING_FAMILY = {
     "dp": "dp",
     "dx": "dx",
     "dxtok": "dx",
+    "dxfield": "dx",
     "obf": "obfuscation",
     "depth": "depth",
     "preset": "preset",
@@ -240,6 +244,8 @@ def _setting(key: str, piece: str) -> dict[str, Any]:
     }
     if kind == "dxtok":
         return {"dx_epsilon": value, "dx_selective": True}
+    if kind == "dxfield":
+        return {"dx_epsilon": value, "dx_selective": True, "dx_digits": True}
     return {field_of[kind]: value}
 
 
@@ -250,6 +256,7 @@ def _label(design: str, pieces: Sequence[str]) -> str:
         "dp": "DP eps {}",
         "dx": "dx eps {}",
         "dxtok": "dx eps {} (rare tokens)",
+        "dxfield": "dx eps {} (rare tokens, digits)",
         "obf": "obfuscation {}",
         "depth": "bottom {} blocks",
         "preset": "--privacy {}",
@@ -572,7 +579,10 @@ def _row_noise(ctx: _Ctx, row: RowDef) -> dict[str, Any]:
 
         noise = {"kind": "dx", "epsilon": row.dx_epsilon, "dx_project": True}
         if row.dx_selective:
-            noise["keep_ids"] = frequent_token_ids(_public_ids(ctx), min_share=BALANCED_KEEP_SHARE)
+            from guardedp2p.privacy.noise import digit_token_ids
+
+            exclude = digit_token_ids(ctx.tok) if row.dx_digits else ()
+            noise["keep_ids"] = frequent_token_ids(_public_ids(ctx), min_share=BALANCED_KEEP_SHARE, exclude=exclude)
             noise["epsilon_keep"] = BALANCED_EPSILON_KEEP
     if "keep_ids" in noise:
         noise["keep_ids"] = tuple(int(i) for i in noise["keep_ids"])

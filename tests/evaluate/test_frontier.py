@@ -152,6 +152,9 @@ def test_sanity_gate_rules():
 def test_rows_and_the_pareto_front():
     assert parse_row("dcor:2").dcor == 2.0 and parse_row("noise:0.5").noise() == {"kind": "gaussian", "scale": 0.5}
     assert parse_row("gradfree:nf4").design == "gradfree" and parse_row("codec:int8").codec == "int8"
+    field = parse_row("dxfield:30")
+    assert (field.dx_epsilon, field.dx_selective, field.dx_digits, field.family) == (30.0, True, True, "dx")
+    assert "digit" in field.defence() and not parse_row("dxtok:30").dx_digits
     from guardedp2p.errors import ConfigError
 
     for bad in ("dp", "noise:-1", "codec:zip"):

@@ -16,6 +16,7 @@ from guardedp2p.privacy.noise import (
     add_gradient_noise,
     client_noise,
     clip_per_token,
+    digit_token_ids,
     frequent_token_ids,
     install_input_noise,
     token_embedding,
@@ -233,6 +234,22 @@ def test_frequent_token_ids_by_share_of_records():
         frequent_token_ids(seqs, -1)
     with pytest.raises(ConfigError):
         frequent_token_ids(seqs, min_share=2.0)
+
+
+def test_digit_token_ids_are_every_token_spelling_a_digit():
+    class Tok:
+        vocab = {"a": 0, "1": 1, " 20": 2, "b7": 3, " x": 4, "\u00b2": 5}
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        def decode(self, ids):
+            return {v: k for k, v in self.vocab.items()}[ids[0]]
+
+    assert digit_token_ids(Tok()) == [1, 2, 3, 5]
+    seqs = [[0, 1, 4], [1, 0], [1, 4, 0]]  # every record has the digit "1" (a date, an account number)
+    assert 1 in frequent_token_ids(seqs, min_share=0.5)
+    assert frequent_token_ids(seqs, min_share=0.5, exclude=digit_token_ids(Tok())) == [0, 4]
 
 
 # ------------------------------------------------------------------------------------------ top capacity
