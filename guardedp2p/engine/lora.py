@@ -13,7 +13,7 @@ import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -112,6 +112,7 @@ def _inject(part: _SplitPart, peft_cfg: LoraConfig, layers: Iterable[int], adapt
         return False
     cfg = copy.deepcopy(peft_cfg)
     cfg.layers_to_transform = own
+    cfg.modules_to_save = None  # modules saved in full are loaded by _load_saved_modules, never wrapped
     inject_adapter_in_model(cfg, part, adapter_name=adapter_name)
     return True
 
@@ -212,6 +213,95 @@ def _adapter_config_for_save(bottom: ClientBottom, top: ClientTop, adapter_name:
     return cfg
 
 
+def _block_index(name: str, blocks_path: str) -> int | None:
+    """The layer index in a module or parameter name under ``blocks_path`` (``model.layers.4.mlp`` -> 4)."""
+    prefix = blocks_path + "."
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix) :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def merged_top_blocks(
+    bottom: ClientBottom, top: ClientTop, *, adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """The top's blocks and final norm as trained in full (``TrainConfig.top_train = "blocks"``), LoRA merged in,
+    under their HF names (``model.layers.28.self_attn.q_proj.weight``): the weights the full model must take.
+
+    Exactly the parameters :func:`guardedp2p.train.trainer.unfreeze_top_blocks` trains (never one the bottom
+    shares, never the LM head)."""
+    from peft.tuners.lora import LoraLayer
+
+    shared = {id(p) for p in bottom.parameters()}
+    blocks = top.arch.blocks_path + "."
+    out: dict[str, torch.Tensor] = {}
+    for name, p in top.named_parameters():
+        if "lora_" in name or id(p) in shared or not p.is_floating_point():
+            continue
+        if name.startswith(blocks) or (p.ndim == 1 and "norm" in name):
+            out[name.replace(".base_layer.", ".")] = p.detach().to("cpu", torch.float32).clone()
+    for name, mod in top.named_modules():
+        if isinstance(mod, LoraLayer) and adapter_name in getattr(mod, "lora_A", {}) and f"{name}.weight" in out:
+            delta = cast(Any, mod).get_delta_weight(adapter_name)
+            out[f"{name}.weight"] += delta.detach().to("cpu", torch.float32)
+    if not any(k.startswith(blocks) for k in out):
+        raise AdapterError("the top owns no block to save in full (split with 0 top layers?)")
+    return out
+
+
+def _zero_lora(part: _SplitPart, cfg: LoraConfig) -> dict[str, torch.Tensor]:
+    """An identity LoRA (A = B = 0) on ``part``'s blocks, under PEFT file keys.
+
+    Why: PEFT stores fully trained modules as ``modules_to_save`` only beside at least one LoRA target, and may
+    not target a module it saves in full; a Gradfree client's bottom is frozen and has no LoRA, so its adapter
+    carries this exact no-op on the bottom to stay a stock PEFT folder (``AutoPeftModelForCausalLM`` loads it)."""
+    targets = cfg.target_modules
+    if not isinstance(targets, (set, list, tuple)):
+        raise AdapterError(f"cannot save top blocks beside LoRA target_modules given as a pattern ({targets!r})")
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in part.named_modules():
+        if name.rsplit(".", 1)[-1] not in targets or _block_index(name, part.arch.blocks_path) is None:
+            continue
+        if not isinstance(mod, nn.Linear):
+            raise AdapterError(
+                f"saving top blocks with a frozen bottom needs Linear projections; {name} is {type(mod).__name__} "
+                "(use --top-train lora on this architecture)"
+            )
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.zeros(cfg.r, mod.in_features)
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.zeros(mod.out_features, cfg.r)
+    return out
+
+
+def _save_with_top_blocks(
+    bottom: ClientBottom, top: ClientTop, adapter_name: str, base: str | None
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """PEFT config and tensors of an adapter whose top blocks trained in full: the bottom's LoRA (an identity one
+    when the bottom is frozen) plus the merged top blocks and final norm as ``modules_to_save``."""
+    full = merged_top_blocks(bottom, top, adapter_name=adapter_name)
+    blocks_path = top.arch.blocks_path
+    modules = sorted(
+        {f"{blocks_path}.{i}" if (i := _block_index(k, blocks_path)) is not None else k.rsplit(".", 1)[0] for k in full}
+    )
+    if _has_adapter(bottom, adapter_name):
+        cfg = copy.deepcopy(_adapter_configs(bottom)[adapter_name])
+        tensors = {PEFT_PREFIX + k: v for k, v in _part_lora_state(bottom, adapter_name).items()}
+    else:
+        cfg = copy.deepcopy(_adapter_configs(top)[adapter_name])
+        tensors = _zero_lora(bottom, cfg)
+    cfg.layers_to_transform = list(bottom.layer_range)
+    cfg.modules_to_save = modules
+    cfg.base_model_name_or_path = base
+    cfg.inference_mode = True
+    tensors.update({PEFT_PREFIX + k: v for k, v in full.items()})
+    return cfg, tensors
+
+
+def _part_lora_state(part: _SplitPart, adapter_name: str) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return dict(get_peft_model_state_dict(part, adapter_name=adapter_name))
+
+
 def save_adapter(
     bottom: ClientBottom,
     top: ClientTop,
@@ -219,12 +309,19 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     *,
     adapter_name: str = "default",
+    top_blocks: bool = False,
 ) -> Path:
-    """Write a standard PEFT folder (adapter_config.json + adapter_model.safetensors) loadable on the full model."""
+    """Write a standard PEFT folder (adapter_config.json + adapter_model.safetensors) loadable on the full model.
+
+    ``top_blocks``: the top's blocks trained in full (``--top-train blocks``); they go in as PEFT
+    ``modules_to_save`` with their LoRA merged in (:func:`_save_with_top_blocks`)."""
     from safetensors.torch import save_file
 
-    state = lora_state_dict(bottom, top, adapter_name=adapter_name)
-    cfg = _adapter_config_for_save(bottom, top, adapter_name, base_model_name_or_path)
+    if top_blocks:
+        cfg, state = _save_with_top_blocks(bottom, top, adapter_name, base_model_name_or_path)
+    else:
+        state = lora_state_dict(bottom, top, adapter_name=adapter_name)
+        cfg = _adapter_config_for_save(bottom, top, adapter_name, base_model_name_or_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(str(out))
@@ -305,8 +402,58 @@ def load_adapter_into_parts(
         claimed.update(sub)
         report.loaded[part.role] = len(sub)
         _set_trainable(part, cfg.bias, is_trainable)
+    if cfg.modules_to_save:
+        claimed.update(_load_saved_modules(top, cfg.modules_to_save, tensors, claimed, adapter_dir))
+        report.loaded["top_blocks"] = sum(
+            1 for k in claimed if k.startswith(tuple(m + "." for m in cfg.modules_to_save))
+        )
     report.ignored_keys = sorted(set(tensors) - claimed)
     return report
+
+
+def _load_saved_modules(
+    top: ClientTop, modules: Iterable[str], tensors: dict[str, torch.Tensor], claimed: set[str], where: str | Path
+) -> set[str]:
+    """Copy an adapter's ``modules_to_save`` (the top blocks trained in full) into the top's weights.
+
+    Every saved tensor must land on a parameter of the top (a LoRA-wrapped projection keeps its weight under
+    ``base_layer``), and every parameter of a saved top module must be in the file: a half-loaded block would
+    silently mix trained and pre-trained weights."""
+    params = dict(top.named_parameters())
+    prefixes = tuple(m + "." for m in modules)
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key in claimed or not key.startswith(prefixes):
+                continue
+            head, _, leaf = key.rpartition(".")
+            name = key if key in params else f"{head}.base_layer.{leaf}"
+            if name not in params:
+                if top.arch.blocks_path + "." in key and _block_index(key, top.arch.blocks_path) not in set(
+                    top.layer_range
+                ):
+                    raise AdapterError(
+                        f"adapter {where} saves block {key.split('.')[2]} in full, which this client does not hold "
+                        f"(its top blocks are {list(top.layer_range)}): it was made for another split"
+                    )
+                raise AdapterError(f"adapter {where}: saved tensor {key!r} matches no weight of the client's top")
+            if params[name].shape != value.shape:
+                raise AdapterError(
+                    f"adapter {where}: {key} has shape {tuple(value.shape)}, the top's is {tuple(params[name].shape)}"
+                )
+            params[name].copy_(value.to(params[name].dtype))
+            loaded.add(key)
+    want = {
+        n.replace(".base_layer.", ".")
+        for n in params
+        if n.replace(".base_layer.", ".").startswith(prefixes) and "lora_" not in n
+    }
+    missing = sorted(want - loaded)
+    if missing:
+        raise AdapterError(
+            f"adapter {where} lacks {len(missing)} weights of its saved top modules, e.g. {missing[0]!r}"
+        )
+    return loaded
 
 
 def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:

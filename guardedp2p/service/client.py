@@ -512,6 +512,11 @@ def plan_tune(opts: TuneOptions, *, out_action: str = "", extra: dict[str, Any] 
                 "use --noise or --privacy instead"
             )
         privacy["obfuscation"] = opts.obfuscation.describe()
+    if opts.train.top_train == "blocks" and opts.protocol == "offline":
+        raise ConfigError(
+            "--top-train blocks is for the split designs; on an emulator train full blocks with the offline "
+            "design's full-block adapters instead"
+        )
     if opts.micro_batches < 1:
         raise ConfigError(f"--micro-batches must be 1 or more (1 turns pipelining off), got {opts.micro_batches}")
     # with --kit the kit's own config is the model (its split is checked again, signed, when it loads)

@@ -227,3 +227,63 @@ def test_top_only_adapter_gradfree_style(tmp_path):
     report = load_adapter_into_parts(cp2.bottom, cp2.top, out)
     assert report.loaded == {"client top": len(lora_state_dict(cp.bottom, cp.top))}
     torch.testing.assert_close(_eval_loss(cp2, trunk2, batch), want, rtol=1e-6, atol=0)
+
+
+def _perturb_top_blocks(cp, seed=5):
+    """As after --top-train blocks: the top's block weights and final norm moved (LoRA B too)."""
+    from guardedp2p.train.trainer import unfreeze_top_blocks
+
+    names = unfreeze_top_blocks(cp.top, cp.bottom)
+    g = torch.Generator().manual_seed(seed)
+    params = dict(cp.top.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            params[n].add_(torch.randn(params[n].shape, generator=g) * 0.05)
+    return names
+
+
+@pytest.mark.parametrize("bottom_lora", [False, True], ids=["gradfree", "online"])
+def test_top_blocks_trained_in_full_save_as_peft_modules_to_save(bottom_lora, tmp_path):
+    """--top-train blocks: the adapter carries the top blocks (LoRA merged in) as modules_to_save, loads with stock
+    PEFT on the full model and into fresh client parts, and computes what the tuned split computed."""
+    from peft import PeftModel
+
+    batch = tiny_batch()
+    _, cp, trunk = _client("llama")
+    attach_lora(cp.bottom, cp.top, LoraSettings(r=2, alpha=4), bottom=bottom_lora)
+    _randomize_b(cp.bottom, cp.top)
+    assert _perturb_top_blocks(cp)
+    want = _eval_loss(cp, trunk, batch)
+    out = save_adapter(cp.bottom, cp.top, tmp_path / "ad", base_model_name_or_path="tiny", top_blocks=True)
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["layers_to_transform"] == [0, 1] and conf["modules_to_save"] == [
+        "model.layers.4",
+        "model.layers.5",
+        "model.norm",
+    ]
+    full = PeftModel.from_pretrained(tiny_model("llama"), str(out))
+    ids, mask, labels = batch
+    with torch.no_grad():
+        got = full(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    _, cp2, trunk2 = _client("llama")
+    report = load_adapter_into_parts(cp2.bottom, cp2.top, out)
+    assert report.loaded["top_blocks"] > 0 and not report.ignored_keys
+    torch.testing.assert_close(_eval_loss(cp2, trunk2, batch), want, rtol=1e-5, atol=1e-6)
+    # the LoRA-only adapter of the same parts misses the blocks: a different model
+    lora_only = save_adapter(cp.bottom, cp.top, tmp_path / "lora-only")
+    _, cp3, trunk3 = _client("llama")
+    load_adapter_into_parts(cp3.bottom, cp3.top, lora_only)
+    assert abs(_eval_loss(cp3, trunk3, batch).item() - want.item()) > 1e-4
+
+
+def test_top_blocks_adapter_for_another_split_is_refused(tmp_path):
+    _, cp, _ = _client("llama")
+    attach_lora(cp.bottom, cp.top, LoraSettings(r=2), bottom=False)
+    _perturb_top_blocks(cp)
+    out = save_adapter(cp.bottom, cp.top, tmp_path / "ad", top_blocks=True)
+    model = tiny_model("llama")
+    other = build_client_parts(model, SplitConfig(2, 1))
+    with pytest.raises(AdapterError, match="another split|does not hold"):
+        load_adapter_into_parts(other.bottom, other.top, out)

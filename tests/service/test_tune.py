@@ -79,6 +79,47 @@ def test_adapter_loads_with_stock_peft_and_gives_the_same_eval_loss(tmp_path):
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("protocol", ["gradfree", "online"])
+def test_top_blocks_run_saves_them_and_the_adapter_computes_the_tuned_model(tmp_path, protocol):
+    """--top-train blocks end to end: the top's blocks train in full at their own lr, the adapter carries them as
+    PEFT modules_to_save, and stock PEFT on the full model computes what the tuned split computes."""
+    from peft import PeftModel
+
+    from guardedp2p.data.collate import collate
+    from guardedp2p.engine.split import loss_fn
+
+    model = tiny_model("llama")
+    app = provider_app(model)
+    opts = _opts(tmp_path, protocol=protocol, steps=4)
+    opts.train.top_train, opts.train.top_lr = "blocks", 5e-4
+    client = _client(model, opts)
+    before = {n: p.detach().clone() for n, p in client.top.named_parameters() if ".layers.5.mlp.down_proj" in n}
+    s = tune(opts, lambda: InProcClientChannel(app), client=client)
+    after = dict(client.top.named_parameters())
+    assert any(not torch.equal(v, after[n]) for n, v in before.items()), "the top block itself trained"
+    conf = json.loads((tmp_path / f"run-{protocol}" / "adapter" / "adapter_config.json").read_text())
+    assert conf["modules_to_save"] == ["model.layers.4", "model.layers.5", "model.norm"]
+    full = PeftModel.from_pretrained(copy.deepcopy(model), s["adapter_dir"]).eval()
+    tok = tiny_tokenizer()
+    ids = tok("w1 w2 w3 w4 w5")["input_ids"]
+    b = collate([{"input_ids": ids, "labels": ids}], tok.pad_token_id)
+    with torch.no_grad():
+        ref = full(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        h2 = app_trunk_forward(model, client.bottom(b["input_ids"], b["attention_mask"]), b["attention_mask"])
+        mine = loss_fn(client.top(h2, b["attention_mask"]), b["labels"])
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_top_blocks_are_refused_for_offline(tmp_path):
+    from guardedp2p.errors import ConfigError
+    from guardedp2p.service.client import plan_tune
+
+    opts = _opts(tmp_path, protocol="offline")
+    opts.train.top_train = "blocks"
+    with pytest.raises(ConfigError, match="full-block adapters"):
+        plan_tune(opts)
+
+
 def app_trunk_forward(model, h1, mask):
     from guardedp2p.engine.split import build_trunk
 

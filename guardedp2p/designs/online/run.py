@@ -475,7 +475,13 @@ def _run_split(run: SplitRun, opts: TuneOptions, out: Path, started: float, cons
     with status(opts.progress, console, "evaluating the tuned model…"):
         eval_after = {} if opts.skip_eval else run.evaluate()
     adapter_dir = out / "adapter"
-    save_adapter(run.client.bottom, run.client.top, adapter_dir, base_model_name_or_path=opts.model)
+    save_adapter(
+        run.client.bottom,
+        run.client.top,
+        adapter_dir,
+        base_model_name_or_path=opts.model,
+        top_blocks=opts.train.top_train == "blocks",
+    )
     run.link.close()  # BYE, counted in the summary's bytes
     summary = run.summary(started, eval_before, eval_after, train_s, split, adapter_dir)
     write_summary(out, summary)
