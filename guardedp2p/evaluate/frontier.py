@@ -1503,6 +1503,8 @@ def run_frontier(
             frac = client_param_fraction(base, d.bottom, cfg.top_layers)["fraction"]
         else:
             frac = ip["fraction"]
+        # what the client holds in memory, in fp32 weights (the cost side of cut depth; activations come on top)
+        client_mib = None if frac is None else frac * ip["total_params"] * 4 / 2**20
         rows.append(
             {
                 "row": d.key,
@@ -1515,6 +1517,7 @@ def run_frontier(
                 "bytes_per_step": round(float(np.mean([x["cost"]["bytes_per_step"] for x in rs])), 1),
                 "client_s_per_step": round(float(np.mean([x["cost"]["client_s_per_step"] for x in rs])), 4),
                 "ip_exposure": None if frac is None else round(float(frac), 4),
+                "client_weights_mib": None if client_mib is None else round(float(client_mib), 1),
                 "one_off_bytes": int(np.mean([x["cost"].get("one_off_bytes", 0) for x in rs])),
                 "train_s_per_seed": [x["cost"]["train_s"] for x in rs],
                 "seeds": [x["seed"] for x in rs],

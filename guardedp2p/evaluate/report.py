@@ -12,6 +12,14 @@ from typing import Any
 HEADLINE_COMMAND = "nice -n 10 guardedp2p evaluate --threads 1"
 
 
+def _ip(row: dict[str, Any]) -> str:
+    """IP exposure (share of the weights the client holds) and what those weights weigh in fp32."""
+    if row.get("ip_exposure") is None:
+        return "n/a"
+    mib = row.get("client_weights_mib")
+    return f"{100 * row['ip_exposure']:.1f}%" + (f" ({mib:.0f} MiB)" if mib is not None else "")
+
+
 def _f(x: Any, nd: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.{nd}f}"
 
@@ -78,7 +86,7 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
         ]
     out += [
         "| row | defence | seeds | acc [95% CI] | loss vs local, pts [CI] | NLL diff vs local [CI] | best attack ROUGE-L [CI] | "
-        "worst seq | secrets | seqs / steps | bytes/step | client s/step | IP exposure | Pareto |",
+        "worst seq | secrets | seqs / steps | bytes/step | client s/step | IP exposure (client weights) | Pareto |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for r in rows:
@@ -102,7 +110,7 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
         out.append(
             f"| {r['label']} | {r['defence']} | {len(r.get('seeds') or []) or ''} | {_f(u['acc'])}{_ci(u['ci95'])} | {_f(u['loss_pts_vs_local'], 1)}{_ci(u['loss_ci95'], 1)} | "
             f"{_f(u.get('nll_diff_vs_local'))}{_ci(u.get('nll_diff_ci95'))} | {priv[0]} | {priv[1]} | {priv[2]} | {priv[3]} | {bps} | "
-            f"{_f(r['client_s_per_step'], 3)} | {_f(100 * r['ip_exposure'], 1) + '%' if r['ip_exposure'] is not None else 'n/a'} | "
+            f"{_f(r['client_s_per_step'], 3)} | {_ip(r)} | "
             f"{'yes' if r.get('pareto') else ''} |"
         )
     seed_counts = {len(r.get("seeds") or []) for r in rows}

@@ -80,6 +80,7 @@ def test_fast_frontier_writes_every_field_and_passes_the_gate(fast_run):
     assert abs(rows["online"]["utility"]["loss_pts_vs_local"]) < 1e-9
     assert rows["int8"]["bytes_per_step"] < rows["online"]["bytes_per_step"]
     assert rows["offline"]["ip_exposure"] > rows["online"]["ip_exposure"]
+    assert 0 < rows["online"]["client_weights_mib"] < rows["local"]["client_weights_mib"]
     assert res["pareto_front"] and all(rows[k]["pareto"] for k in res["pareto_front"])
     assert rows["online"]["privacy"]["adaptive"] is True
     # a sweep row runs on the first seed only, and its utility loss pairs it with Local LoRA of that seed
