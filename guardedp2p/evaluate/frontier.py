@@ -166,16 +166,18 @@ HEADLINE_ROWS: tuple[str, ...] = (
     "gf:preset:balanced+topblocks:5e-4",
     "offline",
 )
-#: Points of every other family, measured on the first seed only (``--sweep-rows``): the frontier's shape, not its
-#: headline. dCor 4: the strongest weight of the earlier grid; ``preset:strong``: formal DP noise at epsilon 8 over
-#: the whole run; learned obfuscation at two weights; dchi on every input token; no-defence Gradfree's neighbour.
+#: Points of every other family, measured on the first seed only (``--sweep-rows default``): the frontier's shape,
+#: not its headline. Learned obfuscation at two weights; dchi on every input token; field-aware token-selective
+#: dchi (digits noised too) for Online and for Gradfree with its top blocks; ``--privacy balanced`` on plain
+#: Gradfree; ``preset:strong``: formal DP noise at epsilon 8 over the whole run.
 SWEEP_ROWS: tuple[str, ...] = (
     "obf:1",
     "obf:0.1",
     "dx:50",
+    "dxfield:30",
     "gf:preset:balanced",
+    "gf:dxfield:30+topblocks:5e-4",
     "preset:strong",
-    "dcor_strong",
 )
 #: ``--fast`` (tiny random model): one row of each mechanism the attacker replays (dCor bottoms, codec, noise), the
 #: three designs, and one sweep row, so the CI test covers every path of the grid in a couple of minutes.
