@@ -1562,7 +1562,7 @@ def run_frontier(
         "rows": rows,
         "command": cfg.command,
         "wall_s": round(time.perf_counter() - t0, 1),
-        "compute": _compute_spent(runs, ctx),
+        "compute": _compute_spent(runs, ctx, [d for d in defs if cfg.seeds_for(d) == cfg.seeds]),
         "torch_threads": torch.get_num_threads(),
         "version": FRONTIER_VERSION,
     }
@@ -1575,8 +1575,13 @@ def run_frontier(
     return result
 
 
-def _compute_spent(runs: Mapping[str, list[dict[str, Any]]], ctx: _Ctx) -> dict[str, Any]:
-    """What the grid cost when each unit ran (cached units included): the budget of a fresh run on this machine."""
+def _compute_spent(
+    runs: Mapping[str, list[dict[str, Any]]], ctx: _Ctx, headline: Sequence[RowDef] = ()
+) -> dict[str, Any]:
+    """What the grid cost when each unit ran (cached units included): the budget of a fresh run on this machine.
+
+    ``headline``: the rows run at every seed; their runs and attackers are also summed on their own (the budget the
+    headline grid is held to, without the sweep rows)."""
     run_s = {k: round(sum(float(r.get("run_s", 0.0)) for r in rs), 1) for k, rs in runs.items()}
     run_cpu = {k: round(sum(float(r.get("cpu_s", 0.0)) for r in rs), 1) for k, rs in runs.items()}
     att = [s for _, _, s in ctx.attackers.values()]
@@ -1584,7 +1589,21 @@ def _compute_spent(runs: Mapping[str, list[dict[str, Any]]], ctx: _Ctx) -> dict[
         sum(float(s.get("simulate_s", 0)) + float(s.get("features_s", 0)) + float(s.get("train_s", 0)) for s in att), 1
     )
     attacker_cpu = round(sum(float(s.get("cpu_s", 0)) for s in att), 1)
+    head: dict[str, Any] = {}
+    if headline:
+        keys = {d.key for d in headline}
+        mine = {_attacker_key(ctx, _mechanism(ctx, d)) for d in headline if d.split}
+        h_att = [s for k, (_, _, s) in ctx.attackers.items() if k in mine]
+        cpu = sum(run_cpu.get(k, 0.0) for k in keys) + sum(float(s.get("cpu_s", 0)) for s in h_att)
+        head = {
+            "rows": sorted(keys),
+            "attackers": len(h_att),
+            "cpu_s": round(cpu, 1),
+            # single-threaded units shared by two --runs-only processes (then one process for the attackers)
+            "two_core_wall_h_estimate": round(cpu / 2 / 3600, 2),
+        }
     return {
+        "headline": head,
         "runs_s": run_s,
         "runs_cpu_s": run_cpu,
         "attackers_s": attacker_s,

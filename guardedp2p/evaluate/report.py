@@ -166,6 +166,14 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
             "what is new.",
             "",
         ]
+        head = comp.get("headline") or {}
+        if head:
+            out += [
+                f"The headline rows alone ({', '.join(head['rows'])}, every seed, and their {head['attackers']} "
+                f"attacker(s)) took {head['cpu_s'] / 3600:.2f} h of CPU time: about {head['two_core_wall_h_estimate']:.2f} h "
+                "of wall time on 2 cores with two single-threaded `--runs-only` processes sharing `--out`.",
+                "",
+            ]
     out += [
         "## How the numbers are made",
         "",

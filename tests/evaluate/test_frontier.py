@@ -89,6 +89,9 @@ def test_fast_frontier_writes_every_field_and_passes_the_gate(fast_run):
     local0 = rows["local"]["utility"]["acc_per_seed"][0]
     assert sweep["utility"]["loss_pts_vs_local"] == pytest.approx(100 * (local0 - sweep["utility"]["acc"]), abs=0.01)
     assert "sweep points" in md and "| 1 |" in md
+    head = res["compute"]["headline"]
+    assert FAST_SWEEP_ROWS[0] not in head["rows"] and "online" in head["rows"] and head["cpu_s"] > 0
+    assert "The headline rows alone" in md
     prior = res["prior"]
     assert 0 < prior["rougeL"] < rows["online"]["privacy"]["best_rougeL"] and "format prior" in md
     # the tiny model's noise row: the learned attack fails there (the format prior is all that is left), and the
