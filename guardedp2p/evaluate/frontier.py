@@ -1319,6 +1319,7 @@ def _privacy_block(
             a: {
                 "mean_rougeL": round(float(M[i].mean()), 4),
                 "worst_rougeL": round(float(M[i].max()), 4),
+                "token_acc": round(float(np.mean([s["token_acc"] for s in per_attack[a]])), 4),
                 "secrets_recovered": None if math.isnan(secs[a].fraction) else round(secs[a].fraction, 4),
             }
             for i, a in enumerate(names)

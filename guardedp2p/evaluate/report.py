@@ -142,6 +142,26 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
                 f"{'yes' if a.get('plateaued') else '**no**'} |"
             )
         out.append("")
+    by_attack = [
+        (r["label"], r["privacy"]["per_attack"]) for r in rows if r["privacy"].get("per_attack") and not broken
+    ]
+    if by_attack:
+        out += [
+            "## Every attack on every row",
+            "",
+            "Mean and worst per-sequence ROUGE-L, token accuracy (position by position) and secrets recovered of each "
+            "attack; the table above reports the best one.",
+            "",
+            "| row | attack | mean ROUGE-L | worst seq | token acc | secrets |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for label, attacks in by_attack:
+            for name, a in attacks.items():
+                out.append(
+                    f"| {label} | {name} | {_f(a.get('mean_rougeL'))} | {_f(a.get('worst_rougeL'))} | "
+                    f"{_f(a.get('token_acc'))} | {_f(a.get('secrets_recovered'))} |"
+                )
+        out.append("")
     leaks = [(r["label"], r["privacy"]["most_leaked"]) for r in rows if r["privacy"].get("most_leaked") and not broken]
     if leaks:
         out += ["## The most-leaked sequence of each row", ""]

@@ -67,6 +67,7 @@ def test_fast_frontier_writes_every_field_and_passes_the_gate(fast_run):
     for key in ("online", "dcor_strong", "int8", "noise", "gradfree"):
         p = rows[key]["privacy"]
         assert set(p["per_attack"]) == {"sip_adaptive", "template"}, key
+        assert all(0 <= a["token_acc"] <= 1 for a in p["per_attack"].values()), key
         assert p["sequences"] >= 32 and p["steps_observed"] >= 8, key
         # the best attack is at least the format prior: one typical aux record sent for every sequence
         assert p["best_rougeL"] >= p["per_attack"]["template"]["mean_rougeL"] - 1e-9, key
@@ -91,7 +92,7 @@ def test_fast_frontier_writes_every_field_and_passes_the_gate(fast_run):
     assert "sweep points" in md and "| 1 |" in md
     head = res["compute"]["headline"]
     assert FAST_SWEEP_ROWS[0] not in head["rows"] and "online" in head["rows"] and head["cpu_s"] > 0
-    assert "The headline rows alone" in md
+    assert "The headline rows alone" in md and "## Every attack on every row" in md
     prior = res["prior"]
     assert 0 < prior["rougeL"] < rows["online"]["privacy"]["best_rougeL"] and "format prior" in md
     # the tiny model's noise row: the learned attack fails there (the format prior is all that is left), and the
