@@ -39,6 +39,7 @@ _THIRD_PARTY = (
     "bitsandbytes",
     "huggingface_hub",
     "datasets",
+    "kernels",  # "Skipping publisher trust check ... offline mode" on every load of a model, in the demo too
 )
 
 
