@@ -315,9 +315,22 @@ class SplitRun:
         self.resumed_extra = resumed.extra  # what the interrupted run measured once (its untuned evaluation)
         self.ladder = RetryLadder(opts.retries)
         self.train_bytes = [0, 0]  # up, down during the training steps
+        self.plugged: dict[str, Any] | None = None  # ACCEPT's plugged trunk for this key, if any
 
     def _on_open(self, session: ClientSession, terms: dict[str, Any]) -> None:
         check_recording(session, terms, refuse=self.opts.refuse_recording)
+        plugged = terms.get("plugged")
+        if isinstance(plugged, dict) and plugged != self.plugged:
+            # the provider runs a trunk with this key's earlier (Offline) adapters plugged in: what is tuned now
+            # builds on that trunk, so the adapter saved at the end needs it too (docs/user-guide.md, Generation)
+            log.warning(
+                "the provider serves your key a trunk with adapter bundle %s… plugged in (trunk blocks %s): the "
+                "adapter this run saves is tuned on top of it and needs that trunk, not the base model's; the "
+                "summary records it as provider_trunk",
+                str(plugged.get("bundle", "?"))[:16],
+                plugged.get("blocks", "?"),
+            )
+            self.plugged = {k: plugged[k] for k in ("bundle", "blocks") if k in plugged}
         self.trunk.current = self.design.build_trunk(self.trunk_opts, session, self.client)
 
     def save(self, data_state: DataState | None = None) -> None:
@@ -433,6 +446,7 @@ class SplitRun:
             "micro_batches": opts.micro_batches,
             "time_split": split,  # training steps only: client compute, provider compute, (de)serialisation, wire
             "fingerprint": self.client.fingerprint,
+            "provider_trunk": {"plugged": self.plugged} if self.plugged else "base",
             **(self.trunk.current.stats() if self.trunk.current else {}),
         }
         return build_summary(record, traffic, extra)

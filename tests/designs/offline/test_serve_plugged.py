@@ -253,3 +253,41 @@ def test_cli_serve_plugged_is_checked_before_the_model_loads(tmp_path):
     args = ["provider", "serve", "--keys", str(tmp_path), "--allow", str(tmp_path / "a.key"), "--serve-plugged"]
     res = run(app, [*args, f"{tmp_path / 'nobody.key'}={tmp_path / 'b'}"])
     assert res.exit_code != 0 and "cannot read the client key" in res.output, res.output
+
+
+def test_tuning_against_a_plugged_trunk_is_said_and_recorded(tmp_path, caplog):
+    """The owner's Online run goes through its plugged trunk: the adapter it saves builds on that trunk, so the
+    client warns and the summary names the bundle (another key's run says ``base``)."""
+    import logging
+
+    from guardedp2p.service.client import TuneOptions, prepare_client, tune
+    from guardedp2p.train.config import TrainConfig
+    from tests.tiny_tokenizer import write_text_records
+
+    model = tiny_model("llama")
+    signer = Ed25519PrivateKey.generate()
+    bundle, _ = _lora_bundle(model, tmp_path, signer)
+    app = _app(model, {OWNER: bundle}, {OWNER: [signer.public_key()]})
+    data = write_text_records(tmp_path / "train.jsonl", distinct=8)
+    caplog.set_level(logging.WARNING)
+    summaries = {}
+    for peer in (OWNER, OTHER):
+        opts = TuneOptions(
+            protocol="online",
+            model="tiny",
+            data=str(data),
+            out=str(tmp_path / peer),
+            train=TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=0, checkpoint_every=0, max_length=16),
+            bottom_layers=SERVED.bottom_layers,
+            top_layers=SERVED.top_layers,
+            progress=False,
+            timeout=5.0,
+            retries=0,
+            skip_eval=True,
+        )
+        client = prepare_client(opts, model=copy.deepcopy(model), tokenizer=tiny_tokenizer())
+        summaries[peer] = tune(opts, lambda p=peer: InProcClientChannel(app, peer=p), client=client)
+    sha = read_manifest(bundle, None, kind=BUNDLE_KIND).sha256
+    assert summaries[OWNER]["provider_trunk"] == {"plugged": {"bundle": sha, "blocks": [2]}}
+    assert summaries[OTHER]["provider_trunk"] == "base"
+    assert sum("plugged in" in r.getMessage() for r in caplog.records) == 1
