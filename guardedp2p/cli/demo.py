@@ -138,9 +138,9 @@ def demo(
     ),
     privacy: str = typer.Option(
         "off",
-        help="Privacy preset, as client tune --privacy: off, balanced (dx on rare input tokens), strong (formal DP).",
-        parser=choice("a privacy preset", ("off", "balanced", "strong")),
-        metavar="off|balanced|strong",
+        help="Privacy preset, as client tune --privacy: off, balanced (dx on rare input tokens), fields (and on every digit), strong (formal DP).",
+        parser=choice("a privacy preset", ("off", "balanced", "fields", "strong")),
+        metavar="off|balanced|fields|strong",
     ),
     out: Path | None = typer.Option(
         None,

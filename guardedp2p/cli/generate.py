@@ -298,9 +298,9 @@ _NOISE = typer.Option(
 _PRIVACY = typer.Option(
     "off",
     help="Privacy preset, as client tune --privacy: the same protection at inference as in training (off, "
-    "balanced: dx on rare input tokens, strong: clipped Gaussian calibrated to epsilon 8 for one release).",
-    parser=choice("a privacy preset", ("off", "balanced", "strong")),
-    metavar="off|balanced|strong",
+    "balanced: dx on rare input tokens, fields: and on every digit, strong: clipped Gaussian calibrated to epsilon 8 for one release).",
+    parser=choice("a privacy preset", ("off", "balanced", "fields", "strong")),
+    metavar="off|balanced|fields|strong",
 )
 _PUBLIC_TEXT = typer.Option(
     None, help="Public records in your data's style for the balanced preset's keep list (default: the demo's)."

@@ -8,7 +8,7 @@
   generator.
 * :mod:`guardedp2p.privacy.accounting` -- ε over every release of a record in a run, by ``dp-accounting``.
 * :mod:`guardedp2p.privacy.obfuscation` -- the learned defence: the bottom trained against the client's own inverter.
-* :mod:`guardedp2p.privacy.presets` -- ``--privacy off|balanced|strong`` resolved to documented parameters.
+* :mod:`guardedp2p.privacy.presets` -- ``--privacy off|balanced|fields|strong`` resolved to documented parameters.
 
 The accounting, obfuscation and preset modules load on first use (``dp-accounting`` is imported only there).
 """

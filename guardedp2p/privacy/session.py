@@ -168,8 +168,14 @@ def resolve_session_privacy(
 
     resolved: PrivacyPreset | None = None
     if preset != "off":
+        keyed = preset in ("balanced", "fields")  # their keep lists come from public text in the client's style
+        digits: list[int] = []
+        if preset == "fields":
+            from guardedp2p.privacy.noise import digit_token_ids
+
+            digits = digit_token_ids(tokenizer)
         resolved = resolve_preset(
-            preset, shape=shape, public_ids=public_ids(public_text) if preset == "balanced" else None
+            preset, shape=shape, public_ids=public_ids(public_text) if keyed else None, digit_ids=digits
         )
     spec = dict(noise) if noise else (dict(resolved.noise) if resolved is not None else {})
     if resolved is not None and dcor_alpha == 0:

@@ -1,4 +1,4 @@
-"""``--privacy off|balanced|strong`` resolve to the documented parameters (guardedp2p/privacy/presets.py)."""
+"""``--privacy off|balanced|fields|strong`` resolve to the documented parameters (guardedp2p/privacy/presets.py)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,17 @@ def test_balanced_is_token_selective_dx_with_the_documented_epsilons():
     assert cfg.keep_ids == (5, 7)
     plain = P.resolve_preset("balanced")
     assert "keep_ids" not in plain.noise and plain.noise["epsilon"] == 30.0
+
+
+def test_fields_is_balanced_without_the_digits_on_its_keep_list():
+    public = [[5, 5, 7, 9], [5, 7, 11]] * 3 + [[20 + i, 5] for i in range(40)]
+    balanced = P.resolve_preset("balanced", public_ids=public)
+    fields = P.resolve_preset("fields", public_ids=public, digit_ids=[7])  # 7: a digit in every record
+    assert balanced.noise["keep_ids"] == [5, 7] and fields.noise["keep_ids"] == [5]
+    assert {k: v for k, v in fields.noise.items() if k != "keep_ids"} == {
+        k: v for k, v in balanced.noise.items() if k != "keep_ids"
+    }
+    assert fields.describe()["name"] == "fields" and "secrets 0.20" in fields.evidence
 
 
 @pytest.mark.parametrize(
@@ -71,6 +82,6 @@ def test_describe_is_json_for_the_handshake_and_unknown_names_are_refused():
         d = P.resolve_preset(name).describe()
         json.dumps(d)
         assert d["name"] == name and d["evidence"]
-    with pytest.raises(ConfigError, match="off, balanced, strong"):
+    with pytest.raises(ConfigError, match="off, balanced, fields, strong"):
         P.resolve_preset("paranoid")
     assert P.resolve_preset("strong", shape=P.RunShape(design="offline")).noise == {}

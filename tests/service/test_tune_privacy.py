@@ -73,6 +73,17 @@ def test_balanced_preset_puts_dx_on_the_input_and_names_itself(tmp_path, model, 
     assert s["loss_first"] != pytest.approx(clean["loss_first"], abs=1e-4)
 
 
+def test_fields_preset_keeps_fewer_tokens_than_balanced_none_with_a_digit(tmp_path, model):
+    from guardedp2p.privacy.noise import digit_token_ids
+
+    tok = tiny_tokenizer()
+    digits = set(digit_token_ids(tok))
+    balanced = _run(tmp_path, "b", model, privacy="balanced")["privacy"]["noise"]["keep_ids"]
+    fields = _run(tmp_path, "f", model, privacy="fields")["privacy"]
+    assert fields["preset"]["name"] == "fields" and 0 < fields["noise"]["keep_ids"] < balanced
+    assert digits, "the tiny vocabulary spells its words with digits (w1, w2, ...)"
+
+
 def test_explicit_noise_overrides_the_preset(tmp_path, model):
     s = _run(tmp_path, "over", model, privacy="balanced", noise={"kind": "gaussian", "scale": 0.5})
     assert s["privacy"]["noise"]["kind"] == "gaussian"
