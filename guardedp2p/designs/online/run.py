@@ -319,8 +319,11 @@ class SplitRun:
 
     def _on_open(self, session: ClientSession, terms: dict[str, Any]) -> None:
         check_recording(session, terms, refuse=self.opts.refuse_recording)
-        plugged = terms.get("plugged")
-        if isinstance(plugged, dict) and plugged != self.plugged:
+        announced = terms.get("plugged")
+        plugged = (
+            {k: announced[k] for k in ("bundle", "blocks") if k in announced} if isinstance(announced, dict) else None
+        )
+        if plugged and plugged != self.plugged:  # said once per trunk, not on every reconnect
             # the provider runs a trunk with this key's earlier (Offline) adapters plugged in: what is tuned now
             # builds on that trunk, so the adapter saved at the end needs it too (docs/user-guide.md, Generation)
             log.warning(
@@ -330,7 +333,7 @@ class SplitRun:
                 str(plugged.get("bundle", "?"))[:16],
                 plugged.get("blocks", "?"),
             )
-            self.plugged = {k: plugged[k] for k in ("bundle", "blocks") if k in plugged}
+            self.plugged = plugged
         self.trunk.current = self.design.build_trunk(self.trunk_opts, session, self.client)
 
     def save(self, data_state: DataState | None = None) -> None:
