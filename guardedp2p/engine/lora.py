@@ -403,7 +403,7 @@ def load_adapter_into_parts(
         report.loaded[part.role] = len(sub)
         _set_trainable(part, cfg.bias, is_trainable)
     if cfg.modules_to_save:
-        claimed.update(_load_saved_modules(top, cfg.modules_to_save, tensors, claimed, adapter_dir))
+        claimed.update(_load_saved_modules(bottom, top, cfg.modules_to_save, tensors, claimed, adapter_dir))
         report.loaded["top_blocks"] = sum(
             1 for k in claimed if k.startswith(tuple(m + "." for m in cfg.modules_to_save))
         )
@@ -412,14 +412,19 @@ def load_adapter_into_parts(
 
 
 def _load_saved_modules(
-    top: ClientTop, modules: Iterable[str], tensors: dict[str, torch.Tensor], claimed: set[str], where: str | Path
+    bottom: ClientBottom,
+    top: ClientTop,
+    modules: Iterable[str],
+    tensors: dict[str, torch.Tensor],
+    claimed: set[str],
+    where: str | Path,
 ) -> set[str]:
     """Copy an adapter's ``modules_to_save`` (the top blocks trained in full) into the top's weights.
 
     Every saved tensor must land on a parameter of the top (a LoRA-wrapped projection keeps its weight under
     ``base_layer``), and every parameter of a saved top module must be in the file: a half-loaded block would
     silently mix trained and pre-trained weights."""
-    params = dict(top.named_parameters())
+    params = {**dict(bottom.named_parameters()), **dict(top.named_parameters())}  # e.g. a saved embedding or head
     prefixes = tuple(m + "." for m in modules)
     loaded: set[str] = set()
     with torch.no_grad():
