@@ -226,15 +226,16 @@ def test_failed_handshakes_are_logged_with_throttling(served, keydir, caplog):
     assert 1 <= sum("handshake failed" in line for line in lines) <= 3, [x for x in lines if "handshake" in x]
 
 
-def test_a_plaintext_client_is_logged_as_a_protocol_error(served, caplog):
-    # its own provider: a refused client hanging up mid-handshake can also show as a protocol error, and the
-    # throttle would then hold this line back for 10 s (CI saw exactly that when both ran against one provider)
+def test_a_plaintext_client_is_counted_and_logged(served, caplog):
+    # its own provider, so the throttle holds nothing back; libzmq reports the mechanism mismatch as a protocol
+    # error or, depending on when the client hangs up, without detail: either kind must be counted and logged
     caplog.set_level(logging.WARNING)
     with warnings.catch_warnings():  # a plaintext client against the CURVE provider is logged too
         warnings.simplefilter("ignore")
         with pytest.raises(MechanismMismatch):
             ZmqClientChannel.open(ClientConfig(connect=served.channel.endpoint, insecure=True))
-    assert _wait(lambda: any("protocol error" in r.getMessage() for r in caplog.records), timeout=30.0)
+    assert _wait(lambda: served.channel.stats["handshakes_failed"] >= 1, timeout=30.0)
+    assert _wait(lambda: any("a client handshake failed" in r.getMessage() for r in caplog.records), timeout=30.0)
 
 
 class SlowTrunk(torch.nn.Module):
