@@ -222,24 +222,39 @@ def _block_index(name: str, blocks_path: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+def top_block_parameters(top: ClientTop, bottom: ClientBottom) -> dict[str, nn.Parameter]:
+    """The top's own transformer-block weights and norms, the ones ``--top-train blocks`` trains in full.
+
+    Never a parameter the bottom shares (a tied LM head is the bottom's input embedding), never LoRA, never the LM
+    head or another matrix outside the blocks. One rule for the trainer that unfreezes them
+    (:func:`guardedp2p.train.trainer.unfreeze_top_blocks`) and the adapter that saves them
+    (:func:`merged_top_blocks`)."""
+    shared = {id(p) for p in bottom.parameters()}
+    blocks = top.arch.blocks_path + "."
+    return {
+        name: p
+        for name, p in top.named_parameters()
+        if "lora_" not in name
+        and id(p) not in shared
+        and p.is_floating_point()
+        and (name.startswith(blocks) or (p.ndim == 1 and "norm" in name))
+    }
+
+
 def merged_top_blocks(
     bottom: ClientBottom, top: ClientTop, *, adapter_name: str = "default"
 ) -> dict[str, torch.Tensor]:
     """The top's blocks and final norm as trained in full (``TrainConfig.top_train = "blocks"``), LoRA merged in,
     under their HF names (``model.layers.28.self_attn.q_proj.weight``): the weights the full model must take.
 
-    Exactly the parameters :func:`guardedp2p.train.trainer.unfreeze_top_blocks` trains (never one the bottom
-    shares, never the LM head)."""
+    Exactly :func:`top_block_parameters`, the ones the trainer unfreezes."""
     from peft.tuners.lora import LoraLayer
 
-    shared = {id(p) for p in bottom.parameters()}
     blocks = top.arch.blocks_path + "."
-    out: dict[str, torch.Tensor] = {}
-    for name, p in top.named_parameters():
-        if "lora_" in name or id(p) in shared or not p.is_floating_point():
-            continue
-        if name.startswith(blocks) or (p.ndim == 1 and "norm" in name):
-            out[name.replace(".base_layer.", ".")] = p.detach().to("cpu", torch.float32).clone()
+    out = {
+        name.replace(".base_layer.", "."): p.detach().to("cpu", torch.float32).clone()
+        for name, p in top_block_parameters(top, bottom).items()
+    }
     for name, mod in top.named_modules():
         if isinstance(mod, LoraLayer) and adapter_name in getattr(mod, "lora_A", {}) and f"{name}.weight" in out:
             delta = cast(Any, mod).get_delta_weight(adapter_name)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from guardedp2p.engine.lora import top_block_parameters
 from guardedp2p.engine.split import ClientBottom, ClientTop
 from guardedp2p.train.config import TrainConfig
 
@@ -253,17 +254,12 @@ def unfreeze_top_blocks(top: ClientTop, bottom: ClientBottom) -> list[str]:
     """Train the top's own transformer blocks and final norm in full (``TrainConfig.top_train = "blocks"``).
 
     More capacity where Gradfree can use it without a gradient on the wire: the top is the client's and nothing it
-    computes is sent. Never a parameter the bottom shares (a tied LM head is the bottom's input embedding: training
-    it would change what is sent, and in Gradfree make it depend on gradients), never the LM head or an output
-    projection (the head alone is ~28M parameters on SmolLM2). Returns the names unfrozen.
+    computes is sent. Which parameters: :func:`guardedp2p.engine.lora.top_block_parameters` (never one the bottom
+    shares, never the LM head: ~28M parameters on SmolLM2). Returns the names unfrozen.
     """
-    shared = {id(p) for p in bottom.parameters()}
-    blocks = top.arch.blocks_path + "."
     names = []
-    for name, p in top.named_parameters():
-        if id(p) in shared or p.requires_grad or not p.is_floating_point():
-            continue
-        if name.startswith(blocks) or (p.ndim == 1 and "norm" in name):
+    for name, p in top_block_parameters(top, bottom).items():
+        if not p.requires_grad:
             p.requires_grad_(True)
             names.append(name)
     return names
