@@ -557,8 +557,6 @@ def _row_noise(ctx: _Ctx, row: RowDef) -> dict[str, Any]:
     """The ``TuneOptions.noise`` of ``row`` on this task and recipe (presets and ε-calibrated noise depend on the
     run's shape, token-selective dχ on the public records)."""
     from guardedp2p.privacy.presets import (
-        BALANCED_EPSILON_KEEP,
-        BALANCED_KEEP_SHARE,
         RunShape,
         formal_gaussian_noise,
         resolve_preset,
@@ -580,15 +578,11 @@ def _row_noise(ctx: _Ctx, row: RowDef) -> dict[str, Any]:
     elif row.dp_epsilon:
         noise = formal_gaussian_noise(row.dp_epsilon, shape)[0]
     else:
-        from guardedp2p.privacy.noise import frequent_token_ids
+        from guardedp2p.privacy.noise import digit_token_ids
+        from guardedp2p.privacy.presets import selective_dx
 
-        noise = {"kind": "dx", "epsilon": row.dx_epsilon, "dx_project": True}
-        if row.dx_selective:
-            from guardedp2p.privacy.noise import digit_token_ids
-
-            exclude = digit_token_ids(ctx.tok) if row.dx_digits else ()
-            noise["keep_ids"] = frequent_token_ids(_public_ids(ctx), min_share=BALANCED_KEEP_SHARE, exclude=exclude)
-            noise["epsilon_keep"] = BALANCED_EPSILON_KEEP
+        exclude = digit_token_ids(ctx.tok) if row.dx_digits else []
+        noise = selective_dx(row.dx_epsilon, _public_ids(ctx) if row.dx_selective else None, exclude=exclude)
     if "keep_ids" in noise:
         noise["keep_ids"] = tuple(int(i) for i in noise["keep_ids"])
     return noise

@@ -104,6 +104,19 @@ class PrivacyPreset:
         return out
 
 
+def selective_dx(
+    epsilon: float, public_ids: Sequence[Sequence[int]] | None = None, *, exclude: Sequence[int] = ()
+) -> dict[str, Any]:
+    """Token-selective dχ (the ``balanced`` / ``fields`` mechanism at any ``epsilon``): tokens in at least
+    ``BALANCED_KEEP_SHARE`` of the public records, minus ``exclude``, get ``BALANCED_EPSILON_KEEP``; the rest
+    ``epsilon``. Without ``public_ids`` every token gets ``epsilon``."""
+    noise: dict[str, Any] = {"kind": "dx", "epsilon": epsilon, "dx_project": True}
+    if public_ids:
+        noise["keep_ids"] = frequent_token_ids(public_ids, min_share=BALANCED_KEEP_SHARE, exclude=exclude)
+        noise["epsilon_keep"] = BALANCED_EPSILON_KEEP
+    return noise
+
+
 def resolve_preset(
     name: str,
     *,
@@ -127,25 +140,17 @@ def resolve_preset(
             evidence="frontier (docs/results/frontier.md, 3 seeds): adaptive-attack ROUGE-L 0.995, secrets 0.96 on Online",
         )
     if name == "balanced":
-        noise: dict[str, Any] = {"kind": "dx", "epsilon": BALANCED_EPSILON, "dx_project": True}
-        if public_ids:
-            noise["keep_ids"] = frequent_token_ids(public_ids, min_share=BALANCED_KEEP_SHARE)
-            noise["epsilon_keep"] = BALANCED_EPSILON_KEEP
         return PrivacyPreset(
             "balanced",
-            noise,
+            selective_dx(BALANCED_EPSILON, public_ids),
             evidence="frontier (docs/results/frontier.md, hidden-rules task, Online, 3 seeds): utility loss -1.8 "
             "points [-7.2, 3.4], adaptive-attack ROUGE-L 0.943 (format prior 0.52), secrets 0.62 (names and "
             "addresses protected; dates, account numbers, diagnoses not)",
         )
     if name == "fields":
-        noise = {"kind": "dx", "epsilon": BALANCED_EPSILON, "dx_project": True}
-        if public_ids:
-            noise["keep_ids"] = frequent_token_ids(public_ids, min_share=BALANCED_KEEP_SHARE, exclude=digit_ids)
-            noise["epsilon_keep"] = BALANCED_EPSILON_KEEP
         return PrivacyPreset(
             "fields",
-            noise,
+            selective_dx(BALANCED_EPSILON, public_ids, exclude=digit_ids),
             evidence="frontier (docs/results/frontier.md, hidden-rules task, seed 0, row dxfield:30): Online utility "
             "loss 11.7 points [4.7, 18.8], ROUGE-L 0.833, secrets 0.20; Gradfree with --top-train blocks accuracy "
             "0.891 (above local LoRA), ROUGE-L 0.837, secrets 0.20 (dates and accounts protected; diagnoses not)",
