@@ -114,6 +114,46 @@ def test_full_block_bundle_round_trips_and_plugs_in(arch, tmp_path):
         export_peft(tmp_path / "bundle", tmp_path / "peft")
 
 
+def test_an_emulator_that_keeps_every_block_plugs_in_as_exactly_the_tuned_emulator(tmp_path):
+    """The fixed point of the Offline path: with no middle block dropped, the emulator *is* the full model, so
+    the plugged model must compute what the client's tuned emulator computes. A failure here (block indices,
+    rotary, masks, the bundle's tensor names) would show as a plug-in at chance whatever the compression; the
+    measured non-transfer of docs/results/offline.md is therefore the compression's, not the plumbing's."""
+    _keys(tmp_path)
+    model = tiny_model("llama")
+    emu = build_emulator(model, EmulatorConfig(keep_fraction=1.0))
+    assert len(emu.layer_map.middle_kept) == len(emu.layer_map.middle)
+    save_emulator(emu, tmp_path / "emu", load_signing_key(tmp_path / "keys", "provider"))
+    loaded = load_emulator(tmp_path / "emu", tmp_path / "keys" / "provider.sign.pub")
+    e = loaded.emulator
+    ids, mask, labels = tiny_batch()
+    valid = mask.bool()
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(e.logits(ids, mask)[valid], base[valid], rtol=0, atol=0)
+    enable_full_blocks(e.bottom, e.top)
+    trainer = SplitTrainer(
+        e.bottom, e.top, e.trunk_fn(), TrainConfig(steps=3, lr=1e-2, warmup_steps=0), loss_fn=loss_fn
+    )
+    for _ in range(3):
+        trainer.train_step([{"input_ids": ids, "attention_mask": mask, "labels": labels}])
+    save_full_blocks(e.bottom, e.top, tmp_path / "adapter", base_model_name_or_path="tiny")
+    make_full_block_bundle(
+        tmp_path / "adapter",
+        tmp_path / "bundle",
+        load_signing_key(tmp_path / "keys", "client"),
+        emulator_manifest=loaded.manifest,
+    )
+    plugged = plug_in(copy.deepcopy(model), tmp_path / "bundle", tmp_path / "keys" / "client.sign.pub")
+    e.bottom.train(False)
+    e.top.train(False)
+    with torch.no_grad():
+        tuned = e.logits(ids, mask)[valid]
+        out = plugged.model(input_ids=ids, attention_mask=mask).logits[valid]
+    assert (tuned - base[valid]).abs().max() > 1e-2, "the tuning must change the model"
+    torch.testing.assert_close(out, tuned, rtol=1e-5, atol=1e-5)
+
+
 def test_full_block_bundle_with_a_middle_block_or_a_missing_tensor_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
