@@ -50,7 +50,7 @@ from guardedp2p.cli.data_options import (
 )
 from guardedp2p.cli.generate import chat_cmd, generate_cmd
 from guardedp2p.designs import DESIGN_NAMES
-from guardedp2p.designs.online.pipeline import DEFAULT_MICRO_BATCHES
+from guardedp2p.designs.online.pipeline import default_micro_batches
 from guardedp2p.errors import ConfigError
 from guardedp2p.wire.handshake import FLOAT_CODECS
 
@@ -383,11 +383,12 @@ def tune_cmd(
         "preset's keep list and the obfuscation's inverter. Default: the shipped demo records of other people.",
         rich_help_panel=PRIVACY,
     ),
-    micro_batches: int = typer.Option(
-        DEFAULT_MICRO_BATCHES,
+    micro_batches: int | None = typer.Option(
+        None,
         min=1,
         help="Pipeline each batch as this many micro-batches (the provider computes one while you compute "
-        "another; the same task gradient; ignored with --dcor or --obfuscate, which are defined per batch); 1: off.",
+        "another; the same task gradient; ignored with --dcor or --obfuscate, which are defined per batch); 1: off. "
+        "Default: 2 for Online, 4 for Gradfree (the fastest of each on a 2-core CPU, docs/results/perf.md).",
         rich_help_panel=TRAINING,
     ),
     # ---------------------------------------------------------------- design-specific
@@ -493,7 +494,7 @@ def tune_cmd(
         privacy=privacy,
         public_text=public_text or "demo-aux",
         obfuscation=obfuscation_options(obfuscate, public_text),
-        micro_batches=micro_batches,
+        micro_batches=micro_batches or default_micro_batches(protocol),
         resume=resume,
         timeout=timeout,
         retries=retries,

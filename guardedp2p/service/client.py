@@ -445,6 +445,7 @@ class TunePlan:
     codecs: dict[str, str]
     privacy: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # what the caller checked too (endpoint, keys, trackers)
+    micro_batches: int = 1  # pipelined pieces per batch (1: off)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -470,6 +471,14 @@ class TunePlan:
             f"LoRA r={t['lora_r']} alpha={t['lora_alpha']}, seed {t['seed']}",
             "codecs      " + ", ".join(f"{k} {v}" for k, v in self.codecs.items()),
             "privacy     " + (", ".join(f"{k} {v}" for k, v in self.privacy.items()) or "none"),
+        ]
+        if self.protocol != "offline":
+            lines.append(
+                f"pipeline    {self.micro_batches} micro-batches per batch"
+                if self.micro_batches > 1
+                else "pipeline    off (one piece per batch)"
+            )
+        lines += [
             f"outputs     {self.out_action}",
         ]
         lines += [f"{k:<11} {v}" for k, v in self.extra.items()]
@@ -534,6 +543,7 @@ def plan_tune(opts: TuneOptions, *, out_action: str = "", extra: dict[str, Any] 
         codecs=dict(opts.codecs),
         privacy=privacy,
         extra=dict(extra or {}),
+        micro_batches=opts.micro_batches,
     )
 
 

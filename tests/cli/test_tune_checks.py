@@ -77,6 +77,14 @@ def test_dry_run_prints_the_plan_and_touches_nothing(world, tmp_path):
     assert plan["ok"] and plan["data"]["records"] == 20 and len(plan["data"]["sha256"]) == 64
 
 
+@pytest.mark.parametrize(("extra", "expected"), [((), 2), (("--protocol", "gradfree"), 4), (("--micro-batches", "3"), 3)])
+def test_micro_batches_default_to_each_protocols_fastest(world, tmp_path, extra, expected):
+    """Online pipelines 2 micro-batches and Gradfree 4 unless told otherwise (docs/results/perf.md, section 0)."""
+    res = runner.invoke(app, [*_tune(world, "--out", str(tmp_path / "run"), *extra), "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["micro_batches"] == expected
+
+
 def test_malformed_data_fails_before_connecting(world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"nothing": 1}\n')

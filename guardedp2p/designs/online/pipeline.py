@@ -49,9 +49,17 @@ if TYPE_CHECKING:
 Batch = dict[str, torch.Tensor]
 
 DEFAULT_MICRO_BATCHES = 2
-"""Micro-batches per batch when pipelining is on: the cheapest pipelined setting in CPU (+5 % provider CPU per
-Online step, +10 % Gradfree; 4 cost +12 % / +19 %) and Gradfree's fastest at batch 4 in
-``python -m benchmarks.bench_online`` (docs/results/perf.md)."""
+"""Micro-batches per batch when pipelining is on and the protocol has no measured default of its own: the
+cheapest pipelined setting in CPU (+5 % provider CPU per Online step; 4 cost +12 %)."""
+MICRO_BATCHES_BY_PROTOCOL: dict[str, int] = {"online": 2, "gradfree": 4}
+"""The fastest setting of each protocol in ``python -m benchmarks.bench_online`` on an idle 2-core CPU at batch 4
+(docs/results/perf.md, section 0): Online 0.745x a local step with 2 (3: 0.765x, 4: 0.785x), Gradfree 0.442x with
+4 (2: 0.493x). Gradfree's provider runs only forwards, so smaller pieces overlap better there."""
+
+
+def default_micro_batches(protocol: str) -> int:
+    """The ``--micro-batches`` a run of ``protocol`` gets when the user names none."""
+    return MICRO_BATCHES_BY_PROTOCOL.get(protocol, DEFAULT_MICRO_BATCHES)
 PROVIDER_INFLIGHT_DEFAULT = 4
 """Micro-batches in flight against a provider whose ACCEPT announces no bounds (one older than the announcement):
 the graphs such a provider keeps per session by default (``ProviderConfig.max_inflight_steps``)."""
@@ -383,6 +391,8 @@ def pipelined_step(
 
 __all__ = [
     "DEFAULT_MICRO_BATCHES",
+    "MICRO_BATCHES_BY_PROTOCOL",
+    "default_micro_batches",
     "PipelineConfig",
     "PipelinedStep",
     "label_tokens",
