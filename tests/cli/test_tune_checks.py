@@ -77,7 +77,9 @@ def test_dry_run_prints_the_plan_and_touches_nothing(world, tmp_path):
     assert plan["ok"] and plan["data"]["records"] == 20 and len(plan["data"]["sha256"]) == 64
 
 
-@pytest.mark.parametrize(("extra", "expected"), [((), 2), (("--protocol", "gradfree"), 4), (("--micro-batches", "3"), 3)])
+@pytest.mark.parametrize(
+    ("extra", "expected"), [((), 2), (("--protocol", "gradfree"), 4), (("--micro-batches", "3"), 3)]
+)
 def test_micro_batches_default_to_each_protocols_fastest(world, tmp_path, extra, expected):
     """Online pipelines 2 micro-batches and Gradfree 4 unless told otherwise (docs/results/perf.md, section 0)."""
     res = runner.invoke(app, [*_tune(world, "--out", str(tmp_path / "run"), *extra), "--dry-run", "--json"])

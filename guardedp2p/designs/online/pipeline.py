@@ -60,6 +60,8 @@ MICRO_BATCHES_BY_PROTOCOL: dict[str, int] = {"online": 2, "gradfree": 4}
 def default_micro_batches(protocol: str) -> int:
     """The ``--micro-batches`` a run of ``protocol`` gets when the user names none."""
     return MICRO_BATCHES_BY_PROTOCOL.get(protocol, DEFAULT_MICRO_BATCHES)
+
+
 PROVIDER_INFLIGHT_DEFAULT = 4
 """Micro-batches in flight against a provider whose ACCEPT announces no bounds (one older than the announcement):
 the graphs such a provider keeps per session by default (``ProviderConfig.max_inflight_steps``)."""
