@@ -75,6 +75,9 @@ POINTS: tuple[Point, ...] = (
     Point("lora8-k50-d40", 0.5, "lora", 40),
     Point("full2-k75-d0", 0.75, "full", 0),
     Point("full1-k50-d0", 0.5, "full", 0, depth=1),
+    # the fixed point: nothing dropped, so the emulator is the full model and plug-in must score what the
+    # emulator fine-tune scores; a gap here would be the pipeline's, not the compression's
+    Point("full2-k100-d0", 1.0, "full", 0),
 )
 
 

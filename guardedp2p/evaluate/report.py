@@ -35,6 +35,42 @@ def _bytes(b: Any) -> str:
     return f"{b / 1e6:.2f} MB" if b >= 1e5 else f"{b / 1e3:.1f} kB"
 
 
+#: The order private fields are shown in; fields a task adds are shown after these.
+FIELD_ORDER = ("name", "born", "address", "account", "diagnosis")
+
+
+def _fields_table(rows: Sequence[Mapping[str, Any]], broken: bool) -> list[str]:
+    """Secrets recovered field by field, for the attack that recovers most of them.
+
+    Why: one secrets fraction averages a name with a diagnosis, and ROUGE-L over the whole record mostly scores
+    the template and the task's own inputs. Whoever signs off on a deployment asks which fields leak: a row can
+    keep every identifier and still give away the one field the task needs in the clear."""
+    per = [
+        (r["label"], r["privacy"]["secrets_per_field"], r["privacy"].get("secrets_attack", ""))
+        for r in rows
+        if r["privacy"].get("secrets_per_field") and not broken
+    ]
+    if not per:
+        return []
+    seen = {k for _, fields, _ in per for k in fields}
+    cols = [f for f in FIELD_ORDER if f in seen] + sorted(seen - set(FIELD_ORDER))
+    out = [
+        "## Which private fields the attacker recovers",
+        "",
+        "Fraction of each private field rebuilt exactly, by the attack that recovers the most secrets (usually the "
+        "adaptive inverter; the format prior recovers almost none). The task's hidden rules read the diagnosis, "
+        "so a defence that keeps the task leaves it readable; names, birth dates, addresses and account numbers "
+        "are what no rule needs.",
+        "",
+        "| row | attack | " + " | ".join(cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
+    ]
+    for label, fields, attack in per:
+        out.append(f"| {label} | {attack} | " + " | ".join(_f(fields.get(c)) for c in cols) + " |")
+    out.append("")
+    return out
+
+
 def frontier_markdown(result: Mapping[str, Any]) -> str:
     """The human-readable report (no number in it that is not in frontier.json)."""
     rows = result["rows"]
@@ -162,6 +198,7 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
                     f"{_f(a.get('token_acc'))} | {_f(a.get('secrets_recovered'))} |"
                 )
         out.append("")
+    out += _fields_table(rows, broken)
     leaks = [(r["label"], r["privacy"]["most_leaked"]) for r in rows if r["privacy"].get("most_leaked") and not broken]
     if leaks:
         out += ["## The most-leaked sequence of each row", ""]

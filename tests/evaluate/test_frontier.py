@@ -93,6 +93,11 @@ def test_fast_frontier_writes_every_field_and_passes_the_gate(fast_run):
     head = res["compute"]["headline"]
     assert FAST_SWEEP_ROWS[0] not in head["rows"] and "online" in head["rows"] and head["cpu_s"] > 0
     assert "The headline rows alone" in md and "## Every attack on every row" in md
+    fields = rows["online"]["privacy"]["secrets_per_field"]
+    assert fields and all(0 <= v <= 1 for v in fields.values())
+    assert "## Which private fields the attacker recovers" in md
+    header = next(line for line in md.splitlines() if line.startswith("| row | attack | ") and "token acc" not in line)
+    assert all(f" {f} " in header for f in fields)
     prior = res["prior"]
     assert 0 < prior["rougeL"] < rows["online"]["privacy"]["best_rougeL"] and "format prior" in md
     # the tiny model's noise row: the learned attack fails there (the format prior is all that is left), and the
