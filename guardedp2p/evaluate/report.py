@@ -198,7 +198,7 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
                     f"{_f(a.get('token_acc'))} | {_f(a.get('secrets_recovered'))} |"
                 )
         out.append("")
-    out += _fields_table(rows, broken)
+    out += _fields_table(rows, bool(broken))
     leaks = [(r["label"], r["privacy"]["most_leaked"]) for r in rows if r["privacy"].get("most_leaked") and not broken]
     if leaks:
         out += ["## The most-leaked sequence of each row", ""]
