@@ -57,6 +57,18 @@ class Point:
     distill: int  # distillation steps on the provider's public text (0: layer drop only)
     depth: int = 2  # client blocks at each end
     lora_r: int = 8
+    fill: str = "drop"  # a dropped middle slot: empty ("drop") or running the kept block before it ("share", CRaSh)
+
+    def cache_fields(self) -> dict[str, Any]:
+        """The point's fields for cache keys; ``fill`` only when it is not the default, so the keys of points
+        measured before sharing existed stay the same."""
+        d = asdict(self)
+        if self.fill == "drop":
+            d.pop("fill")
+        return d
+
+    def fill_key(self) -> tuple[str, ...]:
+        return () if self.fill == "drop" else (self.fill,)
 
     @property
     def lr(self) -> float:
@@ -78,6 +90,10 @@ POINTS: tuple[Point, ...] = (
     # the fixed point: nothing dropped, so the emulator is the full model and plug-in must score what the
     # emulator fine-tune scores; a gap here would be the pipeline's, not the compression's
     Point("full2-k100-d0", 1.0, "full", 0),
+    # CRaSh's sharing (arXiv 2310.15477): the same kept blocks, each also run in the dropped slots after it
+    Point("share2-k50-d0", 0.5, "full", 0, fill="share"),
+    Point("share2-k25-d0", 0.25, "full", 0, fill="share"),
+    Point("share2-k50-d40", 0.5, "full", 40, fill="share"),
 )
 
 
@@ -378,7 +394,8 @@ class Sweep:
         )
 
         emu = build_emulator(
-            self.model, EmulatorConfig(bottom_layers=p.depth, top_layers=p.depth, keep_fraction=p.keep)
+            self.model,
+            EmulatorConfig(bottom_layers=p.depth, top_layers=p.depth, keep_fraction=p.keep, fill=p.fill),
         )
         info: dict[str, Any] = {"layers": emu.layer_map.to_dict()}
         if p.distill:
@@ -444,10 +461,13 @@ class Sweep:
         from guardedp2p.train.trainer import SplitTrainer
 
         spec = {**self.base, "keep": p.keep, "adapter": p.adapter, "r": p.lora_r, "depth": p.depth, "v": 1}
+        if p.fill != "drop":
+            spec["fill"] = p.fill
 
         def make() -> dict[str, Any]:
             emu = build_emulator(
-                self.model, EmulatorConfig(bottom_layers=p.depth, top_layers=p.depth, keep_fraction=p.keep)
+                self.model,
+                EmulatorConfig(bottom_layers=p.depth, top_layers=p.depth, keep_fraction=p.keep, fill=p.fill),
             )
             self.attach(emu.bottom, emu.top, p)
             te = SplitTrainer(emu.bottom, emu.top, emu.trunk_fn(), self.train_cfg(p), loss_fn=loss_fn)
@@ -486,7 +506,7 @@ class Sweep:
     def point(self, p: Point) -> dict[str, Any]:
         spec = {
             **self.base,
-            **asdict(p),
+            **p.cache_fields(),
             "lr": p.lr,
             "distill_cfg": [DISTILL_LR, DISTILL_BATCH, DISTILL_LEN, DISTILL_WARMUP],
         }
@@ -501,7 +521,9 @@ class Sweep:
         _log(f"point {p.name}: building the emulator")
         emu, einfo = self.emulator(p)
         _log(f"point {p.name}: emulator ready ({einfo.get('distillation')})")
-        espec = _key(self.base, p.keep, p.depth, p.distill, DISTILL_LR, DISTILL_BATCH, DISTILL_LEN, DISTILL_WARMUP)
+        espec = _key(
+            self.base, p.keep, p.depth, p.distill, DISTILL_LR, DISTILL_BATCH, DISTILL_LEN, DISTILL_WARMUP, *p.fill_key()
+        )
         fid = _cached(
             self.cache / "emulators" / f"fidelity-{espec}.json",
             lambda: emulator_fidelity_dict(emu, self.model, self.public_heldout, self.pad),
@@ -527,6 +549,7 @@ class Sweep:
             "task": self.task.name,
             "n_items": len(self.task.items),
             "keep_fraction": p.keep,
+            "fill": p.fill,
             "adapter": p.adapter if p.adapter == "full" else f"lora-r{p.lora_r}",
             "adapter_depth": p.depth,
             "distill_steps": p.distill,

@@ -33,6 +33,12 @@ def build(
     keep_fraction: float | None = typer.Option(
         None, help="Instead of --emulator-layers: keep this fraction of the middle blocks (e.g. 0.7)."
     ),
+    fill: str = typer.Option(
+        "drop",
+        help="What runs in a dropped middle block's slot: drop (nothing: the emulator is shallower and faster) or "
+        "share (the kept block before it, run again: CRaSh's layer sharing, the full model's depth at no extra "
+        "parameter shipped, a full model's compute). See docs/results/offline.md for what each transfers.",
+    ),
     distill_kd_only: bool = typer.Option(
         False,
         "--distill-kd-only",
@@ -84,6 +90,7 @@ def build(
             keep_fraction=keep_fraction,
             quantize=quantize,
             middle_dtype=middle_dtype,
+            fill=fill,
         ),
         distill=DistillConfig(
             steps=distill_steps,

@@ -60,6 +60,7 @@ ADAPTERS_FILE = "adapters.safetensors"
 MIDDLE_FILE = "emulator.safetensors"
 TOKENIZER_DIR = "tokenizer"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FILLS = ("drop", "share")  # what stands in a dropped middle slot (LayerMap.fill)
 
 
 class EmulatorError(ArtifactError):
@@ -93,6 +94,7 @@ class LayerMap:
     bottom: tuple[int, ...]
     top: tuple[int, ...]
     middle_kept: tuple[int, ...]
+    fill: str = "drop"  # what stands in a dropped slot: "drop" (nothing) or "share" (the kept block before it)
 
     @property
     def middle(self) -> range:
@@ -105,6 +107,25 @@ class LayerMap:
     @property
     def depth(self) -> int:
         return len(self.kept)
+
+    def shared_from(self) -> dict[int, int]:
+        """Each dropped middle slot and the kept block that runs in it (``fill="share"``; empty for ``"drop"``).
+
+        CRaSh (Zhang et al., EMNLP 2023, arXiv 2310.15477) found that offsite-tuning's transfer suffers most on
+        small models, and that repeating a kept block in the slots of the dropped ones it stands for (sharing,
+        instead of removing) lets adapters tuned on the emulator transfer much better: the emulator keeps the
+        full model's depth, so the hidden states the top adapters learn on pass through as many residual
+        updates as in the real model. The uniform drop keeps the first middle block, so every dropped slot has
+        a kept block before it; the emulator ships no more parameters, but computes as many blocks as the full
+        model."""
+        if self.fill != "share":
+            return {}
+        kept = sorted(self.middle_kept)
+        out: dict[int, int] = {}
+        for g in self.middle:
+            if g not in kept:
+                out[g] = max(k for k in kept if k < g)
+        return out
 
     @property
     def split(self) -> SplitConfig:
@@ -119,6 +140,7 @@ class LayerMap:
             "middle_kept": list(self.middle_kept),
             "middle_relative": [i - m.start for i in self.middle_kept],
             "emulator_depth": self.depth,
+            **({"fill": self.fill} if self.fill != "drop" else {}),  # absent: drop, as in every older manifest
         }
 
     @classmethod
@@ -130,6 +152,7 @@ class LayerMap:
                 tuple(int(i) for i in d["adapter_bottom"]),
                 tuple(int(i) for i in d["adapter_top"]),
                 tuple(int(i) for i in d["middle_kept"]),
+                str(d.get("fill", "drop")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EmulatorError(f"the manifest's layer map is incomplete: {exc}") from None
@@ -145,6 +168,10 @@ class LayerMap:
         mk = self.middle_kept
         if not mk or list(mk) != sorted(set(mk)) or mk[0] < k or mk[-1] >= n - r:
             raise EmulatorError(f"kept middle blocks {mk} are not increasing indices inside [{k}, {n - r})")
+        if self.fill not in FILLS:
+            raise EmulatorError(f"the layer map's fill must be one of {', '.join(FILLS)}, got {self.fill!r}")
+        if self.fill == "share" and mk[0] != k:
+            raise EmulatorError(f"a shared-block emulator must keep the first middle block {k}, got {mk}")
 
 
 def layer_map(
@@ -153,11 +180,16 @@ def layer_map(
     top_layers: int = 2,
     emulator_layers: int | None = None,
     keep_fraction: float | None = None,
+    fill: str = "drop",
 ) -> LayerMap:
     """Uniform layer drop: adapters ``[0, l)`` and ``[N - r, N)`` and ``k`` middle blocks.
 
     ``k = emulator_layers`` if given, else ``round(keep_fraction * M)`` (at least 1), else ``ceil(M / 2)``.
+    ``fill``: ``drop`` leaves a dropped slot empty, ``share`` runs the kept block before it there
+    (:meth:`LayerMap.shared_from`).
     """
+    if fill not in FILLS:
+        raise ConfigError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
     split = SplitConfig(bottom_layers=bottom_layers, top_layers=top_layers)
     a, b = split.bounds(n_layers)
     m = b - a
@@ -170,7 +202,7 @@ def layer_map(
     else:
         k = math.ceil(m / 2)
     rel = uniform_drop_indices(m, k)
-    return LayerMap(n_layers, tuple(range(a)), tuple(range(b, n_layers)), tuple(a + i for i in rel))
+    return LayerMap(n_layers, tuple(range(a)), tuple(range(b, n_layers)), tuple(a + i for i in rel), fill)
 
 
 # ============================================================================================ the model
@@ -182,6 +214,45 @@ class SkippedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return "dropped by the emulator"
+
+
+class SharedBlock(nn.Module):
+    """A dropped slot that runs a kept block again (``fill="share"``, :meth:`LayerMap.shared_from`).
+
+    The kept block is held outside the module tree (in a tuple), so its weights appear once in the state dict,
+    under the kept block's own global index: the emulator ships, loads, fingerprints and distils exactly what a
+    dropping emulator does. A KV cache is not passed on: in one full-sequence forward the kept block has already
+    written its keys for ``layer_idx``, and a second write would double them. Incremental decoding (a cache that
+    already holds earlier positions) is refused rather than computed wrongly."""
+
+    def __init__(self, block: nn.Module, source: int) -> None:
+        super().__init__()
+        self._block = (block,)
+        self.source = source
+        idx = [m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        self._cache_idx = idx[0] if idx else source
+
+    def _drop_cache(self, value: Any, hidden_states: torch.Tensor) -> Any:
+        """``None`` for a KV cache (checked: not one that already holds earlier positions), else ``value``."""
+        seq_len = getattr(value, "get_seq_length", None)
+        if not (callable(seq_len) and callable(getattr(value, "update", None))):
+            return value
+        if int(seq_len(self._cache_idx)) > hidden_states.shape[-2]:
+            raise EmulatorError(
+                "an emulator with shared blocks cannot decode incrementally with a KV cache; "
+                "run it on whole sequences (use_cache=False)"
+            )
+        return None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(self._drop_cache(a, hidden_states) for a in args)  # gpt2 passes its cache by position
+        kwargs = {k: self._drop_cache(v, hidden_states) for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        return self._block[0](hidden_states, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"runs kept block {self.source} again"
 
 
 def _set_block_list(model: nn.Module, path: str, blocks: nn.ModuleList) -> None:
@@ -218,6 +289,8 @@ def emulator_skeleton(config: Any, lmap: LayerMap, dtype: torch.dtype = torch.fl
             if isinstance(getattr(m, "layer_idx", None), int):
                 m.layer_idx = g
         slots[g] = block
+    for g, src in lmap.shared_from().items():
+        slots[g] = SharedBlock(slots[src], src)
     _set_block_list(model, arch.blocks_path, slots)
     full = copy.deepcopy(config)
     # from_config resolved the attention implementation on ``small``; a config read from JSON has none.
@@ -343,9 +416,12 @@ class EmulatorConfig:
     keep_fraction: float | None = None
     quantize: str = "none"  # none | int8 | int4 | nf4 (middle blocks only; adapters always ship exact)
     middle_dtype: str = "float32"  # float storage of unquantized middle tensors: float32 | float16 | bfloat16
+    fill: str = "drop"  # drop | share: a dropped slot is empty, or runs the kept block before it (CRaSh)
 
     def validate(self) -> None:
         check_scheme(self.quantize)
+        if self.fill not in FILLS:
+            raise ConfigError(f"fill must be one of {', '.join(FILLS)}, got {self.fill!r}")
         if self.middle_dtype not in _DTYPES:
             raise ConfigError(f"middle_dtype must be one of {', '.join(_DTYPES)}, got {self.middle_dtype!r}")
 
@@ -356,7 +432,7 @@ def build_emulator(full_model: nn.Module, cfg: EmulatorConfig | None = None) -> 
     cfg.validate()
     base = base_model(full_model)
     n = num_layers(base)
-    lmap = layer_map(n, cfg.bottom_layers, cfg.top_layers, cfg.emulator_layers, cfg.keep_fraction)
+    lmap = layer_map(n, cfg.bottom_layers, cfg.top_layers, cfg.emulator_layers, cfg.keep_fraction, cfg.fill)
     first = next(base.parameters())
     skel = emulator_skeleton(config_of(base), lmap, dtype=first.dtype)
     full_sd = _plain_state(base)
@@ -379,6 +455,7 @@ def build_emulator(full_model: nn.Module, cfg: EmulatorConfig | None = None) -> 
             "k": len(lmap.middle_kept),
             "quantize": cfg.quantize,
             "middle_dtype": cfg.middle_dtype,
+            **({"fill": cfg.fill} if cfg.fill != "drop" else {}),
         },
     }
     return emu
@@ -882,6 +959,7 @@ def save_emulator(
             "quantize": quantize,
             "middle_dtype": middle_dtype,
             "distillation": emu.info.get("distillation") or None,
+            **({"fill": emu.layer_map.fill} if emu.layer_map.fill != "drop" else {}),
         },
         "params": {
             "full_model": full,

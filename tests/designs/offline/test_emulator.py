@@ -100,6 +100,64 @@ def test_emulator_keeps_global_names_and_copies_weights():
     assert sum(p.numel() for p in emu.model.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+# ------------------------------------------------------------------------------------------------ layer sharing
+def test_shared_slots_map_to_the_kept_block_before_them():
+    lm = layer_map(30, 2, 2, keep_fraction=0.5, fill="share")
+    shared = lm.shared_from()
+    assert sorted(set(shared) | set(lm.middle_kept)) == list(lm.middle), "every middle slot runs a block"
+    assert all(src in lm.middle_kept and src < g for g, src in shared.items())
+    assert all(not any(src < k < g for k in lm.middle_kept) for g, src in shared.items()), "the nearest one"
+    assert layer_map(30, 2, 2, keep_fraction=0.5).shared_from() == {}
+    with pytest.raises(ConfigError, match="fill"):
+        layer_map(30, 2, 2, fill="copy")
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_a_sharing_emulator_runs_each_kept_block_again_in_the_dropped_slots(arch, tmp_path):
+    """``fill="share"`` (CRaSh): the emulator computes what the full model computes with every dropped block's
+    weights replaced by the kept block before it, through the split parts and through the HF forward (whose
+    KV cache a repeated block must not write twice), and it ships exactly the tensors a dropping emulator ships."""
+    model = tiny_model(arch)
+    ids, mask, _ = tiny_batch()
+    valid = mask.bool()
+    emu = build_emulator(model, EmulatorConfig(emulator_layers=1, fill="share"))
+    drop = build_emulator(model, EmulatorConfig(emulator_layers=1))
+    assert emu.layer_map.shared_from() == {3: 2}
+    ref = copy.deepcopy(model)
+    blocks = get_path(ref, get_arch(ref).blocks_path)
+    blocks[3].load_state_dict(blocks[2].state_dict())
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits[valid]
+        torch.testing.assert_close(emu.logits(ids, mask)[valid], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            emu.model(input_ids=ids, attention_mask=mask).logits[valid], want, rtol=1e-5, atol=1e-5
+        )
+        assert (drop.logits(ids, mask)[valid] - want).abs().max() > 1e-4, "sharing is not dropping"
+    assert emu.middle_state().keys() == drop.middle_state().keys()
+    assert emu.adapter_state().keys() == drop.adapter_state().keys()
+    generate_keypair(tmp_path / "keys", "provider")
+    m = save_emulator(emu, tmp_path / "share", load_signing_key(tmp_path / "keys", "provider"))
+    assert m["layers"]["fill"] == "share" and m["compression"]["fill"] == "share"
+    assert (
+        m["params"]["shipped"]
+        == save_emulator(drop, tmp_path / "drop", load_signing_key(tmp_path / "keys", "provider"))["params"]["shipped"]
+    )
+    assert "fill" not in load_emulator(tmp_path / "drop", tmp_path / "keys" / "provider.sign.pub").manifest["layers"]
+    back = load_emulator(tmp_path / "share", tmp_path / "keys" / "provider.sign.pub").emulator
+    assert back.layer_map.fill == "share"
+    with torch.no_grad():
+        torch.testing.assert_close(back.logits(ids, mask)[valid], want, rtol=1e-5, atol=1e-5)
+
+
+def test_distilling_a_sharing_emulator_trains_its_kept_blocks_through_every_use():
+    model = tiny_model("llama")
+    emu = build_emulator(model, EmulatorConfig(emulator_layers=1, fill="share"))
+    before = {k: v.clone() for k, v in emu.middle_state().items()}
+    s = distill_emulator(emu, model, _examples(), DistillConfig(steps=8, lr=3e-3, batch_size=8, seed=0), progress=False)
+    assert s["kd_last"] < s["kd_first"]
+    assert any(not torch.equal(v, before[k]) for k, v in emu.middle_state().items())
+
+
 # ------------------------------------------------------------------------------------------------ quantization
 @pytest.mark.parametrize("scheme,bits", [("int8", 8), ("int4", 4)])
 def test_uniform_codes_round_trip_within_half_a_step(scheme, bits):
