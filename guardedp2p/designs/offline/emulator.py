@@ -221,35 +221,26 @@ class SharedBlock(nn.Module):
 
     The kept block is held outside the module tree (in a tuple), so its weights appear once in the state dict,
     under the kept block's own global index: the emulator ships, loads, fingerprints and distils exactly what a
-    dropping emulator does. A KV cache is not passed on: in one full-sequence forward the kept block has already
-    written its keys for ``layer_idx``, and a second write would double them. Incremental decoding (a cache that
-    already holds earlier positions) is refused rather than computed wrongly."""
+    dropping emulator does. While it runs here, the block's attention answers to this slot's index, so a KV cache
+    keeps this slot's keys in this slot's layer (cached decoding and the cached multiple-choice scorer work) instead
+    of appending them to the kept block's."""
 
-    def __init__(self, block: nn.Module, source: int) -> None:
+    def __init__(self, block: nn.Module, source: int, slot: int) -> None:
         super().__init__()
         self._block = (block,)
         self.source = source
-        idx = [m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
-        self._cache_idx = idx[0] if idx else source
-
-    def _drop_cache(self, value: Any, hidden_states: torch.Tensor) -> Any:
-        """``None`` for a KV cache (checked: not one that already holds earlier positions), else ``value``."""
-        seq_len = getattr(value, "get_seq_length", None)
-        if not (callable(seq_len) and callable(getattr(value, "update", None))):
-            return value
-        if int(seq_len(self._cache_idx)) > hidden_states.shape[-2]:
-            raise EmulatorError(
-                "an emulator with shared blocks cannot decode incrementally with a KV cache; "
-                "run it on whole sequences (use_cache=False)"
-            )
-        return None
+        self.slot = slot
+        self._indexed = tuple(m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int))
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        args = tuple(self._drop_cache(a, hidden_states) for a in args)  # gpt2 passes its cache by position
-        kwargs = {k: self._drop_cache(v, hidden_states) for k, v in kwargs.items()}
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        return self._block[0](hidden_states, *args, **kwargs)
+        before = [m.layer_idx for m in self._indexed]
+        try:
+            for m in self._indexed:
+                m.layer_idx = self.slot
+            return self._block[0](hidden_states, *args, **kwargs)
+        finally:
+            for m, idx in zip(self._indexed, before):
+                m.layer_idx = idx
 
     def extra_repr(self) -> str:
         return f"runs kept block {self.source} again"
@@ -290,7 +281,7 @@ def emulator_skeleton(config: Any, lmap: LayerMap, dtype: torch.dtype = torch.fl
                 m.layer_idx = g
         slots[g] = block
     for g, src in lmap.shared_from().items():
-        slots[g] = SharedBlock(slots[src], src)
+        slots[g] = SharedBlock(slots[src], src, g)
     _set_block_list(model, arch.blocks_path, slots)
     full = copy.deepcopy(config)
     # from_config resolved the attention implementation on ``small``; a config read from JSON has none.

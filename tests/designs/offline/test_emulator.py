@@ -133,6 +133,15 @@ def test_a_sharing_emulator_runs_each_kept_block_again_in_the_dropped_slots(arch
             emu.model(input_ids=ids, attention_mask=mask).logits[valid], want, rtol=1e-5, atol=1e-5
         )
         assert (drop.logits(ids, mask)[valid] - want).abs().max() > 1e-4, "sharing is not dropping"
+        # cached decoding: each shared slot keeps its keys in its own cache layer
+        from transformers import DynamicCache
+
+        seq = ids[:1, :6]
+        cache = DynamicCache(config=emu.model.config)
+        emu.model(input_ids=seq[:, :5], cache=cache, use_cache=True)
+        step = emu.model(input_ids=seq[:, 5:], cache=cache, use_cache=True).logits[0, -1]
+        whole = ref(input_ids=seq).logits[0, -1]
+        torch.testing.assert_close(step, whole, rtol=1e-4, atol=1e-4)
     assert emu.middle_state().keys() == drop.middle_state().keys()
     assert emu.adapter_state().keys() == drop.adapter_state().keys()
     generate_keypair(tmp_path / "keys", "provider")
