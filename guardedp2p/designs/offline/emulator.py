@@ -230,7 +230,9 @@ class SharedBlock(nn.Module):
         self._block = (block,)
         self.source = source
         self.slot = slot
-        self._indexed = tuple(m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int))
+        self._indexed: tuple[Any, ...] = tuple(
+            m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)
+        )
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         before = [m.layer_idx for m in self._indexed]
