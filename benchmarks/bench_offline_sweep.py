@@ -90,6 +90,10 @@ POINTS: tuple[Point, ...] = (
     # the fixed point: nothing dropped, so the emulator is the full model and plug-in must score what the
     # emulator fine-tune scores; a gap here would be the pipeline's, not the compression's
     Point("full2-k100-d0", 1.0, "full", 0),
+    # how fast transfer falls as blocks go: one dropped block (25 of 26 kept), two, three
+    Point("full2-k96-d0", 25 / 26, "full", 0),
+    Point("full2-k92-d0", 24 / 26, "full", 0),
+    Point("full2-k88-d0", 23 / 26, "full", 0),
     # CRaSh's sharing (arXiv 2310.15477): the same kept blocks, each also run in the dropped slots after it
     Point("share2-k50-d0", 0.5, "full", 0, fill="share"),
     Point("share2-k25-d0", 0.25, "full", 0, fill="share"),

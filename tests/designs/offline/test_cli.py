@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from guardedp2p.cli.emulator import emulator_app
@@ -12,7 +13,8 @@ from tests.tiny_models import tiny_model
 from tests.tiny_tokenizer import tiny_tokenizer
 
 
-def test_build_then_verify_a_distilled_int8_emulator(tmp_path):
+@pytest.mark.parametrize("fill", ["drop", "share"])
+def test_build_then_verify_a_distilled_int8_emulator(tmp_path, fill):
     model_dir = tmp_path / "model"
     tiny_model("llama").save_pretrained(str(model_dir))
     tiny_tokenizer().save_pretrained(str(model_dir))
@@ -42,6 +44,8 @@ def test_build_then_verify_a_distilled_int8_emulator(tmp_path):
             str(tmp_path / "cache"),
             "--quantize",
             "int8",
+            "--fill",
+            fill,
             "--device",
             "cpu",
             "--json",
@@ -51,6 +55,7 @@ def test_build_then_verify_a_distilled_int8_emulator(tmp_path):
     summary = json.loads(res.output.strip().splitlines()[-1])
     assert summary["middle_kept"] == [2] and summary["compression"]["quantize"] == "int8"
     assert summary["compression"]["distillation"]["steps"] == 2
+    assert summary["compression"].get("fill", "drop") == fill
     ok = runner.invoke(
         emulator_app, ["verify", str(tmp_path / "emu"), "--key", str(tmp_path / "keys" / "provider.sign.pub")]
     )
