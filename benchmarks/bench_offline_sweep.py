@@ -58,6 +58,7 @@ class Point:
     depth: int = 2  # client blocks at each end
     lora_r: int = 8
     fill: str = "drop"  # a dropped middle slot: empty ("drop") or running the kept block before it ("share", CRaSh)
+    drop_blocks: tuple[int, ...] | None = None  # instead of the uniform drop: these global middle blocks
 
     def cache_fields(self) -> dict[str, Any]:
         """The point's fields for cache keys; ``fill`` only when it is not the default, so the keys of points
@@ -65,10 +66,19 @@ class Point:
         d = asdict(self)
         if self.fill == "drop":
             d.pop("fill")
+        if self.drop_blocks is None:
+            d.pop("drop_blocks")
         return d
 
-    def fill_key(self) -> tuple[str, ...]:
-        return () if self.fill == "drop" else (self.fill,)
+    def fill_key(self) -> tuple[Any, ...]:
+        return (() if self.fill == "drop" else (self.fill,)) + (() if self.drop_blocks is None else (self.drop_blocks,))
+
+    def emulator_config(self) -> Any:
+        from guardedp2p.designs.offline.emulator import EmulatorConfig
+
+        if self.drop_blocks is not None:
+            return EmulatorConfig(self.depth, self.depth, fill=self.fill, drop_blocks=self.drop_blocks)
+        return EmulatorConfig(bottom_layers=self.depth, top_layers=self.depth, keep_fraction=self.keep, fill=self.fill)
 
     @property
     def lr(self) -> float:
@@ -93,6 +103,9 @@ POINTS: tuple[Point, ...] = (
     # how fast transfer falls as blocks go: one dropped block (25 of 26 kept), two, three
     Point("full2-k96-d0", 25 / 26, "full", 0),
     Point("full2-k92-d0", 24 / 26, "full", 0),
+    # which blocks, not only how many: the two central blocks, and four (k92 drops blocks 8 and 21 and fails)
+    Point("full2-mid2-d0", 24 / 26, "full", 0, drop_blocks=(14, 15)),
+    Point("full2-mid4-d0", 22 / 26, "full", 0, drop_blocks=(13, 14, 15, 16)),
     Point("full2-k88-d0", 23 / 26, "full", 0),
     # CRaSh's sharing (arXiv 2310.15477): the same kept blocks, each also run in the dropped slots after it
     Point("share2-k50-d0", 0.5, "full", 0, fill="share"),
@@ -393,14 +406,10 @@ class Sweep:
     def emulator(self, p: Point) -> tuple[Any, dict[str, Any]]:
         from guardedp2p.designs.offline.emulator import (
             DistillConfig,
-            EmulatorConfig,
             build_emulator,
         )
 
-        emu = build_emulator(
-            self.model,
-            EmulatorConfig(bottom_layers=p.depth, top_layers=p.depth, keep_fraction=p.keep, fill=p.fill),
-        )
+        emu = build_emulator(self.model, p.emulator_config())
         info: dict[str, Any] = {"layers": emu.layer_map.to_dict()}
         if p.distill:
             cfg = DistillConfig(
@@ -460,19 +469,18 @@ class Sweep:
     def timing(self, p: Point) -> dict[str, Any]:
         """Emulator tuning step vs full-model LoRA step (rank 8, same depth), interleaved on the same batches."""
         from guardedp2p.data.collate import BatchIterator
-        from guardedp2p.designs.offline.emulator import EmulatorConfig, build_emulator
+        from guardedp2p.designs.offline.emulator import build_emulator
         from guardedp2p.engine.split import SplitConfig, build_client_parts, build_trunk, loss_fn
         from guardedp2p.train.trainer import SplitTrainer
 
         spec = {**self.base, "keep": p.keep, "adapter": p.adapter, "r": p.lora_r, "depth": p.depth, "v": 1}
         if p.fill != "drop":
             spec["fill"] = p.fill
+        if p.drop_blocks is not None:
+            spec["drop_blocks"] = list(p.drop_blocks)
 
         def make() -> dict[str, Any]:
-            emu = build_emulator(
-                self.model,
-                EmulatorConfig(bottom_layers=p.depth, top_layers=p.depth, keep_fraction=p.keep, fill=p.fill),
-            )
+            emu = build_emulator(self.model, p.emulator_config())
             self.attach(emu.bottom, emu.top, p)
             te = SplitTrainer(emu.bottom, emu.top, emu.trunk_fn(), self.train_cfg(p), loss_fn=loss_fn)
             m = copy.deepcopy(self.model)

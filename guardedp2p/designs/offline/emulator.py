@@ -410,9 +410,14 @@ class EmulatorConfig:
     quantize: str = "none"  # none | int8 | int4 | nf4 (middle blocks only; adapters always ship exact)
     middle_dtype: str = "float32"  # float storage of unquantized middle tensors: float32 | float16 | bfloat16
     fill: str = "drop"  # drop | share: a dropped slot is empty, or runs the kept block before it (CRaSh)
+    #: Instead of the uniform drop: the global indices of the dropped middle blocks (a provider that measured which
+    #: blocks matter, e.g. the sweep's contiguous central drops in docs/results/offline.md).
+    drop_blocks: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         check_scheme(self.quantize)
+        if self.drop_blocks is not None and (self.emulator_layers is not None or self.keep_fraction is not None):
+            raise ConfigError("give drop_blocks or emulator_layers / keep_fraction, not both")
         if self.fill not in FILLS:
             raise ConfigError(f"fill must be one of {', '.join(FILLS)}, got {self.fill!r}")
         if self.middle_dtype not in _DTYPES:
@@ -426,6 +431,14 @@ def build_emulator(full_model: nn.Module, cfg: EmulatorConfig | None = None) -> 
     base = base_model(full_model)
     n = num_layers(base)
     lmap = layer_map(n, cfg.bottom_layers, cfg.top_layers, cfg.emulator_layers, cfg.keep_fraction, cfg.fill)
+    if cfg.drop_blocks is not None:
+        dropped = set(cfg.drop_blocks)
+        if not dropped <= set(lmap.middle):
+            raise ConfigError(
+                f"drop_blocks {sorted(dropped)} must be middle blocks, inside [{lmap.middle.start}, {lmap.middle.stop})"
+            )
+        lmap = LayerMap(n, lmap.bottom, lmap.top, tuple(i for i in lmap.middle if i not in dropped), cfg.fill)
+        lmap.validate()
     first = next(base.parameters())
     skel = emulator_skeleton(config_of(base), lmap, dtype=first.dtype)
     full_sd = _plain_state(base)

@@ -100,6 +100,16 @@ def test_emulator_keeps_global_names_and_copies_weights():
     assert sum(p.numel() for p in emu.model.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+def test_a_provider_can_name_the_blocks_it_drops():
+    model = tiny_model("llama")
+    emu = build_emulator(model, EmulatorConfig(drop_blocks=(3,)))
+    assert emu.layer_map.middle_kept == (2,)
+    with pytest.raises(ConfigError, match="middle blocks"):
+        build_emulator(model, EmulatorConfig(drop_blocks=(1,)))  # a client block
+    with pytest.raises(ConfigError, match="not both"):
+        build_emulator(model, EmulatorConfig(drop_blocks=(3,), keep_fraction=0.5))
+
+
 # ------------------------------------------------------------------------------------------------ layer sharing
 def test_shared_slots_map_to_the_kept_block_before_them():
     lm = layer_map(30, 2, 2, keep_fraction=0.5, fill="share")
