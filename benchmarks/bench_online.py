@@ -26,7 +26,7 @@ which a client that loads only its own blocks (issue 18's client kit) would not 
     python -m benchmarks.bench_online [--micro-batches 1,2,4] [--rounds 5] [--steps-per-round 2] [--batch 4]
         [--seq 128] [--no-memory] [--quick]
 
-``--quick`` (``make bench-quick``): micro-batches 1 and 2, two rounds of one step, the local baseline at one
+``--quick`` (``make bench-quick``): micro-batches 1, 2 and 4 (each protocol's default among them), two rounds of one step, the local baseline at one
 thread, the default split's memory against the full fine-tune only; a few minutes. Prints JSON lines; the last,
 ``online_summary``, has the headline ratios.
 
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocols", default="online,gradfree")
     ap.add_argument("--local-threads", default="1,2", help="torch threads of the local baseline (1 is the reference)")
     ap.add_argument("--no-memory", action="store_true", help="skip the client memory probes")
-    ap.add_argument("--quick", action="store_true", help="micro-batches 1,2; 2 rounds of 1 step; one memory split")
+    ap.add_argument("--quick", action="store_true", help="micro-batches 1,2,4; 2 rounds of 1 step; one memory split")
     ap.add_argument(
         "--provider-overhead", action="store_true", help="provider CPU per step: bare trunk vs the serve loop"
     )
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
         return 0
     if args.quick:
-        args.micro_batches, args.rounds, args.steps_per_round, args.local_threads = "1,2", 2, 1, "1"
+        args.micro_batches, args.rounds, args.steps_per_round, args.local_threads = "1,2,4", 2, 1, "1"
 
     from guardedp2p.cli.client import client_channel_factory
     from guardedp2p.cli.demo import ProviderProcess, free_port

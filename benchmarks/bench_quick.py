@@ -1,7 +1,7 @@
 """``make bench-quick``: the headline ratios of issue 19 in a few minutes (docs/results/perf.md has the full runs).
 
 Runs a short ``bench_channel --wire`` (a 64 MiB activation through encode -> CURVE / plaintext -> decode, one frame
-vs 1 MiB chunks) and ``bench_online --quick`` (Online and Gradfree, unpipelined and with 2 micro-batches, against a
+vs 1 MiB chunks) and ``bench_online --quick`` (Online and Gradfree, unpipelined and with 2 and 4 micro-batches, against a
 local LoRA step at one thread; the client's peak memory against a full fine-tune), prints their JSON lines, then
 one ``quick_headline`` line and a few lines of text with the ratios and their targets.
 
