@@ -14,6 +14,19 @@ emulator_app = typer.Typer(
 )
 
 
+def _block_list(text: str | None) -> tuple[int, ...] | None:
+    """``--drop-blocks 13,14,15``: global block indices, or a usage error that says what was wrong."""
+    if text is None:
+        return None
+    try:
+        blocks = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise typer.BadParameter(f"expected block indices separated by commas, e.g. 13,14,15; got {text!r}") from None
+    if not blocks:
+        raise typer.BadParameter("name at least one block to drop")
+    return blocks
+
+
 @emulator_app.command("build")
 @friendly_errors
 def build(
@@ -32,6 +45,12 @@ def build(
     ),
     keep_fraction: float | None = typer.Option(
         None, help="Instead of --emulator-layers: keep this fraction of the middle blocks (e.g. 0.7)."
+    ),
+    drop_blocks: str | None = typer.Option(
+        None,
+        help="Instead of --emulator-layers / --keep-fraction: the middle blocks to drop, by global index, e.g. "
+        "13,14,15,16 (on SmolLM2-135M dropping those four central blocks kept 55-? % of the fine-tuning gain at "
+        "plug-in where uniform drops of as few as two blocks kept none; docs/results/offline.md).",
     ),
     fill: str = typer.Option(
         "drop",
@@ -91,6 +110,7 @@ def build(
             quantize=quantize,
             middle_dtype=middle_dtype,
             fill=fill,
+            drop_blocks=_block_list(drop_blocks),
         ),
         distill=DistillConfig(
             steps=distill_steps,

@@ -167,16 +167,23 @@ HEADLINE_ROWS: tuple[str, ...] = (
     "offline",
 )
 #: Points of every other family, measured on the first seed only (``--sweep-rows default``): the frontier's shape,
-#: not its headline. Learned obfuscation at two weights; dchi on every input token; field-aware token-selective
-#: dchi (digits noised too) for Online and for Gradfree with its top blocks; ``--privacy balanced`` on plain
-#: Gradfree; ``preset:strong``: formal DP noise at epsilon 8 over the whole run.
+#: not its headline. Learned obfuscation at three weights; dchi on every input token; field-aware token-selective
+#: dchi (digits noised too) for Online and for Gradfree, each with its top blocks trained in full (and Gradfree's at
+#: a stronger epsilon 10); Online with its top blocks and no defence (the reference of the field-aware Online row);
+#: eight bottom blocks on the client (depth); ``--privacy balanced`` on plain Gradfree; ``preset:strong``: formal
+#: DP noise at epsilon 8 over the whole run.
 SWEEP_ROWS: tuple[str, ...] = (
     "obf:1",
+    "obf:0.3",
     "obf:0.1",
     "dx:50",
     "dxfield:30",
+    "dxfield:30+topblocks:5e-4",
+    "topblocks:5e-4",
+    "depth:8",
     "gf:preset:balanced",
     "gf:dxfield:30+topblocks:5e-4",
+    "gf:dxfield:10+topblocks:5e-4",
     "preset:strong",
 )
 #: ``--fast`` (tiny random model): one row of each mechanism the attacker replays (dCor bottoms, codec, noise), the

@@ -89,3 +89,19 @@ def test_demo_emulator_is_signed_by_the_demo_provider_key(tmp_path, monkeypatch)
     d = m["compression"]["distillation"]
     assert d["steps"] == 2 and d["data"] == "builtin:python-docs"
     assert any((tmp_path / "cache" / "emulators").iterdir())
+
+
+def test_build_drops_the_blocks_it_is_told_to(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(str(model_dir))
+    tiny_tokenizer().save_pretrained(str(model_dir))
+    generate_keypair(tmp_path / "keys", "provider")
+    args = ["build", "--model", str(model_dir), "--keys", str(tmp_path / "keys"), "--device", "cpu", "--json"]
+    runner = CliRunner()
+    res = runner.invoke(emulator_app, [*args, "--out", str(tmp_path / "emu"), "--drop-blocks", "3"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["middle_kept"] == [2]
+    bad = runner.invoke(emulator_app, [*args, "--out", str(tmp_path / "e2"), "--drop-blocks", "three"])
+    assert bad.exit_code == 2 and "block indices" in bad.output
+    outside = runner.invoke(emulator_app, [*args, "--out", str(tmp_path / "e3"), "--drop-blocks", "0"])
+    assert outside.exit_code == 2 and "middle blocks" in outside.output
