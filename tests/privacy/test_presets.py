@@ -40,7 +40,7 @@ def test_fields_is_balanced_without_the_digits_on_its_keep_list():
     assert {k: v for k, v in fields.noise.items() if k != "keep_ids"} == {
         k: v for k, v in balanced.noise.items() if k != "keep_ids"
     }
-    assert fields.describe()["name"] == "fields" and "secrets 0.20" in fields.evidence
+    assert fields.describe()["name"] == "fields" and "diagnoses 100 %" in fields.evidence
 
 
 @pytest.mark.parametrize(
