@@ -170,8 +170,8 @@ HEADLINE_ROWS: tuple[str, ...] = (
 #: not its headline. Learned obfuscation at three weights; dchi on every input token; field-aware token-selective
 #: dchi (digits noised too) for Online and for Gradfree, each with its top blocks trained in full (and Gradfree's at
 #: a stronger epsilon 10); Online with its top blocks and no defence (the reference of the field-aware Online row);
-#: eight bottom blocks on the client (depth); ``--privacy balanced`` on plain Gradfree; ``preset:strong``: formal
-#: DP noise at epsilon 8 over the whole run.
+#: one and eight bottom blocks on the client (depth); dCor at alpha 1; ``--privacy balanced`` on plain Gradfree;
+#: ``preset:strong``: formal DP noise at epsilon 8 over the whole run.
 SWEEP_ROWS: tuple[str, ...] = (
     "obf:1",
     "obf:0.3",
@@ -180,7 +180,9 @@ SWEEP_ROWS: tuple[str, ...] = (
     "dxfield:30",
     "dxfield:30+topblocks:5e-4",
     "topblocks:5e-4",
+    "depth:1",
     "depth:8",
+    "dcor:1",
     "gf:preset:balanced",
     "gf:dxfield:30+topblocks:5e-4",
     "gf:dxfield:10+topblocks:5e-4",
