@@ -117,7 +117,8 @@ class LayerMap:
         full model's depth, so the hidden states the top adapters learn on pass through as many residual
         updates as in the real model. The uniform drop keeps the first middle block, so every dropped slot has
         a kept block before it; the emulator ships no more parameters, but computes as many blocks as the full
-        model."""
+        model. Measured on SmolLM2-135M (docs/results/offline.md, ``share2-k50-d0``) it did not help: half the
+        middle shared is a far worse language model than half dropped, and its plug-in did not transfer."""
         if self.fill != "share":
             return {}
         kept = sorted(self.middle_kept)
