@@ -580,9 +580,9 @@ def _row_noise(ctx: _Ctx, row: RowDef) -> dict[str, Any]:
     # once, and the calibration counts that (guardedp2p/designs/gradfree/run.py)
     shape = RunShape(row.design, r.steps, r.batch_size, ctx.n_train, 1, r.max_length, cached=row.design == "gradfree")
     if row.preset:
-        from guardedp2p.privacy.noise import digit_token_ids
+        from guardedp2p.privacy.presets import preset_digit_ids
 
-        digits = digit_token_ids(ctx.tok) if row.preset == "fields" else []
+        digits = preset_digit_ids(row.preset, ctx.tok)
         noise = dict(resolve_preset(row.preset, shape=shape, public_ids=_public_ids(ctx), digit_ids=digits).noise)
     elif row.dp_epsilon:
         noise = formal_gaussian_noise(row.dp_epsilon, shape)[0]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardedp2p.errors import ConfigError
-from guardedp2p.privacy.noise import DEFAULT_DELTA, NoiseConfig, frequent_token_ids
+from guardedp2p.privacy.noise import DEFAULT_DELTA, NoiseConfig, digit_token_ids, frequent_token_ids
 
 __all__ = [
     "PRESETS",
@@ -51,6 +51,7 @@ __all__ = [
     "STRONG_EPSILON",
     "STRONG_GRAD_CLIP",
     "formal_gaussian_noise",
+    "preset_digit_ids",
     "PrivacyPreset",
     "RunShape",
     "resolve_preset",
@@ -115,6 +116,12 @@ def selective_dx(
         noise["keep_ids"] = frequent_token_ids(public_ids, min_share=BALANCED_KEEP_SHARE, exclude=exclude)
         noise["epsilon_keep"] = BALANCED_EPSILON_KEEP
     return noise
+
+
+def preset_digit_ids(name: str, tokenizer: Any) -> list[int]:
+    """The ``digit_ids`` :func:`resolve_preset` takes for preset ``name``: every digit token of ``tokenizer`` for
+    ``fields`` (dates and account numbers are spelled with them), none for the others."""
+    return digit_token_ids(tokenizer) if name == "fields" else []
 
 
 def resolve_preset(

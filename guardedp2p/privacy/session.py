@@ -22,7 +22,7 @@ import torch
 from guardedp2p.errors import ConfigError
 from guardedp2p.privacy.noise import ClientNoise, NoiseConfig, client_noise
 from guardedp2p.privacy.obfuscation import ObfuscationConfig, Obfuscator
-from guardedp2p.privacy.presets import PRESETS, PrivacyPreset, RunShape, resolve_preset
+from guardedp2p.privacy.presets import PRESETS, PrivacyPreset, RunShape, preset_digit_ids, resolve_preset
 
 log = logging.getLogger("guardedp2p.client")
 
@@ -169,13 +169,11 @@ def resolve_session_privacy(
     resolved: PrivacyPreset | None = None
     if preset != "off":
         keyed = preset in ("balanced", "fields")  # their keep lists come from public text in the client's style
-        digits: list[int] = []
-        if preset == "fields":
-            from guardedp2p.privacy.noise import digit_token_ids
-
-            digits = digit_token_ids(tokenizer)
         resolved = resolve_preset(
-            preset, shape=shape, public_ids=public_ids(public_text) if keyed else None, digit_ids=digits
+            preset,
+            shape=shape,
+            public_ids=public_ids(public_text) if keyed else None,
+            digit_ids=preset_digit_ids(preset, tokenizer),
         )
     spec = dict(noise) if noise else (dict(resolved.noise) if resolved is not None else {})
     if resolved is not None and dcor_alpha == 0:
