@@ -39,10 +39,11 @@ def _keys(tmp_path):
             generate_keypair(tmp_path / "keys", name)
 
 
-def _trained_emulator(model, tmp_path, steps=3):
-    """Provider signs an emulator; the client loads it and trains its blocks for a few steps."""
+def _trained_emulator(model, tmp_path, steps=3, cfg=None):
+    """Provider signs an emulator (``cfg``; default: one middle block kept); the client loads it and trains its
+    blocks for a few steps."""
     _keys(tmp_path)
-    emu = build_emulator(model, EmulatorConfig(emulator_layers=1))
+    emu = build_emulator(model, cfg or EmulatorConfig(emulator_layers=1))
     save_emulator(emu, tmp_path / "emu", load_signing_key(tmp_path / "keys", "provider"))
     loaded = load_emulator(tmp_path / "emu", tmp_path / "keys" / "provider.sign.pub")
     e = loaded.emulator
@@ -119,24 +120,17 @@ def test_an_emulator_that_keeps_every_block_plugs_in_as_exactly_the_tuned_emulat
     the plugged model must compute what the client's tuned emulator computes. A failure here (block indices,
     rotary, masks, the bundle's tensor names) would show as a plug-in at chance whatever the compression; the
     measured non-transfer of docs/results/offline.md is therefore the compression's, not the plumbing's."""
-    _keys(tmp_path)
     model = tiny_model("llama")
-    emu = build_emulator(model, EmulatorConfig(keep_fraction=1.0))
-    assert len(emu.layer_map.middle_kept) == len(emu.layer_map.middle)
-    save_emulator(emu, tmp_path / "emu", load_signing_key(tmp_path / "keys", "provider"))
-    loaded = load_emulator(tmp_path / "emu", tmp_path / "keys" / "provider.sign.pub")
-    e = loaded.emulator
-    ids, mask, labels = tiny_batch()
+    everything = EmulatorConfig(keep_fraction=1.0)
+    ids, mask, _ = tiny_batch()
     valid = mask.bool()
     with torch.no_grad():
         base = model(input_ids=ids, attention_mask=mask).logits
-        torch.testing.assert_close(e.logits(ids, mask)[valid], base[valid], rtol=0, atol=0)
-    enable_full_blocks(e.bottom, e.top)
-    trainer = SplitTrainer(
-        e.bottom, e.top, e.trunk_fn(), TrainConfig(steps=3, lr=1e-2, warmup_steps=0), loss_fn=loss_fn
-    )
-    for _ in range(3):
-        trainer.train_step([{"input_ids": ids, "attention_mask": mask, "labels": labels}])
+        fresh = build_emulator(model, everything)
+        assert len(fresh.layer_map.middle_kept) == len(fresh.layer_map.middle)
+        torch.testing.assert_close(fresh.logits(ids, mask)[valid], base[valid], rtol=0, atol=0)
+    loaded, _ = _trained_emulator(model, tmp_path, cfg=everything)
+    e = loaded.emulator
     save_full_blocks(e.bottom, e.top, tmp_path / "adapter", base_model_name_or_path="tiny")
     make_full_block_bundle(
         tmp_path / "adapter",
