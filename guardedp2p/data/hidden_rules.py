@@ -144,6 +144,17 @@ class Patient:
         return tuple(rule.mapping()[k] for rule, k in zip(RULES, self.keys))
 
 
+def categorical_fields() -> dict[str, tuple[str, ...]]:
+    """Every field of a record with a closed vocabulary: each rule's key field (``diagnosis``: its four values)
+    and its code field (``ward code``: its four codes). The schema a client would declare to pseudonymise the task
+    (:mod:`guardedp2p.privacy.pseudonym`)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for r in RULES:
+        out[r.key] = r.keys
+        out[r.code] = r.codes
+    return out
+
+
 def population_size() -> int:
     """People per population (each population gets a third of the first x last name pairs)."""
     pairs = len(FIRST_NAMES) * len(LAST_NAMES)
@@ -336,6 +347,7 @@ def default_task_paths(cfg: TaskConfig | None = None, *, cache_dir: str | Path |
 
 
 __all__ = [
+    "categorical_fields",
     "GENERATOR_VERSION",
     "PII_FIELDS",
     "RULES",

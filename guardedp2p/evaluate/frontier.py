@@ -54,6 +54,7 @@ SANITY_SECRETS = 0.8
 ATTACKS = ("sip_adaptive", "sip", "bisr_f", "template")
 ATTACK_LABELS = {
     "sip_adaptive": "SIP, adaptive (replays the defence)",
+    "sip_freq": "SIP, adaptive, then frequency analysis of the pseudonymised fields (knows their distribution, not the key)",
     "sip": "SIP (pre-trained bottom, codec-aware)",
     "bisr_f": "BiSR(f) (forward matching, init SIP)",
     "template": "format prior (one typical aux record for every sequence)",
@@ -96,6 +97,7 @@ class RowDef:
     obfuscate: float = 0.0
     bottom: int = 0
     top_blocks_lr: float = 0.0  # > 0: the client's top blocks train in full at this lr beside LoRA (more capacity)
+    pseudonym: bool = False  # the client pseudonymises the task's categorical fields with a secret key
 
     @property
     def split(self) -> bool:
@@ -129,6 +131,8 @@ class RowDef:
             bits.append(f"{self.bottom} client bottom block{'s' if self.bottom > 1 else ''}")
         if self.top_blocks_lr:
             bits.append(f"top blocks trained in full (lr {self.top_blocks_lr:g})")
+        if self.pseudonym:
+            bits.append("task fields pseudonymised with a client key")
         if self.codec != "fp32":
             bits.append(f"{self.codec} codec")
         if self.design == "gradfree":
@@ -197,7 +201,8 @@ ROW_HELP = (
     "joined by '+': dcor:<alpha>, noise:<sigma>, dp:<epsilon>, dx:<epsilon>, dxtok:<epsilon> (rare tokens only), "
     "dxfield:<epsilon> (rare tokens and every digit), "
     "obf:<weight>, depth:<bottom blocks>, preset:<balanced|strong>, codec:<fp16|bf16|int8|nf4|...>, "
-    "topblocks:<lr> (the top blocks trained in full beside LoRA); prefix gf: "
+    "topblocks:<lr> (the top blocks trained in full beside LoRA), pseudo:task (the task's categorical fields "
+    "pseudonymised with a client key); prefix gf: "
     "for Gradfree (gradfree:<codec> is gf:codec:<codec>), e.g. obf:1+dxtok:30 or gf:dp:8"
 )
 
@@ -213,6 +218,7 @@ _SETTING_FAMILY = {
     "preset": "preset",
     "codec": "codec",
     "topblocks": "capacity",
+    "pseudo": "pseudonym",
 }
 
 
@@ -227,6 +233,10 @@ def _setting(key: str, piece: str) -> dict[str, Any]:
         if arg not in FLOAT_CODECS:
             raise ConfigError(f"row {key!r}: unknown codec {arg!r}; use one of {', '.join(FLOAT_CODECS)}")
         return {"codec": arg}
+    if kind == "pseudo":
+        if arg != "task":
+            raise ConfigError(f"row {key!r}: pseudo takes 'task' (the task's categorical fields), e.g. pseudo:task")
+        return {"pseudonym": True}
     if kind == "preset":
         from guardedp2p.privacy.presets import PRESETS
 
@@ -273,11 +283,12 @@ def _label(design: str, pieces: Sequence[str]) -> str:
         "preset": "--privacy {}",
         "codec": "{}",
         "topblocks": "top blocks lr {}",
+        "pseudo": "pseudonymised fields",
     }
     bits = []
     for p in pieces:
         kind, _, arg = p.partition(":")
-        bits.append(names[kind].format(arg))
+        bits.append(names[kind].format(arg) if "{}" in names[kind] else names[kind])
     head = "Online" if design == "online" else "Gradfree"
     return f"{head} + " + " + ".join(bits) if bits else head
 
@@ -516,6 +527,20 @@ class _Ctx:
     public: list[list[int]] | None = None  # token ids of the public (aux) records: keep lists, obfuscation
     n_train: int = 0
     template: list[int] | None = None  # the format prior's guess (token ids)
+    pseudo: dict[int, _PseudoTask] = field(default_factory=dict)  # per seed: the task as a pseudonymising client has it
+    pseudo_prior: dict[str, Any] | None = None  # field value counts in the aux records (the attacker's knowledge)
+
+
+@dataclass
+class _PseudoTask:
+    """The task as a client that pseudonymises its categorical fields holds it: its key's coder, the encoded
+    training and evaluation files it tunes on, and the encoded items and NLL records it is scored on."""
+
+    coder: Any  # guardedp2p.privacy.pseudonym.FieldPseudonymizer
+    train: str
+    eval_mc: str
+    eval_items: list[dict[str, Any]]
+    nll_records: list[dict[str, Any]]
 
 
 def escape(text: str) -> str:
@@ -560,6 +585,45 @@ def _public_file(ctx: _Ctx) -> Path:
         tmp.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in ctx.task.aux), encoding="utf-8")
         tmp.replace(path)
     return path
+
+
+def _pseudo_task(ctx: _Ctx, row: RowDef, seed: int) -> _PseudoTask | None:
+    """``row``'s client pseudonymises the task's categorical fields (:mod:`guardedp2p.privacy.pseudonym`) with a key
+    of its own, derived here from the seed so runs are reproducible; the attacker is never given it."""
+    if not row.pseudonym:
+        return None
+    if seed in ctx.pseudo:
+        return ctx.pseudo[seed]
+    from guardedp2p.data.hidden_rules import categorical_fields
+    from guardedp2p.data.loaders import load_records
+    from guardedp2p.privacy.pseudonym import FieldPseudonymizer, PseudonymSchema
+
+    if ctx.task.name != "hidden_rules":
+        raise ConfigError(f"row {row.key!r}: pseudo:task needs the hidden_rules task, not {ctx.task.name!r}")
+    key = hashlib.sha256(f"guardedp2p frontier pseudonym key, seed {seed}".encode()).digest()
+    coder = FieldPseudonymizer(PseudonymSchema.from_mapping(categorical_fields()), key)
+    folder = ctx.work / "pseudo" / f"{ctx.task.digest}-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def encode_item(item: dict[str, Any]) -> dict[str, Any]:
+        out = dict(item, question=coder.encode(str(item["question"])))
+        out["choices"] = [coder.encode_value(str(item.get("rule", "")), str(c)) for c in item["choices"]]
+        return out
+
+    def write(name: str, recs: list[dict[str, Any]]) -> str:
+        path = folder / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+        tmp.replace(path)
+        return str(path)
+
+    train = write("train.jsonl", [coder.encode_record(r) for r in ctx.task.train_records()])
+    all_items = [encode_item(i) for i in load_records(ctx.task.eval_mc)]
+    eval_mc = write("eval_mc.jsonl", all_items)
+    items = [encode_item(i) for i in ctx.eval_items]
+    nll = [coder.encode_record(r) for r in ctx.nll_records]
+    ctx.pseudo[seed] = _PseudoTask(coder, train, eval_mc, items, nll)
+    return ctx.pseudo[seed]
 
 
 def _row_noise(ctx: _Ctx, row: RowDef) -> dict[str, Any]:
@@ -632,11 +696,12 @@ def _tune_options(ctx: _Ctx, row: RowDef, seed: int, run_dir: Path) -> Any:
     from guardedp2p.wire.handshake import CODEC_DIRECTIONS
 
     cfg = ctx.cfg
+    pseudo = _pseudo_task(ctx, row, seed)
     return TuneOptions(
         protocol=row.design if row.split else "online",
         model=cfg.model,
-        data=ctx.task.train,
-        eval_data=ctx.task.eval_mc,
+        data=pseudo.train if pseudo else ctx.task.train,
+        eval_data=pseudo.eval_mc if pseudo else ctx.task.eval_mc,
         out=str(run_dir / "run"),
         train=_train_config(ctx, seed, row.dcor, row.top_blocks_lr),
         bottom_layers=_bottom(ctx, row),
@@ -693,20 +758,22 @@ def _score_utility(
     *,
     noise: dict[str, Any] | None = None,
     bottom: int | None = None,
+    pseudo: _PseudoTask | None = None,
 ) -> dict[str, Any]:
     """Per-item scores of ``model`` with the run's mechanisms at the cuts (``up``/``down``) and on the input
-    embeddings (dχ ``noise``): the utility the client gets when it uses what it tuned over the same protection."""
+    embeddings (dχ ``noise``): the utility the client gets when it uses what it tuned over the same protection
+    (and, for a pseudonymising client, on its items encoded with its key, as it would query)."""
     from guardedp2p.evaluate.utility import cut_hooks, input_noise, mc_item_scores, record_field_nll
 
     cfg = ctx.cfg
+    eval_items = pseudo.eval_items if pseudo else ctx.eval_items
+    nll_records = pseudo.nll_records if pseudo else ctx.nll_records
     with cut_hooks(model, bottom or cfg.bottom_layers, cfg.top_layers, up, down), input_noise(model, noise):
-        with _Bar(cfg.progress, "utility: multiple-choice items", len(ctx.eval_items)) as bar:
-            items = mc_item_scores(
-                model, ctx.tok, ctx.eval_items, max_length=ctx.recipe.max_length, progress=bar.update
-            )
+        with _Bar(cfg.progress, "utility: multiple-choice items", len(eval_items)) as bar:
+            items = mc_item_scores(model, ctx.tok, eval_items, max_length=ctx.recipe.max_length, progress=bar.update)
         nll = (
-            record_field_nll(model, ctx.tok, ctx.nll_records, max_length=ctx.recipe.max_length)
-            if ctx.nll_records
+            record_field_nll(model, ctx.tok, nll_records, max_length=ctx.recipe.max_length)
+            if nll_records
             else np.array([])
         )
     return {
@@ -774,7 +841,9 @@ def _run_split(ctx: _Ctx, row: RowDef, seed: int, key: str) -> dict[str, Any]:
     provider.clear()
     noise = _row_noise(ctx, row)
     up, down = cut_transforms(row.codec, row.codec, noise, device=_device(cfg.device))
-    utility = _score_utility(ctx, tuned, up, down, noise=noise, bottom=_bottom(ctx, row))
+    utility = _score_utility(
+        ctx, tuned, up, down, noise=noise, bottom=_bottom(ctx, row), pseudo=_pseudo_task(ctx, row, seed)
+    )
     del tuned
     if cfg.protocol_eval:
         utility["protocol_acc"] = summary.get("eval_after")
@@ -1125,7 +1194,8 @@ def _attack(ctx: _Ctx, row: RowDef, run: dict[str, Any], attack: str, blind: boo
     from guardedp2p.attacks.common import valid_ids
     from guardedp2p.attacks.metrics import ids_to_text, score_sample, secrets_recovered
 
-    akey, adaptive, asummary = _attacker(ctx, row, blind) if attack == "sip_adaptive" else ("", None, {})
+    adaptive_attack = attack in ("sip_adaptive", "sip_freq")
+    akey, adaptive, asummary = _attacker(ctx, row, blind) if adaptive_attack else ("", None, {})
     key = _hash({"v": FRONTIER_VERSION, "run": run["key"], "attack": attack, "attacker": akey, "blind": blind})
     hit = ctx.cache.get("attacks", key)
     if hit is not None:
@@ -1138,7 +1208,7 @@ def _attack(ctx: _Ctx, row: RowDef, run: dict[str, Any], attack: str, blind: boo
     n = len(run["observations"]["steps"])
     t0 = time.perf_counter()
     recs: list[torch.Tensor] = []
-    if attack == "sip_adaptive":
+    if adaptive_attack:
         from guardedp2p.attacks.adaptive import invert
 
         assert adaptive is not None
@@ -1153,15 +1223,20 @@ def _attack(ctx: _Ctx, row: RowDef, run: dict[str, Any], attack: str, blind: boo
             recs.append(row_ids.expand(B, L).clone())
     else:
         recs = _legacy_attack(ctx, row, obs, n, attack)
+    pairs = [
+        (run["observations"]["steps"][i], hyp, ref)
+        for i in range(n)
+        for hyp, ref in zip(valid_ids(recs[i], obs[f"mask_{i}"]), valid_ids(obs[f"ids_{i}"], obs[f"mask_{i}"]))
+    ]
+    pseudo = _pseudo_task(ctx, row, int(run["seed"]))
     seqs = []
-    for i in range(n):
-        mask, ids = obs[f"mask_{i}"], obs[f"ids_{i}"]
-        for hyp, ref in zip(valid_ids(recs[i], mask), valid_ids(ids, mask)):
+    if pseudo is None:
+        for step, hyp, ref in pairs:
             s = score_sample(hyp, ref, ctx.tok, "detok")
             sec = _secrets_for(ctx, ids_to_text(ref, ctx.tok, "detok"))
             seqs.append(
                 {
-                    "step": run["observations"]["steps"][i],
+                    "step": step,
                     "rougeL": round(s.rougeL, 5),
                     "token_acc": round(s.token_acc, 5),
                     "secrets": secrets_recovered(s.hyp_text, sec),
@@ -1169,9 +1244,49 @@ def _attack(ctx: _Ctx, row: RowDef, run: dict[str, Any], attack: str, blind: boo
                     "hyp": s.hyp_text,
                 }
             )
+    else:
+        seqs = _score_pseudonymised(ctx, pseudo, pairs, frequency=attack == "sip_freq")
     res = {"attack": attack, "attacker": asummary, "sequences": seqs, "seconds": round(time.perf_counter() - t0, 2)}
     ctx.cache.put("attacks", key, res)
     return res
+
+
+def _score_pseudonymised(
+    ctx: _Ctx, pseudo: _PseudoTask, pairs: list[tuple[int, Any, Any]], *, frequency: bool
+) -> list[dict[str, Any]]:
+    """Scores against what the client *wrote*, not what it sent: the sent tokens are the pseudonymised text, so the
+    reference is decoded with the client's key. The attacker reads the surrogates at face value, or (``frequency``)
+    maps them back by frequency analysis against the value counts of its own auxiliary records
+    (:func:`guardedp2p.privacy.pseudonym.frequency_inverse`), counted over every sequence of the run it attacks.
+    Token accuracy is position by position on the re-tokenised texts."""
+    from guardedp2p.attacks.metrics import ids_to_text, rouge_f1, secrets_recovered, token_accuracy
+    from guardedp2p.privacy.pseudonym import apply_inverse, field_counts, frequency_inverse
+
+    schema = pseudo.coder.schema
+    hyps = [ids_to_text(h, ctx.tok, "detok") for _, h, _ in pairs]
+    refs = [pseudo.coder.decode(ids_to_text(r, ctx.tok, "detok")) for _, _, r in pairs]
+    if frequency:
+        if ctx.pseudo_prior is None:
+            ctx.pseudo_prior = field_counts(schema, (str(r["text"]) for r in ctx.task.aux))
+        guess = frequency_inverse(schema, field_counts(schema, hyps), ctx.pseudo_prior)
+        hyps = [apply_inverse(schema, h, guess) for h in hyps]
+
+    def ids(text: str) -> list[int]:
+        return list(ctx.tok(text, add_special_tokens=False)["input_ids"])
+
+    out = []
+    for (step, _, _), hyp, ref in zip(pairs, hyps, refs):
+        out.append(
+            {
+                "step": step,
+                "rougeL": round(rouge_f1(hyp, ref)["rougeL"], 5),
+                "token_acc": round(token_accuracy(ids(hyp), ids(ref)), 5),
+                "secrets": secrets_recovered(hyp, _secrets_for(ctx, ref)),
+                "ref": ref,
+                "hyp": hyp,
+            }
+        )
+    return out
 
 
 def _legacy_attack(ctx: _Ctx, row: RowDef, obs: dict[str, torch.Tensor], n: int, attack: str) -> list[torch.Tensor]:
@@ -1289,7 +1404,10 @@ def _privacy_block(
         }
     per_attack: dict[str, list[dict[str, Any]]] = {}
     attackers: dict[str, Any] = {}
-    for a in attacks or (("sip_adaptive",) if blind else ctx.cfg.attacks):
+    names_ = list(attacks or (("sip_adaptive",) if blind else ctx.cfg.attacks))
+    if row.pseudonym and "sip_adaptive" in names_:
+        names_.insert(names_.index("sip_adaptive") + 1, "sip_freq")  # the attacker who knows the defence
+    for a in names_:
         res = [_attack(ctx, row, r, a, blind=blind) for r in runs]
         per_attack[a] = [s for x in res for s in x["sequences"]]
         if res and res[0].get("attacker"):
@@ -1320,7 +1438,7 @@ def _privacy_block(
         "sequences": len(seqs),
         "steps_observed": min(steps) if steps else 0,
         "steps_observed_per_seed": steps,
-        "adaptive": best == "sip_adaptive",
+        "adaptive": best in ("sip_adaptive", "sip_freq"),
         "per_attack": {
             a: {
                 "mean_rougeL": round(float(M[i].mean()), 4),

@@ -217,3 +217,37 @@ def test_hand_written_findings_survive_a_regenerated_report(fast_run):
     text = md.read_text()
     assert text.count(FINDINGS_MARKER) == 1 and text.rstrip().endswith("Our reading of the table.")
     assert "Sanity gate passed" in text
+
+
+def test_pseudonymised_row_scores_against_what_the_client_wrote(fast_run):
+    """`pseudo:task`: the client tunes on its key's surrogates, the provider sees only those, and the attack is
+    scored against the original record, both reading the surrogates at face value and after frequency analysis."""
+    from guardedp2p.cli.evaluate import fast_config
+    from guardedp2p.data.loaders import load_records
+    from guardedp2p.evaluate.tasks import load_task
+
+    tmp, _, _ = fast_run
+    res = run_frontier(
+        fast_config(
+            out=str(tmp / "work"),
+            results=str(tmp / "pseudo"),
+            rows=("gradfree",),
+            sweep_rows=("gf:pseudo:task",),
+            seeds=(0,),
+            progress=False,
+        )
+    )
+    row = next(r for r in res["rows"] if r["row"] == "gf:pseudo:task")
+    assert "pseudonymised" in row["defence"]
+    per = row["privacy"]["per_attack"]
+    assert {"sip_adaptive", "sip_freq", "template"} <= set(per)
+    task = load_task("fast")
+    originals = {str(r["text"])[:60] for r in task.train_records()}
+    assert row["privacy"]["most_leaked"]["ref"][:60] in originals  # the reference is decoded with the client's key
+    (sent,) = (tmp / "work" / "pseudo").glob("*-seed0/train.jsonl")
+    sent_texts = [str(r["text"]) for r in load_records(str(sent))]
+    plain = [str(r["text"]) for r in task.train_records()]
+    assert len(sent_texts) == len(plain) and sum(a != b for a, b in zip(sent_texts, plain)) > len(plain) // 2
+    plain_row = next(r for r in res["rows"] if r["row"] == "gradfree")
+    # face-value reading of surrogates recovers less of the original text than reading the plain one
+    assert per["sip_adaptive"]["mean_rougeL"] < plain_row["privacy"]["per_attack"]["sip_adaptive"]["mean_rougeL"]

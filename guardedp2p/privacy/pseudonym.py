@@ -1,0 +1,197 @@
+"""Keyed pseudonymisation of a record's categorical fields, done by the client before anything is tokenised.
+
+Why: every split defence that keeps the task leaves the task's own inputs readable. The frontier's table of
+recovered fields (docs/results/frontier.md) shows the diagnosis recovered in 100 % of sequences under every dχ
+row, because the provider's trunk has to compute on the field, so its activations carry it. Noise cannot remove
+what the task needs. A substitution can: inside each field's closed vocabulary, the client replaces every value
+by another one chosen by a secret key, the same one in every record (``diagnosis: asthma`` becomes
+``diagnosis: gout`` everywhere, ``ward code: KD-3`` becomes ``ward code: PJ-5``). The task stays learnable,
+because the rules are learnt over the surrogates. At inference the client encodes its query and decodes the
+answer with the same key (:meth:`FieldPseudonymizer.decode`). What crosses the wire then names the wrong value.
+This is pseudonymisation (tokenisation) as a hospital already applies it before data leaves its walls. It is not
+a new cryptographic primitive.
+
+Limits, which the frontier measures rather than assumes:
+
+* **Frequency analysis.** The key hides which surrogate stands for which value only as far as the values'
+  frequencies do not give it away. An attacker who knows the field's distribution (it holds records of the same
+  format) ranks the surrogates it reads by frequency and maps them to the values ranked the same way
+  (:func:`frequency_inverse`, the attack ``sip_freq`` of the frontier). On a flat distribution that guess is no
+  better than chance. On a skewed one (in most real clinics one diagnosis dominates) the frequent values leak.
+  Co-occurrence with other fields can leak the key in the same way.
+* **Semantics.** A surrogate means something else to the pre-trained model: a task that needs what "asthma"
+  means, rather than an arbitrary rule about it, loses that knowledge.
+* **Scope.** Only declared fields with a closed vocabulary are substituted. Free text (names, addresses, numbers)
+  needs the other defences (``--privacy fields``: dχ on rare tokens and digits).
+
+The permutation of a field's values is the order of their HMAC-SHA256 under the key (``cryptography``'s HMAC):
+without the key every permutation is equally likely.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes, hmac
+
+from guardedp2p.errors import ConfigError
+
+#: Bytes of a generated key (HMAC-SHA256 takes any length; 32 is its block-size-safe strength).
+KEY_BYTES = 32
+
+
+class PseudonymError(ConfigError):
+    """A pseudonym schema or key that cannot work: say which field and why."""
+
+
+@dataclass(frozen=True)
+class PseudonymSchema:
+    """The fields to substitute: each field name and its closed vocabulary of values.
+
+    A field is written ``<name>: <value>`` in a record's text (the house style of
+    :mod:`guardedp2p.data.hidden_rules`), and a value is replaced only there, so the same word elsewhere in the
+    text is left alone.
+    """
+
+    fields: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @classmethod
+    def from_mapping(cls, fields: Mapping[str, Sequence[str]]) -> PseudonymSchema:
+        schema = cls(tuple((str(k), tuple(str(v) for v in vs)) for k, vs in fields.items()))
+        schema.validate()
+        return schema
+
+    def validate(self) -> None:
+        if not self.fields:
+            raise PseudonymError("a pseudonym schema needs at least one field")
+        names = [n for n, _ in self.fields]
+        if len(set(names)) != len(names):
+            raise PseudonymError(f"a field is named twice in the pseudonym schema: {names}")
+        for name, values in self.fields:
+            if not name.strip() or ":" in name:
+                raise PseudonymError(f"field name {name!r}: give a non-empty name without ':'")
+            if len(values) < 2:
+                raise PseudonymError(f"field {name!r} has {len(values)} value(s): a substitution needs at least 2")
+            if len(set(values)) != len(values) or any(not v.strip() for v in values):
+                raise PseudonymError(f"field {name!r}: values must be distinct and non-empty, got {list(values)}")
+
+    def as_dict(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.fields)
+
+
+def keyed_permutation(key: bytes, field: str, values: Sequence[str]) -> dict[str, str]:
+    """``values[i]`` -> its surrogate: the values reordered by their HMAC-SHA256 tag under ``key``."""
+
+    def tag(value: str) -> bytes:
+        h = hmac.HMAC(key, hashes.SHA256())
+        h.update(field.encode() + b"\x00" + value.encode())
+        return h.finalize()
+
+    shuffled = sorted(values, key=tag)
+    return dict(zip(values, shuffled))
+
+
+def _pattern(field: str, values: Iterable[str]) -> re.Pattern[str]:
+    # longest values first, and no word character or hyphen may follow: "AB" is never read as "A" + "B"
+    alts = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+    return re.compile(rf"(?<![\w-])({re.escape(field)}: )({alts})(?![\w-])")
+
+
+class FieldPseudonymizer:
+    """Substitutes the schema's fields in texts and records with a keyed permutation, and back.
+
+    ``encode`` is what the client applies to every text it tunes or queries on; ``decode`` maps the model's output
+    (or an encoded text) back. Both are pure functions of the text: the same record always gets the same
+    surrogates, which is what lets the task be learnt over them.
+    """
+
+    def __init__(self, schema: PseudonymSchema, key: bytes) -> None:
+        schema.validate()
+        if len(key) < 16:
+            raise PseudonymError(f"a pseudonym key needs at least 16 bytes, got {len(key)}")
+        self.schema = schema
+        self.forward = {f: keyed_permutation(key, f, vs) for f, vs in schema.fields}
+        self.inverse = {f: {s: v for v, s in m.items()} for f, m in self.forward.items()}
+        self._patterns = {f: _pattern(f, vs) for f, vs in schema.fields}
+
+    def _apply(self, text: str, maps: Mapping[str, Mapping[str, str]]) -> str:
+        for field, pat in self._patterns.items():
+            m = maps[field]
+            text = pat.sub(lambda g, m=m: g.group(1) + m[g.group(2)], text)  # type: ignore[misc]
+        return text
+
+    def encode(self, text: str) -> str:
+        return self._apply(text, self.forward)
+
+    def decode(self, text: str) -> str:
+        return self._apply(text, self.inverse)
+
+    def encode_value(self, field: str, value: str) -> str:
+        """One value of ``field`` (a multiple-choice option, a dict entry); values outside the schema pass."""
+        return self.forward.get(field, {}).get(value, value)
+
+    def encode_record(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """A record with its ``text`` encoded and every nested ``{field: value}`` dict (``pii``, ``fields``,
+        ``codes``) mapped the same way, so field spans and secrets still point at what the text holds."""
+        out: dict[str, Any] = {}
+        for k, v in record.items():
+            if k == "text" and isinstance(v, str):
+                out[k] = self.encode(v)
+            elif isinstance(v, Mapping):
+                out[k] = {f: self.encode_value(f, x) if isinstance(x, str) else x for f, x in v.items()}
+            else:
+                out[k] = v
+        return out
+
+    def read(self, text: str) -> dict[str, list[str]]:
+        """The values of each field written in ``text`` (what an attacker counts)."""
+        return {f: [g.group(2) for g in pat.finditer(text)] for f, pat in self._patterns.items()}
+
+
+def field_counts(schema: PseudonymSchema, texts: Iterable[str]) -> dict[str, Counter[str]]:
+    """How often each value of each field is written in ``texts`` (no key needed: reading is public)."""
+    pats = {f: _pattern(f, vs) for f, vs in schema.fields}
+    out: dict[str, Counter[str]] = {f: Counter() for f in pats}
+    for t in texts:
+        for f, pat in pats.items():
+            out[f].update(g.group(2) for g in pat.finditer(t))
+    return out
+
+
+def frequency_inverse(
+    schema: PseudonymSchema, observed: Mapping[str, Counter[str]], prior: Mapping[str, Counter[str]]
+) -> dict[str, dict[str, str]]:
+    """The frequency-analysis attacker's guess of each field's inverse map: the surrogate read most often stands
+    for the value most frequent in the attacker's own records of the same format, and so on down both rankings.
+    Ties break by the schema's order on both sides, so a flat distribution gives a fixed guess, not the key."""
+    out: dict[str, dict[str, str]] = {}
+    for field, values in schema.fields:
+        order = {v: i for i, v in enumerate(values)}
+        seen = sorted(values, key=lambda v: (-observed.get(field, Counter())[v], order[v]))
+        known = sorted(values, key=lambda v: (-prior.get(field, Counter())[v], order[v]))
+        out[field] = dict(zip(seen, known))
+    return out
+
+
+def apply_inverse(schema: PseudonymSchema, text: str, inverse: Mapping[str, Mapping[str, str]]) -> str:
+    """``text`` with each field's value replaced by ``inverse[field]`` (an attacker's guessed decoding)."""
+    for field, values in schema.fields:
+        m = inverse.get(field, {})
+        text = _pattern(field, values).sub(lambda g, m=m: g.group(1) + m.get(g.group(2), g.group(2)), text)  # type: ignore[misc]
+    return text
+
+
+__all__ = [
+    "KEY_BYTES",
+    "FieldPseudonymizer",
+    "PseudonymError",
+    "PseudonymSchema",
+    "apply_inverse",
+    "field_counts",
+    "frequency_inverse",
+    "keyed_permutation",
+]
