@@ -383,6 +383,22 @@ def tune_cmd(
         "preset's keep list and the obfuscation's inverter. Default: the shipped demo records of other people.",
         rich_help_panel=PRIVACY,
     ),
+    pseudonymize: Path | None = typer.Option(
+        None,
+        "--pseudonymize",
+        help='JSON schema {"field": ["value", ...]} of categorical fields written \'field: value\' in your '
+        "records: each value is replaced, before anything is sent, by another value of the same field chosen by "
+        "your secret key (the same in every record), so the provider reads the wrong one. The key stays in "
+        "--pseudonym-key; `client generate --adapter OUT/adapter` applies it to prompts and answers. Protects a "
+        "field only as far as its values are about equally frequent (docs/results/frontier.md).",
+        rich_help_panel=PRIVACY,
+    ),
+    pseudonym_key: Path | None = typer.Option(
+        None,
+        help="File of the --pseudonymize key (hex, owner-only; created if missing). Default: OUT/pseudonym.key. "
+        "Never sent; lose it and the adapter no longer understands your data.",
+        rich_help_panel=PRIVACY,
+    ),
     micro_batches: int | None = typer.Option(
         None,
         min=1,
@@ -508,6 +524,8 @@ def tune_cmd(
         allow_network=allow_network,
         kit=str(kit) if kit else None,
         kit_verify_key=str(provider_sign_key) if kit and provider_sign_key else None,
+        pseudonym=str(pseudonymize) if pseudonymize else None,
+        pseudonym_key=str(pseudonym_key) if pseudonym_key else None,
     )
     if kit is not None and provider_sign_key is None:
         raise ConfigError("--kit needs --provider-sign-key PROVIDER.sign.pub to verify the kit's signature")

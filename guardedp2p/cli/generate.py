@@ -187,6 +187,30 @@ def _prepare(
     )
 
 
+def adapter_pseudonymizer(adapter: Path | None, key: Path | None) -> Any:
+    """The keyed pseudonymisation an adapter was tuned with (``OUT/pseudonym.json`` beside ``OUT/adapter``), or
+    None; an adapter tuned on surrogates answers only to prompts encoded with the same key."""
+    from guardedp2p.privacy.pseudonym import FieldPseudonymizer, load_schema, read_key
+    from guardedp2p.service.client import PSEUDONYM_KEY_FILE, PSEUDONYM_SCHEMA_FILE
+
+    schema = adapter.parent / PSEUDONYM_SCHEMA_FILE if adapter is not None else None
+    if schema is None or not schema.is_file():
+        if key is not None:
+            raise ConfigError(
+                "--pseudonym-key: this adapter was not tuned with --pseudonymize "
+                f"(no {PSEUDONYM_SCHEMA_FILE} beside it)"
+            )
+        return None
+    assert adapter is not None
+    key_path = key or adapter.parent / PSEUDONYM_KEY_FILE
+    if not key_path.is_file():
+        raise ConfigError(
+            f"the adapter was tuned on pseudonymised fields ({schema}) but its key {key_path} is missing: pass "
+            "--pseudonym-key FILE (the one `client tune --pseudonym-key` used)"
+        )
+    return FieldPseudonymizer(load_schema(schema), read_key(key_path))
+
+
 def read_prompts(path: Path) -> list[str | list[dict[str, str]]]:
     """Prompts from a JSONL file: each line an object with ``prompt`` (or ``text``) or ``messages`` (a chat), or a
     JSON string. Bad lines are refused with their line number."""
@@ -288,6 +312,12 @@ _SIGN_KEY = typer.Option(None, help="With --kit: the provider's public signing k
 _ADAPTER = typer.Option(
     None, help="The adapter folder `client tune` wrote (OUT/adapter, PEFT format). Default: pre-trained weights."
 )
+_PSEUDONYM_KEY = typer.Option(
+    None,
+    "--pseudonym-key",
+    help="For an adapter tuned with --pseudonymize: its key (default: OUT/pseudonym.key beside OUT/adapter). "
+    "Prompts are encoded with it before anything is sent and answers decoded, so you read your own values.",
+)
 _BOTTOM = typer.Option(2, help="Blocks before the trunk (must match the provider).")
 _TOP = typer.Option(2, help="Blocks after the trunk (must match the provider).")
 _CODEC_UP = typer.Option("fp32", help="Codec of the activations sent up (fp32 is lossless).")
@@ -359,6 +389,7 @@ def generate_cmd(
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt in the model's chat template."),
     system: str | None = _SYSTEM,
     adapter: Path | None = _ADAPTER,
+    pseudonym_key: Path | None = _PSEUDONYM_KEY,
     max_new_tokens: int = _MAX_NEW,
     temperature: float = _TEMPERATURE,
     top_p: float = _TOP_P,
@@ -399,6 +430,7 @@ def generate_cmd(
     if not chat and any(not isinstance(p, str) for p in items):
         raise ConfigError("--prompts holds 'messages' chats: add --chat to use the model's chat template")
     err = Console(stderr=True)
+    coder = adapter_pseudonymizer(adapter, pseudonym_key)
     conn = _prepare(
         protocol=protocol,
         connect=connect,
@@ -427,7 +459,16 @@ def generate_cmd(
     from guardedp2p.designs.online.generate import encode_prompt, eos_ids
 
     tok = conn.client.tokenizer
-    ids = [encode_prompt(tok, p, chat=chat, system=system) for p in items]
+    sent = [coder.encode_strings(p) for p in items] if coder is not None else items
+    ids = [encode_prompt(tok, p, chat=chat, system=system) for p in sent]
+
+    def readable(g: Generation) -> Generation:
+        if coder is not None:  # the answer in the client's own values (the trunk only ever saw surrogates)
+            p, q = items[g.index], sent[g.index]
+            both_text = isinstance(p, str) and isinstance(q, str)
+            g.text = coder.decode_continuation(q, p, g.text) if both_text else coder.decode(g.text)
+        return g
+
     try:
         gs, gen = conn.open()
         for i, p in enumerate(ids):
@@ -436,10 +477,13 @@ def generate_cmd(
         if prompts is not None or json_out:
 
             def emit(g: Generation) -> None:
-                print_json(g.as_dict())
+                print_json(readable(g).as_dict())
                 sys.stdout.flush()
 
             gen.generate(ids, cfg, on_result=emit)
+        elif coder is not None:  # a surrogate must not be shown: print the decoded answer once it is complete
+            _write(readable(gen.generate(ids, cfg)[0]).text)
+            sys.stdout.write("\n")
         else:
             stream = TextStream(tok, _write, eos_ids(tok), cfg.stop)
             stream.finish(gen.generate(ids, cfg, on_token=stream)[0].text)

@@ -605,11 +605,6 @@ def _pseudo_task(ctx: _Ctx, row: RowDef, seed: int) -> _PseudoTask | None:
     folder = ctx.work / "pseudo" / f"{ctx.task.digest}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
 
-    def encode_item(item: dict[str, Any]) -> dict[str, Any]:
-        out = dict(item, question=coder.encode(str(item["question"])))
-        out["choices"] = [coder.encode_value(str(item.get("rule", "")), str(c)) for c in item["choices"]]
-        return out
-
     def write(name: str, recs: list[dict[str, Any]]) -> str:
         path = folder / name
         tmp = path.with_suffix(".tmp")
@@ -618,9 +613,9 @@ def _pseudo_task(ctx: _Ctx, row: RowDef, seed: int) -> _PseudoTask | None:
         return str(path)
 
     train = write("train.jsonl", [coder.encode_record(r) for r in ctx.task.train_records()])
-    all_items = [encode_item(i) for i in load_records(ctx.task.eval_mc)]
+    all_items = [coder.encode_mc_item(i) for i in load_records(ctx.task.eval_mc)]
     eval_mc = write("eval_mc.jsonl", all_items)
-    items = [encode_item(i) for i in ctx.eval_items]
+    items = [coder.encode_mc_item(i) for i in ctx.eval_items]
     nll = [coder.encode_record(r) for r in ctx.nll_records]
     ctx.pseudo[seed] = _PseudoTask(coder, train, eval_mc, items, nll)
     return ctx.pseudo[seed]

@@ -30,7 +30,10 @@ without the key every permutation is equally likely.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import secrets
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -147,9 +150,94 @@ class FieldPseudonymizer:
                 out[k] = v
         return out
 
+    def encode_strings(self, obj: Any) -> Any:
+        """Every string inside ``obj`` (a record of any data format: text, chat messages, instruction columns)
+        encoded; only ``<field>: <value>`` occurrences change, so the record's structure and other text stay."""
+        if isinstance(obj, str):
+            return self.encode(obj)
+        if isinstance(obj, Mapping):
+            return {k: self.encode_strings(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return type(obj)(self.encode_strings(v) for v in obj)
+        return obj
+
+    def encode_mc_item(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        """A multiple-choice item as the client asks it: its question encoded, and its choices too when they are
+        values of one field (named by the item's ``field`` or ``rule``, else the one field whose vocabulary holds
+        every choice). The label's index is unchanged: the choices are substituted in place."""
+        out = dict(item)
+        out["question"] = self.encode(str(item.get("question", "")))
+        choices = [str(c) for c in item.get("choices", [])]
+        named = item.get("field", item.get("rule"))
+        field = named if isinstance(named, str) and named in self.forward else None
+        if field is None:
+            holders = [f for f, m in self.forward.items() if choices and all(c in m for c in choices)]
+            field = holders[0] if len(holders) == 1 else None
+        if field is not None:
+            out["choices"] = [self.encode_value(field, c) for c in choices]
+        return out
+
+    def decode_continuation(self, sent_prompt: str, prompt: str, text: str) -> str:
+        """The model's continuation ``text`` of ``sent_prompt`` (the encoded ``prompt``) as the client reads it: a
+        value whose field name ends the prompt (``ward code:`` -> `` WF-8``) is decoded with its field."""
+        full = self.decode(sent_prompt + text)
+        return full[len(prompt) :] if full.startswith(prompt) else self.decode(text)
+
+    def describe(self) -> dict[str, Any]:
+        """What the client announces: the substituted fields' names, never their values' mapping or the key."""
+        return {"fields": [f for f, _ in self.schema.fields]}
+
     def read(self, text: str) -> dict[str, list[str]]:
         """The values of each field written in ``text`` (what an attacker counts)."""
         return {f: [g.group(2) for g in pat.finditer(text)] for f, pat in self._patterns.items()}
+
+
+def load_schema(path: str | os.PathLike[str]) -> PseudonymSchema:
+    """A schema file: a JSON object ``{"field name": ["value", ...], ...}``."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except FileNotFoundError:
+        raise PseudonymError(f"pseudonym schema {path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise PseudonymError(f"pseudonym schema {path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise PseudonymError(
+            f'pseudonym schema {path}: expected an object of field -> list of values, e.g. {{"diagnosis": ["asthma", "gout"]}}'
+        )
+    return PseudonymSchema.from_mapping(raw)
+
+
+def save_schema(schema: PseudonymSchema, path: str | os.PathLike[str]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump({f: list(vs) for f, vs in schema.fields}, fh, indent=1)
+        fh.write("\n")
+
+
+def read_key(path: str | os.PathLike[str]) -> bytes:
+    """A pseudonym key file written by :func:`load_or_create_key`."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            key = bytes.fromhex(fh.read().strip())
+    except FileNotFoundError:
+        raise PseudonymError(f"pseudonym key {path}: no such file") from None
+    except (UnicodeDecodeError, ValueError):
+        raise PseudonymError(f"pseudonym key {path}: expected hex digits") from None
+    if len(key) < 16:
+        raise PseudonymError(f"pseudonym key {path}: {len(key)} bytes, need at least 16")
+    return key
+
+
+def load_or_create_key(path: str | os.PathLike[str]) -> bytes:
+    """The client's pseudonym key (hex in a file only its owner may read), created on first use. The same key must
+    tune and query a model: keep this file with the adapter, and never send it."""
+    if os.path.exists(path):
+        return read_key(path)
+    key = secrets.token_bytes(KEY_BYTES)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(key.hex() + "\n")
+    return key
 
 
 def field_counts(schema: PseudonymSchema, texts: Iterable[str]) -> dict[str, Counter[str]]:
@@ -194,4 +282,8 @@ __all__ = [
     "field_counts",
     "frequency_inverse",
     "keyed_permutation",
+    "load_or_create_key",
+    "load_schema",
+    "read_key",
+    "save_schema",
 ]

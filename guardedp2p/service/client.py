@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from guardedp2p.data.fields import FieldMapping
     from guardedp2p.data.tokenize import DataConfig
     from guardedp2p.engine.split import ClientBottom, ClientTop, SplitConfig
+    from guardedp2p.privacy.pseudonym import FieldPseudonymizer
 
 __all__ = [
     "ChannelFactory",
@@ -48,6 +50,7 @@ __all__ = [
     "model_depth",
     "plan_tune",
     "prepare_client",
+    "client_pseudonymizer",
     "prepare_data",
     "run_tune",
     "tune",
@@ -88,6 +91,10 @@ class TuneOptions:
     allow_network: bool = False  # a --data that is no local path may name a Hub data set
     kit: str | None = None  # signed client kit folder (guardedp2p/designs/kit.py): used instead of ``model``
     kit_verify_key: str | None = None  # the provider's NAME.sign.pub that signed the kit
+    # keyed pseudonymisation of categorical fields before tokenising (guardedp2p/privacy/pseudonym.py): a JSON
+    # schema {field: [values]}, and the key file (None: OUT/pseudonym.key, created on first use; never sent)
+    pseudonym: str | None = None
+    pseudonym_key: str | None = None
 
 
 @dataclass
@@ -194,14 +201,45 @@ def _data_paths(opts: TuneOptions) -> tuple[str, str | None]:
     return paths.train, opts.eval_data or paths.eval_mc
 
 
+#: Files a pseudonymising run keeps beside its adapter, so `client generate --adapter OUT/adapter` applies them.
+PSEUDONYM_SCHEMA_FILE = "pseudonym.json"
+PSEUDONYM_KEY_FILE = "pseudonym.key"
+
+
+def pseudonym_key_path(opts: TuneOptions) -> Path:
+    return Path(opts.pseudonym_key) if opts.pseudonym_key else Path(opts.out) / PSEUDONYM_KEY_FILE
+
+
+def client_pseudonymizer(opts: TuneOptions) -> FieldPseudonymizer | None:
+    """The run's keyed pseudonymisation (``--pseudonymize SCHEMA``), or None. Its key is read from
+    ``--pseudonym-key`` or ``OUT/pseudonym.key`` (created on first use, owner-only) and the schema is copied to
+    ``OUT/pseudonym.json``: the adapter only answers correctly to queries encoded with the same key."""
+    if not opts.pseudonym:
+        return None
+    from guardedp2p.privacy.pseudonym import FieldPseudonymizer, load_or_create_key, load_schema, save_schema
+
+    schema = load_schema(opts.pseudonym)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path = pseudonym_key_path(opts)
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    coder = FieldPseudonymizer(schema, load_or_create_key(key_path))
+    save_schema(schema, out / PSEUDONYM_SCHEMA_FILE)
+    return coder
+
+
 def prepare_data(opts: TuneOptions, tokenizer: Any) -> PreparedData:
-    """Load and tokenize the training data and pick the evaluation (multiple choice if given, else held-out loss)."""
+    """Load and tokenize the training data and pick the evaluation (multiple choice if given, else held-out loss).
+    With ``--pseudonymize``, every record and evaluation item is encoded with the client's key first."""
     from guardedp2p.data.loaders import load_data
     from guardedp2p.data.tokenize import encode_records
 
     train_path, eval_path = _data_paths(opts)
     config = data_config(opts)
+    coder = client_pseudonymizer(opts)
     loaded = load_data(train_path, opts.data_mapping, allow_network=opts.allow_network)
+    if coder is not None:
+        loaded = dataclass_replace(loaded, records=[coder.encode_strings(r) for r in loaded.records])
     examples = encode_records(loaded.records, tokenizer, config, kind=loaded.kind)
     if not examples:
         raise ConfigError(f"{train_path} produced no training example (all records too long or empty?)")
@@ -210,6 +248,9 @@ def prepare_data(opts: TuneOptions, tokenizer: Any) -> PreparedData:
     eval_kind = "loss"
     if eval_path:
         ev = load_data(eval_path, _eval_mapping(opts), allow_network=opts.allow_network)
+        if coder is not None:
+            encode = coder.encode_mc_item if ev.kind == "mc" else coder.encode_strings
+            ev = dataclass_replace(ev, records=[encode(r) for r in ev.records])
         if ev.kind == "mc":
             eval_kind, eval_items = "mc", ev.records[: opts.eval_max_items] if opts.eval_max_items else ev.records
         else:
@@ -521,6 +562,13 @@ def plan_tune(opts: TuneOptions, *, out_action: str = "", extra: dict[str, Any] 
                 "use --noise or --privacy instead"
             )
         privacy["obfuscation"] = opts.obfuscation.describe()
+    if opts.pseudonym:
+        from guardedp2p.privacy.pseudonym import load_schema
+
+        privacy["pseudonym"] = {
+            "fields": [f for f, _ in load_schema(opts.pseudonym).fields],
+            "key": str(pseudonym_key_path(opts)) + ("" if pseudonym_key_path(opts).exists() else " (created)"),
+        }
     if opts.train.top_train == "blocks" and opts.protocol == "offline":
         raise ConfigError(
             "--top-train blocks is for the split designs; on an emulator train full blocks with the offline "

@@ -150,3 +150,40 @@ def test_bad_input_ends_in_a_clear_message(world, tmp_path):
     assert res.exit_code == 2 and "p.jsonl:2" in res.output
     res = runner.invoke(app, ["client", "generate", "--prompt", "x", "--top-p", "0.5"])
     assert res.exit_code == 2 and "temperature" in res.output
+
+
+def test_a_pseudonymised_adapter_encodes_prompts_and_decodes_answers(world, provider, tmp_path):
+    """An adapter tuned with --pseudonymize (OUT/pseudonym.json and OUT/pseudonym.key beside OUT/adapter): the
+    prompt the trunk sees carries the key's surrogate, so the tokens are the reference's for the *encoded* prompt,
+    and the answer is decoded back; without its key the adapter is refused with a clear message."""
+    import shutil
+
+    from guardedp2p.privacy.pseudonym import FieldPseudonymizer, PseudonymSchema, read_key, save_schema
+
+    root, model, tok, _ = world
+    endpoint, _ = provider
+    out = tmp_path / "run"
+    shutil.copytree(root / "adapter", out / "adapter")
+    schema = PseudonymSchema.from_mapping({"w3": ["w10", "w20", "w30", "w40"]})
+    save_schema(schema, out / "pseudonym.json")
+    # a key that moves w10, so the encoded prompt differs from the plain one
+    key = next(
+        bytes([i]) * 32 for i in range(64) if FieldPseudonymizer(schema, bytes([i]) * 32).forward["w3"]["w10"] != "w10"
+    )
+    (out / "pseudonym.key").write_text(key.hex() + "\n")
+    coder = FieldPseudonymizer(schema, read_key(out / "pseudonym.key"))
+    prompt = "w1 w3: w10 w11"
+    sent = coder.encode(prompt)
+    assert sent != prompt
+    args = _client_args(world, endpoint)
+    args[args.index(str(root / "adapter"))] = str(out / "adapter")
+    cmd = [*CLI, "client", "generate", "--prompt", prompt, "--max-new-tokens", "6", "--json"]
+    res = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (result,) = [json.loads(x) for x in res.stdout.splitlines() if x.strip()][:-1]
+    assert result["tokens"] == _reference(model, out / "adapter", tok(sent)["input_ids"], 6)
+    raw = tok.decode([t for t in result["tokens"] if t != 2], skip_special_tokens=True)
+    assert result["text"] == coder.decode_continuation(sent, prompt, raw)
+    (out / "pseudonym.key").unlink()
+    res = CliRunner().invoke(app, ["client", "generate", "--prompt", prompt, *args])
+    assert res.exit_code == 2 and "--pseudonym-key" in res.output

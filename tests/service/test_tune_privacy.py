@@ -21,7 +21,7 @@ from tests.tiny_tokenizer import tiny_tokenizer, write_text_records
 
 
 def _opts(tmp_path, name, protocol="online", steps=3, **kw):
-    data = write_text_records(tmp_path / "train.jsonl", distinct=20)
+    data = kw.pop("data", None) or write_text_records(tmp_path / "train.jsonl", distinct=20)
     train = TrainConfig(steps=steps, batch_size=4, lr=5e-3, warmup_steps=1, checkpoint_every=0, max_length=16, lora_r=4)
     return TuneOptions(
         protocol=protocol,
@@ -167,3 +167,33 @@ def test_a_retried_step_resends_the_noise_already_released_not_fresh_draws(tmp_p
     assert len(sent) == 4, "three steps, the second sent twice (on the new session it is that session's step 1)"
     assert torch.equal(sent[1], sent[2]), "the retry re-sent the draws already released"
     assert s["privacy"]["noise"]["run"]["epsilon"] == "inf"
+
+
+def test_pseudonymize_encodes_the_records_keeps_the_key_and_names_the_fields(tmp_path, model):
+    """--pseudonymize: the records are tokenised with their field values substituted by the client's key, the key
+    stays in OUT (owner-only) and the summary/HELLO name the fields, never the mapping."""
+    import json
+    import os
+
+    from guardedp2p.privacy.pseudonym import FieldPseudonymizer, load_schema, read_key
+    from guardedp2p.service.client import prepare_data
+
+    values = ["w10", "w20", "w30", "w40"]
+    data = tmp_path / "fields.jsonl"
+    data.write_text("".join(json.dumps({"text": f"w3: {values[i % 4]} w5 w6 w7"}) + "\n" for i in range(24)))
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"w3": values}))
+    s = _run(tmp_path, "pseudo", model, pseudonym=str(schema), data=str(data))
+    out = tmp_path / "pseudo"
+    assert s["privacy"]["pseudonym"]["fields"] == ["w3"] and "w10" not in json.dumps(s["privacy"])
+    assert os.stat(out / "pseudonym.key").st_mode & 0o777 == 0o600
+    coder = FieldPseudonymizer(load_schema(out / "pseudonym.json"), read_key(out / "pseudonym.key"))
+    tok = tiny_tokenizer()
+    opts = _opts(tmp_path, "pseudo", pseudonym=str(schema), data=str(data))
+    sent = prepare_data(opts, tok).train_examples
+    plain = prepare_data(replace(opts, pseudonym=None), tok).train_examples
+    assert len(sent) == len(plain)
+    for a, b in zip(sent, plain):  # the value's token is the key's surrogate; nothing else moved
+        wa, wb = tok.convert_ids_to_tokens(a["input_ids"]), tok.convert_ids_to_tokens(b["input_ids"])
+        assert wa[2] == coder.forward["w3"][wb[2]] and wa[:2] + wa[3:] == wb[:2] + wb[3:]
+    assert any(coder.forward["w3"][v] != v for v in values)

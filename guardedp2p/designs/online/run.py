@@ -118,7 +118,17 @@ def privacy_terms(opts: TuneOptions) -> dict[str, Any]:
         from guardedp2p.privacy.noise import NoiseConfig
 
         privacy["noise"] = NoiseConfig(**opts.noise).describe()  # never the seed: it would let anyone remove the noise
+    if opts.pseudonym:
+        privacy["pseudonym"] = pseudonym_terms(opts)
     return privacy
+
+
+def pseudonym_terms(opts: TuneOptions) -> dict[str, Any]:
+    """What a pseudonymising client announces: the fields it substitutes (guardedp2p/privacy/pseudonym.py)."""
+    from guardedp2p.privacy.pseudonym import load_schema
+
+    assert opts.pseudonym
+    return {"fields": [f for f, _ in load_schema(opts.pseudonym).fields], "mechanism": "keyed permutation per field"}
 
 
 def split_hello(
@@ -268,6 +278,8 @@ class SplitRun:
             cached=cached,
             max_tokens=opts.train.max_length,
         )
+        if opts.pseudonym:  # the provider's record says which fields were substituted, never how
+            self.privacy_map["pseudonym"] = pseudonym_terms(opts)
         # what the trunk builders see: the noise actually applied (a preset's, unless --noise replaced it), and no
         # pipelining when a defence is defined per batch (dCor's estimate, the obfuscation's inner inverter steps)
         micro = opts.micro_batches
@@ -513,6 +525,7 @@ __all__ = [
     "check_recording",
     "online_trunk",
     "privacy_terms",
+    "pseudonym_terms",
     "run_split",
     "session_privacy",
     "split_hello",
