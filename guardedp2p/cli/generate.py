@@ -507,6 +507,7 @@ def generate_cmd(
 def chat_cmd(
     system: str | None = _SYSTEM,
     adapter: Path | None = _ADAPTER,
+    pseudonym_key: Path | None = _PSEUDONYM_KEY,
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most new tokens per answer."),
     temperature: float = _TEMPERATURE,
     top_p: float = _TOP_P,
@@ -543,6 +544,7 @@ def chat_cmd(
     setup_logging(verbose)
     cfg = _config(max_new_tokens, temperature, top_p, top_k, seed, stop, batch_size=1)
     err = Console(stderr=True)
+    coder = adapter_pseudonymizer(adapter, pseudonym_key)  # the conversation is kept as sent: in surrogates
     conn = _prepare(
         protocol=protocol,
         connect=connect,
@@ -591,13 +593,17 @@ def chat_cmd(
                 history = history[:1] if system else []
                 err.print("[dim](conversation forgotten)[/]")
                 continue
-            turn = history + [{"role": "user", "content": line}]
+            turn = history + [{"role": "user", "content": coder.encode(line) if coder is not None else line}]
             ids = encode_prompt(tok, turn, chat=True)
             sys.stdout.write("model> ")
             stream = TextStream(tok, _write, eos_ids(tok), cfg.stop)
             try:
-                result = gen.generate([ids], cfg, on_token=stream)[0]
-                stream.finish(result.text)
+                if coder is not None:  # a surrogate must not be shown: the decoded answer once it is complete
+                    result = gen.generate([ids], cfg)[0]
+                    _write(coder.decode(result.text))
+                else:
+                    result = gen.generate([ids], cfg, on_token=stream)[0]
+                    stream.finish(result.text)
             except GenerationInterrupted as exc:
                 sys.stdout.write("\n")
                 err.print(f"[yellow]{exc}; reconnecting: send your message again[/]")

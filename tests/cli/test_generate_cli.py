@@ -184,6 +184,20 @@ def test_a_pseudonymised_adapter_encodes_prompts_and_decodes_answers(world, prov
     assert result["tokens"] == _reference(model, out / "adapter", tok(sent)["input_ids"], 6)
     raw = tok.decode([t for t in result["tokens"] if t != 2], skip_special_tokens=True)
     assert result["text"] == coder.decode_continuation(sent, prompt, raw)
+    chat = subprocess.run(
+        [*CLI, "client", "chat", "--max-new-tokens", "6", *args],
+        input=prompt + "\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    chat_ids = tok(sent + " w99 ", add_special_tokens=False)["input_ids"]
+    chat_raw = tok.decode(
+        [t for t in _reference(model, out / "adapter", chat_ids, 6) if t != 2], skip_special_tokens=True
+    )
+    (answer,) = [line.split("model> ")[-1] for line in chat.stdout.splitlines() if "model> " in line]
+    assert answer.strip() == coder.decode(chat_raw).strip()
     (out / "pseudonym.key").unlink()
     res = CliRunner().invoke(app, ["client", "generate", "--prompt", prompt, *args])
     assert res.exit_code == 2 and "--pseudonym-key" in res.output
