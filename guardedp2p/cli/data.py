@@ -14,12 +14,14 @@ import typer
 
 from guardedp2p.cli.common import friendly_errors, print_json
 from guardedp2p.cli.data_check import check_cmd
+from guardedp2p.cli.data_fields import fields_cmd
 
 data_app = typer.Typer(
     help="Data sets: check your own data file before training, generate the hidden-rules demo task.",
     no_args_is_help=True,
 )
 data_app.command("check")(check_cmd)
+data_app.command("fields")(fields_cmd)
 
 
 @data_app.command("make-demo")
