@@ -49,7 +49,7 @@ def fields_cmd(
     loaded = load_data(file, None, allow_network=allow_network)
     texts = [" ".join(_texts(r)) for r in loaded.records]
     found = suggest_schema(texts, max_values=max_values, min_share=min_share)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, counts in found.items():
         total = sum(counts.values())
         top = max(counts.values()) / total
