@@ -222,6 +222,7 @@ def run_demo(
     from guardedp2p.crypto.keys import generate_keypair
     from guardedp2p.data.demo import demo_paths
     from guardedp2p.designs import get_design
+    from guardedp2p.designs.online.pipeline import default_micro_batches
     from guardedp2p.service.client import TuneOptions, effective_warmup, plan_tune
     from guardedp2p.train.config import TrainConfig
 
@@ -249,6 +250,7 @@ def run_demo(
         timeout=600.0,
         resume=resume,
         eval_max_items=demo_eval_items(steps, n_items),
+        micro_batches=default_micro_batches(protocol),  # as `client tune` defaults it (docs/results/perf.md)
     )
     plan = plan_tune(opts)  # data, options, model path and split: before keys, emulator and provider
     with tempfile.TemporaryDirectory(prefix="guardedp2p-demo-") as tmp_s:
