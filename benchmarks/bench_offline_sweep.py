@@ -644,12 +644,13 @@ def _fmt(iv: dict[str, Any] | None) -> str:
     return f"{iv['estimate']:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
-def load_points(cache: Path) -> list[dict[str, Any]]:
-    """The newest cached result of each point, in the grid's order (points not yet measured are left out)."""
+def load_points(cache: Path, task: str | None = None) -> list[dict[str, Any]]:
+    """The newest cached result of each point, in the grid's order (points not yet measured are left out), of
+    ``task`` only when given (points cached before they recorded a task were all the demo's)."""
     found: dict[str, tuple[float, dict[str, Any]]] = {}
     for f in (cache / "points").glob("*.json"):
         r = json.loads(f.read_text())
-        if "point" not in r:
+        if "point" not in r or (task is not None and r.get("task", "demo") != task):
             continue
         t = f.stat().st_mtime
         if r["point"] not in found or t > found[r["point"]][0]:
@@ -751,15 +752,15 @@ def _ft_gain(cache: Path, r: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def report(cache: Path, out_dir: Path, command: str) -> list[dict[str, Any]]:
-    rows = [summary_line(r) for r in load_points(cache)]
+def report(cache: Path, out_dir: Path, command: str, task: str | None = None) -> list[dict[str, Any]]:
+    rows = [summary_line(r) for r in load_points(cache, task)]
     for r in rows:
         g = _ft_gain(cache, r)
         r["full_ft_minus_zero_shot"] = g
         # a ratio over a gain whose CI reaches 0 says nothing: flag it rather than print a huge interval
         r["gain_recovered"]["resolved"] = bool(g and g["ci95"][0] > 0)
     if not rows:
-        raise SystemExit(f"no measured point in {cache}/points yet")
+        raise SystemExit(f"no measured point in {cache}/points yet" + (f" for --task {task}" if task else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "command": command,
@@ -817,7 +818,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.report:
-        rows = report(Path(args.cache), Path(args.report), "python -m benchmarks.bench_offline_sweep (see points)")
+        rows = report(
+            Path(args.cache), Path(args.report), "python -m benchmarks.bench_offline_sweep (see points)", args.task
+        )
         print(markdown_table(rows))
         return 0
     points = [p for p in POINTS if not args.only or p.name in args.only]
