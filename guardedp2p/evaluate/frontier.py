@@ -155,42 +155,56 @@ _FIXED: dict[str, RowDef] = {
         RowDef("offline", "Offline (emulator)", "offline", "design"),
     )
 }
-#: The headline grid, every row at every seed: no defence, the best measured point of the defences that keep the
-#: task (``--privacy balanced``: token-selective dchi, for Online and, with the top blocks trained, for Gradfree),
-#: Gradfree plain and with its top blocks trained, Offline, and Local LoRA (the reference of every utility loss).
-#: Chosen from the seed-0 frontier of docs/results/frontier.md: every point of the other families measured there
-#: (learned obfuscation at weight 1, dchi on all tokens, dCor, formal DP noise) loses most of the task, so three
-#: seeds would only narrow the CI of a row no one would deploy; they stay in the grid as :data:`SWEEP_ROWS`.
+#: The headline grid, every row at every seed: no defence, the best measured points of the defences that keep the
+#: task, Gradfree plain and with its top blocks trained, Offline, and Local LoRA (the reference of every utility
+#: loss). The defended points: ``--privacy balanced`` (token-selective dchi) for Online and, with the top blocks
+#: trained, for Gradfree; field-aware dchi (``--privacy fields``) with the top blocks trained, for both designs;
+#: and, for Gradfree, the same with the task's categorical fields pseudonymised (``--pseudonymize``). Chosen from
+#: the seed-0 frontier of docs/results/frontier.md: every point of the other families measured there (learned
+#: obfuscation, dchi on all tokens, dCor, cut depth, formal DP noise) loses the task or is read back by the
+#: adaptive attacker, so three seeds would only narrow the CI of a row no one would deploy; they stay in the grid
+#: as :data:`SWEEP_ROWS`.
 HEADLINE_ROWS: tuple[str, ...] = (
     "local",
     "online",
     "preset:balanced",
+    "dxfield:30+topblocks:5e-4",
     "gradfree",
     "gf:topblocks:5e-4",
     "gf:preset:balanced+topblocks:5e-4",
+    "gf:dxfield:30+topblocks:5e-4",
+    "gf:pseudo:task+dxfield:30+topblocks:5e-4",
     "offline",
 )
-#: Points of every other family, measured on the first seed only (``--sweep-rows default``): the frontier's shape,
-#: not its headline. Learned obfuscation at three weights; dchi on every input token; field-aware token-selective
-#: dchi (digits noised too) for Online and for Gradfree, each with its top blocks trained in full (and Gradfree's at
-#: a stronger epsilon 10); Online with its top blocks and no defence (the reference of the field-aware Online row);
-#: one and eight bottom blocks on the client (depth); dCor at alpha 1; ``--privacy balanced`` on plain Gradfree;
-#: ``preset:strong``: formal DP noise at epsilon 8 over the whole run.
+#: Points of every family, measured on the first seed only (``--sweep-rows default``): the frontier's shape, not
+#: its headline. Online with the task's fields pseudonymised on top of field-aware dchi and its top blocks; Online
+#: with its top blocks and no defence (the reference of the field-aware Online rows); learned obfuscation at four
+#: weights; dchi on every input token, and field-aware on Online's top LoRA; cut depth at 1, 4 and 8 client bottom
+#: blocks (2 is the grid's own); dCor at four weights; ``--privacy balanced`` on plain Gradfree; Gradfree's
+#: field-aware dchi at epsilon 10; formal DP noise over the whole run at epsilon 8 (``preset:strong``, Online) and
+#: at 1e3, 1e5 and 1e7 on Gradfree with its top blocks.
 SWEEP_ROWS: tuple[str, ...] = (
+    "pseudo:task+dxfield:30+topblocks:5e-4",
+    "topblocks:5e-4",
     "obf:1",
+    "obf:0.5",
     "obf:0.3",
     "obf:0.1",
     "dx:50",
     "dxfield:30",
-    "dxfield:30+topblocks:5e-4",
-    "topblocks:5e-4",
     "depth:1",
+    "depth:4",
     "depth:8",
+    "dcor_weak",
     "dcor:1",
+    "dcor:2",
+    "dcor_strong",
     "gf:preset:balanced",
-    "gf:dxfield:30+topblocks:5e-4",
     "gf:dxfield:10+topblocks:5e-4",
     "preset:strong",
+    "gf:dp:1000+topblocks:5e-4",
+    "gf:dp:100000+topblocks:5e-4",
+    "gf:dp:10000000+topblocks:5e-4",
 )
 #: ``--fast`` (tiny random model): one row of each mechanism the attacker replays (dCor bottoms, codec, noise), the
 #: three designs, and one sweep row, so the CI test covers every path of the grid in a couple of minutes.
