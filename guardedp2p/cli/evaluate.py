@@ -85,6 +85,13 @@ def evaluate(
         help="Only fill the cache with the training runs (no attack, no report): lets several processes or machines "
         "share one grid; a later run without it finds them cached.",
     ),
+    carry: Path | None = typer.Option(
+        None,
+        "--carry",
+        help="An earlier frontier.json (e.g. docs/results/frontier.json): rows with no run in the cache are carried "
+        "from it unchanged and marked, when it was measured with the same settings; the rest is measured. For a "
+        "machine whose cache is gone.",
+    ),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     threads: int | None = typer.Option(None, help="Torch intra-op threads (1 is often fastest on a busy machine)."),
     json_out: bool = typer.Option(
@@ -116,6 +123,7 @@ def evaluate(
         keep_transcripts=keep_transcripts,
         protocol_eval=protocol_eval,
         runs_only=runs_only,
+        carry=carry,
         device=device,
         threads=threads,
         json_out=json_out,
@@ -212,6 +220,7 @@ def run_evaluate(
     verbose: int,
     command: str = "guardedp2p evaluate",
     runs_only: bool = False,
+    carry: Path | None = None,
     loaded: Any = None,
 ) -> dict[str, Any]:
     """The command's body (``loaded``: an already loaded ``(model, tokenizer)``, for tests)."""
@@ -229,6 +238,7 @@ def run_evaluate(
         "keep_transcripts": keep_transcripts,
         "protocol_eval": protocol_eval,
         "runs_only": runs_only,
+        "carry": str(carry) if carry is not None else None,
         "device": device,
         "progress": True,
         "command": command,

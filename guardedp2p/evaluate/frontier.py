@@ -32,7 +32,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -48,6 +50,7 @@ from guardedp2p.errors import ConfigError, GuardedP2PError
 
 log = logging.getLogger("guardedp2p.evaluate")
 
+_CLAIM_POLL_S = 30.0  # how often a reporting run looks again for a unit another worker is training
 FRONTIER_VERSION = 1  # bump when a change alters cached numbers
 SANITY_ROUGEL = 0.9
 SANITY_SECRETS = 0.8
@@ -158,8 +161,9 @@ _FIXED: dict[str, RowDef] = {
 #: The headline grid, every row at every seed: no defence, the best measured points of the defences that keep the
 #: task, Gradfree plain and with its top blocks trained, Offline, and Local LoRA (the reference of every utility
 #: loss). The defended points: ``--privacy balanced`` (token-selective dchi) for Online and, with the top blocks
-#: trained, for Gradfree; field-aware dchi (``--privacy fields``) with the top blocks trained, for both designs;
-#: and, for Gradfree, the same with the task's categorical fields pseudonymised (``--pseudonymize``). Chosen from
+#: trained, for Gradfree; field-aware dchi (``--privacy fields``) with the top blocks trained, for Gradfree;
+#: and, for Gradfree, the same with the task's categorical fields pseudonymised (``--pseudonymize``). Online's
+#: field-aware rows stay sweep points: each Online run with its top blocks costs about three Gradfree runs. Chosen from
 #: the seed-0 frontier of docs/results/frontier.md: every point of the other families measured there (learned
 #: obfuscation, dchi on all tokens, dCor, cut depth, formal DP noise) loses the task or is read back by the
 #: adaptive attacker, so three seeds would only narrow the CI of a row no one would deploy; they stay in the grid
@@ -168,7 +172,6 @@ HEADLINE_ROWS: tuple[str, ...] = (
     "local",
     "online",
     "preset:balanced",
-    "dxfield:30+topblocks:5e-4",
     "gradfree",
     "gf:topblocks:5e-4",
     "gf:preset:balanced+topblocks:5e-4",
@@ -177,14 +180,15 @@ HEADLINE_ROWS: tuple[str, ...] = (
     "offline",
 )
 #: Points of every family, measured on the first seed only (``--sweep-rows default``): the frontier's shape, not
-#: its headline. Online with the task's fields pseudonymised on top of field-aware dchi and its top blocks; Online
-#: with its top blocks and no defence (the reference of the field-aware Online rows); learned obfuscation at four
+#: its headline. Online with the task's fields pseudonymised on top of field-aware dchi and its top blocks, and
+#: without the pseudonyms; Online with its top blocks and no defence (the reference of the field-aware Online rows); learned obfuscation at four
 #: weights; dchi on every input token, and field-aware on Online's top LoRA; cut depth at 1, 4 and 8 client bottom
 #: blocks (2 is the grid's own); dCor at four weights; ``--privacy balanced`` on plain Gradfree; Gradfree's
 #: field-aware dchi at epsilon 10; formal DP noise over the whole run at epsilon 8 (``preset:strong``, Online) and
 #: at 1e3, 1e5 and 1e7 on Gradfree with its top blocks.
 SWEEP_ROWS: tuple[str, ...] = (
     "pseudo:task+dxfield:30+topblocks:5e-4",
+    "dxfield:30+topblocks:5e-4",
     "topblocks:5e-4",
     "obf:1",
     "obf:0.5",
@@ -381,6 +385,7 @@ class FrontierConfig:
     keep_transcripts: bool = False
     command: str = ""
     fast: bool = False
+    carry: str | None = None  # an earlier frontier.json: rows whose runs are gone from the cache are carried from it
 
     def validate(self) -> None:
         for r in (*self.rows, *self.sweep_rows):
@@ -511,6 +516,43 @@ class _Cache:
 
         p = self.path(kind, key, ".safetensors")
         return load_file(str(p)) if p.is_file() else None
+
+    def claim(self, kind: str, key: str) -> bool:
+        """Claim one unit for this process (``--runs-only`` workers sharing a grid): False when a live process on
+        this machine holds it. A claim left by a process that died is taken over, so a cut-off worker never blocks
+        the grid."""
+        p = self.path("claims", f"{kind}-{key}", ".claim")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    host, pid = p.read_text().split()
+                except (OSError, ValueError):
+                    return False  # being written this instant: another worker got there first
+                if host != socket.gethostname() or _alive(int(pid)):
+                    return False
+                p.unlink(missing_ok=True)  # its holder died: take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return True
+        return False
+
+    def release(self, kind: str, key: str) -> None:
+        self.path("claims", f"{kind}-{key}", ".claim").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _json_default(o: Any) -> Any:
@@ -1579,32 +1621,61 @@ def run_frontier(
     defs = cfg.row_defs()
     ip = client_param_fraction(base, cfg.bottom_layers, cfg.top_layers)
 
-    units = [(d, s) for d in defs for s in cfg.seeds_for(d)]
+    settings = {
+        "version": FRONTIER_VERSION,
+        "model": cfg.model + (" (tiny random, --fast)" if cfg.fast else ""),
+        "task": task.name,
+        "recipe": asdict(recipe),
+        "split": [cfg.bottom_layers, cfg.top_layers],
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha},
+        "eval_items": len(ctx.eval_items),
+        "nll_records": len(ctx.nll_records),
+        "attacks": list(cfg.attacks),
+        "attack_steps": cfg.attack_steps,
+        "attack_sequences": cfg.attack_sequences,
+        "aux_records": len(task.aux),
+        "aux_holdout": len(task.aux_holdout),
+    }
+    carried, carried_prior = _carried_rows(ctx, defs, settings)
+    if carried:
+        _say(ctx, f"carried unchanged from {cfg.carry} (no run of theirs in the cache): {', '.join(carried)}")
+    units = [(d, s) for d in defs if d.key not in carried for s in cfg.seeds_for(d)]
     runs: dict[str, list[dict[str, Any]]] = {d.key: [] for d in defs}
+    claimed_elsewhere: list[str] = []
     for i, (d, s) in enumerate(units, 1):
-        cached = ctx.cache.get("runs", _run_key(ctx, d, s)) is not None
-        _say(
-            ctx,
-            f"[bold][{i}/{len(units)}][/] {d.label}, seed {s}" + (" (cached)" if cached else f": {recipe.steps} steps"),
-        )
-        res = _run(ctx, d, s)
-        runs[d.key].append(res)
-        if not cached:
-            _say(
-                ctx,
-                f"  acc {res['utility']['acc']:.3f}, {res['cost']['bytes_per_step'] / 1e6:.2f} MB/step, {res['run_s']:.0f} s",
-            )
+        key = _run_key(ctx, d, s)
+        cached = ctx.cache.get("runs", key) is not None
+        held = False
+        while not cached and not (held := ctx.cache.claim("runs", key)):
+            # another worker is training this unit: a --runs-only worker moves on, a reporting one waits for it
+            if cfg.runs_only:
+                break
+            if not claimed_elsewhere or claimed_elsewhere[-1] != f"{d.key} seed {s}":
+                _say(ctx, f"[bold][{i}/{len(units)}][/] {d.label}, seed {s}: another worker is training it, waiting")
+                claimed_elsewhere.append(f"{d.key} seed {s}")
+            time.sleep(_CLAIM_POLL_S)
+            cached = ctx.cache.get("runs", key) is not None
+        if not cached and not held:
+            _say(ctx, f"[bold][{i}/{len(units)}][/] {d.label}, seed {s}: being trained by another worker, skipped")
+            claimed_elsewhere.append(f"{d.key} seed {s}")
+            continue
+        try:
+            runs[d.key].append(_run_unit(ctx, d, s, i, len(units), cached))
+        finally:
+            if held:
+                ctx.cache.release("runs", key)
 
     if cfg.runs_only:
         _say(ctx, f"--runs-only: {len(units)} run(s) cached under {ctx.cache.root}; attacks and reports skipped")
         return {
             "runs_only": True,
             "runs": {k: [r["key"] for r in v] for k, v in runs.items()},
+            "skipped_claimed": claimed_elsewhere,
             "wall_s": round(time.perf_counter() - t0, 1),
         }
 
     rows: list[dict[str, Any]] = []
-    split_defs = [d for d in defs if d.split]
+    split_defs = [d for d in defs if d.split and d.key not in carried]
     for j, d in enumerate(split_defs, 1):
         _say(
             ctx,
@@ -1626,7 +1697,12 @@ def run_frontier(
             "what": "one guess for every sequence: the auxiliary record with the highest mean ROUGE-L against other "
             "auxiliary records (knows the format, sees nothing of the client's)",
         }
+    if prior is None and carried_prior is not None and not blind_attacker:
+        prior = {**carried_prior, "carried": True}
     for d in defs:
+        if d.key in carried:
+            rows.append(carried[d.key])
+            continue
         rs = runs[d.key]
         util = _utility_block(rs, _same_seeds(runs["local"], rs))
         priv = _privacy_block(ctx, d, rs, blind=blind_attacker)
@@ -1668,20 +1744,10 @@ def run_frontier(
     for row in rows:
         row["pareto"] = row["row"] in front
     result = {
-        "eval_items": len(ctx.eval_items),
+        **{k: v for k, v in settings.items() if k != "version"},
         "seeds": len(cfg.seeds),
         "seed_list": list(cfg.seeds),
-        "nll_records": len(ctx.nll_records),
-        "model": cfg.model + (" (tiny random, --fast)" if cfg.fast else ""),
-        "task": task.name,
-        "recipe": asdict(recipe),
-        "split": [cfg.bottom_layers, cfg.top_layers],
-        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha},
-        "attacks": list(cfg.attacks),
-        "attack_steps": cfg.attack_steps,
-        "attack_sequences": cfg.attack_sequences,
-        "aux_records": len(task.aux),
-        "aux_holdout": len(task.aux_holdout),
+        "carried_rows": sorted(carried),
         "headline": (
             not cfg.fast
             and set(HEADLINE_ROWS) <= {parse_row(r).key for r in cfg.rows} | {"local"}
@@ -1707,6 +1773,76 @@ def run_frontier(
     if cfg.strict and gate["ok"] is not True:
         raise HarnessBroken(gate["message"] + f" (reports written to {cfg.results})")
     return result
+
+
+# what must match for a row of an earlier frontier.json to stand beside rows measured now
+_CARRY_SETTINGS = (
+    "version",
+    "model",
+    "task",
+    "recipe",
+    "split",
+    "lora",
+    "eval_items",
+    "nll_records",
+    "attacks",
+    "attack_steps",
+    "attack_sequences",
+    "aux_records",
+    "aux_holdout",
+)
+
+
+def _carried_rows(ctx: _Ctx, defs: Sequence[RowDef], settings: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Rows of ``cfg.carry`` (an earlier frontier.json) to publish unchanged, and its format prior.
+
+    Why: the cache under ``--out`` is work space that a new machine or a cleaned checkout does not have, while the
+    published frontier.json is committed. A row is carried only when none of its runs is in the cache now, the
+    earlier file ran it at the same seeds, and every setting that changes a number matched; the report marks it.
+    Local LoRA is carried only when nothing is measured now (a measured row's paired utility CI needs its per-item
+    results)."""
+    cfg = ctx.cfg
+    if not cfg.carry:
+        return {}, None
+    path = Path(cfg.carry)
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--carry {path}: cannot read it as a frontier.json ({e})") from e
+    if not isinstance(prev, dict) or not isinstance(prev.get("rows"), list):
+        raise ConfigError(f"--carry {path}: not a frontier.json (no 'rows')")
+    differ = [k for k in _CARRY_SETTINGS if _hash(prev.get(k)) != _hash(settings.get(k))]
+    if differ:
+        detail = "; ".join(f"{k}: {prev.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
+        raise ConfigError(
+            f"--carry {path} was measured with other settings, so its rows cannot stand beside these ({detail})"
+        )
+    published = {r.get("row"): r for r in prev["rows"] if isinstance(r, dict)}
+    how = {"from": str(path), "command": prev.get("command", "")}
+    carried: dict[str, Any] = {}
+    for d in defs:
+        seeds = list(cfg.seeds_for(d))
+        row = published.get(d.key)
+        if row is None or list(row.get("seeds") or []) != seeds:
+            continue
+        if any(ctx.cache.get("runs", _run_key(ctx, d, s)) is not None for s in seeds):
+            continue
+        carried[d.key] = {**row, "label": d.label, "defence": d.defence(), "family": d.family, "carried": how}
+    if "local" in carried and any(d.key not in carried for d in defs):
+        del carried["local"]
+    return carried, prev.get("prior") if "online" in carried else None
+
+
+def _run_unit(ctx: _Ctx, d: RowDef, s: int, i: int, n: int, cached: bool) -> dict[str, Any]:
+    """One training run of the grid (from the cache when it is there), with its progress lines."""
+    _say(ctx, f"[bold][{i}/{n}][/] {d.label}, seed {s}" + (" (cached)" if cached else f": {ctx.recipe.steps} steps"))
+    res = _run(ctx, d, s)
+    if not cached:
+        _say(
+            ctx,
+            f"  acc {res['utility']['acc']:.3f}, {res['cost']['bytes_per_step'] / 1e6:.2f} MB/step, {res['run_s']:.0f} s",
+        )
+    return res
 
 
 def _compute_spent(

@@ -144,11 +144,25 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
             else (f"0 ({_bytes(r['one_off_bytes'])} once)" if r.get("one_off_bytes") else "0")
         )
         out.append(
-            f"| {r['label']} | {r['defence']} | {len(r.get('seeds') or []) or ''} | {_f(u['acc'])}{_ci(u['ci95'])} | {_f(u['loss_pts_vs_local'], 1)}{_ci(u['loss_ci95'], 1)} | "
+            f"| {r['label']}{' †' if r.get('carried') else ''} | {r['defence']} | {len(r.get('seeds') or []) or ''} | {_f(u['acc'])}{_ci(u['ci95'])} | {_f(u['loss_pts_vs_local'], 1)}{_ci(u['loss_ci95'], 1)} | "
             f"{_f(u.get('nll_diff_vs_local'))}{_ci(u.get('nll_diff_ci95'))} | {priv[0]} | {priv[1]} | {priv[2]} | {priv[3]} | {bps} | "
             f"{_f(r['client_s_per_step'], 3)} | {_ip(r)} | "
             f"{'yes' if r.get('pareto') else ''} |"
         )
+    carried = [r for r in rows if r.get("carried")]
+    if carried:
+        sources = sorted({(r["carried"].get("from", ""), r["carried"].get("command", "")) for r in carried})
+        out += [
+            "",
+            "† Carried unchanged from an earlier measurement with the same settings (model, task, recipe, split, "
+            "LoRA, items, attacks): their runs were no longer in this machine's cache, so they were not re-run. "
+            + " ".join(f"Source: `{src}`, produced by `{cmd}`." for src, cmd in sources)
+            + (
+                " The format prior is carried with the undefended Online row."
+                if (result.get("prior") or {}).get("carried")
+                else ""
+            ),
+        ]
     seed_counts = {len(r.get("seeds") or []) for r in rows}
     if len(seed_counts) > 1:
         out += [

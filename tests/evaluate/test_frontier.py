@@ -251,3 +251,105 @@ def test_pseudonymised_row_scores_against_what_the_client_wrote(fast_run):
     plain_row = next(r for r in res["rows"] if r["row"] == "gradfree")
     # face-value reading of surrogates recovers less of the original text than reading the plain one
     assert per["sip_adaptive"]["mean_rougeL"] < plain_row["privacy"]["per_attack"]["sip_adaptive"]["mean_rougeL"]
+
+
+def test_carry_publishes_rows_whose_cache_is_gone_and_measures_the_rest(fast_run):
+    """`--carry`: a machine without the cache republishes the earlier file's rows unchanged (marked) and measures
+    only what is new; a file measured with other settings is refused."""
+    from guardedp2p.cli.evaluate import fast_config
+    from guardedp2p.errors import ConfigError
+
+    tmp, result, _ = fast_run
+    first = json.loads(result.stdout.strip().splitlines()[-1])
+    published = tmp / "published.json"
+    published.write_text(json.dumps(first))
+    # an empty cache folder and one row the file lacks: that row and local (its reference) run, the rest is carried
+    res = run_frontier(
+        fast_config(
+            out=str(tmp / "fresh"),
+            results=str(tmp / "carried"),
+            rows=tuple(FAST_ROWS),
+            sweep_rows=(*FAST_SWEEP_ROWS, "gf:codec:int8"),
+            seeds=(0, 1),
+            carry=str(published),
+            progress=False,
+        )
+    )
+    by = {r["row"]: r for r in res["rows"]}
+    before = {r["row"]: r for r in first["rows"]}
+    carried = set(res["carried_rows"])
+    assert carried == {r["row"] for r in first["rows"]} - {"local"}  # local runs: the new row's paired CI needs it
+    assert by["gf:codec:int8"].get("carried") is None and by["gf:codec:int8"]["utility"]["loss_ci95"]
+    for key in carried:
+        assert by[key]["carried"]["from"] == str(published)
+        assert by[key]["utility"] == before[key]["utility"] and by[key]["privacy"] == before[key]["privacy"]
+    assert res["prior"]["carried"] is True and res["prior"]["rougeL"] == first["prior"]["rougeL"]
+    assert "†" in (tmp / "carried" / "frontier.md").read_text()
+    trained = {json.loads(p.read_text())["row"] for p in (tmp / "fresh" / "cache" / "runs").glob("*.json")}
+    assert trained == {"local", "gf:codec:int8"}
+    with pytest.raises(ConfigError, match="other settings.*attack_steps"):
+        run_frontier(
+            fast_config(
+                out=str(tmp / "fresh"), results=str(tmp / "x"), attack_steps=9, carry=str(published), progress=False
+            )
+        )
+
+
+def test_runs_only_workers_claim_units_and_take_over_a_dead_workers(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from guardedp2p.evaluate.frontier import _Cache
+
+    cache = _Cache(tmp_path)
+    assert cache.claim("runs", "k1") and not cache.claim("runs", "k1")  # held by a live process (this one)
+    cache.release("runs", "k1")
+    assert cache.claim("runs", "k1")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim = cache.path("claims", "runs-k2", ".claim")
+    claim.write_text(f"{os.uname().nodename} {int(dead.stdout)}")
+    assert cache.claim("runs", "k2")  # its holder died: taken over
+
+
+def test_a_reporting_run_waits_for_a_unit_another_worker_is_training(fast_run, monkeypatch):
+    """A unit claimed by a live worker is waited for (its result is used once it lands), never trained twice."""
+    import threading
+
+    from guardedp2p.cli.evaluate import fast_config
+    from guardedp2p.evaluate import frontier
+
+    tmp, _, _ = fast_run
+    runs = tmp / "work" / "cache" / "runs"
+    (path,) = [
+        p for p in runs.glob("*.json") if (r := json.loads(p.read_text()))["row"] == "gradfree" and r["seed"] == 0
+    ]
+    saved = path.read_text()
+    path.unlink()
+    cache = frontier._Cache(tmp / "work" / "cache")
+    assert cache.claim("runs", path.stem)  # "another worker" (this live process) holds it
+    monkeypatch.setattr(frontier, "_CLAIM_POLL_S", 0.2)
+
+    def worker_finishes() -> None:
+        time.sleep(1.0)
+        path.write_text(saved)
+        cache.release("runs", path.stem)
+
+    t = threading.Thread(target=worker_finishes)
+    t.start()
+    try:
+        res = run_frontier(
+            fast_config(
+                out=str(tmp / "work"),
+                results=str(tmp / "wait"),
+                rows=("gradfree",),
+                sweep_rows=(),
+                seeds=(0,),
+                progress=False,
+            )
+        )
+    finally:
+        t.join()
+    assert path.read_text() == saved  # the worker's result was used, not overwritten by a second training
+    row = next(r for r in res["rows"] if r["row"] == "gradfree")
+    assert row["utility"]["acc"] == pytest.approx(json.loads(saved)["utility"]["acc"], abs=1e-3)
