@@ -1830,6 +1830,17 @@ def _carried_rows(ctx: _Ctx, defs: Sequence[RowDef], settings: Mapping[str, Any]
         carried[d.key] = {**row, "label": d.label, "defence": d.defence(), "family": d.family, "carried": how}
     if "local" in carried and any(d.key not in carried for d in defs):
         del carried["local"]
+    if carried and "local" not in carried and isinstance(published.get("local"), dict):
+        ref = published["local"]  # the reference the carried rows' paired utility losses were measured against
+        how = {
+            **how,
+            "reference": {
+                "acc": ref["utility"].get("acc"),
+                "ci95": ref["utility"].get("ci95"),
+                "seeds": ref.get("seeds"),
+            },
+        }
+        carried = {k: {**v, "carried": how} for k, v in carried.items()}
     return carried, prev.get("prior") if "online" in carried else None
 
 

@@ -157,6 +157,15 @@ def frontier_markdown(result: Mapping[str, Any]) -> str:
             "† Carried unchanged from an earlier measurement with the same settings (model, task, recipe, split, "
             "LoRA, items, attacks): their runs were no longer in this machine's cache, so they were not re-run. "
             + " ".join(f"Source: `{src}`, produced by `{cmd}`." for src, cmd in sources)
+            + "".join(
+                f" Their utility losses are paired against the Local LoRA runs of that measurement (accuracy "
+                f"{_f(ref['acc'])}{_ci(ref.get('ci95'))}, seeds {ref.get('seeds')}), not against the Local LoRA row above."
+                for ref in {
+                    json.dumps(r["carried"]["reference"], sort_keys=True): r["carried"]["reference"]
+                    for r in carried
+                    if r["carried"].get("reference")
+                }.values()
+            )
             + (
                 " The format prior is carried with the undefended Online row."
                 if (result.get("prior") or {}).get("carried")

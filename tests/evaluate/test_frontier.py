@@ -282,9 +282,11 @@ def test_carry_publishes_rows_whose_cache_is_gone_and_measures_the_rest(fast_run
     assert by["gf:codec:int8"].get("carried") is None and by["gf:codec:int8"]["utility"]["loss_ci95"]
     for key in carried:
         assert by[key]["carried"]["from"] == str(published)
+        assert by[key]["carried"]["reference"]["acc"] == before["local"]["utility"]["acc"]  # what it was paired with
         assert by[key]["utility"] == before[key]["utility"] and by[key]["privacy"] == before[key]["privacy"]
     assert res["prior"]["carried"] is True and res["prior"]["rougeL"] == first["prior"]["rougeL"]
-    assert "†" in (tmp / "carried" / "frontier.md").read_text()
+    md = (tmp / "carried" / "frontier.md").read_text()
+    assert "†" in md and "paired against the Local LoRA runs of that measurement" in md
     trained = {json.loads(p.read_text())["row"] for p in (tmp / "fresh" / "cache" / "runs").glob("*.json")}
     assert trained == {"local", "gf:codec:int8"}
     with pytest.raises(ConfigError, match="other settings.*attack_steps"):
