@@ -1841,6 +1841,9 @@ def _carried_rows(ctx: _Ctx, defs: Sequence[RowDef], settings: Mapping[str, Any]
             },
         }
         carried = {k: {**v, "carried": how} for k, v in carried.items()}
+    for k in carried:  # a row carried twice keeps where it was measured and the reference it was paired with
+        if isinstance(published[k].get("carried"), dict):
+            carried[k]["carried"] = published[k]["carried"]
     return carried, prev.get("prior") if "online" in carried else None
 
 

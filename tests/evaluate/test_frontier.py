@@ -289,6 +289,20 @@ def test_carry_publishes_rows_whose_cache_is_gone_and_measures_the_rest(fast_run
     assert "†" in md and "paired against the Local LoRA runs of that measurement" in md
     trained = {json.loads(p.read_text())["row"] for p in (tmp / "fresh" / "cache" / "runs").glob("*.json")}
     assert trained == {"local", "gf:codec:int8"}
+    again = run_frontier(  # carried again from the carried file: provenance and reference are the original ones
+        fast_config(
+            out=str(tmp / "fresh"),
+            results=str(tmp / "carried2"),
+            rows=tuple(FAST_ROWS),
+            sweep_rows=(*FAST_SWEEP_ROWS, "gf:codec:int8"),
+            seeds=(0, 1),
+            carry=str(tmp / "carried" / "frontier.json"),
+            progress=False,
+        )
+    )
+    for row in again["rows"]:
+        if row["row"] in carried:
+            assert row["carried"] == by[row["row"]]["carried"]
     with pytest.raises(ConfigError, match="other settings.*attack_steps"):
         run_frontier(
             fast_config(
