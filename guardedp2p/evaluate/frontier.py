@@ -162,8 +162,8 @@ _FIXED: dict[str, RowDef] = {
 #: task, Gradfree plain and with its top blocks trained, Offline, and Local LoRA (the reference of every utility
 #: loss). The defended points: ``--privacy balanced`` (token-selective dchi) for Online and, with the top blocks
 #: trained, for Gradfree; field-aware dchi (``--privacy fields``) with the top blocks trained, for Gradfree;
-#: and, for Gradfree, the same with the task's categorical fields pseudonymised (``--pseudonymize``). Online's
-#: field-aware rows stay sweep points: each Online run with its top blocks costs about three Gradfree runs. Chosen from
+#: and, for both designs, the same with the task's categorical fields pseudonymised (``--pseudonymize``), the best
+#: measured point of each. Online's field-aware row without pseudonyms stays a sweep point. Chosen from
 #: the seed-0 frontier of docs/results/frontier.md: every point of the other families measured there (learned
 #: obfuscation, dchi on all tokens, dCor, cut depth, formal DP noise) loses the task or is read back by the
 #: adaptive attacker, so three seeds would only narrow the CI of a row no one would deploy; they stay in the grid
@@ -177,17 +177,16 @@ HEADLINE_ROWS: tuple[str, ...] = (
     "gf:preset:balanced+topblocks:5e-4",
     "gf:dxfield:30+topblocks:5e-4",
     "gf:pseudo:task+dxfield:30+topblocks:5e-4",
+    "pseudo:task+dxfield:30+topblocks:5e-4",
     "offline",
 )
 #: Points of every family, measured on the first seed only (``--sweep-rows default``): the frontier's shape, not
-#: its headline. Online with the task's fields pseudonymised on top of field-aware dchi and its top blocks, and
-#: without the pseudonyms; Online with its top blocks and no defence (the reference of the field-aware Online rows); learned obfuscation at four
-#: weights; dchi on every input token, and field-aware on Online's top LoRA; cut depth at 1, 4 and 8 client bottom
+#: its headline. Online with field-aware dchi and its top blocks; Online with its top blocks and no defence (the
+#: reference of the field-aware Online rows); learned obfuscation at four weights; dchi on every input token, and field-aware on Online's top LoRA; cut depth at 1, 4 and 8 client bottom
 #: blocks (2 is the grid's own); dCor at four weights; ``--privacy balanced`` on plain Gradfree; Gradfree's
 #: field-aware dchi at epsilon 10; formal DP noise over the whole run at epsilon 8 (``preset:strong``, Online) and
 #: at 1e3, 1e5 and 1e7 on Gradfree with its top blocks.
 SWEEP_ROWS: tuple[str, ...] = (
-    "pseudo:task+dxfield:30+topblocks:5e-4",
     "dxfield:30+topblocks:5e-4",
     "topblocks:5e-4",
     "obf:1",
