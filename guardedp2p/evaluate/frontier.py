@@ -1650,7 +1650,11 @@ def run_frontier(
             if cfg.runs_only:
                 break
             if not claimed_elsewhere or claimed_elsewhere[-1] != f"{d.key} seed {s}":
-                _say(ctx, f"[bold][{i}/{len(units)}][/] {d.label}, seed {s}: another worker is training it, waiting")
+                _say(
+                    ctx,
+                    f"[bold][{i}/{len(units)}][/] {d.label}, seed {s}: another worker is training it, waiting (if "
+                    f"that worker is gone for good, delete {ctx.cache.path('claims', f'runs-{key}', '.claim')})",
+                )
                 claimed_elsewhere.append(f"{d.key} seed {s}")
             time.sleep(_CLAIM_POLL_S)
             cached = ctx.cache.get("runs", key) is not None
