@@ -182,9 +182,9 @@ HEADLINE_ROWS: tuple[str, ...] = (
 )
 #: Points of every family, measured on the first seed only (``--sweep-rows default``): the frontier's shape, not
 #: its headline. Online with field-aware dchi and its top blocks; Online with its top blocks and no defence (the
-#: reference of the field-aware Online rows); learned obfuscation at four weights; dchi on every input token, and field-aware on Online's top LoRA; cut depth at 1, 4 and 8 client bottom
-#: blocks (2 is the grid's own); dCor at four weights; ``--privacy balanced`` on plain Gradfree; Gradfree's
-#: field-aware dchi at epsilon 10; formal DP noise over the whole run at epsilon 8 (``preset:strong``, Online) and
+#: reference of the field-aware Online rows); learned obfuscation at four weights; dchi on every input token, and
+#: field-aware on Online's top LoRA; cut depth at 1, 4 and 8 client bottom blocks (2 is the grid's own); dCor at
+#: four weights; ``--privacy balanced`` on plain Gradfree; Gradfree's field-aware dchi at epsilon 10; formal DP noise over the whole run at epsilon 8 (``preset:strong``, Online) and
 #: at 1e3, 1e5 and 1e7 on Gradfree with its top blocks.
 SWEEP_ROWS: tuple[str, ...] = (
     "dxfield:30+topblocks:5e-4",
@@ -520,7 +520,7 @@ class _Cache:
         """Claim one unit for this process (``--runs-only`` workers sharing a grid): False when a live process on
         this machine holds it. A claim left by a process that died is taken over, so a cut-off worker never blocks
         the grid."""
-        p = self.path("claims", f"{kind}-{key}", ".claim")
+        p = self.claim_path(kind, key)
         p.parent.mkdir(parents=True, exist_ok=True)
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
@@ -541,7 +541,10 @@ class _Cache:
         return False
 
     def release(self, kind: str, key: str) -> None:
-        self.path("claims", f"{kind}-{key}", ".claim").unlink(missing_ok=True)
+        self.claim_path(kind, key).unlink(missing_ok=True)
+
+    def claim_path(self, kind: str, key: str) -> Path:
+        return self.path("claims", f"{kind}-{key}", ".claim")
 
 
 def _alive(pid: int) -> bool:
@@ -1644,18 +1647,19 @@ def run_frontier(
     for i, (d, s) in enumerate(units, 1):
         key = _run_key(ctx, d, s)
         cached = ctx.cache.get("runs", key) is not None
-        held = False
+        held = waiting = False
         while not cached and not (held := ctx.cache.claim("runs", key)):
             # another worker is training this unit: a --runs-only worker moves on, a reporting one waits for it
             if cfg.runs_only:
                 break
-            if not claimed_elsewhere or claimed_elsewhere[-1] != f"{d.key} seed {s}":
+            if not waiting:
                 _say(
                     ctx,
                     f"[bold][{i}/{len(units)}][/] {d.label}, seed {s}: another worker is training it, waiting (if "
-                    f"that worker is gone for good, delete {ctx.cache.path('claims', f'runs-{key}', '.claim')})",
+                    f"that worker is gone for good, delete {ctx.cache.claim_path('runs', key)})",
                 )
                 claimed_elsewhere.append(f"{d.key} seed {s}")
+                waiting = True
             time.sleep(_CLAIM_POLL_S)
             cached = ctx.cache.get("runs", key) is not None
         if not cached and not held:
@@ -1821,32 +1825,30 @@ def _carried_rows(ctx: _Ctx, defs: Sequence[RowDef], settings: Mapping[str, Any]
             f"--carry {path} was measured with other settings, so its rows cannot stand beside these ({detail})"
         )
     published = {r.get("row"): r for r in prev["rows"] if isinstance(r, dict)}
-    how = {"from": str(path), "command": prev.get("command", "")}
-    carried: dict[str, Any] = {}
-    for d in defs:
-        seeds = list(cfg.seeds_for(d))
-        row = published.get(d.key)
-        if row is None or list(row.get("seeds") or []) != seeds:
-            continue
-        if any(ctx.cache.get("runs", _run_key(ctx, d, s)) is not None for s in seeds):
-            continue
-        carried[d.key] = {**row, "label": d.label, "defence": d.defence(), "family": d.family, "carried": how}
-    if "local" in carried and any(d.key not in carried for d in defs):
-        del carried["local"]
-    if carried and "local" not in carried and isinstance(published.get("local"), dict):
-        ref = published["local"]  # the reference the carried rows' paired utility losses were measured against
-        how = {
-            **how,
-            "reference": {
-                "acc": ref["utility"].get("acc"),
-                "ci95": ref["utility"].get("ci95"),
-                "seeds": ref.get("seeds"),
-            },
+    keep = [
+        d
+        for d in defs
+        if d.key in published
+        and list(published[d.key].get("seeds") or []) == list(cfg.seeds_for(d))
+        and all(ctx.cache.get("runs", _run_key(ctx, d, s)) is None for s in cfg.seeds_for(d))
+    ]
+    if len(keep) < len(defs):
+        keep = [d for d in keep if d.key != "local"]
+    how: dict[str, Any] = {"from": str(path), "command": prev.get("command", "")}
+    ref = published.get("local")
+    if keep and all(d.key != "local" for d in keep) and isinstance(ref, dict):
+        # the reference the carried rows' paired utility losses were measured against
+        how["reference"] = {
+            "acc": ref["utility"].get("acc"),
+            "ci95": ref["utility"].get("ci95"),
+            "seeds": ref.get("seeds"),
         }
-        carried = {k: {**v, "carried": how} for k, v in carried.items()}
-    for k in carried:  # a row carried twice keeps where it was measured and the reference it was paired with
-        if isinstance(published[k].get("carried"), dict):
-            carried[k]["carried"] = published[k]["carried"]
+    carried: dict[str, Any] = {}
+    for d in keep:
+        row = published[d.key]
+        # a row carried twice keeps where it was measured and the reference it was paired with
+        origin = row["carried"] if isinstance(row.get("carried"), dict) else how
+        carried[d.key] = {**row, "label": d.label, "defence": d.defence(), "family": d.family, "carried": origin}
     return carried, prev.get("prior") if "online" in carried else None
 
 

@@ -263,18 +263,22 @@ def test_carry_publishes_rows_whose_cache_is_gone_and_measures_the_rest(fast_run
     first = json.loads(result.stdout.strip().splitlines()[-1])
     published = tmp / "published.json"
     published.write_text(json.dumps(first))
-    # an empty cache folder and one row the file lacks: that row and local (its reference) run, the rest is carried
-    res = run_frontier(
-        fast_config(
-            out=str(tmp / "fresh"),
-            results=str(tmp / "carried"),
-            rows=tuple(FAST_ROWS),
-            sweep_rows=(*FAST_SWEEP_ROWS, "gf:codec:int8"),
-            seeds=(0, 1),
-            carry=str(published),
-            progress=False,
+
+    def carry_from(src, results):
+        return run_frontier(
+            fast_config(
+                out=str(tmp / "fresh"),
+                results=str(tmp / results),
+                rows=tuple(FAST_ROWS),
+                sweep_rows=(*FAST_SWEEP_ROWS, "gf:codec:int8"),
+                seeds=(0, 1),
+                carry=str(src),
+                progress=False,
+            )
         )
-    )
+
+    # an empty cache folder and one row the file lacks: that row and local (its reference) run, the rest is carried
+    res = carry_from(published, "carried")
     by = {r["row"]: r for r in res["rows"]}
     before = {r["row"]: r for r in first["rows"]}
     carried = set(res["carried_rows"])
@@ -289,17 +293,8 @@ def test_carry_publishes_rows_whose_cache_is_gone_and_measures_the_rest(fast_run
     assert "†" in md and "paired against the Local LoRA runs of that measurement" in md
     trained = {json.loads(p.read_text())["row"] for p in (tmp / "fresh" / "cache" / "runs").glob("*.json")}
     assert trained == {"local", "gf:codec:int8"}
-    again = run_frontier(  # carried again from the carried file: provenance and reference are the original ones
-        fast_config(
-            out=str(tmp / "fresh"),
-            results=str(tmp / "carried2"),
-            rows=tuple(FAST_ROWS),
-            sweep_rows=(*FAST_SWEEP_ROWS, "gf:codec:int8"),
-            seeds=(0, 1),
-            carry=str(tmp / "carried" / "frontier.json"),
-            progress=False,
-        )
-    )
+    # carried again from the carried file: provenance and reference are the original ones
+    again = carry_from(tmp / "carried" / "frontier.json", "carried2")
     for row in again["rows"]:
         if row["row"] in carried:
             assert row["carried"] == by[row["row"]]["carried"]
